@@ -1,0 +1,1 @@
+"""agentmesh: a service mesh for AI agents."""

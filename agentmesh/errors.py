@@ -1,0 +1,190 @@
+"""The one error tree of agentmesh.
+
+Foreign exceptions (httpx, aiohttp, nats, ssl, OS) are converted where they enter the mesh,
+with ``raise ... from exc``, so callers catch these classes only. Every message names what
+failed. Over HTTP each error travels as ``application/problem+json`` with a stable ``code``
+so that a caller in any language can act on it; :func:`error_from_problem` turns it back
+into the same class on the calling side.
+
+::
+
+    MeshError                         code              status
+    ├── ConfigurationError            configuration     500   the local setup is wrong
+    ├── RegistrationError             invalid_registration 400 a record the registry refuses
+    ├── CapabilityNotFound            capability_not_found 404 nobody offers it
+    ├── PolicyDenied                  policy_denied     403   never retried
+    ├── InvalidInput                  invalid_input     422   the function never ran
+    ├── PayloadTooLarge               payload_too_large 413
+    ├── DeadlineExceeded              deadline_exceeded 504   the call's budget is spent
+    ├── LoopDetected                  loop_detected     508   the call chain is too deep
+    ├── RemoteAgentError              remote_error      500   the capability raised
+    │   └── InvalidOutput             invalid_output    500   it returned the wrong shape
+    └── MeshUnavailable               unavailable       503   the retryable family
+        ├── NoHealthyEndpoints        no_healthy_endpoints 503
+        ├── ConnectionFailed          connection_failed 503   never reached the agent
+        ├── AgentUnavailable          agent_unavailable 503   reached, but it refused (draining)
+        └── RegistryUnavailable       registry_unavailable 503 NATS or the control plane is gone
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from agentmesh.models import Problem
+
+__all__ = [
+    "AgentUnavailable",
+    "CapabilityNotFound",
+    "ConfigurationError",
+    "ConnectionFailed",
+    "DeadlineExceeded",
+    "InvalidInput",
+    "InvalidOutput",
+    "LoopDetected",
+    "MeshError",
+    "MeshUnavailable",
+    "NoHealthyEndpoints",
+    "PayloadTooLarge",
+    "PolicyDenied",
+    "RegistrationError",
+    "RegistryUnavailable",
+    "RemoteAgentError",
+    "error_from_problem",
+]
+
+
+class MeshError(Exception):
+    """Base of every agentmesh error."""
+
+    code: ClassVar[str] = "mesh_error"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Mesh error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errors = errors
+        self.retry_after = retry_after
+
+    def to_problem(self, instance: str | None = None) -> Problem:
+        """The RFC 9457 document for this error."""
+        return Problem(
+            type=f"https://agentmesh.dev/errors/{self.code}",
+            title=self.title,
+            status=self.status,
+            detail=self.message,
+            code=self.code,
+            instance=instance,
+            errors=self.errors,
+            retry_after=self.retry_after,
+        )
+
+
+class ConfigurationError(MeshError):
+    code = "configuration"
+    title = "Configuration error"
+
+
+class RegistrationError(MeshError):
+    code = "invalid_registration"
+    status = 400
+    title = "Invalid registration"
+
+
+class CapabilityNotFound(MeshError):
+    code = "capability_not_found"
+    status = 404
+    title = "Capability not found"
+
+
+class PolicyDenied(MeshError):
+    code = "policy_denied"
+    status = 403
+    title = "Denied by policy"
+
+
+class InvalidInput(MeshError):
+    code = "invalid_input"
+    status = 422
+    title = "Invalid input"
+
+
+class PayloadTooLarge(MeshError):
+    code = "payload_too_large"
+    status = 413
+    title = "Payload too large"
+
+
+class DeadlineExceeded(MeshError):
+    code = "deadline_exceeded"
+    status = 504
+    title = "Deadline exceeded"
+
+
+class LoopDetected(MeshError):
+    code = "loop_detected"
+    status = 508
+    title = "Call chain too deep"
+
+
+class RemoteAgentError(MeshError):
+    code = "remote_error"
+    status = 500
+    title = "The capability failed"
+
+
+class InvalidOutput(RemoteAgentError):
+    code = "invalid_output"
+    title = "The capability returned invalid output"
+
+
+class MeshUnavailable(MeshError):
+    code = "unavailable"
+    status = 503
+    title = "Unavailable"
+
+
+class NoHealthyEndpoints(MeshUnavailable):
+    code = "no_healthy_endpoints"
+    title = "No healthy endpoints"
+
+
+class ConnectionFailed(MeshUnavailable):
+    code = "connection_failed"
+    title = "Connection failed"
+
+
+class AgentUnavailable(MeshUnavailable):
+    code = "agent_unavailable"
+    title = "Agent unavailable"
+
+
+class RegistryUnavailable(MeshUnavailable):
+    code = "registry_unavailable"
+    title = "Registry unavailable"
+
+
+def _all_subclasses(cls: type[MeshError]) -> list[type[MeshError]]:
+    out: list[type[MeshError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[MeshError]] = {c.code: c for c in [MeshError, *_all_subclasses(MeshError)]}
+
+
+def error_from_problem(problem: Problem, *, where: str) -> MeshError:
+    """Rebuild the error a remote sidecar sent; ``where`` names the agent it came from."""
+    cls = _BY_CODE.get(problem.code)
+    if cls is None:
+        cls = MeshUnavailable if problem.status in (502, 503, 504) else RemoteAgentError
+    detail = problem.detail or problem.title
+    return cls(f"{where}: {detail}", errors=problem.errors, retry_after=problem.retry_after)

@@ -1,0 +1,5 @@
+"""Placeholder: the Mesh client is being written; capability.py imports Mesh lazily from here."""
+
+
+class Mesh:
+    """Handle to the mesh (placeholder)."""

