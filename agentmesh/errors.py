@@ -12,6 +12,7 @@ into the same class on the calling side.
     ├── ConfigurationError            configuration     500   the local setup is wrong
     ├── RegistrationError             invalid_registration 400 a record the registry refuses
     ├── CapabilityNotFound            capability_not_found 404 nobody offers it
+    ├── RouteNotFound                 not_found         404   no such HTTP path on an agent
     ├── PolicyDenied                  policy_denied     403   never retried
     ├── InvalidInput                  invalid_input     422   the function never ran
     ├── PayloadTooLarge               payload_too_large 413
@@ -22,6 +23,7 @@ into the same class on the calling side.
     └── MeshUnavailable               unavailable       503   the retryable family
         ├── NoHealthyEndpoints        no_healthy_endpoints 503
         ├── ConnectionFailed          connection_failed 503   never reached the agent
+        ├── ConnectionLost            connection_lost   503   sent, then lost: it may have run
         ├── AgentUnavailable          agent_unavailable 503   reached, but it refused (draining)
         └── RegistryUnavailable       registry_unavailable 503 NATS or the control plane is gone
 """
@@ -37,6 +39,7 @@ __all__ = [
     "CapabilityNotFound",
     "ConfigurationError",
     "ConnectionFailed",
+    "ConnectionLost",
     "DeadlineExceeded",
     "InvalidInput",
     "InvalidOutput",
@@ -49,6 +52,7 @@ __all__ = [
     "RegistrationError",
     "RegistryUnavailable",
     "RemoteAgentError",
+    "RouteNotFound",
     "error_from_problem",
 ]
 
@@ -101,6 +105,12 @@ class CapabilityNotFound(MeshError):
     code = "capability_not_found"
     status = 404
     title = "Capability not found"
+
+
+class RouteNotFound(MeshError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
 
 
 class PolicyDenied(MeshError):
@@ -160,6 +170,11 @@ class ConnectionFailed(MeshUnavailable):
     title = "Connection failed"
 
 
+class ConnectionLost(MeshUnavailable):
+    code = "connection_lost"
+    title = "Connection lost"
+
+
 class AgentUnavailable(MeshUnavailable):
     code = "agent_unavailable"
     title = "Agent unavailable"
@@ -178,7 +193,8 @@ def _all_subclasses(cls: type[MeshError]) -> list[type[MeshError]]:
     return out
 
 
-_BY_CODE: dict[str, type[MeshError]] = {c.code: c for c in [MeshError, *_all_subclasses(MeshError)]}
+_ERROR_CLASSES: list[type[MeshError]] = [MeshError, *_all_subclasses(MeshError)]
+_BY_CODE: dict[str, type[MeshError]] = {c.code: c for c in _ERROR_CLASSES}
 
 
 def error_from_problem(problem: Problem, *, where: str) -> MeshError:

@@ -1,5 +1,236 @@
-"""Placeholder: the Mesh client is being written; capability.py imports Mesh lazily from here."""
+"""``agentmesh.connect()`` and the :class:`Mesh` handle that orchestration code calls through.
+
+A ``Mesh`` is a thin, user-facing face of the process's sidecar. Inside an agent process,
+``connect()`` returns a handle on the agent's own sidecar (no second NATS connection); a
+capability can also simply declare a parameter of type ``Mesh`` to have it injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Generator, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import pydantic_core
+from pydantic import BaseModel
+
+from agentmesh.errors import InvalidInput
+from agentmesh.registry.index import parse_specifier
+from agentmesh.registry.view import RegistryView
+from agentmesh.settings import Settings
+from agentmesh.sidecar.bootstrap import bootstrap
+from agentmesh.sidecar.call import OutboundCall, Reply
+from agentmesh.sidecar.deadline import current_deadline
+from agentmesh.sidecar.sidecar import Sidecar
+
+__all__ = ["CallResult", "Mesh", "connect"]
+
+_process_sidecar: Sidecar | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """A call's value plus who served it and how long it took (``Mesh.invoke``)."""
+
+    value: Any
+    capability: str
+    agent: str
+    instance_id: str
+    endpoint: str
+    elapsed: float
 
 
 class Mesh:
-    """Handle to the mesh (placeholder)."""
+    """Call capabilities anywhere in the mesh; find who offers what."""
+
+    def __init__(self, sidecar: Sidecar, settings: Settings, *, owner: bool) -> None:
+        self._sidecar = sidecar
+        self._settings = settings
+        self._owner = owner
+        self._handler = sidecar.outbound.handler
+        self._index = sidecar.index
+        self._loop_time = asyncio.get_running_loop().time
+        self.registry = RegistryView(sidecar.index, sync_timeout=5.0)
+
+    @property
+    def sidecar(self) -> Sidecar:
+        return self._sidecar
+
+    async def call(
+        self,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        version: str | None = None,
+        tags: Iterable[str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> Any:
+        """Call ``capability`` with ``payload`` (a dict or pydantic model); return its JSON value.
+
+        ``timeout`` is the total budget in seconds (default: the capability's own timeout,
+        else ``AGENTMESH_CALL_TIMEOUT``); inside a capability it never exceeds what is left of
+        the caller's budget. ``version``/``tags``/``labels`` restrict which instances may serve.
+        """
+        reply = await self._handler(
+            self._outbound(capability, payload, timeout, version, tags, labels, stream=False)
+        )
+        return pydantic_core.from_json(reply.body)
+
+    async def invoke(
+        self,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        version: str | None = None,
+        tags: Iterable[str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> CallResult:
+        """Like :meth:`call`, but also says which instance served the call and how long it took."""
+        started = time.perf_counter()
+        reply: Reply = await self._handler(
+            self._outbound(capability, payload, timeout, version, tags, labels, stream=False)
+        )
+        record = reply.target.record
+        return CallResult(
+            value=pydantic_core.from_json(reply.body),
+            capability=capability,
+            agent=record.name,
+            instance_id=record.instance_id,
+            endpoint=record.endpoint,
+            elapsed=time.perf_counter() - started,
+        )
+
+    async def stream(
+        self,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        version: str | None = None,
+        tags: Iterable[str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Iterate over the chunks of a streaming (async-generator) capability."""
+        call = self._outbound(capability, payload, timeout, version, tags, labels, stream=True)
+        reply = await self._handler(call)
+        if reply.chunks is None:
+            yield pydantic_core.from_json(reply.body)
+            return
+        async for chunk in reply.chunks:
+            yield pydantic_core.from_json(chunk)
+
+    def _outbound(
+        self,
+        capability: str,
+        payload: Any,
+        timeout: float | None,
+        version: str | None,
+        tags: Iterable[str] | None,
+        labels: dict[str, str] | None,
+        *,
+        stream: bool,
+    ) -> OutboundCall:
+        if timeout is None:
+            targets = self._index.targets(capability)
+            spec_timeout = targets[0].spec.timeout if targets else None
+            timeout = spec_timeout or self._settings.call_timeout
+        deadline = self._loop_time() + timeout
+        inherited = current_deadline.get()
+        if inherited is not None and inherited < deadline:
+            deadline = inherited
+        return OutboundCall(
+            capability=capability,
+            body=_encode(payload, capability),
+            deadline=deadline,
+            timeout=timeout,
+            stream=stream,
+            version=parse_specifier(version),
+            tags=tags,
+            labels=labels,
+        )
+
+    async def close(self) -> None:
+        """Close the sidecar if this handle owns it (a handle inside an agent does not)."""
+        if self._owner:
+            await self._sidecar.close()
+
+    async def __aenter__(self) -> Mesh:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _encode(payload: Any, capability: str) -> bytes:
+    if payload is None:
+        return b"{}"
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, BaseModel):
+        return payload.__pydantic_serializer__.to_json(payload)
+    try:
+        return pydantic_core.to_json(payload)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise InvalidInput(f"payload for capability {capability!r} is not JSON: {exc}") from exc
+
+
+class _Connecting:
+    """What ``connect()`` returns: await it, or use it as ``async with``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._mesh: Mesh | None = None
+
+    async def _open(self) -> Mesh:
+        if _process_sidecar is not None:
+            return Mesh(_process_sidecar, self._settings, owner=False)
+        boot = await bootstrap(self._settings)
+        sidecar = Sidecar(boot, name="agentmesh-client")
+        await sidecar.start()
+        return Mesh(sidecar, self._settings, owner=True)
+
+    def __await__(self) -> Generator[Any, None, Mesh]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Mesh:
+        self._mesh = await self._open()
+        return self._mesh
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._mesh is not None:
+            await self._mesh.close()
+
+
+def connect(settings: Settings | None = None, **overrides: Any) -> _Connecting:
+    """Join the mesh: ``async with agentmesh.connect() as mesh: ...``.
+
+    Reads ``AGENTMESH_*`` settings (keyword overrides win, e.g. ``control_url=``); by default
+    it asks the local control plane where NATS is. Inside an agent process it reuses the
+    agent's own sidecar.
+    """
+    if settings is None:
+        settings = Settings(**overrides)
+    elif overrides:
+        settings = Settings(**{**settings.model_dump(), **overrides})
+    return _Connecting(settings)
+
+
+def set_process_sidecar(sidecar: Sidecar | None) -> None:
+    """Called by the agent runtime so that ``connect()`` inside it shares its sidecar."""
+    global _process_sidecar
+    _process_sidecar = sidecar

@@ -120,9 +120,7 @@ class AgentRecord(_Wire):
 
     @field_validator("capabilities")
     @classmethod
-    def _unique_capabilities(
-        cls, value: tuple[CapabilitySpec, ...]
-    ) -> tuple[CapabilitySpec, ...]:
+    def _unique_capabilities(cls, value: tuple[CapabilitySpec, ...]) -> tuple[CapabilitySpec, ...]:
         names = [spec.name for spec in value]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

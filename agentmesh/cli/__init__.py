@@ -1,0 +1,38 @@
+"""The ``agentmesh`` command line (typer + rich), one module per command group."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.markup import escape
+
+from agentmesh.cli import control, demo, query, run
+from agentmesh.cli._common import err_console
+from agentmesh.errors import MeshError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="agentmesh",
+    help="A service mesh for AI agents: discovery, reliable calls, identity and telemetry.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+control.register(app)
+run.register(app)
+query.register(app)
+demo.register(app)
+
+
+def main() -> None:
+    """Console entry point: a user error is one readable line and exit code 1."""
+    try:
+        app()
+    except MeshError as exc:
+        err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Telemetry: metric definitions now; tracing setup and access logs join here."""

@@ -1,0 +1,105 @@
+"""Running an ASGI app on uvicorn the way both agents and the control plane need it.
+
+We bind the socket ourselves (a busy port becomes one clear error, and the real port of
+``port=0`` is known before anything registers) and keep signal handling for ourselves (an agent
+must drain and deregister before uvicorn stops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+
+from agentmesh.errors import ConfigurationError
+
+__all__ = ["HttpServer", "bind", "signals"]
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (0 = an ephemeral port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """One uvicorn server on a socket we bound, started and stopped as a task."""
+
+    def __init__(self, app: Any, sock: socket.socket, *, graceful: float = 5.0) -> None:
+        self.sock = sock
+        self.port: int = sock.getsockname()[1]
+        self._server = _Server(
+            uvicorn.Config(
+                app,
+                lifespan="off",
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=max(1, round(graceful)),
+                server_header=False,
+                date_header=False,
+            )
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self.sock]))
+        while not self._server.started:
+            if self._task.done():
+                exc = self._task.exception()
+                raise ConfigurationError(f"HTTP server on port {self.port} failed: {exc}")
+            await asyncio.sleep(0.005)
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        assert self._task is not None, "start() first"
+        return self._task
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+            self._task = None
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def signals(handler: Callable[[], None], *, enabled: bool = True) -> Iterator[None]:
+    """Route SIGTERM and SIGINT to ``handler`` while inside the block (main thread only)."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if enabled:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,66 @@
+"""What every CLI command shares: the console, settings from flags, output formats."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+from agentmesh.errors import ConfigurationError
+from agentmesh.settings import Settings
+
+#: Wide when piped, so tables in logs and CI output are not truncated to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True)
+
+
+class Output(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
+def settings_from(**flags: Any) -> Settings:
+    """Environment settings with the command-line flags that were given on top."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ConfigurationError(f"setting {where}: {first['msg']}") from exc
+
+
+def parse_labels(pairs: list[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"label {pair!r} must look like key=value")
+        labels[key] = value
+    return labels
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, nothing else."""
+    if isinstance(data, list):
+        data = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in data]
+    elif isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    print(json.dumps(data, indent=2, default=str))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def data_dir_option_help() -> str:
+    return f"State directory (default {Path.home() / '.agentmesh'}; env AGENTMESH_DATA_DIR)."

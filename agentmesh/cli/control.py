@@ -1,0 +1,58 @@
+"""``agentmesh control``: run the control plane (and an embedded NATS unless one is given)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agentmesh.cli._common import console, settings_from, setup_logging
+from agentmesh.control.server import ControlInfo, run_control
+from agentmesh.settings import DEFAULT_CONTROL_PORT
+
+
+def register(app: typer.Typer) -> None:
+    app.command("control")(control)
+
+
+def control(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port of the API (0 picks a free one).")
+    ] = DEFAULT_CONTROL_PORT,
+    nats_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Use this NATS instead of starting an embedded one.", envvar="AGENTMESH_NATS_URL"
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="State directory (env AGENTMESH_DATA_DIR; default ~/.agentmesh)."),
+    ] = None,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(help="Write where the control plane listens, as JSON, once it is ready."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+) -> None:
+    """Run the control plane; agents join it with AGENTMESH_CONTROL_URL."""
+    setup_logging(log_level)
+    settings = settings_from(nats_url=nats_url, data_dir=data_dir)
+
+    def ready(info: ControlInfo) -> None:
+        nats_note = f"embedded, data in {info.embedded_nats}" if info.embedded_nats else "external"
+        console.print(f"[bold]agentmesh control plane[/] listening on {info.control_url}")
+        console.print(f"  API docs    {info.control_url}/docs")
+        console.print(f"  NATS        {info.nats_url} ({nats_note})")
+        console.print(
+            f"  run agents  AGENTMESH_CONTROL_URL={info.control_url} agentmesh run my_agent.py"
+        )
+        console.print("  stop        Ctrl-C")
+        if ready_file is not None:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(info.to_json())
+            tmp.replace(ready_file)
+
+    run_control(settings, host=host, port=port, on_ready=ready)

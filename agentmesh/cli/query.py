@@ -1,0 +1,174 @@
+"""``agentmesh agents``, ``find`` and ``call``: look at the mesh and call through it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import httpx
+import typer
+from pydantic import TypeAdapter
+from rich.table import Table
+
+import agentmesh.mesh
+from agentmesh.cli._common import Output, console, parse_labels, print_json, settings_from
+from agentmesh.errors import InvalidInput, RegistryUnavailable, error_from_problem
+from agentmesh.models import AgentRecord, CapabilityOffer, Problem
+from agentmesh.settings import Settings
+
+ControlUrl = Annotated[
+    str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("agents")(agents)
+    app.command("find")(find)
+    app.command("call")(call)
+
+
+def _get(settings: Settings, path: str, params: dict[str, Any] | None = None) -> bytes:
+    url = f"{settings.control_url.rstrip('/')}{path}"
+    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    try:
+        resp = httpx.get(url, params=params, headers=headers, timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise RegistryUnavailable(
+            f"control plane at {settings.control_url}: {exc}; is `agentmesh control` running?"
+        ) from exc
+    if resp.status_code != 200:
+        try:
+            problem = Problem.model_validate_json(resp.content)
+        except ValueError:
+            raise RegistryUnavailable(
+                f"control plane at {settings.control_url}: HTTP {resp.status_code}"
+            ) from None
+        raise error_from_problem(problem, where=f"control plane at {settings.control_url}")
+    return resp.content
+
+
+def _age(started: datetime) -> str:
+    seconds = int((datetime.now(UTC) - started).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def agents(
+    name: Annotated[str | None, typer.Option(help="Only instances of this agent.")] = None,
+    output: OutputOpt = Output.table,
+    control_url: ControlUrl = None,
+) -> None:
+    """List live agent instances."""
+    settings = settings_from(control_url=control_url)
+    body = _get(settings, "/v1/agents", {"name": name} if name else None)
+    records = TypeAdapter(list[AgentRecord]).validate_json(body)
+    if output is Output.json:
+        print_json(records)
+        return
+    table = Table(title=f"{len(records)} agent instance(s)", title_justify="left")
+    for column in ("INSTANCE", "AGENT", "VERSION", "ENDPOINT", "STATUS", "CAPABILITIES", "AGE"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            r.instance_id,
+            r.name,
+            r.version,
+            r.endpoint,
+            _status(r.status),
+            ", ".join(c.name for c in r.capabilities),
+            _age(r.started_at),
+        )
+    console.print(table)
+
+
+def _status(status: str) -> str:
+    return "[green]serving[/]" if status == "serving" else f"[yellow]{status}[/]"
+
+
+def find(
+    capability: Annotated[
+        str | None, typer.Argument(help="Capability name (all if omitted).")
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="PEP 440 specifier, e.g. '>=1.0'.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Required tag.")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="Required label key=value.")
+    ] = None,
+    output: OutputOpt = Output.table,
+    control_url: ControlUrl = None,
+) -> None:
+    """Who offers a capability, where, and in what state."""
+    settings = settings_from(control_url=control_url)
+    params: dict[str, Any] = {"tag": tag or [], "label": label or []}
+    if capability:
+        params["name"] = capability
+    if version:
+        params["version"] = version
+    parse_labels(label)
+    offers = TypeAdapter(list[CapabilityOffer]).validate_json(
+        _get(settings, "/v1/capabilities", params)
+    )
+    if output is Output.json:
+        print_json(offers)
+        return
+    what = repr(capability) if capability else "any capability"
+    table = Table(title=f"{len(offers)} offer(s) of {what}", title_justify="left")
+    for column in ("CAPABILITY", "VERSION", "AGENT", "INSTANCE", "ENDPOINT", "STATUS", "TAGS"):
+        table.add_column(column)
+    for o in offers:
+        table.add_row(
+            o.capability.name + (" (stream)" if o.capability.streaming else ""),
+            o.capability.version,
+            o.agent,
+            o.instance_id,
+            o.endpoint,
+            _status(o.status),
+            ", ".join(o.capability.tags),
+        )
+    console.print(table)
+
+
+def call(
+    capability: Annotated[str, typer.Argument(help="Capability to call.")],
+    payload: Annotated[
+        str, typer.Argument(help="JSON object of arguments; '-' reads it from stdin.")
+    ] = "{}",
+    timeout: Annotated[float | None, typer.Option(help="Total budget in seconds.")] = None,
+    version: Annotated[str | None, typer.Option(help="PEP 440 specifier, e.g. '>=1.0'.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Required tag.")] = None,
+    control_url: ControlUrl = None,
+) -> None:
+    """Call a capability through the mesh and print its JSON result (streams print per chunk)."""
+    settings = settings_from(control_url=control_url)
+    text = sys.stdin.read() if payload == "-" else payload
+    try:
+        arguments = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"payload is not JSON: {exc}") from exc
+    asyncio.run(_call(settings, capability, arguments, timeout, version, tag))
+
+
+async def _call(
+    settings: Settings,
+    capability: str,
+    arguments: Any,
+    timeout: float | None,
+    version: str | None,
+    tags: list[str] | None,
+) -> None:
+    async with agentmesh.mesh.connect(settings) as mesh:
+        targets = mesh.sidecar.index.targets(capability)
+        if targets and targets[0].spec.streaming:
+            async for chunk in mesh.stream(
+                capability, arguments, timeout=timeout, version=version, tags=tags
+            ):
+                print(json.dumps(chunk), flush=True)
+            return
+        result = await mesh.call(capability, arguments, timeout=timeout, version=version, tags=tags)
+        print(json.dumps(result, indent=2))

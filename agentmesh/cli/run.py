@@ -1,0 +1,81 @@
+"""``agentmesh run FILE``: serve the capabilities of a Python file as an agent, with its sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agentmesh.agent import Agent
+from agentmesh.capability import is_capability
+from agentmesh.cli._common import console, parse_labels, settings_from, setup_logging
+from agentmesh.errors import ConfigurationError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+
+
+def load_agent(path: Path, name: str | None = None) -> Agent:
+    """The module's ``Agent`` if it defines one, else an agent of all its ``@capability``s."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigurationError(f"{path}: no such file")
+    module_name = "agentmesh_user_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigurationError(f"{path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+    agents = [v for v in vars(module).values() if isinstance(v, Agent)]
+    if len(agents) > 1:
+        raise ConfigurationError(f"{path}: defines {len(agents)} Agent objects; keep one")
+    if agents:
+        agent = agents[0]
+        if name:
+            agent.name = name
+            agent.instance_id = f"{name}-{agent.instance_id.rsplit('-', 1)[-1]}"
+        return agent
+    caps = [v for v in vars(module).values() if is_capability(v)]
+    if not caps:
+        raise ConfigurationError(
+            f"{path}: no @capability functions and no Agent found; decorate a function with "
+            "@agentmesh.capability"
+        )
+    return Agent(name or path.stem.lower().replace("_", "-"), capabilities=caps)
+
+
+def run(
+    path: Annotated[Path, typer.Argument(help="Python file defining @capability functions.")],
+    name: Annotated[str | None, typer.Option(help="Agent name (default: the file name).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one; it is registered).")] = 0,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="Label key=value (repeatable).")
+    ] = None,
+    control_url: Annotated[
+        str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
+    ] = None,
+    nats_url: Annotated[
+        str | None, typer.Option(help="NATS URL; skips the control plane (AGENTMESH_NATS_URL).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+) -> None:
+    """Run an agent: serve its capabilities, register, heartbeat; SIGTERM drains and exits."""
+    setup_logging(log_level)
+    settings = settings_from(control_url=control_url, nats_url=nats_url)
+    agent = load_agent(path, name)
+    agent.labels.update(parse_labels(label))
+
+    def ready(a: Agent) -> None:
+        caps = ", ".join(a.capabilities)
+        console.print(f"[bold]{a.instance_id}[/] serving {caps} at {a.endpoint}", highlight=False)
+
+    asyncio.run(agent.serve(host=host, port=port, settings=settings, on_ready=ready))

@@ -1,0 +1,92 @@
+"""The control plane's HTTP API (FastAPI): bootstrap and registry queries under ``/v1``.
+
+It answers registry queries from its own watch-fed index, like any sidecar, so a burst of
+``agentmesh find`` costs NATS nothing. Errors are ``application/problem+json`` as everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+
+from agentmesh._version import __version__
+from agentmesh.errors import InvalidInput, MeshError, RouteNotFound
+from agentmesh.models import AgentRecord, Bootstrap, CapabilityOffer, Problem
+from agentmesh.sidecar.sidecar import Sidecar
+
+__all__ = ["create_app"]
+
+_PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"label filter {pair!r} must look like key=value")
+        out[key] = value
+    return out
+
+
+def create_app(sidecar: Sidecar, boot: Bootstrap) -> FastAPI:
+    app = FastAPI(
+        title="agentmesh control plane",
+        version=__version__,
+        description="Identities, policies and registry queries for an agentmesh service mesh.",
+        responses={400: _PROBLEM, 422: _PROBLEM, 503: _PROBLEM},
+    )
+    index = sidecar.index
+
+    @app.exception_handler(MeshError)
+    async def _mesh_error(request: Request, exc: MeshError) -> JSONResponse:
+        return JSONResponse(
+            exc.to_problem(instance=request.url.path).model_dump(exclude_none=True),
+            status_code=exc.status,
+            media_type="application/problem+json",
+        )
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, object]:
+        """Liveness plus what the control plane sees of NATS and the registry."""
+        return {
+            "status": "ok",
+            "version": __version__,
+            "nats": sidecar.conn.connected.is_set(),
+            "agents": len(index.records()),
+        }
+
+    @app.get("/v1/bootstrap", tags=["mesh"])
+    async def get_bootstrap() -> Bootstrap:
+        """Everything an agent or CLI needs to join, from one URL."""
+        return boot
+
+    @app.get("/v1/agents", tags=["registry"])
+    async def list_agents(
+        name: Annotated[str | None, Query(description="Only instances of this agent")] = None,
+    ) -> list[AgentRecord]:
+        """Every live agent instance, as the registry holds it."""
+        return [r for r in index.records() if name is None or r.name == name]
+
+    @app.get("/v1/agents/{instance_id}", tags=["registry"], responses={404: _PROBLEM})
+    async def get_agent(instance_id: str) -> AgentRecord:
+        for record in index.records():
+            if record.instance_id == instance_id:
+                return record
+        raise RouteNotFound(f"no live agent instance {instance_id!r}")
+
+    @app.get("/v1/capabilities", tags=["registry"])
+    async def list_capabilities(
+        name: Annotated[str | None, Query(description="Capability name")] = None,
+        version: Annotated[str | None, Query(description="PEP 440 specifier, e.g. >=1.0")] = None,
+        tag: Annotated[list[str] | None, Query(description="Required tags (repeatable)")] = None,
+        label: Annotated[
+            list[str] | None, Query(description="Required agent labels, key=value (repeatable)")
+        ] = None,
+    ) -> list[CapabilityOffer]:
+        """Live offers, with the same filters as ``mesh.registry.find``."""
+        return index.find(name, version=version, tags=tag, labels=_labels(label or []))
+
+    return app

@@ -1,0 +1,98 @@
+"""An agent's lease on its registry record: register, renew on a heartbeat, release.
+
+Liveness is the lease and nothing else: if the process dies, renewals stop and the server expires
+the record after ``ttl`` seconds. If the record vanished while we were cut off (NATS restarted,
+or we were away longer than the TTL), the next heartbeat creates it again, so a live agent
+always comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from agentmesh.errors import RegistryUnavailable
+from agentmesh.models import AgentRecord
+from agentmesh.registry.store import RecordConflict, RegistryStore
+
+__all__ = ["Lease"]
+
+_log = logging.getLogger("agentmesh.registry")
+
+
+class Lease:
+    """Keeps one record alive in the registry while its agent runs."""
+
+    def __init__(
+        self, store: RegistryStore, record: AgentRecord, *, interval: float, ttl: int
+    ) -> None:
+        self._store = store
+        self.record = record
+        self.interval = interval
+        self.ttl = ttl
+        self._revision: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.renewals = 0
+
+    async def acquire(self) -> None:
+        """Register the record and start renewing it."""
+        async with self._lock:
+            self._revision = await self._store.create(self.record, self.ttl)
+        self._task = asyncio.create_task(self._heartbeat(), name=f"lease:{self.record.instance_id}")
+
+    async def update(self, record: AgentRecord) -> None:
+        """Publish a changed record (for example ``status="draining"``) at once."""
+        self.record = record
+        await self._write()
+
+    async def release(self) -> None:
+        """Stop renewing and delete the record, so watchers drop it immediately."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        async with self._lock:
+            if self._revision is None:
+                return
+            try:
+                await self._store.delete(self.record.instance_id, self._revision)
+            except RecordConflict:
+                _log.warning("record of %s changed before release", self.record.instance_id)
+            finally:
+                self._revision = None
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._write()
+            except RegistryUnavailable as exc:
+                _log.warning("lease renewal failed (will retry): %s", exc)
+            except Exception:
+                _log.exception("lease renewal failed")
+
+    async def _write(self) -> None:
+        async with self._lock:
+            if self._revision is None:
+                return
+            try:
+                self._revision = await self._store.renew(self.record, self._revision, self.ttl)
+            except RecordConflict:
+                self._revision = await self._recover()
+            self.renewals += 1
+
+    async def _recover(self) -> int:
+        """The revision moved: recreate our record if it is gone, else someone else owns it."""
+        current = await self._store.get(self.record.instance_id)
+        if current is None:
+            _log.info("record of %s had expired; registering again", self.record.instance_id)
+            return await self._store.create(self.record, self.ttl)
+        value, revision = current
+        if value == self._store.encode(self.record):
+            return revision
+        raise RecordConflict(
+            f"record of {self.record.instance_id} was overwritten by another writer"
+        )

@@ -1,0 +1,128 @@
+"""The registry bucket in JetStream KV: one key per agent instance, written with a lease.
+
+Every write is compare-and-set on the key's last revision, so one instance can never overwrite
+another's record; every write carries a per-message TTL (nats-server >= 2.11), so a record that
+is not renewed expires on the server and reaches every watcher as a delete marker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from agentmesh.errors import RegistrationError, RegistryUnavailable
+from agentmesh.models import MAX_RECORD_BYTES, AgentRecord
+from agentmesh.registry.connection import NatsConnection
+
+__all__ = ["RecordConflict", "RegistryStore"]
+
+#: How long the server keeps the delete marker of an expired record: long enough for every
+#: watcher to see it, short enough that a re-registration with the same key is not blocked.
+_MARKER_TTL = 1.0
+
+
+class RecordConflict(RegistrationError):
+    """The key's revision is not the one this writer last wrote: someone else owns it now."""
+
+
+class RegistryStore:
+    """Typed access to the registry bucket."""
+
+    def __init__(self, conn: NatsConnection, bucket: str) -> None:
+        self._conn = conn
+        self.bucket = bucket
+        self._kv: KeyValue | None = None
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise RegistryUnavailable(f"registry bucket {self.bucket!r}: not opened")
+        return self._kv
+
+    async def open(self) -> None:
+        """Create the bucket if it does not exist yet (idempotent across processes)."""
+        js = self._conn.client.jetstream()
+        try:
+            self._kv = await js.create_key_value(
+                bucket=self.bucket,
+                history=1,
+                max_value_size=MAX_RECORD_BYTES,
+                limit_marker_ttl=_MARKER_TTL,
+                description="agentmesh registry: one record per agent instance",
+            )
+        except nats.js.errors.BadRequestError:
+            self._kv = await js.key_value(self.bucket)
+        except Exception as exc:
+            raise RegistryUnavailable(
+                f"registry bucket {self.bucket!r} on NATS at {self._conn.url}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def encode(record: AgentRecord) -> bytes:
+        data = record.model_dump_json().encode()
+        if len(data) > MAX_RECORD_BYTES:
+            raise RegistrationError(
+                f"record of agent {record.instance_id} is {len(data)} bytes; "
+                f"the registry accepts at most {MAX_RECORD_BYTES}"
+            )
+        return data
+
+    async def create(self, record: AgentRecord, ttl: int) -> int:
+        """Write a new record; refuse if a live record already holds the key."""
+        data = self.encode(record)
+        try:
+            return int(await self.kv.create(record.instance_id, data, msg_ttl=ttl))
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise RecordConflict(
+                f"agent instance {record.instance_id} is already registered by another process"
+            ) from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise RegistryUnavailable(f"registering {record.instance_id}: {exc}") from exc
+
+    async def renew(self, record: AgentRecord, revision: int, ttl: int) -> int:
+        """Rewrite our record (renewing its lease) only if nobody else wrote since ``revision``."""
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+        try:
+            ack = await self._conn.client.jetstream().publish(
+                f"$KV.{self.bucket}.{record.instance_id}",
+                self.encode(record),
+                headers=headers,
+                msg_ttl=ttl,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):
+                raise RecordConflict(
+                    f"record of {record.instance_id} changed since revision {revision}"
+                ) from exc
+            raise RegistryUnavailable(f"renewing {record.instance_id}: {exc}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise RegistryUnavailable(f"renewing {record.instance_id}: {exc}") from exc
+        return int(ack.seq)
+
+    async def delete(self, instance_id: str, revision: int | None = None) -> None:
+        try:
+            await self.kv.delete(instance_id, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise RecordConflict(f"record of {instance_id} changed before deregistration") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise RegistryUnavailable(f"deregistering {instance_id}: {exc}") from exc
+
+    async def get(self, instance_id: str) -> tuple[bytes, int] | None:
+        """The live value and revision under ``instance_id``, or None if absent or deleted."""
+        try:
+            entry = await self.kv.get(instance_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        except (nats.errors.Error, OSError) as exc:
+            raise RegistryUnavailable(f"reading {instance_id}: {exc}") from exc
+        return (entry.value or b""), int(entry.revision or 0)
+
+    async def watch(self) -> Any:
+        """A watcher over every key: initial values, then ``None``, then live changes."""
+        try:
+            return await self.kv.watchall()
+        except (nats.errors.Error, OSError) as exc:
+            raise RegistryUnavailable(f"watching registry bucket {self.bucket!r}: {exc}") from exc

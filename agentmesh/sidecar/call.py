@@ -1,0 +1,48 @@
+"""The values that flow through the outbound layers, and the shape every layer shares.
+
+Each layer is a ``Handler``: it takes an :class:`OutboundCall` and returns a :class:`Reply`,
+usually by calling the next handler. Layers fill in the call as it goes down (resolve sets
+``targets``, balance sets ``target``) and nothing above the transport knows about HTTP, so a
+NATS transport can slot in by URL scheme later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from packaging.specifiers import SpecifierSet
+
+from agentmesh.registry.index import Target
+
+__all__ = ["Handler", "OutboundCall", "Reply"]
+
+
+@dataclass(slots=True)
+class OutboundCall:
+    """One logical call on its way out; ``deadline`` is on the event loop's clock."""
+
+    capability: str
+    body: bytes
+    deadline: float
+    timeout: float
+    stream: bool = False
+    version: SpecifierSet | None = None
+    tags: Iterable[str] | None = None
+    labels: dict[str, str] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    targets: tuple[Target, ...] = ()
+    target: Target | None = None
+    attempt: int = 1
+
+
+@dataclass(slots=True)
+class Reply:
+    """What came back: a JSON body, or (streaming) an iterator of JSON chunks."""
+
+    target: Target
+    body: bytes = b""
+    chunks: AsyncIterator[bytes] | None = None
+
+
+Handler = Callable[[OutboundCall], Awaitable[Reply]]

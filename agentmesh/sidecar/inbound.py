@@ -1,0 +1,264 @@
+"""The inbound side: a plain ASGI app that serves an agent's capabilities and probes.
+
+Raw ASGI rather than a framework: this is on every call's path, and five fixed routes need no
+router. Errors leave as ``application/problem+json`` (RFC 9457) with a stable ``code``.
+Inbound mesh features (identity, authorization, rate limits, fault injection) wrap ``invoke``
+as they land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agentmesh.capability import Capability
+from agentmesh.errors import (
+    AgentUnavailable,
+    CapabilityNotFound,
+    DeadlineExceeded,
+    InvalidInput,
+    MeshError,
+    PayloadTooLarge,
+    RemoteAgentError,
+    RouteNotFound,
+)
+from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
+from agentmesh.telemetry.metrics import INBOUND_IN_FLIGHT, INBOUND_LATENCY, INBOUND_REQUESTS
+
+__all__ = ["InboundApp"]
+
+_log = logging.getLogger("agentmesh.agent")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_INVOKE = "/v1/invoke/"
+_JSON = b"application/json"
+_PROBLEM = b"application/problem+json"
+_DEADLINE = DEADLINE_HEADER.encode()
+#: Errors a capability body may raise that describe this very call: they keep their status.
+_PASS_THROUGH = (InvalidInput, DeadlineExceeded, RemoteAgentError)
+
+
+class _Disconnected(Exception):
+    """The caller went away before sending its whole request."""
+
+
+class InboundApp:
+    """ASGI app: ``POST /v1/invoke/{capability}`` plus health, readiness, metrics, agent card."""
+
+    def __init__(
+        self,
+        agent: str,
+        capabilities: Mapping[str, Capability[..., Any]],
+        *,
+        max_body: int,
+        card: Callable[[], bytes],
+        injectables: Callable[[], Mapping[type, Any]],
+    ) -> None:
+        self.agent = agent
+        self.capabilities = dict(capabilities)
+        self.max_body = max_body
+        self._card = card
+        self._injectables = injectables
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._in_flight_gauge = INBOUND_IN_FLIGHT.labels(agent)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path.startswith(_INVOKE) and method == "POST":
+            await self._invoke(path[len(_INVOKE) :], scope, receive, send)
+        elif method not in ("GET", "HEAD"):
+            await _problem(
+                send, RouteNotFound(f"{method} {path}: not a route of agent {self.agent}")
+            )
+        elif path == "/healthz":
+            await _respond(send, 200, b'{"status":"ok"}')
+        elif path == "/readyz":
+            ok = self.ready and not self.draining
+            state = b"ready" if ok else (b"draining" if self.draining else b"starting")
+            await _respond(send, 200 if ok else 503, b'{"status":"' + state + b'"}')
+        elif path == "/metrics":
+            await _respond(send, 200, generate_latest(), CONTENT_TYPE_LATEST.encode())
+        elif path == "/.well-known/agent-card.json":
+            await _respond(send, 200, self._card())
+        else:
+            await _problem(send, RouteNotFound(f"{path}: not a route of agent {self.agent}"))
+
+    async def _invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        cap = self.capabilities.get(name)
+        label = name if cap is not None else "_unknown"
+        status = 500
+        self.in_flight += 1
+        self.idle.clear()
+        self._in_flight_gauge.inc()
+        try:
+            if cap is None:
+                raise CapabilityNotFound(f"agent {self.agent} has no capability {name!r}")
+            if self.draining:
+                raise AgentUnavailable(f"agent {self.agent} is draining; call another instance")
+            deadline = _deadline(scope)
+            body = await _read_body(scope, receive, self.max_body, self.agent)
+            arguments = cap.parse_input(body)
+            injected = _inject(cap, self._injectables)
+            if deadline is not None:
+                current_deadline.set(deadline)
+            if cap.streaming:
+                status = await self._stream(cap, arguments, injected, deadline, send)
+            else:
+                result = await _run(cap, arguments, injected, deadline)
+                await _respond(send, 200, cap.dump_output(result))
+                status = 200
+        except _Disconnected:
+            status = 499
+        except MeshError as exc:
+            status = exc.status
+            await _problem(send, exc)
+        finally:
+            self.in_flight -= 1
+            self._in_flight_gauge.dec()
+            if self.in_flight == 0:
+                self.idle.set()
+            INBOUND_REQUESTS.labels(self.agent, label, str(status)).inc()
+            INBOUND_LATENCY.labels(self.agent, label).observe(time.perf_counter() - started)
+
+    async def _stream(
+        self,
+        cap: Capability[..., Any],
+        arguments: dict[str, Any],
+        injected: Mapping[str, Any] | None,
+        deadline: float | None,
+        send: Send,
+    ) -> int:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
+        status = 200
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for chunk in cap.stream(arguments, injected):
+                    await send(_event(b"chunk", chunk, more=True))
+            await send(_event(b"end", b"{}", more=False))
+        except Exception as exc:
+            error = _as_mesh_error(cap, exc, deadline)
+            status = error.status
+            await send(_event(b"error", error.to_problem().model_dump_json().encode(), more=False))
+        return status
+
+
+async def _run(
+    cap: Capability[..., Any],
+    arguments: dict[str, Any],
+    injected: Mapping[str, Any] | None,
+    deadline: float | None,
+) -> Any:
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await cap.invoke(arguments, injected)
+    except Exception as exc:
+        raise _as_mesh_error(cap, exc, deadline) from exc
+
+
+def _as_mesh_error(cap: Capability[..., Any], exc: Exception, deadline: float | None) -> MeshError:
+    if isinstance(exc, TimeoutError) and deadline is not None:
+        return DeadlineExceeded(
+            f"capability {cap.name!r}: the caller's deadline passed; the work was cancelled"
+        )
+    if isinstance(exc, _PASS_THROUGH):
+        return exc
+    _log.warning("capability %r raised %s", cap.name, type(exc).__name__, exc_info=exc)
+    return RemoteAgentError(f"capability {cap.name!r} raised {type(exc).__name__}: {exc}")
+
+
+def _inject(
+    cap: Capability[..., Any], injectables: Callable[[], Mapping[type, Any]]
+) -> Mapping[str, Any] | None:
+    if not cap.injected:
+        return None
+    available = injectables()
+    return {param: available[kind] for param, kind in cap.injected.items()}
+
+
+def _deadline(scope: Scope) -> float | None:
+    for key, value in scope["headers"]:
+        if key == _DEADLINE:
+            try:
+                ms = int(value)
+            except ValueError:
+                raise InvalidInput(f"header {DEADLINE_HEADER} must be an integer") from None
+            return asyncio.get_running_loop().time() + max(ms, 0) / 1000
+    return None
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> bytes:
+    for key, value in scope["headers"]:
+        if key == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"agent {agent}: request body of {int(value)} bytes > {limit}")
+    first = await receive()
+    if first["type"] == "http.disconnect":
+        raise _Disconnected
+    if not first.get("more_body"):
+        body: bytes = first.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLarge(f"agent {agent}: request body larger than {limit} bytes")
+        return body
+    chunks = [first.get("body", b"")]
+    size = len(chunks[0])
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"agent {agent}: request body larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _event(name: bytes, data: bytes, *, more: bool) -> Message:
+    return {
+        "type": "http.response.body",
+        "body": b"event: " + name + b"\ndata: " + data + b"\n\n",
+        "more_body": more,
+    }
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes = _JSON) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _problem(send: Send, error: MeshError) -> None:
+    await _respond(
+        send, error.status, error.to_problem().model_dump_json(exclude_none=True).encode(), _PROBLEM
+    )

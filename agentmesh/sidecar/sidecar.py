@@ -1,0 +1,44 @@
+"""The in-process sidecar: NATS connection, registry index, and the outbound stack.
+
+One per process. An agent's capabilities and any orchestration code in the same process share
+it, so calling another capability from inside a capability opens no second connection.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from agentmesh.models import Bootstrap
+from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
+from agentmesh.sidecar.stack import OutboundStack, build_outbound
+from agentmesh.sidecar.transport import HttpTransport
+
+__all__ = ["Sidecar"]
+
+_log = logging.getLogger("agentmesh.sidecar")
+
+
+class Sidecar:
+    def __init__(self, boot: Bootstrap, *, name: str) -> None:
+        self.boot = boot
+        self.conn = NatsConnection(boot.nats_url, name=name)
+        self.store = RegistryStore(self.conn, boot.registry_bucket)
+        self.index = LocalIndex()
+        self.transport = HttpTransport()
+        self.outbound: OutboundStack = build_outbound(self.index, self.transport)
+
+    async def start(self, *, sync_timeout: float = 5.0) -> None:
+        """Connect, open the registry and wait for the index's first full view."""
+        await self.conn.connect()
+        try:
+            await self.store.open()
+            self.index.start(self.store, self.conn)
+            await self.index.wait_synced(sync_timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        await self.index.stop()
+        await self.transport.close()
+        await self.conn.close()

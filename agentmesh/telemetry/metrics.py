@@ -1,0 +1,28 @@
+"""Prometheus metric definitions shared by the agent runtime and the sidecar.
+
+Defined once at import, in the process-wide registry, so ``/metrics`` on any agent shows the
+same families whatever code path created them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["INBOUND_IN_FLIGHT", "INBOUND_LATENCY", "INBOUND_REQUESTS"]
+
+INBOUND_REQUESTS = Counter(
+    "agentmesh_inbound_requests",
+    "Calls received by this agent, by capability and HTTP status.",
+    ["agent", "capability", "status"],
+)
+INBOUND_LATENCY = Histogram(
+    "agentmesh_inbound_latency_seconds",
+    "Time to serve a call, from the request to the last byte of the response.",
+    ["agent", "capability"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+INBOUND_IN_FLIGHT = Gauge(
+    "agentmesh_inbound_in_flight",
+    "Calls being served by this agent right now.",
+    ["agent"],
+)
