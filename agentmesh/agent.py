@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from agentmesh._serving import HttpServer, bind, signals
 from agentmesh.capability import Capability, capability, is_capability
 from agentmesh.errors import ConfigurationError, RegistrationError
-from agentmesh.mesh import Mesh, set_process_sidecar
+from agentmesh.mesh import Mesh
 from agentmesh.models import AgentRecord
 from agentmesh.registry.lease import Lease
 from agentmesh.settings import Settings
@@ -164,12 +164,12 @@ class Agent:
             sock.close()
             raise
         self.mesh = Mesh(sidecar, settings, owner=False)
-        set_process_sidecar(sidecar)
         app = self.app = InboundApp(
             self.name,
             self.capabilities,
             max_body=settings.max_payload_bytes,
             card=self.agent_card,
+            sidecar=sidecar,
             injectables=lambda: {Mesh: self.mesh},
         )
         server = HttpServer(app, sock, graceful=max(settings.drain_grace, 1.0))
@@ -197,7 +197,6 @@ class Agent:
             if self._lease is not None:
                 with contextlib.suppress(Exception):
                     await self._lease.release()
-            set_process_sidecar(None)
             await sidecar.close()
             self.app = None
 

@@ -24,12 +24,9 @@ from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.deadline import current_deadline
-from agentmesh.sidecar.sidecar import Sidecar
+from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 
 __all__ = ["CallResult", "Mesh", "connect"]
-
-_process_sidecar: Sidecar | None = None
-
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
@@ -192,8 +189,9 @@ class _Connecting:
         self._mesh: Mesh | None = None
 
     async def _open(self) -> Mesh:
-        if _process_sidecar is not None:
-            return Mesh(_process_sidecar, self._settings, owner=False)
+        sidecar = serving_sidecar.get()
+        if sidecar is not None:
+            return Mesh(sidecar, self._settings, owner=False)
         boot = await bootstrap(self._settings)
         sidecar = Sidecar(boot, name="agentmesh-client")
         await sidecar.start()
@@ -228,9 +226,3 @@ def connect(settings: Settings | None = None, **overrides: Any) -> _Connecting:
     elif overrides:
         settings = Settings(**{**settings.model_dump(), **overrides})
     return _Connecting(settings)
-
-
-def set_process_sidecar(sidecar: Sidecar | None) -> None:
-    """Called by the agent runtime so that ``connect()`` inside it shares its sidecar."""
-    global _process_sidecar
-    _process_sidecar = sidecar

@@ -28,6 +28,7 @@ from agentmesh.errors import (
     RouteNotFound,
 )
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
+from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 from agentmesh.telemetry.metrics import INBOUND_IN_FLIGHT, INBOUND_LATENCY, INBOUND_REQUESTS
 
 __all__ = ["InboundApp"]
@@ -62,12 +63,14 @@ class InboundApp:
         max_body: int,
         card: Callable[[], bytes],
         injectables: Callable[[], Mapping[type, Any]],
+        sidecar: Sidecar | None = None,
     ) -> None:
         self.agent = agent
         self.capabilities = dict(capabilities)
         self.max_body = max_body
         self._card = card
         self._injectables = injectables
+        self._sidecar = sidecar
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -116,6 +119,7 @@ class InboundApp:
             body = await _read_body(scope, receive, self.max_body, self.agent)
             arguments = cap.parse_input(body)
             injected = _inject(cap, self._injectables)
+            serving_sidecar.set(self._sidecar)
             if deadline is not None:
                 current_deadline.set(deadline)
             if cap.streaming:

@@ -7,13 +7,14 @@ it, so calling another capability from inside a capability opens no second conne
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 
 from agentmesh.models import Bootstrap
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
 from agentmesh.sidecar.stack import OutboundStack, build_outbound
 from agentmesh.sidecar.transport import HttpTransport
 
-__all__ = ["Sidecar"]
+__all__ = ["Sidecar", "serving_sidecar"]
 
 _log = logging.getLogger("agentmesh.sidecar")
 
@@ -42,3 +43,8 @@ class Sidecar:
         await self.index.stop()
         await self.transport.close()
         await self.conn.close()
+
+
+#: The sidecar of the agent serving the current inbound call: ``connect()`` inside a
+#: capability reuses it instead of opening a second connection.
+serving_sidecar: ContextVar[Sidecar | None] = ContextVar("agentmesh_sidecar", default=None)

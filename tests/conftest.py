@@ -1,0 +1,156 @@
+"""Shared fixtures of the test suite, one section per subsystem."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from agentmesh import Agent, Capability, Mesh, Settings, connect
+from agentmesh.nats_server import NatsServer
+
+# --------------------------------------------------------------------------------------
+# NATS: one real nats-server per session (per xdist worker), a fresh KV bucket per test.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A running JetStream server on an ephemeral port, shared by the session's tests.
+
+    Started here, in the main thread, so its parent-death signal is tied to the session.
+    """
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    """The shared server's URL, restarted first if an earlier test stopped it."""
+    if not nats_server.running:
+        nats_server.start()
+    return nats_server.url
+
+
+@pytest.fixture
+def bucket() -> str:
+    """A registry bucket name no other test uses, so tests share the server, not state."""
+    return f"t_{uuid4().hex[:12]}"
+
+
+# --------------------------------------------------------------------------------------
+# Mesh: settings on the test bucket, in-process agents on real HTTP, a connected Mesh.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(nats_url: str, bucket: str, tmp_path: Path) -> Settings:
+    """Fast leases (renew every 0.25 s, expire after 1 s) so expiry tests stay short."""
+    return Settings(
+        nats_url=nats_url,
+        registry_bucket=bucket,
+        heartbeat_interval=0.25,
+        lease_ttl=1,
+        drain_grace=2.0,
+        data_dir=tmp_path,
+        control_url="http://127.0.0.1:9",
+    )
+
+
+class RunningAgent:
+    """An Agent serving in a task of the test's event loop."""
+
+    def __init__(self, agent: Agent, task: asyncio.Task[None]) -> None:
+        self.agent = agent
+        self.task = task
+
+    @property
+    def endpoint(self) -> str:
+        assert self.agent.endpoint is not None
+        return self.agent.endpoint
+
+    @property
+    def instance_id(self) -> str:
+        return self.agent.instance_id
+
+    async def stop(self) -> None:
+        """Graceful stop, as SIGTERM would do: drain, deregister, return."""
+        self.agent.stop()
+        await asyncio.wait_for(self.task, timeout=10)
+
+
+StartAgent = Callable[..., Awaitable[RunningAgent]]
+
+
+@pytest.fixture
+async def start_agent(settings: Settings) -> AsyncIterator[StartAgent]:
+    """``await start_agent(agent)`` (or a list of capabilities and a name) → RunningAgent."""
+    running: list[RunningAgent] = []
+
+    async def start(
+        agent: Agent | Sequence[Capability[..., Any]],
+        name: str = "agent",
+        **options: Any,
+    ) -> RunningAgent:
+        if not isinstance(agent, Agent):
+            agent = Agent(name, capabilities=agent, **options)
+        ready = asyncio.Event()
+        task = asyncio.create_task(
+            agent.serve(settings=settings, on_ready=lambda _: ready.set(), handle_signals=False)
+        )
+        waiter = asyncio.create_task(ready.wait())
+        await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            waiter.cancel()
+            task.result()
+        assert ready.is_set(), "agent did not become ready within 10 s"
+        handle = RunningAgent(agent, task)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        if not handle.task.done():
+            handle.agent.stop()
+    for handle in running:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(handle.task, timeout=10)
+
+
+@pytest.fixture
+async def mesh(settings: Settings) -> AsyncIterator[Mesh]:
+    async with connect(settings) as m:
+        yield m
+
+
+async def _wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, interval: float = 0.02
+) -> float:
+    """Poll until ``predicate`` holds; return the seconds it took; fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return loop.time() - start
+        if loop.time() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+WaitUntil = Callable[..., Awaitable[float]]
+
+
+@pytest.fixture
+def wait_until() -> WaitUntil:
+    """``await wait_until(lambda: cond, timeout=5)``: poll a sync or async predicate."""
+    return _wait_until
