@@ -93,7 +93,7 @@ class RegistryStore:
                 msg_ttl=ttl,
             )
         except nats.js.errors.APIError as exc:
-            if exc.err_code in (10071, 10164):
+            if _wrong_sequence(exc):
                 raise RecordConflict(
                     f"record of {record.instance_id} changed since revision {revision}"
                 ) from exc
@@ -105,8 +105,12 @@ class RegistryStore:
     async def delete(self, instance_id: str, revision: int | None = None) -> None:
         try:
             await self.kv.delete(instance_id, last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise RecordConflict(f"record of {instance_id} changed before deregistration") from exc
+        except nats.js.errors.APIError as exc:
+            if _wrong_sequence(exc):
+                raise RecordConflict(
+                    f"record of {instance_id} changed before deregistration"
+                ) from exc
+            raise RegistryUnavailable(f"deregistering {instance_id}: {exc}") from exc
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"deregistering {instance_id}: {exc}") from exc
 
@@ -126,3 +130,11 @@ class RegistryStore:
             return await self.kv.watchall()
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"watching registry bucket {self.bucket!r}: {exc}") from exc
+
+
+def _wrong_sequence(exc: nats.js.errors.APIError) -> bool:
+    """JetStream's "wrong last sequence": the compare in compare-and-set failed."""
+    return isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or exc.err_code in (
+        10071,
+        10164,
+    )

@@ -1,0 +1,205 @@
+"""The registry against a real nats-server: leases, compare-and-set, the watch-fed index."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agentmesh import AgentRecord, CapabilitySpec, RegistrationError
+from agentmesh.errors import InvalidInput
+from agentmesh.models import MAX_RECORD_BYTES
+from agentmesh.nats_server import NatsServer
+from agentmesh.registry import Lease, LocalIndex, NatsConnection, RecordConflict, RegistryStore
+
+SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}}
+
+
+def spec(
+    name: str = "summarize", version: str = "1.0.0", tags: tuple[str, ...] = ()
+) -> CapabilitySpec:
+    return CapabilitySpec(
+        name=name, version=version, input_schema=SCHEMA, output_schema={}, tags=tags
+    )
+
+
+def record(instance: str, *caps: CapabilitySpec, **fields: object) -> AgentRecord:
+    name = instance.rsplit("-", 1)[0]
+    return AgentRecord(
+        instance_id=instance,
+        name=name,
+        endpoint=f"http://127.0.0.1:{9000 + len(instance)}",
+        capabilities=caps or (spec(),),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+class Registry:
+    """A connection, the store and a running index on the test's bucket."""
+
+    def __init__(self, url: str, bucket: str) -> None:
+        self.conn = NatsConnection(url, name="test")
+        self.store = RegistryStore(self.conn, bucket)
+        self.index = LocalIndex()
+
+    async def __aenter__(self) -> Registry:
+        await self.conn.connect()
+        await self.store.open()
+        self.index.start(self.store, self.conn)
+        await self.index.wait_synced(5)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.index.stop()
+        await self.conn.close()
+
+
+@pytest.fixture
+async def registry(nats_url: str, bucket: str) -> AsyncIterator[Registry]:
+    async with Registry(nats_url, bucket) as reg:
+        yield reg
+
+
+def ids(index: LocalIndex, capability: str = "summarize") -> set[str]:
+    return {t.instance_id for t in index.targets(capability)}
+
+
+async def test_registration_reaches_the_index_and_release_removes_it(registry, wait_until):
+    lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
+    await lease.acquire()
+    await wait_until(lambda: ids(registry.index) == {"sum-a"})
+    await lease.release()
+    took = await wait_until(lambda: not ids(registry.index), timeout=0.9)
+    assert took < 0.9  # deregistration, not expiry (the lease is 1 s)
+
+
+async def test_heartbeats_keep_a_record_alive_past_its_ttl(registry, wait_until):
+    lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
+    await lease.acquire()
+    await asyncio.sleep(2.5)
+    assert ids(registry.index) == {"sum-a"}
+    assert lease.renewals >= 5
+    await lease.release()
+
+
+async def test_a_lease_that_stops_renewing_expires_within_its_ttl(registry, wait_until):
+    lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
+    await lease.acquire()
+    await wait_until(lambda: ids(registry.index) == {"sum-a"})
+    assert lease._task is not None
+    lease._task.cancel()  # the process "dies": no more renewals, no deregistration
+    with contextlib.suppress(asyncio.CancelledError):
+        await lease._task
+    took = await wait_until(lambda: not ids(registry.index), timeout=4)
+    assert took < 2.5
+
+
+async def test_one_instance_cannot_take_over_anothers_live_record(registry):
+    first = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
+    await first.acquire()
+    impostor = Lease(registry.store, record("sum-a", labels={"evil": "1"}), interval=0.25, ttl=1)
+    with pytest.raises(RecordConflict, match="already registered"):
+        await impostor.acquire()
+    await first.release()
+
+
+async def test_renewal_detects_a_foreign_write(registry):
+    lease = Lease(registry.store, record("sum-a"), interval=10, ttl=5)
+    await lease.acquire()
+    assert lease._revision is not None
+    await registry.store.renew(record("sum-a", labels={"x": "y"}), lease._revision, 5)
+    with pytest.raises(RecordConflict, match="overwritten"):
+        await lease.update(record("sum-a", status="draining"))
+    await registry.store.delete("sum-a")
+    await lease.release()
+
+
+async def test_oversized_records_are_refused_and_nothing_is_written(registry):
+    big = record("sum-a", spec(), labels={"blob": "x" * (MAX_RECORD_BYTES + 1)})
+    lease = Lease(registry.store, big, interval=0.25, ttl=1)
+    with pytest.raises(RegistrationError, match="bytes"):
+        await lease.acquire()
+    assert await registry.store.get("sum-a") is None
+
+
+def test_invalid_records_are_refused_before_reaching_nats():
+    with pytest.raises(ValueError, match="agent name"):
+        record("Bad_Name-1")
+    with pytest.raises(ValueError, match="JSON Schema type"):
+        CapabilitySpec(name="x", input_schema={"type": "text"}, output_schema={})
+    with pytest.raises(ValueError, match="valid dictionary"):
+        CapabilitySpec(name="x", input_schema=["not", "a", "schema"], output_schema={})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="PEP 440"):
+        spec(version="one")
+
+
+async def test_malformed_values_in_the_bucket_are_ignored(registry, wait_until):
+    await registry.store.kv.put("garbage", b"{not json")
+    await registry.store.kv.put("liar", record("sum-b").model_dump_json().encode())
+    good = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
+    await good.acquire()
+    await wait_until(lambda: ids(registry.index) == {"sum-a"})
+    assert {r.instance_id for r in registry.index.records()} == {"sum-a"}
+    await good.release()
+
+
+async def test_find_filters_by_version_tags_and_labels(registry, wait_until):
+    leases = [
+        Lease(registry.store, r, interval=0.25, ttl=1)
+        for r in (
+            record("sum-a", spec(version="1.2.0", tags=("nlp", "en")), labels={"zone": "a"}),
+            record("sum-b", spec(version="2.0.0", tags=("nlp",)), labels={"zone": "b"}),
+        )
+    ]
+    for lease in leases:
+        await lease.acquire()
+    await wait_until(lambda: len(ids(registry.index)) == 2)
+    find = registry.index.find
+    assert {o.instance_id for o in find("summarize", version=">=1.0,<2")} == {"sum-a"}
+    assert {o.instance_id for o in find("summarize", version="2.0.0")} == {"sum-b"}
+    assert {o.instance_id for o in find("summarize", tags=["en"])} == {"sum-a"}
+    assert {o.instance_id for o in find("summarize", labels={"zone": "b"})} == {"sum-b"}
+    assert {o.instance_id for o in find(tags=["nlp"])} == {"sum-a", "sum-b"}
+    assert find("translate") == []
+    with pytest.raises(InvalidInput, match="PEP 440"):
+        find("summarize", version="~~1")
+    for lease in leases:
+        await lease.release()
+
+
+async def test_draining_status_reaches_watchers(registry, wait_until):
+    lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
+    await lease.acquire()
+    await lease.update(record("sum-a", status="draining"))
+    await wait_until(
+        lambda: [t.record.status for t in registry.index.targets("summarize")] == ["draining"]
+    )
+    await lease.release()
+
+
+async def test_nats_restart_reregisters_and_resynchronises(
+    nats_server: NatsServer, nats_url: str, bucket: str, wait_until
+):
+    async with Registry(nats_url, bucket) as watcher, Registry(nats_url, bucket) as agents:
+        alive = Lease(agents.store, record("sum-live"), interval=0.25, ttl=1)
+        doomed = Lease(agents.store, record("sum-dead"), interval=0.25, ttl=1)
+        await alive.acquire()
+        await doomed.acquire()
+        await wait_until(lambda: ids(watcher.index) == {"sum-live", "sum-dead"})
+
+        nats_server.stop()
+        assert doomed._task is not None
+        doomed._task.cancel()  # dies while NATS is away: nobody deregisters it
+        await asyncio.sleep(1.5)  # longer than the lease
+        nats_server.start()
+
+        # The live agent is back (re-created if it expired), the dead one is no ghost, and a
+        # registration made after the restart is seen by the watcher.
+        newcomer = Lease(agents.store, record("sum-new"), interval=0.25, ttl=1)
+        await wait_until(lambda: agents.conn.connected.is_set(), timeout=5)
+        await newcomer.acquire()
+        await wait_until(lambda: ids(watcher.index) == {"sum-live", "sum-new"}, timeout=8)
+        await alive.release()
+        await newcomer.release()
