@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,7 +24,7 @@ from agentmesh._serving import HttpServer, bind, signals
 from agentmesh.capability import Capability, capability, is_capability
 from agentmesh.errors import ConfigurationError, RegistrationError
 from agentmesh.mesh import Mesh
-from agentmesh.models import AgentRecord
+from agentmesh.models import AgentRecord, AgentStatus
 from agentmesh.registry.lease import Lease
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
@@ -46,6 +47,7 @@ class Agent:
         description: str = "",
         labels: Mapping[str, str] | None = None,
         capabilities: Iterable[Capability[..., Any]] = (),
+        readiness: Callable[[], bool | Awaitable[bool]] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -61,6 +63,8 @@ class Agent:
         self.app: InboundApp | None = None
         self._stop = asyncio.Event()
         self._lease: Lease | None = None
+        self._readiness = readiness
+        self._ready_override: bool | None = None
 
     def add(self, cap: Capability[..., Any]) -> Capability[..., Any]:
         if not is_capability(cap):
@@ -80,10 +84,10 @@ class Agent:
 
         return wrap(fn) if fn is not None else wrap
 
-    def record(self, endpoint: str, status: str = "serving") -> AgentRecord:
+    def record(self, endpoint: str, status: AgentStatus = "serving") -> AgentRecord:
         return self._check_record(endpoint, status)
 
-    def _check_record(self, endpoint: str, status: str = "serving") -> AgentRecord:
+    def _check_record(self, endpoint: str, status: AgentStatus = "serving") -> AgentRecord:
         try:
             return AgentRecord.model_validate(
                 {
@@ -131,6 +135,41 @@ class Agent:
         }
         return json.dumps(card).encode()
 
+    def set_ready(self, ready: bool | None) -> None:
+        """Take the agent out of rotation (False) or back (True); None defers to ``readiness``.
+
+        Callers stop sending new calls within a heartbeat; calls in flight finish.
+        """
+        self._ready_override = ready
+
+    async def _is_ready(self) -> bool:
+        if self._ready_override is not None:
+            return self._ready_override
+        if self._readiness is None:
+            return True
+        try:
+            result = self._readiness()
+            return bool(await result) if inspect.isawaitable(result) else bool(result)
+        except Exception:
+            _log.exception("readiness check of %s failed", self.name)
+            return False
+
+    async def _watch_readiness(self, app: InboundApp, interval: float) -> None:
+        """Publish readiness changes in the record, so callers route around an unready agent."""
+        assert self._lease is not None
+        assert self.endpoint is not None
+        while True:
+            ready = await self._is_ready()
+            if ready != app.ready and not app.draining:
+                app.ready = ready
+                status: AgentStatus = "serving" if ready else "unready"
+                _log.info("agent %s is now %s", self.instance_id, status)
+                try:
+                    await self._lease.update(self.record(self.endpoint, status))
+                except Exception as exc:
+                    _log.warning("could not publish readiness of %s: %s", self.instance_id, exc)
+            await asyncio.sleep(interval)
+
     def stop(self) -> None:
         """Ask a serving agent to drain and stop (what SIGTERM does)."""
         self._stop.set()
@@ -158,7 +197,7 @@ class Agent:
         sock = bind(host, port)
         try:
             boot = await bootstrap(settings)
-            sidecar = Sidecar(boot, name=self.instance_id)
+            sidecar = Sidecar(boot, settings, name=self.instance_id)
             await sidecar.start()
         except BaseException:
             sock.close()
@@ -182,8 +221,10 @@ class Agent:
                 interval=boot.heartbeat_interval,
                 ttl=boot.lease_ttl,
             )
+            app.ready = await self._is_ready()
+            self._lease.record = self.record(self.endpoint, "serving" if app.ready else "unready")
             await self._lease.acquire()
-            app.ready = True
+            readiness = asyncio.create_task(self._watch_readiness(app, boot.heartbeat_interval / 2))
             _log.info("agent %s serving at %s", self.instance_id, self.endpoint)
             if on_ready is not None:
                 on_ready(self)
@@ -191,6 +232,7 @@ class Agent:
                 stopped = asyncio.create_task(self._stop.wait())
                 await asyncio.wait({stopped, server.task}, return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
+            readiness.cancel()
             await self._drain(app, settings.drain_grace)
         finally:
             await server.stop()

@@ -25,6 +25,7 @@ into the same class on the calling side.
         ├── ConnectionFailed          connection_failed 503   never reached the agent
         ├── ConnectionLost            connection_lost   503   sent, then lost: it may have run
         ├── AgentUnavailable          agent_unavailable 503   reached, but it refused (draining)
+        ├── RateLimited               rate_limited      429   refused before running (Retry-After)
         └── RegistryUnavailable       registry_unavailable 503 NATS or the control plane is gone
 """
 
@@ -49,10 +50,12 @@ __all__ = [
     "NoHealthyEndpoints",
     "PayloadTooLarge",
     "PolicyDenied",
+    "RateLimited",
     "RegistrationError",
     "RegistryUnavailable",
     "RemoteAgentError",
     "RouteNotFound",
+    "error_for_status",
     "error_from_problem",
 ]
 
@@ -180,6 +183,12 @@ class AgentUnavailable(MeshUnavailable):
     title = "Agent unavailable"
 
 
+class RateLimited(MeshUnavailable):
+    code = "rate_limited"
+    status = 429
+    title = "Rate limited"
+
+
 class RegistryUnavailable(MeshUnavailable):
     code = "registry_unavailable"
     title = "Registry unavailable"
@@ -195,12 +204,24 @@ def _all_subclasses(cls: type[MeshError]) -> list[type[MeshError]]:
 
 _ERROR_CLASSES: list[type[MeshError]] = [MeshError, *_all_subclasses(MeshError)]
 _BY_CODE: dict[str, type[MeshError]] = {c.code: c for c in _ERROR_CLASSES}
+#: For problem documents with a code we do not know (a newer peer, another implementation).
+_BY_STATUS: dict[int, type[MeshError]] = {
+    429: RateLimited,
+    502: MeshUnavailable,
+    503: MeshUnavailable,
+    504: MeshUnavailable,
+}
 
 
 def error_from_problem(problem: Problem, *, where: str) -> MeshError:
     """Rebuild the error a remote sidecar sent; ``where`` names the agent it came from."""
     cls = _BY_CODE.get(problem.code)
     if cls is None:
-        cls = MeshUnavailable if problem.status in (502, 503, 504) else RemoteAgentError
+        cls = _BY_STATUS.get(problem.status, RemoteAgentError)
     detail = problem.detail or problem.title
     return cls(f"{where}: {detail}", errors=problem.errors, retry_after=problem.retry_after)
+
+
+def error_for_status(status: int, message: str) -> MeshError:
+    """The error for an HTTP failure that came without a problem document."""
+    return _BY_STATUS.get(status, RemoteAgentError)(message)

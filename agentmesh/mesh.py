@@ -28,6 +28,7 @@ from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 
 __all__ = ["CallResult", "Mesh", "connect"]
 
+
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """A call's value plus who served it and how long it took (``Mesh.invoke``)."""
@@ -38,6 +39,7 @@ class CallResult:
     instance_id: str
     endpoint: str
     elapsed: float
+    attempts: int = 1
 
 
 class Mesh:
@@ -65,16 +67,25 @@ class Mesh:
         version: str | None = None,
         tags: Iterable[str] | None = None,
         labels: dict[str, str] | None = None,
+        retries: int | None = None,
+        idempotency_key: str | None = None,
+        affinity_key: str | None = None,
     ) -> Any:
         """Call ``capability`` with ``payload`` (a dict or pydantic model); return its JSON value.
 
-        ``timeout`` is the total budget in seconds (default: the capability's own timeout,
-        else ``AGENTMESH_CALL_TIMEOUT``); inside a capability it never exceeds what is left of
-        the caller's budget. ``version``/``tags``/``labels`` restrict which instances may serve.
+        ``timeout`` is the total budget in seconds, retries included (default: the capability's
+        own timeout, else ``AGENTMESH_CALL_TIMEOUT``); inside a capability it never exceeds what
+        is left of the caller's budget. ``version``/``tags``/``labels`` restrict which instances
+        may serve. ``retries`` overrides how many retries are allowed (0: none); an
+        ``idempotency_key`` vouches that running the call twice is harmless (it travels as the
+        ``Idempotency-Key`` header), which lets the mesh retry it like an idempotent capability.
+        Calls with the same ``affinity_key`` go to the same instance while it is healthy.
         """
-        reply = await self._handler(
-            self._outbound(capability, payload, timeout, version, tags, labels, stream=False)
+        call = self._outbound(
+            capability, payload, timeout, version, tags, labels, retries, idempotency_key
         )
+        call.affinity_key = affinity_key
+        reply = await self._handler(call)
         return pydantic_core.from_json(reply.body)
 
     async def invoke(
@@ -86,12 +97,17 @@ class Mesh:
         version: str | None = None,
         tags: Iterable[str] | None = None,
         labels: dict[str, str] | None = None,
+        retries: int | None = None,
+        idempotency_key: str | None = None,
+        affinity_key: str | None = None,
     ) -> CallResult:
         """Like :meth:`call`, but also says which instance served the call and how long it took."""
         started = time.perf_counter()
-        reply: Reply = await self._handler(
-            self._outbound(capability, payload, timeout, version, tags, labels, stream=False)
+        call = self._outbound(
+            capability, payload, timeout, version, tags, labels, retries, idempotency_key
         )
+        call.affinity_key = affinity_key
+        reply: Reply = await self._handler(call)
         record = reply.target.record
         return CallResult(
             value=pydantic_core.from_json(reply.body),
@@ -100,6 +116,7 @@ class Mesh:
             instance_id=record.instance_id,
             endpoint=record.endpoint,
             elapsed=time.perf_counter() - started,
+            attempts=call.attempt,
         )
 
     async def stream(
@@ -108,12 +125,24 @@ class Mesh:
         payload: Any = None,
         *,
         timeout: float | None = None,
+        first_chunk_timeout: float | None = None,
+        chunk_timeout: float | None = None,
         version: str | None = None,
         tags: Iterable[str] | None = None,
         labels: dict[str, str] | None = None,
+        affinity_key: str | None = None,
     ) -> AsyncIterator[Any]:
-        """Iterate over the chunks of a streaming (async-generator) capability."""
-        call = self._outbound(capability, payload, timeout, version, tags, labels, stream=True)
+        """Iterate over the chunks of a streaming (async-generator) capability.
+
+        ``timeout`` bounds the whole stream; ``first_chunk_timeout`` the wait for the first
+        chunk once the agent answered; ``chunk_timeout`` the gap between two chunks. A stream
+        is retried only until the agent answers, never once chunks flow.
+        """
+        call = self._outbound(capability, payload, timeout, version, tags, labels, None, None)
+        call.stream = True
+        call.affinity_key = affinity_key
+        call.first_chunk_timeout = first_chunk_timeout
+        call.chunk_timeout = chunk_timeout
         reply = await self._handler(call)
         if reply.chunks is None:
             yield pydantic_core.from_json(reply.body)
@@ -129,8 +158,8 @@ class Mesh:
         version: str | None,
         tags: Iterable[str] | None,
         labels: dict[str, str] | None,
-        *,
-        stream: bool,
+        retries: int | None,
+        idempotency_key: str | None,
     ) -> OutboundCall:
         if timeout is None:
             targets = self._index.targets(capability)
@@ -140,16 +169,20 @@ class Mesh:
         inherited = current_deadline.get()
         if inherited is not None and inherited < deadline:
             deadline = inherited
-        return OutboundCall(
+        call = OutboundCall(
             capability=capability,
             body=_encode(payload, capability),
             deadline=deadline,
             timeout=timeout,
-            stream=stream,
             version=parse_specifier(version),
             tags=tags,
             labels=labels,
+            retries=retries,
         )
+        if idempotency_key is not None:
+            call.headers["idempotency-key"] = idempotency_key
+            call.idempotent = True
+        return call
 
     async def close(self) -> None:
         """Close the sidecar if this handle owns it (a handle inside an agent does not)."""
@@ -193,7 +226,7 @@ class _Connecting:
         if sidecar is not None:
             return Mesh(sidecar, self._settings, owner=False)
         boot = await bootstrap(self._settings)
-        sidecar = Sidecar(boot, name="agentmesh-client")
+        sidecar = Sidecar(boot, self._settings, name="agentmesh-client")
         await sidecar.start()
         return Mesh(sidecar, self._settings, owner=True)
 

@@ -35,7 +35,9 @@ MAX_RECORD_BYTES = 256 * 1024
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
 _INSTANCE_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,94}[a-z0-9])?$")
 
-AgentStatus = Literal["serving", "draining"]
+#: ``serving`` takes new calls; ``unready`` (its readiness check fails) and ``draining``
+#: (stopping) finish the calls they have but get no new ones.
+AgentStatus = Literal["serving", "unready", "draining"]
 
 
 class _Wire(BaseModel):

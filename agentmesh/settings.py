@@ -7,6 +7,7 @@ The defaults make the local case need no configuration at all: the control plane
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,18 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=8 * 1024 * 1024, gt=0, description="Largest request body an agent accepts."
     )
+    retry_attempts: int = Field(
+        default=3, ge=1, le=10, description="Attempts per call, the first included (see retry.py)."
+    )
+    balance: Literal["p2c", "round_robin", "random"] = Field(
+        default="p2c", description="How a sidecar chooses among live endpoints."
+    )
+    zone: str | None = Field(
+        default=None,
+        description="This process's zone: calls prefer endpoints labelled with the same zone "
+        "and fail over to others. Agents also publish it as their `zone` label.",
+    )
+    max_hops: int = Field(default=16, ge=1, description="Deepest call chain allowed (loop guard).")
     advertise_host: str | None = Field(
         default=None,
         description="Host written into the agent's endpoint URL when it binds 0.0.0.0.",

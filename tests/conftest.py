@@ -90,8 +90,12 @@ StartAgent = Callable[..., Awaitable[RunningAgent]]
 
 
 @pytest.fixture
-async def start_agent(settings: Settings) -> AsyncIterator[StartAgent]:
-    """``await start_agent(agent)`` (or a list of capabilities and a name) → RunningAgent."""
+async def start_agent(settings: Settings, mesh: Mesh) -> AsyncIterator[StartAgent]:
+    """``await start_agent(agent)`` (or a list of capabilities and a name) → RunningAgent.
+
+    Returns once the test's ``mesh`` sees the new instance in its index, so a call right
+    after it cannot race the registry watch.
+    """
     running: list[RunningAgent] = []
 
     async def start(
@@ -111,6 +115,10 @@ async def start_agent(settings: Settings) -> AsyncIterator[StartAgent]:
             waiter.cancel()
             task.result()
         assert ready.is_set(), "agent did not become ready within 10 s"
+        instance = agent.instance_id
+        await _wait_until(
+            lambda: any(r.instance_id == instance for r in mesh.sidecar.index.records())
+        )
         handle = RunningAgent(agent, task)
         running.append(handle)
         return handle

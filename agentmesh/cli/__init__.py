@@ -32,7 +32,7 @@ def main() -> None:
     try:
         app()
     except MeshError as exc:
-        err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False)
+        err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -86,7 +86,7 @@ async def _serve(
         heartbeat_interval=settings.heartbeat_interval,
         lease_ttl=settings.lease_ttl,
     )
-    sidecar = Sidecar(boot, name="agentmesh-control")
+    sidecar = Sidecar(boot, settings, name="agentmesh-control")
     await sidecar.start()
     server = HttpServer(create_app(sidecar, boot), sock)
     stop = asyncio.Event()

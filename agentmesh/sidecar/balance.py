@@ -1,79 +1,124 @@
-"""Balance: choose one live endpoint for this attempt.
+"""Balance: choose one endpoint for this attempt.
 
-Power of two choices on in-flight requests (as Envoy's least-request and Linkerd do): pick two
-endpoints at random and send to the less busy one. It needs no global view, spreads idle load
-evenly, and steers away from a replica that is slow (its requests pile up). Draining
-instances receive no new calls.
+The default is power of two choices on peak-EWMA latency × in-flight calls (Linkerd's and
+Envoy's least-request P2C): pick two endpoints at random, send to the cheaper one. It needs no
+global view, spreads idle load evenly and steers away from a replica that is slow or piling up
+work. Also available: ``round_robin``, ``random``, and — for calls with an ``affinity_key`` —
+rendezvous hashing, so one conversation sticks to one instance while it lives and only its keys
+move when it dies.
+
+Only instances whose record says ``serving`` are candidates (draining and unready ones keep
+their in-flight calls but get no new ones); instances ejected by their breaker are skipped;
+instances that already failed this call are avoided when others exist. With a ``zone``, the
+sidecar prefers endpoints labelled with the same zone and fails over to the others.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 from agentmesh.errors import NoHealthyEndpoints
-from agentmesh.registry.index import LocalIndex, Target
+from agentmesh.registry.index import Target
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
+from agentmesh.sidecar.endpoints import Endpoints, EndpointState
 
-__all__ = ["BalanceLayer", "EndpointState"]
+__all__ = ["BalanceLayer", "Strategy"]
 
-
-@dataclass(slots=True)
-class EndpointState:
-    """What the balancer knows of one instance, kept while the instance is in the index."""
-
-    in_flight: int = 0
-    calls: int = 0
+Strategy = Literal["p2c", "round_robin", "random"]
 
 
 class BalanceLayer:
-    def __init__(self, inner: Handler, index: LocalIndex, *, rng: random.Random | None = None):
+    def __init__(
+        self,
+        inner: Handler,
+        endpoints: Endpoints,
+        *,
+        strategy: Strategy = "p2c",
+        zone: str | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._inner = inner
-        self._index = index
+        self.endpoints = endpoints
+        self.strategy = strategy
+        self.zone = zone
         self._rng = rng or random.Random()
-        self.endpoints: dict[str, EndpointState] = {}
-        index.on_change(self._prune)
+        self._clock = clock
+        self._turns: dict[str, itertools.count[int]] = {}
 
-    def _prune(self) -> None:
-        live = {r.instance_id for r in self._index.records()}
-        for instance_id in [i for i in self.endpoints if i not in live]:
-            del self.endpoints[instance_id]
-
-    def state(self, instance_id: str) -> EndpointState:
-        state = self.endpoints.get(instance_id)
-        if state is None:
-            state = self.endpoints[instance_id] = EndpointState()
-        return state
-
-    def choose(self, targets: tuple[Target, ...], capability: str) -> Target:
-        serving = [t for t in targets if t.record.status == "serving"]
+    def choose(self, call: OutboundCall) -> Target:
+        serving = [t for t in call.targets if t.record.status == "serving"]
         if not serving:
+            states = sorted({t.record.status for t in call.targets})
             raise NoHealthyEndpoints(
-                f"capability {capability!r}: all {len(targets)} instance(s) are draining"
+                f"capability {call.capability!r}: all {len(call.targets)} instance(s) are "
+                f"{' or '.join(states)}"
             )
-        if len(serving) == 1:
-            return serving[0]
-        a, b = self._rng.sample(serving, 2)
-        return (
-            a if self.state(a.instance_id).in_flight <= self.state(b.instance_id).in_flight else b
-        )
+        get = self.endpoints.get
+        healthy = [t for t in serving if get(t.instance_id).breaker.available()]
+        if not healthy:
+            ends = [get(t.instance_id).breaker.ejected_until for t in serving]
+            ends = [end for end in ends if end > 0]
+            when = (
+                f"the next probe is in {max(min(ends) - self._clock(), 0):.1f}s"
+                if ends
+                else "a probe is under way"
+            )
+            raise NoHealthyEndpoints(
+                f"capability {call.capability!r}: all {len(serving)} instance(s) are ejected "
+                f"by their circuit breakers; {when}"
+            )
+        if call.excluded:
+            fresh = [t for t in healthy if t.instance_id not in call.excluded]
+            healthy = fresh or healthy
+        if self.zone is not None:
+            local = [t for t in healthy if t.record.labels.get("zone") == self.zone]
+            healthy = local or healthy
+        if len(healthy) == 1:
+            return healthy[0]
+        if call.affinity_key is not None:
+            return max(healthy, key=lambda t: _score(call.affinity_key or "", t.instance_id))
+        if self.strategy == "round_robin":
+            turn = self._turns.setdefault(call.capability, itertools.count())
+            return healthy[next(turn) % len(healthy)]
+        if self.strategy == "random":
+            return self._rng.choice(healthy)
+        a, b = self._rng.sample(healthy, 2)
+        now = self._clock()
+        return a if get(a.instance_id).cost(now) <= get(b.instance_id).cost(now) else b
 
     async def __call__(self, call: OutboundCall) -> Reply:
-        target = call.target = self.choose(call.targets, call.capability)
-        state = self.state(target.instance_id)
+        target = call.target = self.choose(call)
+        state = self.endpoints.get(target.instance_id)
         state.in_flight += 1
         state.calls += 1
+        started = self._clock()
         try:
             reply = await self._inner(call)
         except BaseException:
+            # Failures are not latency samples: a refused connection is fast, and must not make
+            # a dead endpoint look attractive. The breaker deals with failing endpoints.
             state.in_flight -= 1
+            state.failures += 1
             raise
+        now = self._clock()
+        state.observe(now - started, now)
         if reply.chunks is None:
             state.in_flight -= 1
         else:
             reply.chunks = _release_after(reply.chunks, state)
         return reply
+
+
+def _score(key: str, instance_id: str) -> int:
+    """Rendezvous (highest random weight) hash: stable across processes and restarts."""
+    digest = hashlib.blake2b(f"{key}\x00{instance_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 async def _release_after(

@@ -31,8 +31,18 @@ class OutboundCall:
     tags: Iterable[str] | None = None
     labels: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    retries: int | None = None
+    """Retries allowed for this call (None: the sidecar's policy; 0: never retry)."""
+    idempotent: bool = False
+    """The caller vouches that running it twice is harmless (an idempotency key was given)."""
+    affinity_key: str | None = None
+    """Calls with the same key stick to one instance while it is healthy."""
+    first_chunk_timeout: float | None = None
+    chunk_timeout: float | None = None
     targets: tuple[Target, ...] = ()
     target: Target | None = None
+    excluded: tuple[str, ...] = ()
+    """Instances that already failed this call: a retry prefers others."""
     attempt: int = 1
 
 

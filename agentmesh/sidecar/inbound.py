@@ -27,6 +27,7 @@ from agentmesh.errors import (
     RemoteAgentError,
     RouteNotFound,
 )
+from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 from agentmesh.telemetry.metrics import INBOUND_IN_FLIGHT, INBOUND_LATENCY, INBOUND_REQUESTS
@@ -44,6 +45,7 @@ _INVOKE = "/v1/invoke/"
 _JSON = b"application/json"
 _PROBLEM = b"application/problem+json"
 _DEADLINE = DEADLINE_HEADER.encode()
+_CHAIN = CHAIN_HEADER.encode()
 #: Errors a capability body may raise that describe this very call: they keep their status.
 _PASS_THROUGH = (InvalidInput, DeadlineExceeded, RemoteAgentError)
 
@@ -93,7 +95,7 @@ class InboundApp:
             await _respond(send, 200, b'{"status":"ok"}')
         elif path == "/readyz":
             ok = self.ready and not self.draining
-            state = b"ready" if ok else (b"draining" if self.draining else b"starting")
+            state = b"ready" if ok else (b"draining" if self.draining else b"unready")
             await _respond(send, 200 if ok else 503, b'{"status":"' + state + b'"}')
         elif path == "/metrics":
             await _respond(send, 200, generate_latest(), CONTENT_TYPE_LATEST.encode())
@@ -113,13 +115,15 @@ class InboundApp:
         try:
             if cap is None:
                 raise CapabilityNotFound(f"agent {self.agent} has no capability {name!r}")
-            if self.draining:
-                raise AgentUnavailable(f"agent {self.agent} is draining; call another instance")
-            deadline = _deadline(scope)
+            if self.draining or not self.ready:
+                state = "draining" if self.draining else "not ready"
+                raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
+            deadline, chain = _mesh_headers(scope, name)
             body = await _read_body(scope, receive, self.max_body, self.agent)
             arguments = cap.parse_input(body)
             injected = _inject(cap, self._injectables)
             serving_sidecar.set(self._sidecar)
+            current_chain.set(chain)
             if deadline is not None:
                 current_deadline.set(deadline)
             if cap.streaming:
@@ -205,15 +209,20 @@ def _inject(
     return {param: available[kind] for param, kind in cap.injected.items()}
 
 
-def _deadline(scope: Scope) -> float | None:
+def _mesh_headers(scope: Scope, capability: str) -> tuple[float | None, tuple[str, ...]]:
+    """The caller's remaining budget (as a loop-clock deadline) and the chain of hops so far."""
+    deadline: float | None = None
+    chain: tuple[str, ...] = (capability,)
     for key, value in scope["headers"]:
         if key == _DEADLINE:
             try:
                 ms = int(value)
             except ValueError:
                 raise InvalidInput(f"header {DEADLINE_HEADER} must be an integer") from None
-            return asyncio.get_running_loop().time() + max(ms, 0) / 1000
-    return None
+            deadline = asyncio.get_running_loop().time() + max(ms, 0) / 1000
+        elif key == _CHAIN:
+            chain = parse_chain(value.decode("latin-1"))
+    return deadline, chain
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> bytes:

@@ -11,6 +11,7 @@ from contextvars import ContextVar
 
 from agentmesh.models import Bootstrap
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
+from agentmesh.settings import Settings
 from agentmesh.sidecar.stack import OutboundStack, build_outbound
 from agentmesh.sidecar.transport import HttpTransport
 
@@ -20,13 +21,13 @@ _log = logging.getLogger("agentmesh.sidecar")
 
 
 class Sidecar:
-    def __init__(self, boot: Bootstrap, *, name: str) -> None:
+    def __init__(self, boot: Bootstrap, settings: Settings, *, name: str) -> None:
         self.boot = boot
         self.conn = NatsConnection(boot.nats_url, name=name)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self.index = LocalIndex()
         self.transport = HttpTransport()
-        self.outbound: OutboundStack = build_outbound(self.index, self.transport)
+        self.outbound: OutboundStack = build_outbound(self.index, self.transport, settings)
 
     async def start(self, *, sync_timeout: float = 5.0) -> None:
         """Connect, open the registry and wait for the index's first full view."""

@@ -1,9 +1,9 @@
 """The order of the outbound layers, written down in one place.
 
-Read bottom-up in ``build_outbound``: each line wraps everything built before it, so the last
-line is the outermost layer a call enters first (as Starlette builds its middleware stack and
-linkerd2-proxy pushes its layers). DESIGN §3 is the target order; layers not built yet (trace,
-policy, retry, breaker) slot in at the marked places without reshaping the others.
+Read ``build_outbound`` bottom-up: each line wraps everything built before it, so the last line
+is the outermost layer, the one a call enters first (as Starlette builds its middleware stack and
+linkerd2-proxy pushes its layers). DESIGN §3 is the target order; policy and trace slot in at
+the marked places without reshaping the others.
 """
 
 from __future__ import annotations
@@ -11,34 +11,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agentmesh.registry.index import LocalIndex
+from agentmesh.settings import Settings
 from agentmesh.sidecar.balance import BalanceLayer
+from agentmesh.sidecar.breaker import BreakerLayer
 from agentmesh.sidecar.call import Handler
+from agentmesh.sidecar.chain import ChainLayer
 from agentmesh.sidecar.deadline import DeadlineLayer
+from agentmesh.sidecar.endpoints import Endpoints
 from agentmesh.sidecar.resolve import ResolveLayer
+from agentmesh.sidecar.retry import RetryLayer, RetryPolicy
 
 __all__ = ["OutboundStack", "build_outbound"]
 
 
 @dataclass(frozen=True, slots=True)
 class OutboundStack:
-    """The entry handler plus the layers whose state others read (metrics, CLI)."""
+    """The entry handler plus the layers whose state others read (metrics, CLI, tests)."""
 
     handler: Handler
+    endpoints: Endpoints
     balance: BalanceLayer
+    retry: RetryLayer
 
 
-def build_outbound(index: LocalIndex, transport: Handler) -> OutboundStack:
+def build_outbound(index: LocalIndex, transport: Handler, settings: Settings) -> OutboundStack:
+    endpoints = Endpoints(index)
     # transport: the only layer that knows the wire (HTTP now, NATS by URL scheme later).
     handler: Handler = transport
-    # (breaker, per endpoint, goes here: below balance, so one bad replica is ejected alone.)
-    # balance: per attempt, so that a retry above it may land on another endpoint.
-    balance = BalanceLayer(handler, index)
+    # breaker: per endpoint, below balance, so one bad replica is ejected alone.
+    handler = BreakerLayer(handler, endpoints)
+    # balance: per attempt, so each retry may land on another endpoint.
+    balance = BalanceLayer(handler, endpoints, strategy=settings.balance, zone=settings.zone)
     handler = balance
-    # (retry goes here: above balance, below the deadline that bounds all attempts.)
-    # deadline: one total budget for everything below, sent downstream as the remaining time.
+    # retry: above balance and below the deadline that bounds every attempt and backoff.
+    retry = RetryLayer(handler, policy=RetryPolicy(attempts=settings.retry_attempts))
+    handler = retry
+    # deadline: one total budget for everything below; the rest travels downstream.
     handler = DeadlineLayer(handler)
     # (policy goes here: a local decision on resolved targets, never retried.)
     # resolve: capability + constraints → live targets from the local index, no I/O.
     handler = ResolveLayer(handler, index)
+    # chain: refuse a too-deep chain before any work, and tell the next hop the chain.
+    handler = ChainLayer(handler, max_hops=settings.max_hops)
     # (trace goes here, outermost: one CLIENT span per logical call.)
-    return OutboundStack(handler=handler, balance=balance)
+    return OutboundStack(handler=handler, endpoints=endpoints, balance=balance, retry=retry)

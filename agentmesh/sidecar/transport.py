@@ -20,8 +20,7 @@ from agentmesh.errors import (
     ConnectionLost,
     DeadlineExceeded,
     MeshError,
-    MeshUnavailable,
-    RemoteAgentError,
+    error_for_status,
     error_from_problem,
 )
 from agentmesh.models import Problem
@@ -111,10 +110,9 @@ async def _error(resp: aiohttp.ClientResponse, where: str) -> MeshError:
         problem = Problem.model_validate_json(text)
     except ValidationError:
         snippet = text[:200].decode(errors="replace")
-        if resp.status in (502, 503, 504):
-            return MeshUnavailable(f"{where}: HTTP {resp.status}: {snippet}")
-        return RemoteAgentError(f"{where}: HTTP {resp.status}: {snippet}")
-    error = error_from_problem(problem, where=where)
+        error = error_for_status(resp.status, f"{where}: HTTP {resp.status}: {snippet}")
+    else:
+        error = error_from_problem(problem, where=where)
     if error.retry_after is None and (retry_after := resp.headers.get("retry-after")):
         try:
             error.retry_after = float(retry_after)
@@ -128,16 +126,22 @@ async def _events(
 ) -> AsyncIterator[bytes]:
     """Server-sent events → JSON chunks; ``error`` events raise, ``end`` finishes."""
     finished = False
+    loop = asyncio.get_running_loop()
+    chunks = 0
     try:
         event, data = b"", []
         while True:
+            limit, what = call.deadline, f"stream not finished within {call.timeout:g}s"
+            gap = call.chunk_timeout if chunks else call.first_chunk_timeout
+            if gap is not None and loop.time() + gap < limit:
+                limit = loop.time() + gap
+                what = f"no chunk within {gap:g}s" + (" of the last" if chunks else "")
             try:
-                async with asyncio.timeout_at(call.deadline):
+                async with asyncio.timeout_at(limit):
                     line = await resp.content.readline()
             except TimeoutError as exc:
                 raise DeadlineExceeded(
-                    f"capability {call.capability!r} at {where}: stream not finished within "
-                    f"{call.timeout:g}s"
+                    f"capability {call.capability!r} at {where}: {what}"
                 ) from exc
             except (aiohttp.ClientError, OSError) as exc:
                 raise ConnectionLost(f"{where}: stream interrupted: {_reason(exc)}") from exc
@@ -154,6 +158,7 @@ async def _events(
                 continue
             payload = b"\n".join(data)
             if event == b"chunk":
+                chunks += 1
                 yield payload
             elif event == b"error":
                 raise error_from_problem(Problem.model_validate_json(payload), where=where)
