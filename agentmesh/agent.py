@@ -194,6 +194,8 @@ class Agent:
         if not self.capabilities:
             raise ConfigurationError(f"agent {self.name}: no capabilities to serve")
         self._stop = asyncio.Event()
+        if settings.zone and "zone" not in self.labels:
+            self.labels["zone"] = settings.zone
         sock = bind(host, port)
         try:
             boot = await bootstrap(settings)

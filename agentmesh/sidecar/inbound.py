@@ -22,6 +22,7 @@ from agentmesh.errors import (
     CapabilityNotFound,
     DeadlineExceeded,
     InvalidInput,
+    LoopDetected,
     MeshError,
     PayloadTooLarge,
     RemoteAgentError,
@@ -47,7 +48,7 @@ _PROBLEM = b"application/problem+json"
 _DEADLINE = DEADLINE_HEADER.encode()
 _CHAIN = CHAIN_HEADER.encode()
 #: Errors a capability body may raise that describe this very call: they keep their status.
-_PASS_THROUGH = (InvalidInput, DeadlineExceeded, RemoteAgentError)
+_PASS_THROUGH = (InvalidInput, DeadlineExceeded, LoopDetected, RemoteAgentError)
 
 
 class _Disconnected(Exception):
