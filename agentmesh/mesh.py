@@ -8,6 +8,8 @@ capability can also simply declare a parameter of type ``Mesh`` to have it injec
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
@@ -226,7 +228,7 @@ class _Connecting:
         if sidecar is not None:
             return Mesh(sidecar, self._settings, owner=False)
         boot = await bootstrap(self._settings)
-        sidecar = Sidecar(boot, self._settings, name="agentmesh-client")
+        sidecar = Sidecar(boot, self._settings, name=f"client-{socket.gethostname()}-{os.getpid()}")
         await sidecar.start()
         return Mesh(sidecar, self._settings, owner=True)
 

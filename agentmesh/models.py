@@ -20,8 +20,10 @@ __all__ = [
     "AgentRecord",
     "AgentStatus",
     "Bootstrap",
+    "BreakerEvent",
     "CapabilityOffer",
     "CapabilitySpec",
+    "EndpointHealth",
     "Problem",
 ]
 
@@ -151,6 +153,23 @@ class Bootstrap(_Wire):
     version: str
     heartbeat_interval: float
     lease_ttl: int
+
+
+class BreakerEvent(_Wire):
+    """A sidecar's circuit breaker for one endpoint changed state (published on NATS)."""
+
+    observer: str
+    instance_id: str
+    state: Literal["closed", "open", "half_open"]
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class EndpointHealth(_Wire):
+    """What the sidecars report about one instance: who currently ejects it."""
+
+    instance_id: str
+    ejected_by: list[str] = Field(default_factory=list)
+    probing_by: list[str] = Field(default_factory=list)
 
 
 class Problem(_Wire):

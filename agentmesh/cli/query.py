@@ -16,7 +16,7 @@ from rich.table import Table
 import agentmesh.mesh
 from agentmesh.cli._common import Output, console, parse_labels, print_json, settings_from
 from agentmesh.errors import InvalidInput, RegistryUnavailable, error_from_problem
-from agentmesh.models import AgentRecord, CapabilityOffer, Problem
+from agentmesh.models import AgentRecord, CapabilityOffer, EndpointHealth, Problem
 from agentmesh.settings import Settings
 
 ControlUrl = Annotated[
@@ -51,6 +51,28 @@ def _get(settings: Settings, path: str, params: dict[str, Any] | None = None) ->
     return resp.content
 
 
+def _health(settings: Settings) -> dict[str, EndpointHealth]:
+    """Who ejects whom, as the sidecars reported it to the control plane."""
+    items = TypeAdapter(list[EndpointHealth]).validate_json(_get(settings, "/v1/endpoints"))
+    return {h.instance_id: h for h in items}
+
+
+def _health_cell(status: str, health: EndpointHealth | None) -> str:
+    cell = "[green]serving[/]" if status == "serving" else f"[yellow]{status}[/]"
+    if health is not None and health.ejected_by:
+        cell += f" [red]ejected by {len(health.ejected_by)}[/]"
+    elif health is not None and health.probing_by:
+        cell += " [yellow]probing[/]"
+    return cell
+
+
+def _with_health(item: AgentRecord | CapabilityOffer, health: EndpointHealth | None) -> Any:
+    data = item.model_dump(mode="json")
+    data["ejected_by"] = health.ejected_by if health else []
+    data["probing_by"] = health.probing_by if health else []
+    return data
+
+
 def _age(started: datetime) -> str:
     seconds = int((datetime.now(UTC) - started).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -68,8 +90,9 @@ def agents(
     settings = settings_from(control_url=control_url)
     body = _get(settings, "/v1/agents", {"name": name} if name else None)
     records = TypeAdapter(list[AgentRecord]).validate_json(body)
+    health = _health(settings)
     if output is Output.json:
-        print_json(records)
+        print_json([_with_health(r, health.get(r.instance_id)) for r in records])
         return
     table = Table(title=f"{len(records)} agent instance(s)", title_justify="left")
     for column in ("INSTANCE", "AGENT", "VERSION", "ENDPOINT", "STATUS", "CAPABILITIES", "AGE"):
@@ -80,15 +103,11 @@ def agents(
             r.name,
             r.version,
             r.endpoint,
-            _status(r.status),
+            _health_cell(r.status, health.get(r.instance_id)),
             ", ".join(c.name for c in r.capabilities),
             _age(r.started_at),
         )
     console.print(table)
-
-
-def _status(status: str) -> str:
-    return "[green]serving[/]" if status == "serving" else f"[yellow]{status}[/]"
 
 
 def find(
@@ -114,8 +133,9 @@ def find(
     offers = TypeAdapter(list[CapabilityOffer]).validate_json(
         _get(settings, "/v1/capabilities", params)
     )
+    health = _health(settings)
     if output is Output.json:
-        print_json(offers)
+        print_json([_with_health(o, health.get(o.instance_id)) for o in offers])
         return
     what = repr(capability) if capability else "any capability"
     table = Table(title=f"{len(offers)} offer(s) of {what}", title_justify="left")
@@ -128,7 +148,7 @@ def find(
             o.agent,
             o.instance_id,
             o.endpoint,
-            _status(o.status),
+            _health_cell(o.status, health.get(o.instance_id)),
             ", ".join(o.capability.tags),
         )
     console.print(table)

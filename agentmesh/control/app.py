@@ -12,8 +12,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from agentmesh._version import __version__
+from agentmesh.control.health import HealthBook
 from agentmesh.errors import InvalidInput, MeshError, RouteNotFound
-from agentmesh.models import AgentRecord, Bootstrap, CapabilityOffer, Problem
+from agentmesh.models import AgentRecord, Bootstrap, CapabilityOffer, EndpointHealth, Problem
 from agentmesh.sidecar.sidecar import Sidecar
 
 __all__ = ["create_app"]
@@ -31,7 +32,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def create_app(sidecar: Sidecar, boot: Bootstrap) -> FastAPI:
+def create_app(sidecar: Sidecar, boot: Bootstrap, health: HealthBook) -> FastAPI:
     app = FastAPI(
         title="agentmesh control plane",
         version=__version__,
@@ -76,6 +77,11 @@ def create_app(sidecar: Sidecar, boot: Bootstrap) -> FastAPI:
             if record.instance_id == instance_id:
                 return record
         raise RouteNotFound(f"no live agent instance {instance_id!r}")
+
+    @app.get("/v1/endpoints", tags=["registry"])
+    async def list_endpoints() -> list[EndpointHealth]:
+        """Per live instance: the sidecars whose circuit breakers currently eject it."""
+        return health.health(r.instance_id for r in index.records())
 
     @app.get("/v1/capabilities", tags=["registry"])
     async def list_capabilities(

@@ -12,13 +12,16 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from nats.aio.msg import Msg
+
 from agentmesh._serving import HttpServer, bind, signals
 from agentmesh._version import __version__
 from agentmesh.control.app import create_app
+from agentmesh.control.health import HealthBook
 from agentmesh.models import Bootstrap
 from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
-from agentmesh.sidecar.sidecar import Sidecar
+from agentmesh.sidecar.sidecar import Sidecar, breaker_subject
 
 __all__ = ["ControlInfo", "run_control"]
 
@@ -88,7 +91,13 @@ async def _serve(
     )
     sidecar = Sidecar(boot, settings, name="agentmesh-control")
     await sidecar.start()
-    server = HttpServer(create_app(sidecar, boot), sock)
+    health = HealthBook()
+
+    async def on_breaker_event(msg: Msg) -> None:
+        health.apply(msg.data)
+
+    await sidecar.conn.client.subscribe(breaker_subject(boot.registry_bucket), cb=on_breaker_event)
+    server = HttpServer(create_app(sidecar, boot, health), sock)
     stop = asyncio.Event()
     try:
         await server.start()

@@ -7,6 +7,7 @@ their instance is in the registry index.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from agentmesh.registry.index import LocalIndex
 from agentmesh.sidecar.breaker import Breaker, BreakerConfig, BreakerState, ejected_ratio
+from agentmesh.telemetry.metrics import BREAKER_STATE, BREAKER_TRANSITIONS
 
 __all__ = ["EWMA_DECAY", "LATENCY_FLOOR", "EndpointState", "Endpoints"]
 
@@ -23,6 +25,7 @@ __all__ = ["EWMA_DECAY", "LATENCY_FLOOR", "EndpointState", "Endpoints"]
 #: (ties go by in-flight calls, then at random) and only a replica that is really slower is
 #: avoided. New replicas start at the floor, so they get traffic at once.
 LATENCY_FLOOR = 0.005
+_GAUGE: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
 #: Peak-EWMA time constant (Linkerd's default decay): a latency spike is remembered for a few
 #: seconds, then forgotten, so a replica that was slow once is tried again.
 EWMA_DECAY = 10.0
@@ -84,14 +87,13 @@ class Endpoints:
         return state
 
     def _new_breaker(self, instance_id: str) -> Breaker:
-        listener = self._on_breaker_change
-        if listener is None:
-            return Breaker(self._breaker, clock=self._clock)
-        return Breaker(
-            self._breaker,
-            clock=self._clock,
-            on_change=lambda old, new: listener(instance_id, old, new),
-        )
+        def changed(old: BreakerState, new: BreakerState) -> None:
+            BREAKER_STATE.labels(instance_id).set(_GAUGE[new])
+            BREAKER_TRANSITIONS.labels(instance_id, new).inc()
+            if self._on_breaker_change is not None:
+                self._on_breaker_change(instance_id, old, new)
+
+        return Breaker(self._breaker, clock=self._clock, on_change=changed)
 
     def may_eject(self, max_ratio: float) -> bool:
         """Whether one more ejection keeps the ejected share within ``max_ratio``.
@@ -106,3 +108,5 @@ class Endpoints:
         live = {r.instance_id for r in self._index.records()}
         for instance_id in [i for i in self.states if i not in live]:
             del self.states[instance_id]
+            with contextlib.suppress(KeyError):
+                BREAKER_STATE.remove(instance_id)

@@ -39,6 +39,7 @@ from agentmesh.errors import (
 )
 from agentmesh.sidecar.budget import RetryBudget, RetryBudgetConfig
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
+from agentmesh.telemetry.metrics import OUTBOUND_RETRIES, RETRY_BUDGET_EXHAUSTED
 
 __all__ = ["RetryLayer", "RetryPolicy", "retryable"]
 
@@ -156,8 +157,10 @@ class RetryLayer:
             if not retryable(exc, idempotent=idempotent) or call.deadline <= loop.time():
                 return False
             if not budget.try_spend():
+                RETRY_BUDGET_EXHAUSTED.labels(call.capability).inc()
                 return False
             self.retries += 1
+            OUTBOUND_RETRIES.labels(call.capability).inc()
             return True
 
         if not should_retry(first):

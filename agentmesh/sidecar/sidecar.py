@@ -6,16 +6,18 @@ it, so calling another capability from inside a capability opens no second conne
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextvars import ContextVar
 
-from agentmesh.models import Bootstrap
+from agentmesh.models import Bootstrap, BreakerEvent
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
 from agentmesh.settings import Settings
+from agentmesh.sidecar.breaker import BreakerState
 from agentmesh.sidecar.stack import OutboundStack, build_outbound
 from agentmesh.sidecar.transport import HttpTransport
 
-__all__ = ["Sidecar", "serving_sidecar"]
+__all__ = ["Sidecar", "breaker_subject", "serving_sidecar"]
 
 _log = logging.getLogger("agentmesh.sidecar")
 
@@ -26,8 +28,26 @@ class Sidecar:
         self.conn = NatsConnection(boot.nats_url, name=name)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self.index = LocalIndex()
+        self._background: set[asyncio.Task[None]] = set()
         self.transport = HttpTransport()
-        self.outbound: OutboundStack = build_outbound(self.index, self.transport, settings)
+        self.name = name
+        self.outbound: OutboundStack = build_outbound(
+            self.index, self.transport, settings, on_breaker_change=self._publish_breaker
+        )
+
+    def _publish_breaker(self, instance_id: str, old: BreakerState, new: BreakerState) -> None:
+        """Tell the control plane, so that ``agentmesh agents`` can show who ejects whom."""
+        event = BreakerEvent(observer=self.name, instance_id=instance_id, state=new)
+        subject = breaker_subject(self.boot.registry_bucket)
+        try:
+            client = self.conn.client
+            task = asyncio.get_running_loop().create_task(
+                client.publish(subject, event.model_dump_json().encode())
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        except Exception as exc:
+            _log.debug("breaker event not published: %s", exc)
 
     async def start(self, *, sync_timeout: float = 5.0) -> None:
         """Connect, open the registry and wait for the index's first full view."""
@@ -49,3 +69,8 @@ class Sidecar:
 #: The sidecar of the agent serving the current inbound call: ``connect()`` inside a
 #: capability reuses it instead of opening a second connection.
 serving_sidecar: ContextVar[Sidecar | None] = ContextVar("agentmesh_sidecar", default=None)
+
+
+def breaker_subject(bucket: str) -> str:
+    """The NATS subject of breaker events for the mesh whose registry is ``bucket``."""
+    return f"agentmesh.breaker.{bucket}"

@@ -8,12 +8,13 @@ the marked places without reshaping the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agentmesh.registry.index import LocalIndex
 from agentmesh.settings import Settings
 from agentmesh.sidecar.balance import BalanceLayer
-from agentmesh.sidecar.breaker import BreakerLayer
+from agentmesh.sidecar.breaker import BreakerLayer, BreakerState
 from agentmesh.sidecar.call import Handler
 from agentmesh.sidecar.chain import ChainLayer
 from agentmesh.sidecar.deadline import DeadlineLayer
@@ -34,8 +35,14 @@ class OutboundStack:
     retry: RetryLayer
 
 
-def build_outbound(index: LocalIndex, transport: Handler, settings: Settings) -> OutboundStack:
-    endpoints = Endpoints(index)
+def build_outbound(
+    index: LocalIndex,
+    transport: Handler,
+    settings: Settings,
+    *,
+    on_breaker_change: Callable[[str, BreakerState, BreakerState], None] | None = None,
+) -> OutboundStack:
+    endpoints = Endpoints(index, on_breaker_change=on_breaker_change)
     # transport: the only layer that knows the wire (HTTP now, NATS by URL scheme later).
     handler: Handler = transport
     # breaker: per endpoint, below balance, so one bad replica is ejected alone.

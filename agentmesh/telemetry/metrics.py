@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["INBOUND_IN_FLIGHT", "INBOUND_LATENCY", "INBOUND_REQUESTS"]
+__all__ = [
+    "BREAKER_STATE",
+    "BREAKER_TRANSITIONS",
+    "INBOUND_IN_FLIGHT",
+    "INBOUND_LATENCY",
+    "INBOUND_REQUESTS",
+    "OUTBOUND_RETRIES",
+    "RETRY_BUDGET_EXHAUSTED",
+]
 
 INBOUND_REQUESTS = Counter(
     "agentmesh_inbound_requests",
@@ -25,4 +33,24 @@ INBOUND_IN_FLIGHT = Gauge(
     "agentmesh_inbound_in_flight",
     "Calls being served by this agent right now.",
     ["agent"],
+)
+OUTBOUND_RETRIES = Counter(
+    "agentmesh_outbound_retries",
+    "Retries sent by this sidecar, by capability.",
+    ["capability"],
+)
+RETRY_BUDGET_EXHAUSTED = Counter(
+    "agentmesh_retry_budget_exhausted",
+    "Retries not sent because the capability's retry budget was spent.",
+    ["capability"],
+)
+BREAKER_STATE = Gauge(
+    "agentmesh_breaker_state",
+    "Circuit breaker of each endpoint this sidecar calls: 0 closed, 1 half-open, 2 open.",
+    ["instance"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "agentmesh_breaker_transitions",
+    "Circuit breaker state changes, by endpoint and the state entered.",
+    ["instance", "state"],
 )

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from agentmesh import (
     Agent,
-    AgentRecord,
     DeadlineExceeded,
     LoopDetected,
     Mesh,
@@ -20,53 +18,7 @@ from agentmesh import (
     capability,
     connect,
 )
-from agentmesh._serving import HttpServer, bind
-from agentmesh.registry import Lease
-
-
-@capability(idempotent=True)
-async def work(delay: float = 0.0) -> str:
-    await asyncio.sleep(delay)
-    return "ok"
-
-
-class Flaky:
-    """A raw HTTP endpoint that answers 503 while ``failing``, else a valid JSON reply."""
-
-    def __init__(self) -> None:
-        self.failing = True
-        self.hits = 0
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body"):
-            pass
-        self.hits += 1
-        status, body = (503, b"overloaded") if self.failing else (200, b'"ok"')
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": body})
-
-
-@contextlib.asynccontextmanager
-async def flaky_endpoint(mesh: Mesh) -> AsyncIterator[tuple[Flaky, str]]:
-    """A Flaky server registered in the mesh as an instance offering ``work``."""
-    app = Flaky()
-    server = HttpServer(app, bind("127.0.0.1", 0))
-    await server.start()
-    record = AgentRecord(
-        instance_id="flaky-1",
-        name="flaky",
-        endpoint=f"http://127.0.0.1:{server.port}",
-        capabilities=(work.spec,),
-    )
-    lease = Lease(mesh.sidecar.store, record, interval=0.25, ttl=1)
-    await lease.acquire()
-    try:
-        yield app, record.instance_id
-    finally:
-        await lease.release()
-        await server.stop()
+from tests.flaky import flaky_endpoint, work
 
 
 async def test_breaker_ejects_a_failing_endpoint_probes_it_and_readmits_it(

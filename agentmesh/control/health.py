@@ -1,0 +1,53 @@
+"""What the sidecars report about endpoints: which of them currently eject which instance.
+
+Each sidecar publishes its breaker transitions on NATS; the control plane keeps the latest state
+per (observer, instance) and forgets reports older than a minute (an observer that died cannot
+report its breaker closing), so ``agentmesh agents`` can show "ejected by 2 sidecars".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from pydantic import ValidationError
+
+from agentmesh.models import BreakerEvent, EndpointHealth
+
+__all__ = ["HealthBook"]
+
+#: Reports older than this are dropped: longer than the longest ejection (30 s), so a breaker
+#: that stays open is refreshed by its probes' transitions before it is forgotten.
+_FORGET_AFTER = 60.0
+
+
+class HealthBook:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._states: dict[str, dict[str, tuple[str, float]]] = {}
+
+    def apply(self, data: bytes) -> None:
+        try:
+            event = BreakerEvent.model_validate_json(data)
+        except ValidationError:
+            return
+        observers = self._states.setdefault(event.instance_id, {})
+        if event.state == "closed":
+            observers.pop(event.observer, None)
+        else:
+            observers[event.observer] = (event.state, self._clock())
+
+    def health(self, instance_ids: Iterable[str]) -> list[EndpointHealth]:
+        oldest = self._clock() - _FORGET_AFTER
+        out = []
+        for instance_id in instance_ids:
+            observers = self._states.get(instance_id, {})
+            fresh = {o: s for o, (s, at) in observers.items() if at >= oldest}
+            out.append(
+                EndpointHealth(
+                    instance_id=instance_id,
+                    ejected_by=sorted(o for o, s in fresh.items() if s == "open"),
+                    probing_by=sorted(o for o, s in fresh.items() if s == "half_open"),
+                )
+            )
+        return out

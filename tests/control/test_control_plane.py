@@ -1,0 +1,82 @@
+"""The control plane as a real process: registry queries and the breaker view of sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agentmesh import Mesh, MeshUnavailable
+from tests.flaky import flaky_endpoint
+
+
+@pytest.fixture
+def control_url(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[str]:
+    ready = tmp_path / "control.json"
+    env = {**os.environ, "AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path)}
+    with (tmp_path / "control.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentmesh",
+                "control",
+                "--port",
+                "0",
+                "--nats-url",
+                nats_url,
+                "--ready-file",
+                str(ready),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        for _ in range(500):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert ready.exists(), (tmp_path / "control.log").read_text()
+        yield json.loads(ready.read_text())["control_url"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+async def test_sidecars_report_ejections_to_the_control_plane(
+    control_url: str, mesh: Mesh, wait_until
+):
+    async with flaky_endpoint(mesh) as (flaky, flaky_id), httpx.AsyncClient() as http:
+        await wait_until(lambda: bool(mesh.sidecar.index.targets("work")))
+
+        async def endpoints() -> list[dict[str, object]]:
+            resp = await http.get(f"{control_url}/v1/endpoints")
+            assert resp.status_code == 200
+            return list(resp.json())
+
+        async def listed() -> bool:
+            return any(item["instance_id"] == flaky_id for item in await endpoints())
+
+        await wait_until(listed, timeout=5)
+        for _ in range(5):
+            with pytest.raises(MeshUnavailable):
+                await mesh.call("work", retries=0)
+        assert mesh.sidecar.outbound.endpoints.get(flaky_id).breaker.state == "open"
+
+        async def ejected() -> bool:
+            for item in await endpoints():
+                if item["instance_id"] == flaky_id:
+                    return item["ejected_by"] == [mesh.sidecar.name]
+            return False
+
+        await wait_until(ejected, timeout=5)
+        flaky.failing = False
