@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from agentmesh.cli._common import console, settings_from, setup_logging
-from agentmesh.control.server import ControlInfo, run_control
 from agentmesh.settings import DEFAULT_CONTROL_PORT
+
+if TYPE_CHECKING:
+    from agentmesh.control.server import ControlInfo
 
 
 def register(app: typer.Typer) -> None:
@@ -38,6 +40,8 @@ def control(
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
 ) -> None:
     """Run the control plane; agents join it with AGENTMESH_CONTROL_URL."""
+    from agentmesh.control.server import run_control  # FastAPI: only this command needs it
+
     setup_logging(log_level)
     settings = settings_from(nats_url=nats_url, data_dir=data_dir)
 

@@ -8,7 +8,6 @@ import sys
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import httpx
 import typer
 from pydantic import TypeAdapter
 from rich.table import Table
@@ -32,6 +31,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _get(settings: Settings, path: str, params: dict[str, Any] | None = None) -> bytes:
+    import httpx  # a cold path: kept off the import of every other command (agent start-up)
+
     url = f"{settings.control_url.rstrip('/')}{path}"
     headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
     try:

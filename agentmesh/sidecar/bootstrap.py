@@ -1,12 +1,13 @@
 """Bootstrap: from one setting (the control plane URL) to everything a sidecar needs.
 
 An explicit ``AGENTMESH_NATS_URL`` skips the control plane entirely, so agents keep starting
-while the control plane is down.
+while the control plane is down. aiohttp (already loaded for the transport) rather than httpx
+keeps ~80 ms of imports off every agent's start-up.
 """
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 from pydantic import ValidationError
 
 from agentmesh._version import __version__
@@ -30,15 +31,19 @@ async def bootstrap(settings: Settings) -> Bootstrap:
     url = f"{settings.control_url.rstrip('/')}/v1/bootstrap"
     headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
     try:
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            resp = await client.get(url, headers=headers)
-            resp.raise_for_status()
-            return Bootstrap.model_validate_json(resp.content)
-    except httpx.HTTPError as exc:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as client,
+            client.get(url, headers=headers, raise_for_status=True) as resp,
+        ):
+            body = await resp.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        reason = str(exc) or type(exc).__name__
         raise RegistryUnavailable(
-            f"control plane at {settings.control_url}: {exc or type(exc).__name__}; start it with "
+            f"control plane at {settings.control_url}: {reason}; start it with "
             "`agentmesh control`, or set AGENTMESH_CONTROL_URL / AGENTMESH_NATS_URL"
         ) from exc
+    try:
+        return Bootstrap.model_validate_json(body)
     except ValidationError as exc:
         raise RegistryUnavailable(
             f"control plane at {settings.control_url} sent an unexpected bootstrap document"
