@@ -8,10 +8,12 @@ resynchronise instead of trusting whatever a consumer replays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
 
-import nats
 from nats.aio.client import Client as NATS
 
 from agentmesh.errors import RegistryUnavailable
@@ -46,8 +48,9 @@ class NatsConnection:
 
     async def connect(self, timeout: float = 5.0) -> None:
         async def disconnected() -> None:
+            was_connected = self.connected.is_set()
             self.connected.clear()
-            if not self._closing:
+            if was_connected and not self._closing:
                 _log.warning("lost NATS at %s; reconnecting", self.url)
 
         async def reconnected() -> None:
@@ -62,22 +65,38 @@ class NatsConnection:
         async def error(exc: Exception) -> None:
             _log.debug("NATS %s: %s", self.url, exc)
 
+        # nats-py annotates some of these as int, but takes seconds as floats.
+        options: dict[str, Any] = {
+            "name": self.name,
+            "connect_timeout": timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "ping_interval": 5,
+            "max_outstanding_pings": 2,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+        }
+        nc = NATS()
         try:
-            self._nc = await nats.connect(
-                self.url,
-                name=self.name,
-                connect_timeout=timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                ping_interval=5,
-                max_outstanding_pings=2,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-            )
+            await _reachable(self.url, timeout)
+            # nats-py retries even the first connection forever when reconnects are unlimited:
+            # bound it, so a wrong URL is an error, not a hang.
+            await asyncio.wait_for(nc.connect(self.url, **options), timeout)
         except Exception as exc:
-            raise RegistryUnavailable(f"NATS at {self.url}: cannot connect ({exc})") from exc
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if isinstance(exc, ConnectionRefusedError):
+                reason = "connection refused"
+            elif isinstance(exc, TimeoutError):
+                reason = f"no answer within {timeout:g}s"
+            else:
+                reason = str(exc) or type(exc).__name__
+            raise RegistryUnavailable(
+                f"NATS at {self.url}: cannot connect ({reason}); is nats-server running?"
+            ) from exc
+        self._nc = nc
         self.connected.set()
 
     async def close(self) -> None:
@@ -88,3 +107,13 @@ class NatsConnection:
             except Exception:
                 await self._nc.close()
         self._nc = None
+
+
+async def _reachable(url: str, timeout: float) -> None:
+    """Fail fast on a refused port: nats-py would otherwise retry until the timeout."""
+    parsed = urlsplit(url.split(",")[0])
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()

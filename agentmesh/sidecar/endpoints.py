@@ -19,12 +19,14 @@ from agentmesh.telemetry.metrics import BREAKER_STATE, BREAKER_TRANSITIONS
 
 __all__ = ["EWMA_DECAY", "LATENCY_FLOOR", "EndpointState", "Endpoints"]
 
-#: Latencies below this are noise for balancing: a local call's few hundred microseconds are the
-#: mesh and the kernel, not the replica. Without the floor, P2C would send all serial traffic to
-#: whichever replica happened to answer 0.1 ms faster; with it, equal replicas share the load
-#: (ties go by in-flight calls, then at random) and only a replica that is really slower is
-#: avoided. New replicas start at the floor, so they get traffic at once.
-LATENCY_FLOOR = 0.005
+#: Latencies below this are noise for balancing: a local call's few hundred microseconds and a
+#: busy host's scheduling hiccups say nothing about the replica. Without the floor, P2C would
+#: send all serial traffic to whichever replica happened to answer a little faster, and one
+#: hiccup would shun a replica for seconds; with it, equal replicas share the load (ties go by
+#: in-flight calls, then at random) and only a replica that is really slower is avoided. New
+#: replicas start at the floor, so they get traffic at once. Agent calls (tens of milliseconds
+#: to minutes) are well above it.
+LATENCY_FLOOR = 0.025
 _GAUGE: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
 #: Peak-EWMA time constant (Linkerd's default decay): a latency spike is remembered for a few
 #: seconds, then forgotten, so a replica that was slow once is tried again.
