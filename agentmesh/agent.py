@@ -199,7 +199,7 @@ class Agent:
         sock = bind(host, port)
         try:
             boot = await bootstrap(settings)
-            sidecar = Sidecar(boot, settings, name=self.instance_id)
+            sidecar = Sidecar(boot, settings, name=self.instance_id, caller=self.name)
             await sidecar.start()
         except BaseException:
             sock.close()
@@ -248,18 +248,21 @@ class Agent:
         app.draining = True
         assert self._lease is not None
         assert self.endpoint is not None
-        try:
-            await self._lease.update(self.record(self.endpoint, "draining"))
-        except Exception as exc:
-            _log.warning("could not mark %s draining: %s", self.instance_id, exc)
+        if self._lease.reachable:
+            try:
+                await asyncio.wait_for(
+                    self._lease.update(self.record(self.endpoint, "draining")), timeout=2.0
+                )
+            except Exception as exc:
+                _log.warning("could not mark %s draining: %s", self.instance_id, exc or "timeout")
         try:
             await asyncio.wait_for(app.idle.wait(), timeout=grace)
         except TimeoutError:
             _log.warning(
                 "%s: %d call(s) still running after %gs grace", self.name, app.in_flight, grace
             )
-        await self._lease.release()
-        _log.info("agent %s deregistered", self.instance_id)
+        if await self._lease.release():
+            _log.info("agent %s deregistered", self.instance_id)
 
 
 def _endpoint(host: str, port: int, advertise: str | None) -> str:

@@ -78,10 +78,13 @@ class MeshError(Exception):
         self.message = message
         self.errors = errors
         self.retry_after = retry_after
+        #: The trace this failure belongs to (set by the sidecar; in problem documents too).
+        self.trace_id: str | None = None
 
     def to_problem(self, instance: str | None = None) -> Problem:
         """The RFC 9457 document for this error."""
         return Problem(
+            trace_id=self.trace_id,
             type=f"https://agentmesh.dev/errors/{self.code}",
             title=self.title,
             status=self.status,
@@ -219,7 +222,9 @@ def error_from_problem(problem: Problem, *, where: str) -> MeshError:
     if cls is None:
         cls = _BY_STATUS.get(problem.status, RemoteAgentError)
     detail = problem.detail or problem.title
-    return cls(f"{where}: {detail}", errors=problem.errors, retry_after=problem.retry_after)
+    error = cls(f"{where}: {detail}", errors=problem.errors, retry_after=problem.retry_after)
+    error.trace_id = problem.trace_id
+    return error
 
 
 def error_for_status(status: int, message: str) -> MeshError:

@@ -183,6 +183,7 @@ class Problem(_Wire):
     instance: str | None = None
     errors: list[dict[str, Any]] | None = None
     retry_after: float | None = None
+    trace_id: str | None = None
 
 
 _JSON_SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}

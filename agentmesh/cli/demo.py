@@ -137,12 +137,15 @@ def demo(
         asyncio.run(_run(settings, examples, expected, processes, topic, keep, control_url))
         ok = True
     finally:
-        stopped = _stop_all(processes, nats)
-        if ok:
-            console.print(f"[green]✔[/] stopped {stopped} processes cleanly; nothing left running")
+        unclean = _stop_all(processes, nats)
+        if ok and not unclean:
+            count = len(processes) + 1
+            console.print(f"[green]✔[/] stopped {count} processes cleanly; nothing left running")
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             console.print(f"logs kept in {workdir}")
+    if unclean:
+        raise MeshUnavailable(f"the demo worked, but {', '.join(unclean)} did not stop cleanly")
 
 
 def _start_control(workdir: Path, env: dict[str, str], processes: list[_Process]) -> str:
@@ -263,10 +266,14 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-def _stop_all(processes: list[_Process], nats: NatsServer) -> int:
-    """Agents first (they drain and deregister), then the control plane, then NATS."""
+def _stop_all(processes: list[_Process], nats: NatsServer) -> list[str]:
+    """Agents first (they drain and deregister), then the control plane, then NATS.
+
+    Returns the labels of processes that had to be killed or exited with an error.
+    """
     agents = [p for p in processes if p.label.startswith("agent")]
     others = [p for p in processes if not p.label.startswith("agent")]
+    unclean: list[str] = []
     for group in (agents, others):
         for proc in group:
             proc.terminate()
@@ -274,5 +281,6 @@ def _stop_all(processes: list[_Process], nats: NatsServer) -> int:
         for proc in group:
             if not proc.wait(deadline):
                 console.print(f"[yellow]![/] {proc.label} did not stop cleanly; see {proc.log}")
+                unclean.append(proc.label)
     nats.stop()
-    return len(processes) + (1 if nats.pid is not None or not nats.running else 0)
+    return unclean

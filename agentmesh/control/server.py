@@ -89,7 +89,7 @@ async def _serve(
         heartbeat_interval=settings.heartbeat_interval,
         lease_ttl=settings.lease_ttl,
     )
-    sidecar = Sidecar(boot, settings, name="agentmesh-control")
+    sidecar = Sidecar(boot, settings, name="agentmesh-control", caller="control")
     await sidecar.start()
     health = HealthBook()
 

@@ -105,7 +105,8 @@ class NatsConnection:
             try:
                 await asyncio.wait_for(self._nc.drain(), timeout=2.0)
             except Exception:
-                await self._nc.close()
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
         self._nc = None
 
 

@@ -42,13 +42,22 @@ class Lease:
             self._revision = await self._store.create(self.record, self.ttl)
         self._task = asyncio.create_task(self._heartbeat(), name=f"lease:{self.record.instance_id}")
 
+    @property
+    def reachable(self) -> bool:
+        """Whether the registry can be written now (False while NATS is away)."""
+        return self._store.connected
+
     async def update(self, record: AgentRecord) -> None:
         """Publish a changed record (for example ``status="draining"``) at once."""
         self.record = record
         await self._write()
 
-    async def release(self) -> None:
-        """Stop renewing and delete the record, so watchers drop it immediately."""
+    async def release(self, timeout: float = 2.0) -> bool:
+        """Stop renewing and delete the record, so watchers drop it immediately.
+
+        Returns False if the registry could not be reached within ``timeout``: the record then
+        expires on its own within the lease TTL, so stopping never waits on NATS.
+        """
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -56,13 +65,25 @@ class Lease:
             self._task = None
         async with self._lock:
             if self._revision is None:
-                return
+                return True
+            revision, self._revision = self._revision, None
             try:
-                await self._store.delete(self.record.instance_id, self._revision)
+                if not self._store.connected:
+                    raise RegistryUnavailable("NATS is not connected")
+                await asyncio.wait_for(
+                    self._store.delete(self.record.instance_id, revision), timeout
+                )
             except RecordConflict:
                 _log.warning("record of %s changed before release", self.record.instance_id)
-            finally:
-                self._revision = None
+            except (RegistryUnavailable, TimeoutError) as exc:
+                _log.warning(
+                    "could not deregister %s (%s); its record expires within %ds",
+                    self.record.instance_id,
+                    exc or "timeout",
+                    self.ttl,
+                )
+                return False
+            return True
 
     async def _heartbeat(self) -> None:
         while True:

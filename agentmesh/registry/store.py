@@ -37,6 +37,11 @@ class RegistryStore:
         self._kv: KeyValue | None = None
 
     @property
+    def connected(self) -> bool:
+        """Whether NATS is reachable right now (writes would otherwise wait for a timeout)."""
+        return self._conn.connected.is_set()
+
+    @property
     def kv(self) -> KeyValue:
         if self._kv is None:
             raise RegistryUnavailable(f"registry bucket {self.bucket!r}: not opened")

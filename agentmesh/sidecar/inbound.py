@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agentmesh.capability import Capability
@@ -30,8 +32,11 @@ from agentmesh.errors import (
 )
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
+from agentmesh.sidecar.observe import CALLER_HEADER
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
+from agentmesh.telemetry.access import log_call
 from agentmesh.telemetry.metrics import INBOUND_IN_FLIGHT, INBOUND_LATENCY, INBOUND_REQUESTS
+from agentmesh.telemetry.tracing import TRACEPARENT, extract, trace_id_of, tracer
 
 __all__ = ["InboundApp"]
 
@@ -47,6 +52,8 @@ _JSON = b"application/json"
 _PROBLEM = b"application/problem+json"
 _DEADLINE = DEADLINE_HEADER.encode()
 _CHAIN = CHAIN_HEADER.encode()
+_CALLER = CALLER_HEADER.encode()
+_TRACEPARENT = TRACEPARENT.encode()
 #: Errors a capability body may raise that describe this very call: they keep their status.
 _PASS_THROUGH = (InvalidInput, DeadlineExceeded, LoopDetected, RemoteAgentError)
 
@@ -110,41 +117,70 @@ class InboundApp:
         cap = self.capabilities.get(name)
         label = name if cap is not None else "_unknown"
         status = 500
+        meta = _MeshHeaders(scope, name)
+        span = tracer().start_span(
+            f"execute_tool {name}",
+            context=extract({TRACEPARENT: meta.traceparent}) if meta.traceparent else None,
+            kind=SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": name,
+                "agentmesh.agent": self.agent,
+                "agentmesh.caller": meta.caller,
+            },
+        )
+        trace_id = trace_id_of(span)
         self.in_flight += 1
         self.idle.clear()
         self._in_flight_gauge.inc()
         try:
-            if cap is None:
-                raise CapabilityNotFound(f"agent {self.agent} has no capability {name!r}")
-            if self.draining or not self.ready:
-                state = "draining" if self.draining else "not ready"
-                raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
-            deadline, chain = _mesh_headers(scope, name)
-            body = await _read_body(scope, receive, self.max_body, self.agent)
-            arguments = cap.parse_input(body)
-            injected = _inject(cap, self._injectables)
-            serving_sidecar.set(self._sidecar)
-            current_chain.set(chain)
-            if deadline is not None:
-                current_deadline.set(deadline)
-            if cap.streaming:
-                status = await self._stream(cap, arguments, injected, deadline, send)
-            else:
-                result = await _run(cap, arguments, injected, deadline)
-                await _respond(send, 200, cap.dump_output(result))
-                status = 200
+            with trace.use_span(span, end_on_exit=False):
+                if cap is None:
+                    raise CapabilityNotFound(f"agent {self.agent} has no capability {name!r}")
+                if self.draining or not self.ready:
+                    state = "draining" if self.draining else "not ready"
+                    raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
+                deadline = meta.deadline()
+                body = await _read_body(scope, receive, self.max_body, self.agent)
+                arguments = cap.parse_input(body)
+                injected = _inject(cap, self._injectables)
+                serving_sidecar.set(self._sidecar)
+                current_chain.set(meta.chain)
+                if deadline is not None:
+                    current_deadline.set(deadline)
+                if cap.streaming:
+                    status = await self._stream(cap, arguments, injected, deadline, send, trace_id)
+                else:
+                    result = await _run(cap, arguments, injected, deadline)
+                    await _respond(send, 200, cap.dump_output(result))
+                    status = 200
         except _Disconnected:
             status = 499
         except MeshError as exc:
             status = exc.status
+            exc.trace_id = trace_id
+            span.set_status(Status(StatusCode.ERROR, exc.message))
+            span.set_attribute("error.type", exc.code)
             await _problem(send, exc)
         finally:
+            elapsed = time.perf_counter() - started
+            span.set_attribute("http.response.status_code", status)
+            span.end()
             self.in_flight -= 1
             self._in_flight_gauge.dec()
             if self.in_flight == 0:
                 self.idle.set()
-            INBOUND_REQUESTS.labels(self.agent, label, str(status)).inc()
-            INBOUND_LATENCY.labels(self.agent, label).observe(time.perf_counter() - started)
+            INBOUND_REQUESTS.labels(self.agent, meta.caller, label, str(status)).inc()
+            INBOUND_LATENCY.labels(self.agent, label).observe(elapsed)
+            log_call(
+                "inbound",
+                agent=self.agent,
+                caller=meta.caller,
+                capability=name,
+                status=status,
+                duration_ms=round(elapsed * 1000, 3),
+                trace_id=trace_id,
+            )
 
     async def _stream(
         self,
@@ -153,6 +189,7 @@ class InboundApp:
         injected: Mapping[str, Any] | None,
         deadline: float | None,
         send: Send,
+        trace_id: str | None,
     ) -> int:
         await send(
             {
@@ -172,6 +209,7 @@ class InboundApp:
             await send(_event(b"end", b"{}", more=False))
         except Exception as exc:
             error = _as_mesh_error(cap, exc, deadline)
+            error.trace_id = trace_id
             status = error.status
             await send(_event(b"error", error.to_problem().model_dump_json().encode(), more=False))
         return status
@@ -210,20 +248,35 @@ def _inject(
     return {param: available[kind] for param, kind in cap.injected.items()}
 
 
-def _mesh_headers(scope: Scope, capability: str) -> tuple[float | None, tuple[str, ...]]:
-    """The caller's remaining budget (as a loop-clock deadline) and the chain of hops so far."""
-    deadline: float | None = None
-    chain: tuple[str, ...] = (capability,)
-    for key, value in scope["headers"]:
-        if key == _DEADLINE:
-            try:
-                ms = int(value)
-            except ValueError:
-                raise InvalidInput(f"header {DEADLINE_HEADER} must be an integer") from None
-            deadline = asyncio.get_running_loop().time() + max(ms, 0) / 1000
-        elif key == _CHAIN:
-            chain = parse_chain(value.decode("latin-1"))
-    return deadline, chain
+class _MeshHeaders:
+    """The mesh's request headers, read in one pass over the header list."""
+
+    __slots__ = ("caller", "chain", "timeout_ms", "traceparent")
+
+    def __init__(self, scope: Scope, capability: str) -> None:
+        self.timeout_ms: bytes | None = None
+        self.chain: tuple[str, ...] = (capability,)
+        self.caller = "-"
+        self.traceparent: str | None = None
+        for key, value in scope["headers"]:
+            if key == _DEADLINE:
+                self.timeout_ms = value
+            elif key == _TRACEPARENT:
+                self.traceparent = value.decode("latin-1")
+            elif key == _CALLER:
+                self.caller = value.decode("latin-1")[:64]
+            elif key == _CHAIN:
+                self.chain = parse_chain(value.decode("latin-1"))
+
+    def deadline(self) -> float | None:
+        """The caller's remaining budget as a deadline on this event loop's clock."""
+        if self.timeout_ms is None:
+            return None
+        try:
+            ms = int(self.timeout_ms)
+        except ValueError:
+            raise InvalidInput(f"header {DEADLINE_HEADER} must be an integer") from None
+        return asyncio.get_running_loop().time() + max(ms, 0) / 1000
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> bytes:

@@ -23,7 +23,9 @@ _log = logging.getLogger("agentmesh.sidecar")
 
 
 class Sidecar:
-    def __init__(self, boot: Bootstrap, settings: Settings, *, name: str) -> None:
+    def __init__(
+        self, boot: Bootstrap, settings: Settings, *, name: str, caller: str = "client"
+    ) -> None:
         self.boot = boot
         self.conn = NatsConnection(boot.nats_url, name=name)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
@@ -32,7 +34,11 @@ class Sidecar:
         self.transport = HttpTransport()
         self.name = name
         self.outbound: OutboundStack = build_outbound(
-            self.index, self.transport, settings, on_breaker_change=self._publish_breaker
+            self.index,
+            self.transport,
+            settings,
+            caller=caller,
+            on_breaker_change=self._publish_breaker,
         )
 
     def _publish_breaker(self, instance_id: str, old: BreakerState, new: BreakerState) -> None:

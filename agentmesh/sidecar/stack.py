@@ -2,8 +2,8 @@
 
 Read ``build_outbound`` bottom-up: each line wraps everything built before it, so the last line
 is the outermost layer, the one a call enters first (as Starlette builds its middleware stack and
-linkerd2-proxy pushes its layers). DESIGN §3 is the target order; policy and trace slot in at
-the marked places without reshaping the others.
+linkerd2-proxy pushes its layers). DESIGN §3 is the target order; policy slots in at the
+marked place without reshaping the others.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from agentmesh.sidecar.call import Handler
 from agentmesh.sidecar.chain import ChainLayer
 from agentmesh.sidecar.deadline import DeadlineLayer
 from agentmesh.sidecar.endpoints import Endpoints
+from agentmesh.sidecar.observe import AttemptLayer, ObserveLayer
 from agentmesh.sidecar.resolve import ResolveLayer
 from agentmesh.sidecar.retry import RetryLayer, RetryPolicy
 
@@ -40,11 +41,14 @@ def build_outbound(
     transport: Handler,
     settings: Settings,
     *,
+    caller: str,
     on_breaker_change: Callable[[str, BreakerState, BreakerState], None] | None = None,
 ) -> OutboundStack:
     endpoints = Endpoints(index, on_breaker_change=on_breaker_change)
     # transport: the only layer that knows the wire (HTTP now, NATS by URL scheme later).
     handler: Handler = transport
+    # attempt: a span per attempt whose context travels as traceparent to the agent it reaches.
+    handler = AttemptLayer(handler)
     # breaker: per endpoint, below balance, so one bad replica is ejected alone.
     handler = BreakerLayer(handler, endpoints)
     # balance: per attempt, so each retry may land on another endpoint.
@@ -60,5 +64,6 @@ def build_outbound(
     handler = ResolveLayer(handler, index)
     # chain: refuse a too-deep chain before any work, and tell the next hop the chain.
     handler = ChainLayer(handler, max_hops=settings.max_hops)
-    # (trace goes here, outermost: one CLIENT span per logical call.)
+    # observe, outermost: one CLIENT span, metrics and an access-log line per logical call.
+    handler = ObserveLayer(handler, caller=caller)
     return OutboundStack(handler=handler, endpoints=endpoints, balance=balance, retry=retry)

@@ -14,14 +14,19 @@ __all__ = [
     "INBOUND_IN_FLIGHT",
     "INBOUND_LATENCY",
     "INBOUND_REQUESTS",
+    "LEASE_RENEWALS",
+    "OUTBOUND_IN_FLIGHT",
+    "OUTBOUND_LATENCY",
+    "OUTBOUND_REQUESTS",
     "OUTBOUND_RETRIES",
+    "REGISTRY_INSTANCES",
     "RETRY_BUDGET_EXHAUSTED",
 ]
 
 INBOUND_REQUESTS = Counter(
     "agentmesh_inbound_requests",
-    "Calls received by this agent, by capability and HTTP status.",
-    ["agent", "capability", "status"],
+    "Calls received by this agent, by caller, capability and HTTP status.",
+    ["agent", "caller", "capability", "status"],
 )
 INBOUND_LATENCY = Histogram(
     "agentmesh_inbound_latency_seconds",
@@ -33,6 +38,32 @@ INBOUND_IN_FLIGHT = Gauge(
     "agentmesh_inbound_in_flight",
     "Calls being served by this agent right now.",
     ["agent"],
+)
+OUTBOUND_REQUESTS = Counter(
+    "agentmesh_outbound_requests",
+    "Logical calls made by this sidecar, by caller, capability, callee agent and outcome "
+    "(ok, or the error code).",
+    ["caller", "capability", "callee", "status"],
+)
+OUTBOUND_LATENCY = Histogram(
+    "agentmesh_outbound_latency_seconds",
+    "Time of a logical call as the caller sees it, retries included.",
+    ["capability", "callee"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+OUTBOUND_IN_FLIGHT = Gauge(
+    "agentmesh_outbound_in_flight",
+    "Calls this sidecar is waiting on right now.",
+    ["caller"],
+)
+REGISTRY_INSTANCES = Gauge(
+    "agentmesh_registry_instances",
+    "Live agent instances in this sidecar's registry index.",
+)
+LEASE_RENEWALS = Counter(
+    "agentmesh_lease_renewals",
+    "Registry lease renewals of this agent's record.",
+    ["instance"],
 )
 OUTBOUND_RETRIES = Counter(
     "agentmesh_outbound_retries",

@@ -230,7 +230,7 @@ async def test_agent_serves_probes_metrics_and_card(start_agent, mesh: Mesh):
         assert (await client.get("/readyz")).status_code == 200
         metrics = (await client.get("/metrics")).text
         assert (
-            'agentmesh_inbound_requests_total{agent="summarizer",capability="summarize",status="200"}'
+            'agentmesh_inbound_requests_total{agent="summarizer",caller="client",capability="summarize",status="200"}'
             in metrics
         )
         card = (await client.get("/.well-known/agent-card.json")).json()

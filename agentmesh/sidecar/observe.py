@@ -1,0 +1,140 @@
+"""Observe: spans, metrics and access logs for outbound calls.
+
+Two layers. ``ObserveLayer`` is outermost: one CLIENT span per logical call (retries included),
+the caller-side golden metrics and one access-log line. ``AttemptLayer`` sits just above the
+transport: a span per attempt (only when the call is sampled: an unsampled call propagates its
+context without paying for more spans) whose context travels downstream as ``traceparent``, so
+the receiver's SERVER span is a child of the attempt that reached it. Attribute names follow the
+OpenTelemetry GenAI conventions where they fit (``gen_ai.operation.name``, ``gen_ai.tool.name``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from agentmesh.errors import MeshError
+from agentmesh.sidecar.call import Handler, OutboundCall, Reply
+from agentmesh.telemetry.access import log_call
+from agentmesh.telemetry.metrics import OUTBOUND_IN_FLIGHT, OUTBOUND_LATENCY, OUTBOUND_REQUESTS
+from agentmesh.telemetry.tracing import inject, trace_id_of, tracer
+
+__all__ = ["CALLER_HEADER", "AttemptLayer", "ObserveLayer"]
+
+#: The calling agent's name, as it claims it (authenticated once mTLS identities exist).
+CALLER_HEADER = "agentmesh-caller"
+
+
+class ObserveLayer:
+    def __init__(self, inner: Handler, *, caller: str) -> None:
+        self._inner = inner
+        self.caller = caller
+        self._in_flight = OUTBOUND_IN_FLIGHT.labels(caller)
+
+    async def __call__(self, call: OutboundCall) -> Reply:
+        started = time.perf_counter()
+        span = tracer().start_span(
+            f"execute_tool {call.capability}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": call.capability,
+                "agentmesh.caller": self.caller,
+            },
+        )
+        call.headers[CALLER_HEADER] = self.caller
+        self._in_flight.inc()
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                reply = await self._inner(call)
+        except BaseException as exc:
+            self._finish(call, span, started, exc)
+            raise
+        if reply.chunks is None:
+            self._finish(call, span, started, None)
+        else:
+            reply.chunks = self._finish_after(reply.chunks, call, span, started)
+        return reply
+
+    async def _finish_after(
+        self, chunks: AsyncIterator[bytes], call: OutboundCall, span: Span, started: float
+    ) -> AsyncIterator[bytes]:
+        error: BaseException | None = None
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(call, span, started, error)
+
+    def _finish(
+        self, call: OutboundCall, span: Span, started: float, error: BaseException | None
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        self._in_flight.dec()
+        target = call.target
+        callee = target.record.name if target is not None else "-"
+        status = "ok"
+        trace_id = trace_id_of(span)
+        if error is not None:
+            status = error.code if isinstance(error, MeshError) else type(error).__name__
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+            span.set_attribute("error.type", status)
+            if isinstance(error, MeshError):
+                error.trace_id = trace_id
+        span.set_attribute("agentmesh.attempts", call.attempt)
+        if target is not None:
+            span.set_attribute("agentmesh.callee", callee)
+            span.set_attribute("agentmesh.callee.instance", target.instance_id)
+            span.set_attribute("agentmesh.capability.version", target.spec.version)
+        span.end()
+        OUTBOUND_REQUESTS.labels(self.caller, call.capability, callee, status).inc()
+        OUTBOUND_LATENCY.labels(call.capability, callee).observe(elapsed)
+        log_call(
+            "outbound",
+            caller=self.caller,
+            capability=call.capability,
+            callee=callee,
+            instance=target.instance_id if target is not None else None,
+            status=status,
+            duration_ms=round(elapsed * 1000, 3),
+            attempts=call.attempt,
+            trace_id=trace_id,
+        )
+
+
+class AttemptLayer:
+    def __init__(self, inner: Handler) -> None:
+        self._inner = inner
+
+    async def __call__(self, call: OutboundCall) -> Reply:
+        parent = trace.get_current_span()
+        if not parent.is_recording():
+            inject(call.headers, parent)
+            return await self._inner(call)
+        target = call.target
+        assert target is not None, "the balance layer sets call.target"
+        span = tracer().start_span(
+            f"attempt {call.capability}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "agentmesh.attempt": call.attempt,
+                "agentmesh.callee.instance": target.instance_id,
+                "server.address": target.url,
+            },
+        )
+        inject(call.headers, span)
+        try:
+            return await self._inner(call)
+        except BaseException as exc:
+            code = exc.code if isinstance(exc, MeshError) else type(exc).__name__
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            span.set_attribute("error.type", code)
+            raise
+        finally:
+            span.end()

@@ -1,0 +1,108 @@
+"""Tracing: the library speaks the OpenTelemetry API; our runtime wires the SDK.
+
+Spans are created through the API tracer, so embedding applications that configure their own
+OpenTelemetry SDK get our spans in their traces, and applications that do not pay almost
+nothing. ``agentmesh run``/``control``/``demo`` call :func:`setup_tracing`, which installs the SDK
+with a ``BatchSpanProcessor`` (never the simple one: export must stay off the request path),
+honouring the standard variables:
+
+- ``OTEL_TRACES_EXPORTER``: ``otlp`` (OTLP over HTTP; ``pip install agentmesh[otlp]``),
+  ``console``, or ``none``. Unset: ``otlp`` if ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces
+  variant) is set, else ``none``.
+- ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``: as the SDK defines them. Unset:
+  ``parentbased_traceidratio`` at 10%, so tracing costs little by default and a caller's
+  sampling decision is kept across every hop.
+- ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``.
+
+Trace ids exist for every call (sampled or not), so access logs and error bodies always name one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = [
+    "TRACEPARENT",
+    "extract",
+    "inject",
+    "setup_tracing",
+    "trace_id_of",
+    "tracer",
+]
+
+_log = logging.getLogger("agentmesh.telemetry")
+TRACEPARENT = "traceparent"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_DEFAULT_RATIO = 0.1
+
+
+def tracer() -> Tracer:
+    """The agentmesh tracer of whatever provider is installed (a no-op one if none)."""
+    return trace.get_tracer("agentmesh")
+
+
+def inject(headers: dict[str, str], span: Span) -> None:
+    """Put ``span``'s context into outgoing headers (W3C ``traceparent``)."""
+    _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+
+
+def extract(headers: Mapping[str, str]) -> Context:
+    """The caller's trace context from incoming headers (empty context if none)."""
+    return _PROPAGATOR.extract(headers)
+
+
+def trace_id_of(span: Span) -> str | None:
+    ctx = span.get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def setup_tracing(service_name: str) -> None:
+    """Install the SDK tracer provider for this process (idempotent; first call wins)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.sampling import (
+        ParentBased,
+        Sampler,
+        TraceIdRatioBased,
+    )
+
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return
+    sampler: Sampler | None = None
+    if "OTEL_TRACES_SAMPLER" not in os.environ:
+        sampler = ParentBased(TraceIdRatioBased(_DEFAULT_RATIO))
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER")
+    if exporter_name is None:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        exporter_name = "otlp" if endpoint else "none"
+    for name in (n.strip() for n in exporter_name.split(",")):
+        if name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif name == "otlp":
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+            except ImportError:
+                _log.warning(
+                    "OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter: "
+                    "pip install 'agentmesh[otlp]'; traces are not exported"
+                )
+                continue
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        elif name not in ("none", ""):
+            _log.warning("unknown OTEL_TRACES_EXPORTER %r; traces are not exported", name)
+    trace.set_tracer_provider(provider)
