@@ -30,6 +30,8 @@ from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.inbound import InboundApp
 from agentmesh.sidecar.sidecar import Sidecar
+from agentmesh.telemetry.access import setup_access_log
+from agentmesh.telemetry.tracing import setup_tracing
 
 __all__ = ["Agent"]
 
@@ -177,7 +179,13 @@ class Agent:
     def run(
         self, *, host: str = "127.0.0.1", port: int = 0, settings: Settings | None = None
     ) -> None:
-        """Serve until SIGTERM/SIGINT: the blocking entry point for scripts."""
+        """Serve until SIGTERM/SIGINT: the blocking entry point for scripts.
+
+        As the process's runtime, it also wires tracing (``OTEL_*``) and access logs.
+        """
+        settings = settings or Settings()
+        setup_tracing(self.name)
+        setup_access_log(settings.access_log)
         asyncio.run(self.serve(host=host, port=port, settings=settings))
 
     async def serve(

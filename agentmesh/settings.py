@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         "and fail over to others. Agents also publish it as their `zone` label.",
     )
     max_hops: int = Field(default=16, ge=1, description="Deepest call chain allowed (loop guard).")
+    access_log: bool = Field(
+        default=True,
+        description="One JSON line per inbound and outbound call on stderr (agentmesh run).",
+    )
     advertise_host: str | None = Field(
         default=None,
         description="Host written into the agent's endpoint URL when it binds 0.0.0.0.",

@@ -9,6 +9,7 @@ import typer
 
 from agentmesh.cli._common import console, settings_from, setup_logging
 from agentmesh.settings import DEFAULT_CONTROL_PORT
+from agentmesh.telemetry.tracing import setup_tracing
 
 if TYPE_CHECKING:
     from agentmesh.control.server import ControlInfo
@@ -44,6 +45,7 @@ def control(
 
     setup_logging(log_level)
     settings = settings_from(nats_url=nats_url, data_dir=data_dir)
+    setup_tracing("agentmesh-control")
 
     def ready(info: ControlInfo) -> None:
         nats_note = f"embedded, data in {info.embedded_nats}" if info.embedded_nats else "external"

@@ -15,6 +15,8 @@ from agentmesh.agent import Agent
 from agentmesh.capability import is_capability
 from agentmesh.cli._common import console, parse_labels, settings_from, setup_logging
 from agentmesh.errors import ConfigurationError
+from agentmesh.telemetry.access import setup_access_log
+from agentmesh.telemetry.tracing import setup_tracing
 
 
 def register(app: typer.Typer) -> None:
@@ -73,6 +75,8 @@ def run(
     settings = settings_from(control_url=control_url, nats_url=nats_url)
     agent = load_agent(path, name)
     agent.labels.update(parse_labels(label))
+    setup_tracing(agent.name)
+    setup_access_log(settings.access_log)
 
     def ready(a: Agent) -> None:
         caps = ", ".join(a.capabilities)

@@ -1,0 +1,144 @@
+"""Traces, metrics and error bodies of calls through in-process agents on real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import SpanKind
+from prometheus_client import REGISTRY
+
+from agentmesh import Mesh, RemoteAgentError, capability
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="session")
+def _provider() -> TracerProvider:
+    """One SDK provider per test process (OpenTelemetry allows setting it once)."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        current.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        return current
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+@pytest.fixture
+def spans(_provider: TracerProvider) -> Iterator[InMemorySpanExporter]:
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+@capability
+async def c_step() -> str:
+    return "c"
+
+
+@capability
+async def b_step(mesh: Mesh) -> str:
+    return await mesh.call("c_step") + "b"
+
+
+@capability
+async def a_step(mesh: Mesh) -> str:
+    return await mesh.call("b_step") + "a"
+
+
+@capability
+async def boom() -> int:
+    raise RuntimeError("kaput")
+
+
+def by_name(spans: list[ReadableSpan], name: str, kind: SpanKind) -> ReadableSpan:
+    found = [s for s in spans if s.name == name and s.kind == kind]
+    assert len(found) == 1, [(s.name, s.kind) for s in spans]
+    return found[0]
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+async def test_a_chain_of_three_agents_is_one_trace(start_agent, mesh: Mesh, spans, wait_until):
+    await start_agent([c_step], name="agent-c")
+    await start_agent([b_step], name="agent-b")
+    await start_agent([a_step], name="agent-a")
+    spans.clear()
+    assert await mesh.call("a_step") == "cba"
+    await wait_until(lambda: len(spans.get_finished_spans()) >= 9)
+    finished = list(spans.get_finished_spans())
+    assert len({s.context.trace_id for s in finished}) == 1
+
+    parent = None
+    for hop in ("a_step", "b_step", "c_step"):
+        client = by_name(finished, f"execute_tool {hop}", SpanKind.CLIENT)
+        attempt = by_name(finished, f"attempt {hop}", SpanKind.CLIENT)
+        server = by_name(finished, f"execute_tool {hop}", SpanKind.SERVER)
+        assert parent_of(client) == parent
+        assert parent_of(attempt) == client.context.span_id
+        assert parent_of(server) == attempt.context.span_id
+        assert client.attributes["gen_ai.tool.name"] == hop
+        assert client.attributes["agentmesh.attempts"] == 1
+        assert server.attributes["agentmesh.agent"] == f"agent-{hop[0]}"
+        parent = server.context.span_id
+
+
+async def test_error_bodies_and_errors_carry_the_trace_id(start_agent, mesh: Mesh, spans):
+    agent = await start_agent([boom], name="broken")
+    with pytest.raises(RemoteAgentError) as err:
+        await mesh.call("boom")
+    client = by_name(list(spans.get_finished_spans()), "execute_tool boom", SpanKind.CLIENT)
+    assert err.value.trace_id == format(client.context.trace_id, "032x")
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(f"{agent.endpoint}/v1/invoke/boom", content=b"{}")
+    assert resp.status_code == 500
+    assert len(resp.json()["trace_id"]) == 32
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_count_exactly_the_calls_made(start_agent, mesh: Mesh):
+    agent = await start_agent([c_step], name="counted")
+    out = {"caller": "client", "capability": "c_step", "callee": "counted", "status": "ok"}
+    inb = {"agent": "counted", "caller": "client", "capability": "c_step", "status": "200"}
+    before_out = sample("agentmesh_outbound_requests_total", out)
+    before_in = sample("agentmesh_inbound_requests_total", inb)
+    for _ in range(7):
+        await mesh.call("c_step")
+    assert sample("agentmesh_outbound_requests_total", out) - before_out == 7
+    assert sample("agentmesh_inbound_requests_total", inb) - before_in == 7
+
+    async with httpx.AsyncClient() as http:
+        exposition = (await http.get(f"{agent.endpoint}/metrics")).text
+    assert "agentmesh_outbound_latency_seconds_bucket" in exposition
+    assert "agentmesh_breaker_state" in exposition or "agentmesh_breaker_transitions" in exposition
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing in CI: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus); CI runs this check")
+    check = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
