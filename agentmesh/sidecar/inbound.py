@@ -27,6 +27,7 @@ from agentmesh.errors import (
     LoopDetected,
     MeshError,
     PayloadTooLarge,
+    RateLimited,
     RemoteAgentError,
     RouteNotFound,
 )
@@ -55,7 +56,16 @@ _CHAIN = CHAIN_HEADER.encode()
 _CALLER = CALLER_HEADER.encode()
 _TRACEPARENT = TRACEPARENT.encode()
 #: Errors a capability body may raise that describe this very call: they keep their status.
-_PASS_THROUGH = (InvalidInput, DeadlineExceeded, LoopDetected, RemoteAgentError)
+#: ``AgentUnavailable`` and ``RateLimited`` let a capability refuse work it has not started
+#: (no capacity, an upstream quota), which callers may then retry elsewhere.
+_PASS_THROUGH = (
+    InvalidInput,
+    DeadlineExceeded,
+    LoopDetected,
+    RemoteAgentError,
+    AgentUnavailable,
+    RateLimited,
+)
 
 
 class _Disconnected(Exception):
