@@ -15,12 +15,11 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from agentmesh._serving import HttpServer, bind, signals
-from agentmesh._version import __version__
 from agentmesh.control.app import create_app
 from agentmesh.control.health import HealthBook
-from agentmesh.models import Bootstrap
 from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
+from agentmesh.sidecar.bootstrap import local_bootstrap
 from agentmesh.sidecar.sidecar import Sidecar, breaker_subject
 
 __all__ = ["ControlInfo", "run_control"]
@@ -81,14 +80,7 @@ async def _serve(
     info: ControlInfo,
     on_ready: Callable[[ControlInfo], None] | None,
 ) -> None:
-    boot = Bootstrap(
-        nats_url=info.nats_url,
-        registry_bucket=settings.registry_bucket,
-        control_url=info.control_url,
-        version=__version__,
-        heartbeat_interval=settings.heartbeat_interval,
-        lease_ttl=settings.lease_ttl,
-    )
+    boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
     sidecar = Sidecar(boot, settings, name="agentmesh-control", caller="control")
     await sidecar.start()
     health = HealthBook()

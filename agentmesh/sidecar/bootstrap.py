@@ -15,18 +15,25 @@ from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import Bootstrap
 from agentmesh.settings import Settings
 
-__all__ = ["bootstrap"]
+__all__ = ["bootstrap", "local_bootstrap"]
+
+
+def local_bootstrap(settings: Settings, *, nats_url: str, control_url: str) -> Bootstrap:
+    """The bootstrap document these settings describe (what the control plane serves)."""
+    return Bootstrap(
+        nats_url=nats_url,
+        registry_bucket=settings.registry_bucket,
+        control_url=control_url,
+        version=__version__,
+        heartbeat_interval=settings.heartbeat_interval,
+        lease_ttl=settings.lease_ttl,
+    )
 
 
 async def bootstrap(settings: Settings) -> Bootstrap:
     if settings.nats_url:
-        return Bootstrap(
-            nats_url=settings.nats_url,
-            registry_bucket=settings.registry_bucket,
-            control_url=settings.control_url,
-            version=__version__,
-            heartbeat_interval=settings.heartbeat_interval,
-            lease_ttl=settings.lease_ttl,
+        return local_bootstrap(
+            settings, nats_url=settings.nats_url, control_url=settings.control_url
         )
     url = f"{settings.control_url.rstrip('/')}/v1/bootstrap"
     headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
