@@ -23,6 +23,7 @@ from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.store import RegistryStore
+from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
 
 __all__ = ["LocalIndex", "Target", "parse_specifier"]
 
@@ -182,6 +183,7 @@ class LocalIndex:
             for name, ts in by_capability.items()
         }
         self.revision += 1
+        REGISTRY_INSTANCES.set(len(self._records))
         for listener in self._listeners:
             listener()
 

@@ -15,6 +15,7 @@ import logging
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord
 from agentmesh.registry.store import RecordConflict, RegistryStore
+from agentmesh.telemetry.metrics import LEASE_RENEWALS
 
 __all__ = ["Lease"]
 
@@ -104,6 +105,7 @@ class Lease:
             except RecordConflict:
                 self._revision = await self._recover()
             self.renewals += 1
+            LEASE_RENEWALS.labels(self.record.instance_id).inc()
 
     async def _recover(self) -> int:
         """The revision moved: recreate our record if it is gone, else someone else owns it."""
