@@ -9,11 +9,13 @@ from agentmesh.agent import Agent
 from agentmesh.capability import Capability, capability
 from agentmesh.errors import (
     AgentUnavailable,
+    AuthenticationFailed,
     CapabilityNotFound,
     ConfigurationError,
     ConnectionFailed,
     ConnectionLost,
     DeadlineExceeded,
+    IdentityMismatch,
     InvalidInput,
     InvalidOutput,
     LoopDetected,
@@ -27,15 +29,26 @@ from agentmesh.errors import (
     RegistryUnavailable,
     RemoteAgentError,
     RouteNotFound,
+    UntrustedPeer,
 )
 from agentmesh.mesh import CallResult, Mesh, connect
-from agentmesh.models import AgentRecord, Bootstrap, CapabilityOffer, CapabilitySpec, Problem
+from agentmesh.models import (
+    AccessPolicy,
+    AgentRecord,
+    Bootstrap,
+    CapabilityOffer,
+    CapabilitySpec,
+    Problem,
+    TrafficPolicy,
+)
 from agentmesh.settings import Settings
 
 __all__ = [
+    "AccessPolicy",
     "Agent",
     "AgentRecord",
     "AgentUnavailable",
+    "AuthenticationFailed",
     "Bootstrap",
     "CallResult",
     "Capability",
@@ -46,6 +59,7 @@ __all__ = [
     "ConnectionFailed",
     "ConnectionLost",
     "DeadlineExceeded",
+    "IdentityMismatch",
     "InvalidInput",
     "InvalidOutput",
     "LoopDetected",
@@ -62,6 +76,8 @@ __all__ = [
     "RemoteAgentError",
     "RouteNotFound",
     "Settings",
+    "TrafficPolicy",
+    "UntrustedPeer",
     "__version__",
     "capability",
     "connect",

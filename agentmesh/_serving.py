@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from agentmesh.errors import ConfigurationError
+from agentmesh.security.inbound import ServerTLS, protocol_for
 
 __all__ = ["HttpServer", "bind", "signals"]
 
@@ -50,16 +51,32 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """One uvicorn server on a socket we bound, started and stopped as a task."""
 
-    def __init__(self, app: Any, sock: socket.socket, *, graceful: float = 5.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        sock: socket.socket,
+        *,
+        graceful: float = 5.0,
+        tls: ServerTLS | None = None,
+        owner: str = "agent",
+    ) -> None:
+        """``tls``: serve mutual TLS with the identity's current context (see
+        ``agentmesh.security.inbound``); ``owner`` names the server in its log lines."""
         self.sock = sock
         self.port: int = sock.getsockname()[1]
+        self.tls = tls is not None and tls.mode != "off"
+        http: Any = protocol_for(tls, owner) if tls is not None and self.tls else "auto"
         self._server = _Server(
             uvicorn.Config(
                 app,
+                http=http,
                 lifespan="off",
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=max(1, round(graceful)),
+                # Longer than the sidecar client's 30 s keep-alive: the client must be the one
+                # to close idle connections, or a call can race the server's close and fail.
+                timeout_keep_alive=75,
                 server_header=False,
                 date_header=False,
             )

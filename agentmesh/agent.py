@@ -16,6 +16,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from agentmesh.errors import ConfigurationError, RegistrationError
 from agentmesh.mesh import Mesh
 from agentmesh.models import AgentRecord, AgentStatus
 from agentmesh.registry.lease import Lease
+from agentmesh.security.inbound import caller_identity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.inbound import InboundApp
@@ -59,6 +61,8 @@ class Agent:
         for cap in capabilities:
             self.add(cap)
         self.instance_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        self.identity: str | None = None
+        self.started_at = datetime.now(UTC)
         self._check_record("http://127.0.0.1:1")
         self.endpoint: str | None = None
         self.mesh: Mesh | None = None
@@ -100,6 +104,8 @@ class Agent:
                     "capabilities": [c.spec for c in self.capabilities.values()],
                     "labels": self.labels,
                     "status": status,
+                    "identity": self.identity,
+                    "started_at": self.started_at,
                 }
             )
         except ValidationError as exc:
@@ -201,6 +207,7 @@ class Agent:
         settings = settings or Settings()
         if not self.capabilities:
             raise ConfigurationError(f"agent {self.name}: no capabilities to serve")
+        self.started_at = datetime.now(UTC)
         self._stop = asyncio.Event()
         if settings.zone and "zone" not in self.labels:
             self.labels["zone"] = settings.zone
@@ -220,11 +227,20 @@ class Agent:
             card=self.agent_card,
             sidecar=sidecar,
             injectables=lambda: {Mesh: self.mesh},
+            stats=sidecar.stats,
+            identify=caller_identity,
         )
-        server = HttpServer(app, sock, graceful=max(settings.drain_grace, 1.0))
+        workload = sidecar.identity
+        #: The SPIFFE ID this agent proves with its certificate (None with mTLS off).
+        self.identity = str(workload.id) if workload.enabled and workload.id else None
+        server = HttpServer(
+            app, sock, graceful=max(settings.drain_grace, 1.0), tls=workload, owner=self.name
+        )
         try:
             await server.start()
-            self.endpoint = _endpoint(host, server.port, settings.advertise_host)
+            self.endpoint = _endpoint(
+                host, server.port, settings.advertise_host, "https" if server.tls else "http"
+            )
             self._lease = Lease(
                 sidecar.store,
                 self.record(self.endpoint),
@@ -273,7 +289,7 @@ class Agent:
             _log.info("agent %s deregistered", self.instance_id)
 
 
-def _endpoint(host: str, port: int, advertise: str | None) -> str:
+def _endpoint(host: str, port: int, advertise: str | None, scheme: str = "http") -> str:
     if advertise:
         name = advertise
     elif host in ("0.0.0.0", "::", ""):
@@ -282,4 +298,4 @@ def _endpoint(host: str, port: int, advertise: str | None) -> str:
         name = host
     if ":" in name and not name.startswith("["):
         name = f"[{name}]"
-    return f"http://{name}:{port}"
+    return f"{scheme}://{name}:{port}"

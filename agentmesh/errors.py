@@ -13,6 +13,7 @@ into the same class on the calling side.
     ├── RegistrationError             invalid_registration 400 a record the registry refuses
     ├── CapabilityNotFound            capability_not_found 404 nobody offers it
     ├── RouteNotFound                 not_found         404   no such HTTP path on an agent
+    ├── AuthenticationFailed          unauthenticated   401   no or bad credentials (mTLS, tokens)
     ├── PolicyDenied                  policy_denied     403   never retried
     ├── InvalidInput                  invalid_input     422   the function never ran
     ├── PayloadTooLarge               payload_too_large 413
@@ -23,6 +24,8 @@ into the same class on the calling side.
     └── MeshUnavailable               unavailable       503   the retryable family
         ├── NoHealthyEndpoints        no_healthy_endpoints 503
         ├── ConnectionFailed          connection_failed 503   never reached the agent
+        │   └── UntrustedPeer         untrusted_peer    503   we refused the peer's TLS identity
+        │       └── IdentityMismatch  identity_mismatch 503   it is not the agent the registry names
         ├── ConnectionLost            connection_lost   503   sent, then lost: it may have run
         ├── AgentUnavailable          agent_unavailable 503   reached, but it refused (draining)
         ├── RateLimited               rate_limited      429   refused before running (Retry-After)
@@ -37,11 +40,13 @@ from agentmesh.models import Problem
 
 __all__ = [
     "AgentUnavailable",
+    "AuthenticationFailed",
     "CapabilityNotFound",
     "ConfigurationError",
     "ConnectionFailed",
     "ConnectionLost",
     "DeadlineExceeded",
+    "IdentityMismatch",
     "InvalidInput",
     "InvalidOutput",
     "LoopDetected",
@@ -55,6 +60,7 @@ __all__ = [
     "RegistryUnavailable",
     "RemoteAgentError",
     "RouteNotFound",
+    "UntrustedPeer",
     "error_for_status",
     "error_from_problem",
 ]
@@ -119,6 +125,15 @@ class RouteNotFound(MeshError):
     title = "Not found"
 
 
+class AuthenticationFailed(MeshError):
+    """Missing, invalid, expired or revoked credentials: an admin token, a join token, or the
+    caller's certificate (a strict agent refusing a caller without a mesh identity)."""
+
+    code = "unauthenticated"
+    status = 401
+    title = "Authentication failed"
+
+
 class PolicyDenied(MeshError):
     code = "policy_denied"
     status = 403
@@ -174,6 +189,26 @@ class NoHealthyEndpoints(MeshUnavailable):
 class ConnectionFailed(MeshUnavailable):
     code = "connection_failed"
     title = "Connection failed"
+
+
+class UntrustedPeer(ConnectionFailed):
+    """This sidecar refused to talk to the endpoint: its TLS identity is not acceptable
+    (revoked, not a mesh identity, or a plaintext endpoint while mTLS is strict).
+
+    Nothing was sent, so it is a ``ConnectionFailed``: the call may go to another instance, and
+    the breaker ejects the untrusted one.
+    """
+
+    code = "untrusted_peer"
+    title = "Untrusted peer"
+
+
+class IdentityMismatch(UntrustedPeer):
+    """The endpoint proved an identity other than the agent its registry record names: a
+    record pointing at another agent's address (or an impostor). Names both identities."""
+
+    code = "identity_mismatch"
+    title = "Identity mismatch"
 
 
 class ConnectionLost(MeshUnavailable):

@@ -163,6 +163,7 @@ class Mesh:
         retries: int | None,
         idempotency_key: str | None,
     ) -> OutboundCall:
+        explicit = timeout is not None
         if timeout is None:
             targets = self._index.targets(capability)
             spec_timeout = targets[0].spec.timeout if targets else None
@@ -180,6 +181,7 @@ class Mesh:
             tags=tags,
             labels=labels,
             retries=retries,
+            timeout_explicit=explicit,
         )
         if idempotency_key is not None:
             call.headers["idempotency-key"] = idempotency_key

@@ -74,14 +74,88 @@ class Settings(BaseSettings):
         "and fail over to others. Agents also publish it as their `zone` label.",
     )
     max_hops: int = Field(default=16, ge=1, description="Deepest call chain allowed (loop guard).")
+    profile: Literal["dev", "production"] = Field(
+        default="dev",
+        description="dev: calls no AccessPolicy covers are allowed; production: zero trust, "
+        "they are denied (see default_access and docs/policies.md).",
+    )
+    default_access: Literal["allow", "deny"] | None = Field(
+        default=None,
+        description="What happens to a call no AccessPolicy rule covers; unset: allow in the dev "
+        "profile, deny in production.",
+    )
     access_log: bool = Field(
         default=True,
         description="One JSON line per inbound and outbound call on stderr (agentmesh run).",
+    )
+    stats_interval: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between the sidecar's call-stats reports to the control plane.",
+    )
+    tap_payloads: bool = Field(
+        default=False,
+        description="Let `agentmesh tap --payloads` see this agent's request and response bodies.",
     )
     advertise_host: str | None = Field(
         default=None,
         description="Host written into the agent's endpoint URL when it binds 0.0.0.0.",
     )
+    mtls: Literal["strict", "permissive", "off"] = Field(
+        default="strict",
+        description="Mutual TLS between sidecars. strict: agents serve https and accept calls "
+        "only from callers with a mesh certificate; callers refuse plaintext agents. permissive: "
+        "also plaintext and certificate-less callers, and plaintext agents (for migration). "
+        "off: plaintext everywhere, no identities (an explicit opt-out).",
+    )
+    trust_domain: str = Field(
+        default="agentmesh.local",
+        pattern=r"^[a-z0-9](?:[a-z0-9.-]{0,253}[a-z0-9])?$",
+        description="SPIFFE trust domain of identities the CA issues (control plane).",
+    )
+    cert_ttl: float = Field(
+        default=24 * 3600.0,
+        ge=1,
+        le=366 * 86400,
+        description="Lifetime in seconds of the certificates the CA issues; sidecars renew at "
+        "about half of it.",
+    )
+    join_token: str | None = Field(
+        default=None,
+        description="Join token (`agentmesh token create`) for enrolling with the control plane. "
+        "Unset: the token file of the control plane in AGENTMESH_DATA_DIR, if readable.",
+    )
+    ca_cert_file: Path | None = Field(
+        default=None,
+        description="Operator-supplied CA certificate (PEM: the signing CA, then its chain up "
+        "to the root). Unset: the control plane creates a root CA in the data dir. A process "
+        "given the CA files issues its own certificate instead of enrolling.",
+    )
+    ca_key_file: Path | None = Field(
+        default=None, description="Private key of AGENTMESH_CA_CERT_FILE (PEM, unencrypted)."
+    )
+    client_name: str | None = Field(
+        default=None,
+        description="Name in the client identity spiffe://<td>/client/<name> of connect() and "
+        "the CLI (default: the user name).",
+    )
+    public_read: bool = Field(
+        default=False,
+        description="Let the control plane's read endpoints answer without the admin token.",
+    )
+
+    @property
+    def access_default(self) -> Literal["allow", "deny"]:
+        """The default access action: ``default_access``, else what the profile implies."""
+        if self.default_access is not None:
+            return self.default_access
+        return "deny" if self.profile == "production" else "allow"
+
+    @model_validator(mode="after")
+    def _ca_files_come_in_pairs(self) -> Settings:
+        if (self.ca_cert_file is None) != (self.ca_key_file is None):
+            raise ValueError("set both ca_cert_file and ca_key_file, or neither")
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> Settings:

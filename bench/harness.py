@@ -55,6 +55,7 @@ __all__ = [
     "ClosedLoop",
     "OpenLoop",
     "ProcessTarget",
+    "RawRun",
     "RoundResult",
     "Scenario",
     "ServerProcess",
@@ -64,9 +65,11 @@ __all__ = [
     "Timing",
     "Workload",
     "WorkloadResult",
+    "closed_loop",
     "find_nats_server",
     "machine_info",
     "make_payload",
+    "open_loop",
     "percentile",
     "run_suite",
     "wait_until_ready",
@@ -113,6 +116,15 @@ def proc_cpu_seconds(pid: int) -> float:
         data = f.read()
     rest = data[data.rindex(b")") + 2 :].split()
     return (int(rest[11]) + int(rest[12])) / _CLK_TCK
+
+
+def proc_name(pid: int) -> str:
+    """The command name of ``pid`` (``/proc/<pid>/comm``), or ``pid <n>`` when unreadable."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return f"pid {pid}"
 
 
 def proc_peak_rss_kb(pid: int) -> int:
@@ -386,6 +398,14 @@ class Target(abc.ABC):
     async def stop(self) -> None:
         """Close the client and stop every process this target started."""
 
+    def offpath_pids(self) -> list[int]:
+        """Those of :meth:`server_pids` that serve no request (e.g. a registry's nats-server).
+
+        They stay in the server CPU and RSS columns (the cost of running the system), and
+        their share is also printed apart under the table. Default: none.
+        """
+        return []
+
     def details(self) -> dict[str, str]:
         """Facts worth printing with the results (server loop, HTTP parser, versions)."""
         return {}
@@ -587,6 +607,12 @@ class RoundResult:
     server_peak_rss_mb: float
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    offpath_cpu_s: float = 0.0
+    """CPU seconds of the target's off-path processes (included in ``server_cpu_s``)."""
+    offpath_rss_mb: float = 0.0
+    """Peak RSS of the target's off-path processes (included in ``server_peak_rss_mb``)."""
+    offpath: str = ""
+    """Names (``/proc/<pid>/comm``) of the target's off-path processes, comma-separated."""
     other_cpu_pct: float = math.nan
     """CPU taken by processes outside the benchmark, % of the machine (all CPUs)."""
     steal_pct: float = math.nan
@@ -661,7 +687,9 @@ def _summarize(target: str, rounds: list[RoundResult], primary: Metric) -> Targe
 
 
 @dataclass
-class _Raw:
+class RawRun:
+    """What one run of a loop measured, before any reduction."""
+
     latencies_ns: list[int]
     errors: int
     elapsed_s: float
@@ -669,14 +697,14 @@ class _Raw:
     first_error: str | None = None
 
 
-async def _closed_loop(
+async def closed_loop(
     call: Callable[[bytes], Awaitable[bytes]],
     payload: bytes,
     concurrency: int,
     duration_s: float | None,
     count: int | None,
     drain_s: float,
-) -> _Raw:
+) -> RawRun:
     """``concurrency`` workers call back to back until the time or the count is used up."""
     perf = time.perf_counter_ns
     latencies: list[int] = []
@@ -713,7 +741,7 @@ async def _closed_loop(
     if pending:  # each stuck worker had one call in flight: count it as failed
         errors += len(pending)
         first_error = first_error or f"{len(pending)} calls still in flight after drain"
-    return _Raw(latencies, errors, (perf() - start) / 1e9, first_error=first_error)
+    return RawRun(latencies, errors, (perf() - start) / 1e9, first_error=first_error)
 
 
 class _itimerspec(ctypes.Structure):
@@ -801,18 +829,22 @@ def _libc() -> Any:
     return ctypes.CDLL(None, use_errno=True)
 
 
-async def _open_loop(
-    call: Callable[[bytes], Awaitable[bytes]],
+async def open_loop(
+    call: Callable[[bytes], Awaitable[object]],
     payload: bytes,
     rate: float,
     duration_s: float,
     drain_s: float,
-) -> _Raw:
+    on_done: Callable[[int, int, object], None] | None = None,
+) -> RawRun:
     """Start a call at every slot of a fixed schedule; latency counts from the slot.
 
     A slow reply never delays the next send (no coordinated omission). The call's actual
     start minus its slot is the send lag: how late the client really was, which the
-    latency includes and the "missed" count reports.
+    latency includes and the "missed" count reports. ``on_done(slot_ns, end_ns, outcome)``,
+    if given, sees every call as it ends (``outcome`` is the call's result or the exception
+    it raised; times are ``time.perf_counter_ns``), for benchmarks that need per-call
+    records, such as ``bench/failover.py``.
     """
     loop = asyncio.get_running_loop()
     perf = time.perf_counter_ns
@@ -831,12 +863,17 @@ async def _open_loop(
         nonlocal errors, first_error
         lags.append(perf() - slot)
         try:
-            await call(payload)
+            result = await call(payload)
         except Exception as exc:
             errors += 1
             first_error = first_error or f"{type(exc).__name__}: {exc}"
+            if on_done is not None:
+                on_done(slot, perf(), exc)
             return
-        latencies.append(perf() - slot)
+        end = perf()
+        latencies.append(end - slot)
+        if on_done is not None:
+            on_done(slot, end, result)
 
     def fire(due: int) -> None:
         nonlocal fired
@@ -865,7 +902,7 @@ async def _open_loop(
         for task in list(inflight):
             task.cancel()
         await asyncio.gather(*inflight, return_exceptions=True)
-    return _Raw(latencies, errors, (perf() - first_slot) / 1e9, lags, first_error)
+    return RawRun(latencies, errors, (perf() - first_slot) / 1e9, lags, first_error)
 
 
 async def _measure(
@@ -878,14 +915,16 @@ async def _measure(
 ) -> RoundResult:
     """Run one round for one target, with CPU read right around it."""
     pids = target.server_pids()
+    offpath = target.offpath_pids()
     gc.collect()  # the previous target's garbage must not be collected on this one's time
     busy0, steal0 = machine_cpu_seconds()
+    off0 = _server_cpu(offpath)
     srv0 = _server_cpu(pids)
     cli0 = time.process_time()
     wall0 = time.perf_counter()
     if isinstance(workload, ClosedLoop):
         by_count = workload.count is not None and workload.duration_s is None
-        raw = await _closed_loop(
+        raw = await closed_loop(
             target.call,
             payload,
             workload.concurrency,
@@ -894,12 +933,13 @@ async def _measure(
             timing.drain_s,
         )
     else:
-        raw = await _open_loop(
+        raw = await open_loop(
             target.call, payload, workload.rate, workload.seconds(timing), timing.drain_s
         )
     wall = time.perf_counter() - wall0
     cli1 = time.process_time()
     srv1 = _server_cpu(pids)
+    off1 = _server_cpu(offpath)
     busy1, steal1 = machine_cpu_seconds()
     capacity = wall * (os.cpu_count() or 1)
     rss_mb = _server_rss_kb(pids) / 1024
@@ -921,6 +961,9 @@ async def _measure(
         server_peak_rss_mb=rss_mb,
         server_cpu_s=srv1 - srv0,
         client_cpu_s=cli1 - cli0,
+        offpath_cpu_s=off1 - off0,
+        offpath_rss_mb=_server_rss_kb(offpath) / 1024,
+        offpath=", ".join(proc_name(pid) for pid in offpath),
         other_cpu_pct=max(0.0, 100 * ((busy1 - busy0) - (srv1 - srv0) - (cli1 - cli0)) / capacity),
         steal_pct=100 * (steal1 - steal0) / capacity,
         first_error=raw.first_error,
@@ -1017,6 +1060,41 @@ def _nats_server_version() -> str:
     return out.stdout.strip().removeprefix("nats-server:").strip() or out.stderr.strip()
 
 
+def _git(directory: Path, *args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(directory), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def agentmesh_source() -> str:
+    """Which agentmesh is measured: version, directory, commit and uncommitted changes.
+
+    The mesh code changes under the benchmarks; a number means little without its commit.
+    """
+    try:
+        import agentmesh
+    except ImportError as exc:
+        return f"not importable ({exc})"
+    root = Path(agentmesh.__file__).resolve().parent.parent
+    text = f"{getattr(agentmesh, '__version__', '?')} from {root}"
+    commit = _git(root, "rev-parse", "--short", "HEAD")
+    if not commit:
+        return text + " (not a git checkout)"
+    dirty = _git(root, "status", "--porcelain", "--", "agentmesh").splitlines()
+    text += f", git {commit}"
+    if dirty:
+        text += f" + {len(dirty)} uncommitted change(s) in agentmesh/"
+    return text
+
+
 def machine_info() -> dict[str, Any]:
     """What a reader needs to judge the numbers: hardware, load, and software versions."""
     try:
@@ -1042,6 +1120,7 @@ def machine_info() -> dict[str, Any]:
             for dist in ("aiohttp", "httpx", "uvicorn", "fastapi", "pydantic", "nats-py")
         },
         "nats_server": _nats_server_version(),
+        "agentmesh": agentmesh_source(),
         "server_loop": "uvloop" if uvloop != "not installed" else "asyncio (uvloop not installed)",
         "server_http": (
             "httptools" if httptools != "not installed" else "h11 (httptools not installed)"
@@ -1092,6 +1171,7 @@ def render_header(
     grid.add_row("python", f"{info['python']}, client loop {info['client_loop']}")
     grid.add_row("packages", ", ".join(f"{k} {v}" for k, v in info["packages"].items()))
     grid.add_row("nats-server", str(info["nats_server"]))
+    grid.add_row("agentmesh", str(info["agentmesh"]))
     grid.add_row("servers", f"uvicorn loop {info['server_loop']}, http {info['server_http']}")
     grid.add_row(
         "method",
@@ -1162,6 +1242,15 @@ def render_workload(console: Console, result: WorkloadResult, baselines: Sequenc
         "RSS = peak (VmHWM) of server processes"
         + (" since warm-up" if result.rss_reset else " since process start")
     )
+    for name, s in result.summaries.items():
+        if s.calls and any(r.offpath_rss_mb for r in s.rounds):
+            off_cpu = 1000 * sum(r.offpath_cpu_s for r in s.rounds) / s.calls
+            off_rss = statistics.median(r.offpath_rss_mb for r in s.rounds)
+            notes.append(
+                f"{name}'s srv columns include processes off the request path"
+                f" ({s.rounds[0].offpath}): {off_cpu:.3f} s/1k CPU,"
+                f" {off_rss:.1f} MB RSS"
+            )
     others = [r.other_cpu_pct for s in result.summaries.values() for r in s.rounds]
     steals = [r.steal_pct for s in result.summaries.values() for r in s.rounds]
     others = [x for x in others if not math.isnan(x)]

@@ -39,6 +39,7 @@ from bench.harness import (
     planned_seconds,
     run_suite,
 )
+from bench.mesh_targets import MeshCall
 
 __all__ = ["OPEN_LOOP_RATE", "SCENARIOS", "TARGETS", "main"]
 
@@ -46,6 +47,7 @@ TARGETS: dict[str, TargetFactory] = {
     "B0": AiohttpRawAsgi,
     "B1": HttpxFastAPI,
     "B2": NatsRequestReply,
+    "M1": MeshCall,
 }
 """Every target, in table order. Add a mesh target with one line, e.g.
 ``TARGETS["M1"] = MeshCall`` (a :class:`bench.harness.Target` subclass)."""
@@ -94,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
         description="Benchmark agentmesh targets against the B0/B1/B2 baselines.",
+        epilog="Failover is measured apart, with its own processes and tables: "
+        "`python bench/failover.py [--quick] [--rate R] [--duration S]` kills one of two agents "
+        "under a constant-rate stream of mesh calls and reports failed calls, ejection and "
+        "lease-expiry times, retries and latency. It is no SCENARIO here because it is not a "
+        "comparison with baselines; its --quick takes < 20 s.",
     )
     p.add_argument(
         "scenarios",

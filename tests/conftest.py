@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ import pytest
 
 from agentmesh import Agent, Capability, Mesh, Settings, connect
 from agentmesh.nats_server import NatsServer
+from tests.mesh_ca import mesh_ca
+
+# mTLS is on in every test: any Settings() this process builds (fixtures of other suites too)
+# issues certificates from the process's test CA. Child processes get it from mesh_env().
+os.environ.update(mesh_ca().env())
 
 # --------------------------------------------------------------------------------------
 # NATS: one real nats-server per session (per xdist worker), a fresh KV bucket per test.
@@ -52,8 +58,15 @@ def bucket() -> str:
 
 @pytest.fixture
 def settings(nats_url: str, bucket: str, tmp_path: Path) -> Settings:
-    """Fast leases (renew every 0.25 s, expire after 1 s) so expiry tests stay short."""
+    """Fast leases (renew every 0.25 s, expire after 1 s) so expiry tests stay short.
+
+    mTLS is on (strict, the default): sidecars issue their certificates from the process's
+    test CA (``tests/mesh_ca.py``).
+    """
+    ca = mesh_ca()
     return Settings(
+        ca_cert_file=ca.cert_file,
+        ca_key_file=ca.key_file,
         nats_url=nats_url,
         registry_bucket=bucket,
         heartbeat_interval=0.25,

@@ -10,6 +10,7 @@ from typing import Any
 from agentmesh import AgentRecord, Mesh, capability
 from agentmesh._serving import HttpServer, bind
 from agentmesh.registry import Lease
+from tests.mesh_ca import mesh_ca
 
 
 @capability(idempotent=True)
@@ -40,12 +41,12 @@ class Flaky:
 async def flaky_endpoint(mesh: Mesh) -> AsyncIterator[tuple[Flaky, str]]:
     """A Flaky server registered in the mesh as an instance offering ``work``."""
     app = Flaky()
-    server = HttpServer(app, bind("127.0.0.1", 0))
+    server = HttpServer(app, bind("127.0.0.1", 0), tls=mesh_ca().server_tls("flaky"))
     await server.start()
     record = AgentRecord(
         instance_id="flaky-1",
         name="flaky",
-        endpoint=f"http://127.0.0.1:{server.port}",
+        endpoint=f"https://127.0.0.1:{server.port}",
         capabilities=(work.spec,),
     )
     lease = Lease(mesh.sidecar.store, record, interval=0.25, ttl=1)

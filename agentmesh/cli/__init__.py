@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from agentmesh.cli import control, demo, query, run
+from agentmesh.cli import control, demo, observe, policies, query, run, security
 from agentmesh.cli._common import err_console
 from agentmesh.errors import MeshError
 
@@ -25,6 +25,9 @@ control.register(app)
 run.register(app)
 query.register(app)
 demo.register(app)
+observe.register(app)
+policies.register(app)
+security.register(app)
 
 
 def main() -> None:

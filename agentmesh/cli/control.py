@@ -52,6 +52,14 @@ def control(
         console.print(f"[bold]agentmesh control plane[/] listening on {info.control_url}")
         console.print(f"  API docs    {info.control_url}/docs")
         console.print(f"  NATS        {info.nats_url} ({nats_note})")
+        if info.security:
+            sec = info.security
+            console.print(
+                f"  mTLS        {sec['mtls']}, trust domain {sec['trust_domain']}; local agents "
+                f"enrol with {sec['join_token_file']}",
+                highlight=False,
+            )
+            console.print(f"  admin token {sec['admin_token_file']}", highlight=False)
         console.print(
             f"  run agents  AGENTMESH_CONTROL_URL={info.control_url} agentmesh run my_agent.py"
         )

@@ -186,6 +186,9 @@ async def _run(
         _show_account(account)
         if keep:
             console.rule("[bold]the mesh keeps running")
+            token_file = settings.data_dir / "admin-token"
+            hint = f"  (sign in with the token in {token_file})" if token_file.exists() else ""
+            console.print(f"  dashboard  {control_url}/ui{hint}")
             console.print(f"  export AGENTMESH_CONTROL_URL={control_url}")
             console.print(
                 "  agentmesh agents    agentmesh find    "

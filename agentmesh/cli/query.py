@@ -33,8 +33,11 @@ def register(app: typer.Typer) -> None:
 def _get(settings: Settings, path: str, params: dict[str, Any] | None = None) -> bytes:
     import httpx  # a cold path: kept off the import of every other command (agent start-up)
 
+    from agentmesh.security.files import admin_token
+
     url = f"{settings.control_url.rstrip('/')}{path}"
-    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    token = admin_token(settings)  # AGENTMESH_TOKEN, else the control plane's data dir
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
         resp = httpx.get(url, params=params, headers=headers, timeout=10.0)
     except httpx.HTTPError as exc:

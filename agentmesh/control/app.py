@@ -6,13 +6,18 @@ It answers registry queries from its own watch-fed index, like any sidecar, so a
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from agentmesh._version import __version__
 from agentmesh.control.health import HealthBook
+from agentmesh.control.policies import policy_router
+from agentmesh.control.security import ControlSecurity, security_router
+from agentmesh.control.stats import StatsBook, stats_router
+from agentmesh.control.ui import dashboard_app
 from agentmesh.errors import InvalidInput, MeshError, RouteNotFound
 from agentmesh.models import AgentRecord, Bootstrap, CapabilityOffer, EndpointHealth, Problem
 from agentmesh.sidecar.sidecar import Sidecar
@@ -32,14 +37,30 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def create_app(sidecar: Sidecar, boot: Bootstrap, health: HealthBook) -> FastAPI:
+def create_app(
+    sidecar: Sidecar,
+    boot: Bootstrap,
+    health: HealthBook,
+    stats: StatsBook | None = None,
+    security: ControlSecurity | None = None,
+) -> FastAPI:
+    """The API; with ``security``, the identity routes and admin authentication on every route
+    but the few a joining workload or a probe needs (``agentmesh.control.security``)."""
     app = FastAPI(
         title="agentmesh control plane",
         version=__version__,
         description="Identities, policies and registry queries for an agentmesh service mesh.",
-        responses={400: _PROBLEM, 422: _PROBLEM, 503: _PROBLEM},
+        responses={400: _PROBLEM, 401: _PROBLEM, 422: _PROBLEM, 503: _PROBLEM},
+        dependencies=[Depends(security.auth)] if security is not None else [],
     )
+    if security is not None:
+        app.include_router(security_router(security.issuer))
     index = sidecar.index
+    stats = stats if stats is not None else StatsBook()
+    app.include_router(stats_router(stats))
+    auth = security.auth if security is not None else None
+    app.mount("/ui", dashboard_app(sidecar, health, stats=stats, api=app, auth=auth))
+    app.include_router(policy_router(sidecar))
 
     @app.exception_handler(MeshError)
     async def _mesh_error(request: Request, exc: MeshError) -> JSONResponse:
@@ -47,6 +68,7 @@ def create_app(sidecar: Sidecar, boot: Bootstrap, health: HealthBook) -> FastAPI
             exc.to_problem(instance=request.url.path).model_dump(exclude_none=True),
             status_code=exc.status,
             media_type="application/problem+json",
+            headers={"www-authenticate": 'Bearer realm="agentmesh"'} if exc.status == 401 else None,
         )
 
     @app.get("/healthz", tags=["health"])
@@ -57,6 +79,7 @@ def create_app(sidecar: Sidecar, boot: Bootstrap, health: HealthBook) -> FastAPI
             "version": __version__,
             "nats": sidecar.conn.connected.is_set(),
             "agents": len(index.records()),
+            "time": time.time(),
         }
 
     @app.get("/v1/bootstrap", tags=["mesh"])

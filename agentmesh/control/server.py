@@ -16,11 +16,18 @@ from nats.aio.msg import Msg
 
 from agentmesh._serving import HttpServer, bind, signals
 from agentmesh.control.app import create_app
+from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.health import HealthBook
+from agentmesh.control.issuer import Issuer
+from agentmesh.control.security import AdminAuth, ControlSecurity
+from agentmesh.control.stats import StatsBook
 from agentmesh.nats_server import NatsServer
+from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token
+from agentmesh.security.store import SecurityStore, security_bucket
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import local_bootstrap
 from agentmesh.sidecar.sidecar import Sidecar, breaker_subject
+from agentmesh.telemetry.stats import stats_subject
 
 __all__ = ["ControlInfo", "run_control"]
 
@@ -32,6 +39,8 @@ class ControlInfo:
         self.control_url = control_url
         self.nats_url = nats_url
         self.embedded_nats = embedded_nats
+        #: Where the admin token and the local join token are, the trust domain, the mTLS mode.
+        self.security: dict[str, str] = {}
 
     def to_json(self) -> str:
         return json.dumps(
@@ -39,6 +48,7 @@ class ControlInfo:
                 "control_url": self.control_url,
                 "nats_url": self.nats_url,
                 "embedded_nats": str(self.embedded_nats) if self.embedded_nats else None,
+                **self.security,
             }
         )
 
@@ -81,15 +91,25 @@ async def _serve(
     on_ready: Callable[[ControlInfo], None] | None,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
+    ca = CertificateAuthority.open(settings)
     sidecar = Sidecar(boot, settings, name="agentmesh-control", caller="control")
+    issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
+    sidecar.identity.use_issuer(issuer)
     await sidecar.start()
+    security, retiring = await _security(settings, issuer, info)
     health = HealthBook()
 
     async def on_breaker_event(msg: Msg) -> None:
         health.apply(msg.data)
 
     await sidecar.conn.client.subscribe(breaker_subject(boot.registry_bucket), cb=on_breaker_event)
-    server = HttpServer(create_app(sidecar, boot, health), sock)
+    stats = StatsBook()
+
+    async def on_stats_report(msg: Msg) -> None:
+        stats.apply(msg.data)
+
+    await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
+    server = HttpServer(create_app(sidecar, boot, health, stats, security), sock)
     stop = asyncio.Event()
     try:
         await server.start()
@@ -101,4 +121,25 @@ async def _serve(
             stopped.cancel()
     finally:
         await server.stop()
+        retiring.cancel()
         await sidecar.close()
+
+
+async def _security(
+    settings: Settings, issuer: Issuer, info: ControlInfo
+) -> tuple[ControlSecurity, asyncio.Task[None]]:
+    """Publish the trust bundle, write the local join token and the admin token (0600)."""
+    await issuer.store.open()
+    await issuer.publish_bundle()
+    join_file = await issuer.local_token(settings.data_dir)
+    token = ensure_admin_token(settings)
+    info.security = {
+        "trust_domain": issuer.trust_domain,
+        "mtls": settings.mtls,
+        "join_token_file": str(join_file),
+        "admin_token_file": "AGENTMESH_TOKEN"
+        if settings.token
+        else str(settings.data_dir / ADMIN_TOKEN_FILE),
+    }
+    retiring = asyncio.create_task(issuer.retire_loop(), name="ca-retire")
+    return ControlSecurity(issuer, AdminAuth(token, public_read=settings.public_read)), retiring

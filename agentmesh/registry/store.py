@@ -81,11 +81,29 @@ class RegistryStore:
         try:
             return int(await self.kv.create(record.instance_id, data, msg_ttl=ttl))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise RecordConflict(
-                f"agent instance {record.instance_id} is already registered by another process"
-            ) from exc
+            # The last message may be the server's marker for an expired record, which
+            # nats-py does not recognise as a deletion: then the key is free, take it over.
+            marker = await self._marker_revision(record.instance_id)
+            if marker is None:
+                raise RecordConflict(
+                    f"agent instance {record.instance_id} is already registered by another "
+                    "process"
+                ) from exc
+            return await self.renew(record, marker, ttl)
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"registering {record.instance_id}: {exc}") from exc
+
+    async def _marker_revision(self, instance_id: str) -> int | None:
+        """The revision of a deletion/expiry marker under ``instance_id``, if that is its last."""
+        try:
+            entry = await self.kv.get(instance_id)
+        except nats.js.errors.KeyDeletedError as exc:
+            return int(exc.entry.revision or 0)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (nats.errors.Error, OSError) as exc:
+            raise RegistryUnavailable(f"reading {instance_id}: {exc}") from exc
+        return None if entry.value else int(entry.revision or 0)
 
     async def renew(self, record: AgentRecord, revision: int, ttl: int) -> int:
         """Rewrite our record (renewing its lease) only if nobody else wrote since ``revision``."""
@@ -127,7 +145,9 @@ class RegistryStore:
             return None
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"reading {instance_id}: {exc}") from exc
-        return (entry.value or b""), int(entry.revision or 0)
+        if not entry.value:
+            return None  # the server's marker of an expired record: no record (never empty)
+        return entry.value, int(entry.revision or 0)
 
     async def watch(self) -> Any:
         """A watcher over every key: initial values, then ``None``, then live changes."""

@@ -60,9 +60,14 @@ class BalanceLayer:
                 f"{' or '.join(states)}"
             )
         get = self.endpoints.get
-        healthy = [t for t in serving if get(t.instance_id).breaker.available()]
+        # A TrafficPolicy may set this capability's breaker thresholds and strategy.
+        traffic = call.traffic
+        config = traffic.breaker if traffic is not None else None
+        strategy = (traffic.balance if traffic is not None else None) or self.strategy
+        breaker = self.endpoints.breaker
+        healthy = [t for t in serving if breaker(t.instance_id, config).available()]
         if not healthy:
-            ends = [get(t.instance_id).breaker.ejected_until for t in serving]
+            ends = [breaker(t.instance_id, config).ejected_until for t in serving]
             ends = [end for end in ends if end > 0]
             when = (
                 f"the next probe is in {max(min(ends) - self._clock(), 0):.1f}s"
@@ -83,10 +88,10 @@ class BalanceLayer:
             return healthy[0]
         if call.affinity_key is not None:
             return max(healthy, key=lambda t: _score(call.affinity_key or "", t.instance_id))
-        if self.strategy == "round_robin":
+        if strategy == "round_robin":
             turn = self._turns.setdefault(call.capability, itertools.count())
             return healthy[next(turn) % len(healthy)]
-        if self.strategy == "random":
+        if strategy == "random":
             return self._rng.choice(healthy)
         a, b = self._rng.sample(healthy, 2)
         now = self._clock()

@@ -375,7 +375,8 @@ class BreakerLayer:
     async def __call__(self, call: OutboundCall) -> Reply:
         target = call.target
         assert target is not None, "the balance layer sets call.target"
-        breaker = self._endpoints.get(target.instance_id).breaker
+        config = call.traffic.breaker if call.traffic is not None else None
+        breaker = self._endpoints.breaker(target.instance_id, config)
         if not breaker.try_acquire():
             raise ConnectionFailed(
                 f"agent {target.instance_id} at {target.url}: ejected by its circuit breaker"

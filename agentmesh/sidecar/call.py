@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from packaging.specifiers import SpecifierSet
 
 from agentmesh.registry.index import Target
+
+if TYPE_CHECKING:
+    from agentmesh.policy.traffic import TrafficRoute
 
 __all__ = ["Handler", "OutboundCall", "Reply"]
 
@@ -44,6 +48,11 @@ class OutboundCall:
     excluded: tuple[str, ...] = ()
     """Instances that already failed this call: a retry prefers others."""
     attempt: int = 1
+    timeout_explicit: bool = False
+    """The caller gave ``timeout=``: a TrafficPolicy's timeout does not replace it."""
+    traffic: TrafficRoute | None = None
+    """The capability's TrafficPolicy (set by the route layer): the overrides the deadline,
+    retry, balance and breaker layers read. None: the sidecar's defaults."""
 
 
 @dataclass(slots=True)

@@ -42,6 +42,8 @@ class EndpointState:
     failures: int = 0
     _rtt: float = 0.0
     _stamp: float = field(default_factory=time.monotonic)
+    overrides: dict[BreakerConfig, Breaker] = field(default_factory=dict)
+    """Breakers with a TrafficPolicy's thresholds, for the calls of capabilities that set them."""
 
     def rtt(self, now: float) -> float:
         """The peak-EWMA latency estimate, decayed toward zero while nothing is observed."""
@@ -88,14 +90,30 @@ class Endpoints:
             )
         return state
 
-    def _new_breaker(self, instance_id: str) -> Breaker:
+    def breaker(self, instance_id: str, config: BreakerConfig | None = None) -> Breaker:
+        """The endpoint's breaker; with ``config`` (a TrafficPolicy's), one with those settings.
+
+        An override breaker judges only the calls of the capabilities whose policy set it, so
+        stricter thresholds for one capability never eject an endpoint for the others.
+        """
+        state = self.get(instance_id)
+        if config is None or config == self._breaker:
+            return state.breaker
+        breaker = state.overrides.get(config)
+        if breaker is None:
+            if len(state.overrides) >= 16:  # old policies' settings: drop, never grow unbounded
+                state.overrides.clear()
+            breaker = state.overrides[config] = self._new_breaker(instance_id, config)
+        return breaker
+
+    def _new_breaker(self, instance_id: str, config: BreakerConfig | None = None) -> Breaker:
         def changed(old: BreakerState, new: BreakerState) -> None:
             BREAKER_STATE.labels(instance_id).set(_GAUGE[new])
             BREAKER_TRANSITIONS.labels(instance_id, new).inc()
             if self._on_breaker_change is not None:
                 self._on_breaker_change(instance_id, old, new)
 
-        return Breaker(self._breaker, clock=self._clock, on_change=changed)
+        return Breaker(config or self._breaker, clock=self._clock, on_change=changed)
 
     def may_eject(self, max_ratio: float) -> bool:
         """Whether one more ejection keeps the ejected share within ``max_ratio``.

@@ -9,18 +9,22 @@ as they land.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from packaging.version import Version
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agentmesh.capability import Capability
 from agentmesh.errors import (
     AgentUnavailable,
+    AuthenticationFailed,
     CapabilityNotFound,
     DeadlineExceeded,
     InvalidInput,
@@ -31,17 +35,22 @@ from agentmesh.errors import (
     RemoteAgentError,
     RouteNotFound,
 )
+from agentmesh.models import AGENT_NAME_PATTERN
+from agentmesh.policy.access import Subject, VerifiedIdentity
+from agentmesh.security.identity import Caller
+from agentmesh.security.inbound import caller_identity
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
-from agentmesh.sidecar.observe import CALLER_HEADER
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 from agentmesh.telemetry.access import log_call
 from agentmesh.telemetry.metrics import INBOUND_IN_FLIGHT, INBOUND_LATENCY, INBOUND_REQUESTS
+from agentmesh.telemetry.stats import StatsCollector
 from agentmesh.telemetry.tracing import TRACEPARENT, extract, trace_id_of, tracer
 
 __all__ = ["InboundApp"]
 
 _log = logging.getLogger("agentmesh.agent")
+_AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -53,7 +62,6 @@ _JSON = b"application/json"
 _PROBLEM = b"application/problem+json"
 _DEADLINE = DEADLINE_HEADER.encode()
 _CHAIN = CHAIN_HEADER.encode()
-_CALLER = CALLER_HEADER.encode()
 _TRACEPARENT = TRACEPARENT.encode()
 #: Errors a capability body may raise that describe this very call: they keep their status.
 #: ``AgentUnavailable`` and ``RateLimited`` let a capability refuse work it has not started
@@ -84,13 +92,33 @@ class InboundApp:
         card: Callable[[], bytes],
         injectables: Callable[[], Mapping[type, Any]],
         sidecar: Sidecar | None = None,
+        stats: StatsCollector | None = None,
+        identify: Callable[[Scope], VerifiedIdentity | None] | None = None,
     ) -> None:
         self.agent = agent
         self.capabilities = dict(capabilities)
+        #: Authorization (docs/policies.md): the caller's verified identity (``identify``, from
+        #: the mTLS session); with mTLS off, the name it claims in ``agentmesh-caller``.
+        self._identify = identify
+        self._policies = sidecar.policies if sidecar is not None else None
+        self._claims_count = sidecar is None or not sidecar.identity.enabled
+        self._subjects = {
+            n: Subject(n, Version(c.spec.version), c.spec.tags) for n, c in capabilities.items()
+        }
+        self._stats = _no_stats if stats is None else stats.inbound_recorder(agent, capabilities)
         self.max_body = max_body
         self._card = card
         self._injectables = injectables
         self._sidecar = sidecar
+        #: mTLS (docs/security.md): callers are who their certificate says, checked per request
+        #: against the revocation list; in strict mode a caller without one may not invoke.
+        self._identity = sidecar.identity if sidecar is not None else None
+        mtls = self._identity.mode if self._identity is not None else "off"
+        me = self._identity.id if self._identity is not None else None
+        self._strict = mtls == "strict"
+        self._health = json.dumps(
+            {"status": "ok", "mtls": mtls, "identity": str(me) if me else None}
+        ).encode()
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -110,7 +138,7 @@ class InboundApp:
                 send, RouteNotFound(f"{method} {path}: not a route of agent {self.agent}")
             )
         elif path == "/healthz":
-            await _respond(send, 200, b'{"status":"ok"}')
+            await _respond(send, 200, self._health)
         elif path == "/readyz":
             ok = self.ready and not self.draining
             state = b"ready" if ok else (b"draining" if self.draining else b"unready")
@@ -140,13 +168,17 @@ class InboundApp:
             },
         )
         trace_id = trace_id_of(span)
+        body = out = None
         self.in_flight += 1
         self.idle.clear()
         self._in_flight_gauge.inc()
         try:
             with trace.use_span(span, end_on_exit=False):
+                self._authenticate(meta.peer)
                 if cap is None:
                     raise CapabilityNotFound(f"agent {self.agent} has no capability {name!r}")
+                if self._policies is not None and not self._policies.open:
+                    self._authorize(name, scope, meta)
                 if self.draining or not self.ready:
                     state = "draining" if self.draining else "not ready"
                     raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
@@ -162,7 +194,8 @@ class InboundApp:
                     status = await self._stream(cap, arguments, injected, deadline, send, trace_id)
                 else:
                     result = await _run(cap, arguments, injected, deadline)
-                    await _respond(send, 200, cap.dump_output(result))
+                    out = cap.dump_output(result)
+                    await _respond(send, 200, out)
                     status = 200
         except _Disconnected:
             status = 499
@@ -182,6 +215,7 @@ class InboundApp:
                 self.idle.set()
             INBOUND_REQUESTS.labels(self.agent, meta.caller, label, str(status)).inc()
             INBOUND_LATENCY.labels(self.agent, label).observe(elapsed)
+            self._stats(self.agent, label, status, elapsed, meta.caller, trace_id, body, out)
             log_call(
                 "inbound",
                 agent=self.agent,
@@ -191,6 +225,46 @@ class InboundApp:
                 duration_ms=round(elapsed * 1000, 3),
                 trace_id=trace_id,
             )
+
+    def _authenticate(self, peer: Caller | None) -> None:
+        """Refuse callers without a live mesh identity (per request: a set lookup)."""
+        identity = self._identity
+        if identity is None:
+            return
+        if peer is None:
+            if self._strict:
+                raise AuthenticationFailed(
+                    f"agent {self.agent} requires a mesh client certificate (mTLS strict); "
+                    "the caller presented none"
+                )
+            return
+        if peer.serial in identity.revoked:
+            raise AuthenticationFailed(
+                f"agent {self.agent} refuses {peer.spiffe_id}: its certificate {peer.serial:x} "
+                "is revoked"
+            )
+        if peer.not_after < time.time():
+            raise AuthenticationFailed(
+                f"agent {self.agent} refuses {peer.spiffe_id}: its certificate has expired"
+            )
+
+    def _authorize(self, name: str, scope: Scope, meta: _MeshHeaders) -> None:
+        """The authoritative access decision, before the capability or its input is touched."""
+        policies = self._policies
+        assert policies is not None
+        verified = self._identify(scope) if self._identify is not None else None
+        if verified is not None:
+            caller = policies.verified(verified.spiffe_id)
+        elif self._claims_count:
+            # mTLS is off: the name the caller claims in agentmesh-caller is all there is.
+            claimed = meta.caller if _AGENT_NAME.match(meta.caller) else None
+            caller = policies.caller(claimed)
+        else:
+            caller = policies.caller(None)  # mTLS is on: a header claim counts for nothing
+        subject = self._subjects[name]
+        decision = policies.authorize(caller, subject)
+        if not decision.allowed:
+            raise decision.error(caller, subject)
 
     async def _stream(
         self,
@@ -223,6 +297,10 @@ class InboundApp:
             status = error.status
             await send(_event(b"error", error.to_problem().model_dump_json().encode(), more=False))
         return status
+
+
+def _no_stats(*args: object) -> None:
+    pass
 
 
 async def _run(
@@ -261,20 +339,21 @@ def _inject(
 class _MeshHeaders:
     """The mesh's request headers, read in one pass over the header list."""
 
-    __slots__ = ("caller", "chain", "timeout_ms", "traceparent")
+    __slots__ = ("caller", "chain", "peer", "timeout_ms", "traceparent")
 
     def __init__(self, scope: Scope, capability: str) -> None:
         self.timeout_ms: bytes | None = None
         self.chain: tuple[str, ...] = (capability,)
-        self.caller = "-"
+        #: The caller from this hop's TLS session, never from a header (``agentmesh-caller`` and
+        #: the like are ignored): metrics, logs and policy all see the verified identity.
+        self.peer = caller_identity(scope)
+        self.caller = self.peer.label if self.peer is not None else "-"
         self.traceparent: str | None = None
         for key, value in scope["headers"]:
             if key == _DEADLINE:
                 self.timeout_ms = value
             elif key == _TRACEPARENT:
                 self.traceparent = value.decode("latin-1")
-            elif key == _CALLER:
-                self.caller = value.decode("latin-1")[:64]
             elif key == _CHAIN:
                 self.chain = parse_chain(value.decode("latin-1"))
 

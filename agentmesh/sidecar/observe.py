@@ -20,18 +20,21 @@ from agentmesh.errors import MeshError
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.telemetry.access import log_call
 from agentmesh.telemetry.metrics import OUTBOUND_IN_FLIGHT, OUTBOUND_LATENCY, OUTBOUND_REQUESTS
+from agentmesh.telemetry.stats import StatsCollector
 from agentmesh.telemetry.tracing import inject, trace_id_of, tracer
 
 __all__ = ["CALLER_HEADER", "AttemptLayer", "ObserveLayer"]
 
-#: The calling agent's name, as it claims it (authenticated once mTLS identities exist).
+#: The calling agent's name, as it claims it: informational only. Receivers ignore it; the caller
+#: is the verified identity of the TLS peer (``agentmesh.security.caller_identity``).
 CALLER_HEADER = "agentmesh-caller"
 
 
 class ObserveLayer:
-    def __init__(self, inner: Handler, *, caller: str) -> None:
+    def __init__(self, inner: Handler, *, caller: str, stats: StatsCollector | None = None) -> None:
         self._inner = inner
         self.caller = caller
+        self._stats = stats.outbound if stats is not None else _no_stats
         self._in_flight = OUTBOUND_IN_FLIGHT.labels(caller)
 
     async def __call__(self, call: OutboundCall) -> Reply:
@@ -95,6 +98,7 @@ class ObserveLayer:
         span.end()
         OUTBOUND_REQUESTS.labels(self.caller, call.capability, callee, status).inc()
         OUTBOUND_LATENCY.labels(call.capability, callee).observe(elapsed)
+        self._stats(self.caller, call.capability, callee, error is None, elapsed)
         log_call(
             "outbound",
             caller=self.caller,
@@ -106,6 +110,10 @@ class ObserveLayer:
             attempts=call.attempt,
             trace_id=trace_id,
         )
+
+
+def _no_stats(caller: str, capability: str, callee: str, ok: bool, elapsed: float) -> None:
+    pass
 
 
 class AttemptLayer:

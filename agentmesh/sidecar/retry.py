@@ -103,9 +103,10 @@ class RetryLayer:
         return budget
 
     async def __call__(self, call: OutboundCall) -> Reply:
-        policy = (
-            self.policy if call.retries is None else replace(self.policy, attempts=call.retries + 1)
-        )
+        # A TrafficPolicy's retry settings (set on the call by the route layer) replace ours;
+        # an explicit ``retries=`` of the caller still wins over both.
+        base = self.policy if call.traffic is None else (call.traffic.retry or self.policy)
+        policy = base if call.retries is None else replace(base, attempts=call.retries + 1)
         budget = self.budget(call.capability)
         budget.record_request()
         try:
@@ -146,7 +147,13 @@ class RetryLayer:
         last = first
 
         def backoff(retry: int) -> float:
-            """Full-jitter exponential backoff before retry number ``retry`` (1-based)."""
+            """Full-jitter exponential backoff before retry number ``retry`` (1-based).
+
+            Zero when the request never reached a dead endpoint and another one is there:
+            moving on at once costs the callee nothing and saves the caller the backoff.
+            """
+            if isinstance(last, ConnectionFailed) and _others_left(call):
+                return 0.0
             cap = min(policy.max_backoff, policy.backoff * 2 ** (retry - 1))
             delay = random.uniform(0, cap)
             if last.retry_after is not None:
@@ -187,6 +194,14 @@ class RetryLayer:
         except MeshError as exc:
             raise _with_attempts(exc, call.attempt) from None
         raise AssertionError("tenacity returns or re-raises")
+
+
+def _others_left(call: OutboundCall) -> bool:
+    """Whether an instance that has not failed this call yet is among its targets."""
+    tried = set(call.excluded)
+    if call.target is not None:
+        tried.add(call.target.instance_id)
+    return any(t.instance_id not in tried for t in call.targets)
 
 
 def _with_attempts(exc: MeshError, attempts: int) -> MeshError:

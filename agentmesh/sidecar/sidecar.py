@@ -11,11 +11,16 @@ import logging
 from contextvars import ContextVar
 
 from agentmesh.models import Bootstrap, BreakerEvent
+from agentmesh.policy.cache import PolicyCache
+from agentmesh.policy.store import PolicyStore, policy_bucket
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
+from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.breaker import BreakerState
+from agentmesh.sidecar.retry import RetryPolicy
 from agentmesh.sidecar.stack import OutboundStack, build_outbound
 from agentmesh.sidecar.transport import HttpTransport
+from agentmesh.telemetry.stats import StatsCollector
 
 __all__ = ["Sidecar", "breaker_subject", "serving_sidecar"]
 
@@ -31,15 +36,35 @@ class Sidecar:
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self.index = LocalIndex()
         self._background: set[asyncio.Task[None]] = set()
-        self.transport = HttpTransport()
+        #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations.
+        self.identity = WorkloadIdentity.for_caller(settings, caller)
+        self.transport = HttpTransport(self.identity)
         self.name = name
+        self.stats = StatsCollector(
+            name, interval=settings.stats_interval, tap_payloads=settings.tap_payloads
+        )
+        #: The access and traffic policies this sidecar enforces, watch-fed from their bucket.
+        self.policies = PolicyCache(
+            PolicyStore(self.conn, policy_bucket(boot.registry_bucket)),
+            self.index,
+            default=settings.access_default,
+            retry=RetryPolicy(attempts=settings.retry_attempts),
+        )
         self.outbound: OutboundStack = build_outbound(
             self.index,
             self.transport,
             settings,
             caller=caller,
             on_breaker_change=self._publish_breaker,
+            stats=self.stats,
+            policies=self.policies,
+            own_spiffe=self._own_spiffe,
         )
+
+    def _own_spiffe(self) -> str | None:
+        """This sidecar's verified SPIFFE ID (once it holds a certificate): the policy layer
+        decides as the receivers will, who see that identity."""
+        return self.identity.id.uri if self.identity.id is not None else None
 
     def _publish_breaker(self, instance_id: str, old: BreakerState, new: BreakerState) -> None:
         """Tell the control plane, so that ``agentmesh agents`` can show who ejects whom."""
@@ -60,15 +85,24 @@ class Sidecar:
         await self.conn.connect()
         try:
             await self.store.open()
+            await self.identity.start(self.conn, self.boot.registry_bucket)
             self.index.start(self.store, self.conn)
+            await self.policies.open_store()
+            self.policies.start(self.conn)
             await self.index.wait_synced(sync_timeout)
+            # Never serve or call before the policies are known (a deny rule may be among them).
+            await self.policies.wait_synced(sync_timeout)
+            await self.stats.start(self.conn, self.boot.registry_bucket)
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
+        await self.stats.close()
+        await self.policies.stop()
         await self.index.stop()
         await self.transport.close()
+        await self.identity.close()
         await self.conn.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agentmesh.policy.cache import PolicyCache
 from agentmesh.registry.index import LocalIndex
 from agentmesh.settings import Settings
 from agentmesh.sidecar.balance import BalanceLayer
@@ -20,8 +21,10 @@ from agentmesh.sidecar.chain import ChainLayer
 from agentmesh.sidecar.deadline import DeadlineLayer
 from agentmesh.sidecar.endpoints import Endpoints
 from agentmesh.sidecar.observe import AttemptLayer, ObserveLayer
+from agentmesh.sidecar.policy import AccessLayer, RouteLayer
 from agentmesh.sidecar.resolve import ResolveLayer
 from agentmesh.sidecar.retry import RetryLayer, RetryPolicy
+from agentmesh.telemetry.stats import StatsCollector
 
 __all__ = ["OutboundStack", "build_outbound"]
 
@@ -43,6 +46,9 @@ def build_outbound(
     *,
     caller: str,
     on_breaker_change: Callable[[str, BreakerState, BreakerState], None] | None = None,
+    stats: StatsCollector | None = None,
+    policies: PolicyCache | None = None,
+    own_spiffe: Callable[[], str | None] | None = None,
 ) -> OutboundStack:
     endpoints = Endpoints(index, on_breaker_change=on_breaker_change)
     # transport: the only layer that knows the wire (HTTP now, NATS by URL scheme later).
@@ -59,11 +65,17 @@ def build_outbound(
     handler = retry
     # deadline: one total budget for everything below; the rest travels downstream.
     handler = DeadlineLayer(handler)
-    # (policy goes here: a local decision on resolved targets, never retried.)
+    if policies is not None:
+        # route: the capability's TrafficPolicy as call.traffic (timeout, retry, balance and
+        # breaker overrides that the layers below read) and its weighted version split.
+        handler = RouteLayer(handler, policies)
+        # policy: a local decision on the resolved targets (fail fast; the receiving sidecar
+        # decides for good), never retried. Before the split: a coin flip never denies.
+        handler = AccessLayer(handler, policies, caller=caller, own_spiffe=own_spiffe)
     # resolve: capability + constraints → live targets from the local index, no I/O.
     handler = ResolveLayer(handler, index)
     # chain: refuse a too-deep chain before any work, and tell the next hop the chain.
     handler = ChainLayer(handler, max_hops=settings.max_hops)
     # observe, outermost: one CLIENT span, metrics and an access-log line per logical call.
-    handler = ObserveLayer(handler, caller=caller)
+    handler = ObserveLayer(handler, caller=caller, stats=stats)
     return OutboundStack(handler=handler, endpoints=endpoints, balance=balance, retry=retry)

@@ -53,9 +53,13 @@ def control_url(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[str]:
 
 
 async def test_sidecars_report_ejections_to_the_control_plane(
-    control_url: str, mesh: Mesh, wait_until
+    control_url: str, mesh: Mesh, wait_until, tmp_path: Path
 ):
-    async with flaky_endpoint(mesh) as (flaky, flaky_id), httpx.AsyncClient() as http:
+    admin = {"authorization": f"Bearer {(tmp_path / 'admin-token').read_text().strip()}"}
+    async with (
+        flaky_endpoint(mesh) as (flaky, flaky_id),
+        httpx.AsyncClient(headers=admin) as http,
+    ):
         await wait_until(lambda: bool(mesh.sidecar.index.targets("work")))
 
         async def endpoints() -> list[dict[str, object]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from agentmesh import Mesh
 from agentmesh._process import parent_death_hook
+from tests.mesh_ca import mesh_ca
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -73,6 +74,8 @@ def mesh_env(
             "AGENTMESH_DATA_DIR": str(data_dir),
             # never used while AGENTMESH_NATS_URL is set; a closed port if it ever were
             "AGENTMESH_CONTROL_URL": "http://127.0.0.1:9",
+            # mTLS on: the agent issues its certificate from the test process's CA
+            **mesh_ca().env(),
             **(overrides or {}),
         }
     )

@@ -19,6 +19,7 @@ import pytest
 import agentmesh
 from agentmesh import Mesh
 from agentmesh.nats_server import NatsServer
+from tests.mesh_ca import mesh_ca
 
 from .support import (
     EXAMPLE_AGENTS,
@@ -76,7 +77,7 @@ class TestTwoResearchers:
             assert offer.agent == "researcher"
             assert offer.status == "serving"
             assert offer.capability.version == "1.0.0"
-            assert offer.endpoint.startswith("http://127.0.0.1:")
+            assert offer.endpoint.startswith("https://127.0.0.1:")  # mTLS (strict) by default
 
         assert await mesh.registry.find("research", version=">=2") == []
         assert len(await mesh.registry.find("research", version=">=1.0,<2")) == 2
@@ -110,7 +111,7 @@ class TestTwoResearchers:
         self, mesh: Mesh, researchers: list[AgentProcess]
     ) -> None:
         endpoint = researchers[0].endpoint
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, verify=mesh_ca().client_context()) as client:
             resp = await client.post(
                 f"{endpoint}/v1/invoke/research", json={"topic": 5, "bogus": 1}
             )
@@ -141,7 +142,8 @@ class TestTwoResearchers:
     async def test_agent_http_endpoints(self, mesh: Mesh, researchers: list[AgentProcess]) -> None:
         result = await mesh.invoke("research", {"topic": "nats"})
         endpoint = result.endpoint
-        async with httpx.AsyncClient(base_url=endpoint, timeout=10) as client:
+        tls = mesh_ca().client_context()
+        async with httpx.AsyncClient(base_url=endpoint, timeout=10, verify=tls) as client:
             healthz = await client.get("/healthz")
             readyz = await client.get("/readyz")
             metrics = await client.get("/metrics")

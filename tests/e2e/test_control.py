@@ -78,6 +78,11 @@ class ControlProcess:
 StartControl = Callable[..., ControlProcess]
 
 
+def admin_token(control: ControlProcess) -> str:
+    """The control plane's admin token, from the file it wrote into its data dir (0600)."""
+    return Path(control.info["admin_token_file"]).read_text().strip()
+
+
 @pytest.fixture
 def start_control(bucket: str, tmp_path: Path) -> Iterator[StartControl]:
     """``start_control(nats_url=None | url)`` → a ready control plane on the test's bucket."""
@@ -104,8 +109,14 @@ def start_control(bucket: str, tmp_path: Path) -> Iterator[StartControl]:
     terminate_all(c.proc for c in started)
 
 
-async def run_cli(*args: str, control_url: str) -> tuple[int, str, str]:
-    """``python -m agentmesh ARGS`` with only AGENTMESH_CONTROL_URL set: (code, stdout, stderr)."""
+async def run_cli(
+    *args: str, control_url: str, data_dir: Path | None = None
+) -> tuple[int, str, str]:
+    """``python -m agentmesh ARGS`` with only AGENTMESH_CONTROL_URL (and the control plane's
+    data dir, whose tokens it then uses) set: (code, stdout, stderr)."""
+    env = {"AGENTMESH_CONTROL_URL": control_url}
+    if data_dir is not None:
+        env["AGENTMESH_DATA_DIR"] = str(data_dir)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -114,7 +125,7 @@ async def run_cli(*args: str, control_url: str) -> tuple[int, str, str]:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=clean_env({"AGENTMESH_CONTROL_URL": control_url}),
+        env=clean_env(env),
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT)
@@ -133,14 +144,20 @@ async def test_agents_join_through_the_control_plane_and_the_cli_works(
     assert control.info["nats_url"] == nats_url
     assert control.info["embedded_nats"] is None
 
-    # Only AGENTMESH_CONTROL_URL: the agent must learn NATS and the bucket from /v1/bootstrap.
+    # Only AGENTMESH_CONTROL_URL and the control plane's data dir, as on one machine: the agent
+    # learns NATS and the bucket from /v1/bootstrap, and enrols (mTLS) with the local join token.
+    workdir = Path(control.info["join_token_file"]).parent
     agent = await spawn_agent(
         EXAMPLE_AGENTS / "researcher.py",
         isolated=True,
-        env={"AGENTMESH_CONTROL_URL": control.url},
+        env={"AGENTMESH_CONTROL_URL": control.url, "AGENTMESH_DATA_DIR": str(workdir)},
     )
+    assert agent.endpoint.startswith("https://")
 
-    async with httpx.AsyncClient(base_url=control.url, timeout=10) as client:
+    admin = admin_token(control)
+    async with httpx.AsyncClient(
+        base_url=control.url, timeout=10, headers={"authorization": f"Bearer {admin}"}
+    ) as client:
         boot = (await client.get("/v1/bootstrap")).json()
         assert boot["nats_url"] == nats_url
         agents = await client.get("/v1/agents")
@@ -174,9 +191,9 @@ async def test_agents_join_through_the_control_plane_and_the_cli_works(
     assert bad_label.json()["code"] == "invalid_input"
 
     (a_code, a_out, a_err), (f_code, f_out, f_err), (c_code, c_out, c_err) = await asyncio.gather(
-        run_cli("agents", "-o", "json", control_url=control.url),
-        run_cli("find", "research", "-o", "json", control_url=control.url),
-        run_cli("call", "research", '{"topic":"mesh"}', control_url=control.url),
+        run_cli("agents", "-o", "json", control_url=control.url, data_dir=workdir),
+        run_cli("find", "research", "-o", "json", control_url=control.url, data_dir=workdir),
+        run_cli("call", "research", '{"topic":"mesh"}', control_url=control.url, data_dir=workdir),
     )
     assert a_code == 0, a_err
     assert [r["instance_id"] for r in json.loads(a_out)] == [agent.instance_id]

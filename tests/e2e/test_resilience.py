@@ -123,7 +123,7 @@ async def test_sigkill_during_a_non_idempotent_call_is_a_clear_error_and_runs_on
             break
         await asyncio.sleep(0.01)
     victim.kill()
-    with pytest.raises(ConnectionLost, match=rf"{victim.instance_id} at http://127\.0\.0\.1:\d+"):
+    with pytest.raises(ConnectionLost, match=rf"{victim.instance_id} at https://127\.0\.0\.1:\d+"):
         await asyncio.wait_for(call, 10)
     assert ledger.read_text().splitlines() == ["start 7"]  # ran once, never retried
 

@@ -203,3 +203,21 @@ async def test_nats_restart_reregisters_and_resynchronises(
         await wait_until(lambda: ids(watcher.index) == {"sum-live", "sum-new"}, timeout=8)
         await alive.release()
         await newcomer.release()
+
+
+async def test_a_lease_that_lapsed_is_taken_back_over_the_servers_expiry_marker(
+    registry, wait_until
+):
+    """A stalled process (event loop blocked past its TTL) must get its record back, not a
+    conflict: right after expiry, the key's last message is the server's marker."""
+    lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
+    await lease.acquire()
+    assert lease._task is not None
+    lease._task.cancel()  # stalls: no renewals
+    with contextlib.suppress(asyncio.CancelledError):
+        await lease._task
+    await wait_until(lambda: not ids(registry.index), timeout=4)  # expired: the marker is there
+    assert await registry.store.get("sum-a") is None
+    await lease.update(record("sum-a", status="draining"))  # the next write recovers
+    await wait_until(lambda: ids(registry.index) == {"sum-a"}, timeout=2)
+    await lease.release()

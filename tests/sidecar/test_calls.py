@@ -26,6 +26,7 @@ from agentmesh import (
 from agentmesh.errors import ConnectionFailed
 from agentmesh.models import AgentRecord
 from agentmesh.registry import Lease
+from tests.mesh_ca import mesh_ca
 
 
 class Summary(BaseModel):
@@ -108,7 +109,7 @@ async def test_invalid_input_is_422_with_pydantics_errors(start_agent, mesh: Mes
     with pytest.raises(InvalidInput) as err:
         await mesh.call("summarize", {"text": 5, "bogus": True})
     assert {e["loc"][-1] for e in err.value.errors or []} == {"text", "bogus"}
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(verify=mesh_ca().client_context()) as client:
         resp = await client.post(f"{agent.endpoint}/v1/invoke/summarize", content=b"{nope")
     assert resp.status_code == 422
     assert resp.headers["content-type"] == "application/problem+json"
@@ -207,14 +208,14 @@ async def test_a_dead_endpoint_is_a_connection_failure_naming_it(mesh: Mesh, wai
     ghost = AgentRecord(
         instance_id="ghost-1",
         name="ghost",
-        endpoint=f"http://127.0.0.1:{port}",
+        endpoint=f"https://127.0.0.1:{port}",
         capabilities=[whoami.spec],
     )
     lease = Lease(mesh.sidecar.store, ghost, interval=0.25, ttl=1)
     await lease.acquire()
     await wait_until(lambda: bool(mesh.sidecar.index.targets("whoami")))
     with pytest.raises(
-        ConnectionFailed, match=f"ghost-1 at http://127.0.0.1:{port}: connection refused"
+        ConnectionFailed, match=f"ghost-1 at https://127.0.0.1:{port}: connection refused"
     ):
         await mesh.call("whoami")
     await lease.release()
@@ -225,8 +226,14 @@ async def test_agent_serves_probes_metrics_and_card(start_agent, mesh: Mesh):
         Agent("summarizer", version="2.0.0", description="Summaries", capabilities=[summarize])
     )
     await mesh.call("summarize", {"text": "a"})
-    async with httpx.AsyncClient(base_url=agent.endpoint) as client:
-        assert (await client.get("/healthz")).json() == {"status": "ok"}
+    async with httpx.AsyncClient(
+        base_url=agent.endpoint, verify=mesh_ca().client_context()
+    ) as client:
+        assert (await client.get("/healthz")).json() == {
+            "status": "ok",
+            "mtls": "strict",
+            "identity": "spiffe://agentmesh.local/agent/summarizer",
+        }
         assert (await client.get("/readyz")).status_code == 200
         metrics = (await client.get("/metrics")).text
         assert (

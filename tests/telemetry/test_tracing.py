@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
 from agentmesh import Mesh, RemoteAgentError, capability
+from tests.mesh_ca import mesh_ca
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -103,7 +104,7 @@ async def test_error_bodies_and_errors_carry_the_trace_id(start_agent, mesh: Mes
         await mesh.call("boom")
     client = by_name(list(spans.get_finished_spans()), "execute_tool boom", SpanKind.CLIENT)
     assert err.value.trace_id == format(client.context.trace_id, "032x")
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(verify=mesh_ca().client_context()) as http:
         resp = await http.post(f"{agent.endpoint}/v1/invoke/boom", content=b"{}")
     assert resp.status_code == 500
     assert len(resp.json()["trace_id"]) == 32
@@ -124,7 +125,7 @@ async def test_metrics_count_exactly_the_calls_made(start_agent, mesh: Mesh):
     assert sample("agentmesh_outbound_requests_total", out) - before_out == 7
     assert sample("agentmesh_inbound_requests_total", inb) - before_in == 7
 
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(verify=mesh_ca().client_context()) as http:
         exposition = (await http.get(f"{agent.endpoint}/metrics")).text
     assert "agentmesh_outbound_latency_seconds_bucket" in exposition
     assert "agentmesh_breaker_state" in exposition or "agentmesh_breaker_transitions" in exposition

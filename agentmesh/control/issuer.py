@@ -1,0 +1,361 @@
+"""Issuing certificates: the CA plus its records in KV (tokens, issued certificates, revocations).
+
+Used by the control plane's API (``/v1/certificates``, ``/v1/tokens``, ``/v1/identities``,
+``/v1/revocations``, ``/v1/ca/rotate``) and, for processes that hold the CA files themselves, by
+their own sidecar (``issue_local``), so that every certificate is recorded the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from agentmesh.control.ca import NOT_BEFORE_SKEW, CertificateAuthority
+from agentmesh.errors import AuthenticationFailed, InvalidInput, MeshError, PolicyDenied
+from agentmesh.models import (
+    CertificateRequest,
+    IdentityBlock,
+    IdentityRecord,
+    IssuedCertificate,
+    JoinToken,
+    JoinTokenRequest,
+    RenewalProof,
+    Revocation,
+    RevocationRequest,
+    RevocationResult,
+    StoredToken,
+    TrustBundle,
+)
+from agentmesh.security.enrol import (
+    PIN_HEX,
+    new_token,
+    parse_token,
+    renewal_payload,
+    token_digest,
+)
+from agentmesh.security.files import JOIN_TOKEN_FILE, read_secret, write_private
+from agentmesh.security.identity import LeafRefused, SpiffeId, check_leaf
+from agentmesh.security.pki import fingerprint, load_certs, pem
+from agentmesh.security.store import SecurityStore
+
+__all__ = ["Issuer"]
+
+_log = logging.getLogger("agentmesh.control")
+
+#: How far a renewal proof's timestamp may be from our clock.
+_PROOF_WINDOW = timedelta(minutes=5)
+#: After publishing an overlap bundle, wait this long before signing with the new root, so
+#: every sidecar's watch has delivered it (milliseconds in practice) before a leaf under the new
+#: root can reach anyone.
+ROTATION_PROPAGATION = 2.0
+_ANY = "*"
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return f"{cert.serial_number:x}"
+
+
+class Issuer:
+    def __init__(self, ca: CertificateAuthority, store: SecurityStore) -> None:
+        self.ca = ca
+        self.store = store
+        self._lock = asyncio.Lock()
+        self._data_dir: Path | None = None
+
+    @property
+    def trust_domain(self) -> str:
+        return self.ca.trust_domain
+
+    # ---- the trust bundle ----------------------------------------------------------------------
+
+    async def publish_bundle(self) -> TrustBundle:
+        """Put our bundle into KV unless the same one is already there."""
+        if self.ca.adopt_version(await self.store.bundle()):
+            await self.store.put_bundle(self.ca.bundle)
+        return self.ca.bundle
+
+    async def rotate(self, *, propagation: float | None = None) -> TrustBundle:
+        if propagation is None:  # short-lived test certificates must not wait out their life
+            propagation = min(ROTATION_PROPAGATION, self.ca.ttl / 10)
+        async with self._lock:
+            bundle = self.ca.rotate()
+            await self.store.put_bundle(bundle)
+            _log.info(
+                "CA rotated: trust bundle v%d holds %d roots", bundle.version, len(bundle.roots)
+            )
+            # Enrolments wait on the lock meanwhile; none fails.
+            await asyncio.sleep(propagation)
+        return bundle
+
+    async def retire_loop(self) -> None:
+        """Drop retired roots from the bundle when their last leaf has expired."""
+        while True:
+            due = self.ca.next_retirement()
+            delay = 60.0 if due is None else (due - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(min(max(delay, 0.05), 60.0))
+            try:
+                async with self._lock:
+                    bundle = self.ca.retire_due()
+                    if bundle is not None:
+                        _log.info("retiring old roots: trust bundle v%d", bundle.version)
+                    # Published again until it succeeds (NATS may be away for a while).
+                    await self.publish_bundle()
+                if bundle is not None and self._data_dir is not None:
+                    await self.local_token(self._data_dir)  # it pinned a root that just left
+            except MeshError as exc:
+                _log.warning("could not publish the trust bundle (%s); retrying", exc)
+
+    # ---- issuing ------------------------------------------------------------------------------
+
+    def _csr(self, text: str) -> tuple[x509.CertificateSigningRequest, SpiffeId]:
+        try:
+            csr = x509.load_pem_x509_csr(text.encode("ascii"))
+        except ValueError as exc:
+            raise InvalidInput(f"unreadable CSR: {exc}") from None
+        if not csr.is_signature_valid:
+            raise InvalidInput("the CSR's signature is invalid")
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        if len(uris) != 1:
+            raise InvalidInput(
+                f"the CSR must name exactly one SPIFFE ID (URI SAN); it has {len(uris)}"
+            )
+        try:
+            identity = SpiffeId.parse(uris[0])
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        if identity.trust_domain != self.trust_domain:
+            raise PolicyDenied(
+                f"{identity} is outside this CA's trust domain {self.trust_domain!r}"
+            )
+        if identity.kind == "control":
+            raise PolicyDenied("the control plane's identity is never issued to others")
+        return csr, identity
+
+    async def certificate(self, request: CertificateRequest) -> IssuedCertificate:
+        """``POST /v1/certificates``: enrolment (join token) or renewal (current certificate)."""
+        csr, identity = self._csr(request.csr)
+        via: Literal["token", "renewal", "local"]
+        if request.renewal is not None:
+            await self._check_renewal(request.renewal, csr, identity)
+            via = "renewal"
+        elif request.token is not None:
+            await self._use_token(request.token, identity)
+            via = "token"
+        else:
+            raise AuthenticationFailed("a join token or a renewal proof is required")
+        return await self._issue(csr.public_key(), identity, via)
+
+    async def issue_local(self, csr_pem: str) -> IssuedCertificate:
+        """For a process that holds the CA itself: no token, same records."""
+        csr, identity = self._csr(csr_pem)
+        return await self._issue(csr.public_key(), identity, "local")
+
+    async def issue_control(self, public_key: object) -> IssuedCertificate:
+        """The control plane's own identity, ``spiffe://<td>/control``."""
+        return await self._issue(public_key, SpiffeId(self.trust_domain, "control"), "local")
+
+    async def _issue(
+        self, public_key: object, identity: SpiffeId, via: Literal["token", "renewal", "local"]
+    ) -> IssuedCertificate:
+        async with self._lock:
+            try:
+                cert = self.ca.issue(public_key, identity)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+            record = IdentityRecord(
+                spiffe_id=identity.uri,
+                serial=_serial(cert),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                issued_at=datetime.now(UTC),
+                via=via,
+            )
+            await self.store.record_issued(record)
+            return IssuedCertificate(
+                spiffe_id=identity.uri,
+                serial=record.serial,
+                certificate=pem(cert),
+                chain=([pem(self.ca.signer)] if self.ca.signer not in self.ca.roots else [])
+                + [pem(c) for c in self.ca.chain],
+                not_after=record.not_after,
+                trust_bundle=self.ca.bundle,
+            )
+
+    async def _check_renewal(
+        self, proof: RenewalProof, csr: x509.CertificateSigningRequest, identity: SpiffeId
+    ) -> None:
+        try:
+            leaf, *_ = load_certs(proof.certificate)
+        except ValueError:
+            raise AuthenticationFailed("renewal: the current certificate is unreadable") from None
+        issuers = [self.ca.signer, *self.ca.chain, *self.ca.roots]
+        if not any(_issued_by(leaf, issuer) for issuer in issuers):
+            raise AuthenticationFailed("renewal: the current certificate is not from this CA")
+        try:
+            current = check_leaf(leaf, self.trust_domain)
+        except LeafRefused as exc:
+            raise AuthenticationFailed(f"renewal refused: {exc}") from None
+        if current.id != identity:
+            raise PolicyDenied(f"renewal of {current.spiffe_id} cannot ask for {identity}")
+        now = datetime.now(UTC)
+        if abs(now - proof.timestamp) > _PROOF_WINDOW:
+            raise AuthenticationFailed("renewal: the proof's timestamp is too far from our clock")
+        payload = renewal_payload(csr.public_bytes(serialization.Encoding.DER), proof.timestamp)
+        try:
+            signature = base64.b64decode(proof.signature)
+            public = leaf.public_key()
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                public.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
+            elif isinstance(public, rsa.RSAPublicKey):
+                public.verify(signature, payload, padding.PKCS1v15(), hashes.SHA256())
+            else:
+                raise InvalidSignature
+        except (InvalidSignature, ValueError):
+            raise AuthenticationFailed(
+                "renewal: the proof is not signed by the current certificate's key"
+            ) from None
+        if await self.store.is_revoked(_serial(leaf)):
+            raise AuthenticationFailed(f"renewal: certificate {_serial(leaf)} is revoked")
+        blocked = await self.store.blocked_since(identity.uri)
+        if blocked is not None and leaf.not_valid_before_utc + NOT_BEFORE_SKEW <= blocked:
+            raise AuthenticationFailed(
+                f"renewal: {identity} was revoked at {blocked:%Y-%m-%d %H:%M:%S}"
+            )
+
+    async def _use_token(self, token: str, identity: SpiffeId) -> None:
+        _, secret = parse_token(token)
+        stored = await self.store.use_token(token_digest(secret))
+        if stored.identity not in (_ANY, identity.uri):
+            raise PolicyDenied(f"this join token enrols {stored.identity}, not {identity}")
+        blocked = await self.store.blocked_since(identity.uri)
+        if blocked is not None and (stored.identity == _ANY or stored.created_at <= blocked):
+            raise PolicyDenied(
+                f"{identity} was revoked at {blocked:%Y-%m-%d %H:%M:%S} UTC; only a token "
+                f"created after that can enrol it again (agentmesh token create)"
+            )
+
+    # ---- tokens ---------------------------------------------------------------------------------
+
+    async def create_token(self, request: JoinTokenRequest) -> JoinToken:
+        if request.agent is not None:
+            identity = SpiffeId.agent(self.trust_domain, request.agent)
+        else:
+            try:
+                identity = SpiffeId.client(self.trust_domain, request.client or "")
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+        now = datetime.now(UTC)
+        expires = now + timedelta(seconds=request.ttl)
+        token, digest = new_token(self.ca.roots[0])
+        await self.store.add_token(
+            digest,
+            StoredToken(
+                identity=identity.uri, created_at=now, expires_at=expires, uses=request.uses
+            ),
+        )
+        return JoinToken(token=token, identity=identity.uri, expires_at=expires, uses=request.uses)
+
+    async def local_token(self, data_dir: Path) -> Path:
+        """The data dir's multi-use token for local agents and clients (file 0600).
+
+        Kept across restarts; made anew when the CA it pins has left the bundle.
+        """
+        self._data_dir = data_dir
+        path = data_dir / JOIN_TOKEN_FILE
+        token = read_secret(path)
+        pins = {_pin(r) for r in self.ca.roots}
+        if token is not None:
+            with contextlib.suppress(AuthenticationFailed):
+                pin, secret = parse_token(token)
+                if pin in pins:
+                    await self._store_local(token_digest(secret))
+                    return path
+        token, digest = new_token(self.ca.roots[0])
+        await self._store_local(digest)
+        write_private(path, token.encode() + b"\n")
+        return path
+
+    async def _store_local(self, digest: str) -> None:
+        await self.store.add_token(
+            digest, StoredToken(identity=_ANY, created_at=datetime.now(UTC), uses=None)
+        )
+
+    # ---- identities and revocation ---------------------------------------------------------------
+
+    async def identities(self) -> list[IdentityRecord]:
+        revoked = {r.serial for r in await self.store.revocations()}
+        records = [
+            r.model_copy(update={"revoked": r.serial in revoked}) for r in await self.store.issued()
+        ]
+        return sorted(records, key=lambda r: (r.spiffe_id, r.issued_at))
+
+    async def revoke(self, request: RevocationRequest) -> RevocationResult:
+        """Revoke one certificate (by serial) or every live certificate of an identity."""
+        target = request.target.strip()
+        issued = await self.store.issued()
+        now = datetime.now(UTC)
+        serial = target.lower().removeprefix("0x")
+        by_serial = [r for r in issued if r.serial == serial]
+        if by_serial:
+            chosen = by_serial
+        else:
+            identity = self._identity_of(target)
+            async with self._lock:
+                await self.store.block(IdentityBlock(spiffe_id=identity.uri, at=now))
+                chosen = [r for r in await self.store.issued() if r.spiffe_id == identity.uri]
+            if not chosen:
+                _log.info("revoked %s: no live certificate; re-enrolment blocked", identity)
+        revocations = [
+            Revocation(
+                serial=r.serial,
+                spiffe_id=r.spiffe_id,
+                not_after=r.not_after,
+                revoked_at=now,
+                reason=request.reason,
+            )
+            for r in chosen
+        ]
+        for revocation in revocations:
+            await self.store.revoke(revocation)
+            _log.warning("revoked certificate %s of %s", revocation.serial, revocation.spiffe_id)
+        return RevocationResult(revoked=revocations)
+
+    def _identity_of(self, target: str) -> SpiffeId:
+        try:
+            if target.startswith("spiffe://"):
+                identity = SpiffeId.parse(target)
+            else:
+                identity = SpiffeId.agent(self.trust_domain, target)
+        except ValueError as exc:
+            raise InvalidInput(
+                f"{target!r} is neither a certificate serial, an agent name nor a SPIFFE ID"
+            ) from exc
+        if identity.trust_domain != self.trust_domain:
+            raise InvalidInput(f"{identity} is outside trust domain {self.trust_domain!r}")
+        return identity
+
+
+def _pin(root: x509.Certificate) -> str:
+    return fingerprint(root)[:PIN_HEX]
+
+
+def _issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        leaf.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

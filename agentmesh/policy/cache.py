@@ -1,0 +1,334 @@
+"""The sidecar's local, watch-fed copy of the policies, compiled for the request path.
+
+Like the registry index (``registry/index.py``): a background task watches the policy bucket;
+after every (re)connection it takes a full snapshot and replaces the compiled state with it, so a
+policy deleted while we were away does not linger. While NATS or the control plane is gone, the
+last good state stays in force. Every change recompiles one immutable :class:`PolicySnapshot`
+and swaps it in; decisions on the request path read it without I/O or locks.
+
+A stored value that is not a valid policy never crashes anything: it is logged and compiled
+into an :class:`InvalidPolicy` that denies what it would cover (fails closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from agentmesh.errors import RegistryUnavailable
+from agentmesh.models import CAPABILITY_NAME_PATTERN, AccessPolicy, TrafficPolicy
+from agentmesh.policy.access import (
+    AccessEngine,
+    Caller,
+    Decision,
+    DefaultAction,
+    InvalidPolicy,
+    Subject,
+)
+from agentmesh.policy.manifest import describe_errors, parse_policy
+from agentmesh.policy.store import PolicyStore
+from agentmesh.policy.traffic import TrafficRule, compile_traffic
+from agentmesh.registry.connection import NatsConnection
+from agentmesh.registry.index import LocalIndex
+from agentmesh.sidecar.breaker import BreakerConfig
+from agentmesh.sidecar.retry import RetryPolicy
+
+__all__ = ["PolicyCache", "PolicySnapshot", "compile_snapshot"]
+
+_log = logging.getLogger("agentmesh.policy")
+#: Cached decisions (and caller label sets) before the cache starts over.
+_DECISION_CACHE = 4096
+
+
+def _covers(data: Any) -> frozenset[str] | None:
+    """The capabilities an invalid manifest names, if that can be told for certain."""
+    import re
+
+    spec = data.get("spec") if isinstance(data, dict) else None
+    if not isinstance(spec, dict):
+        return None
+    name_ok = re.compile(CAPABILITY_NAME_PATTERN).match
+    kind = data.get("kind")
+    if kind == "TrafficPolicy":
+        cap = spec.get("capability")
+        return frozenset([cap]) if isinstance(cap, str) and name_ok(cap) else None
+    if kind != "AccessPolicy" or not isinstance(spec.get("rules"), list):
+        return None
+    names: set[str] = set()
+    for rule in spec["rules"]:
+        targets = rule.get("targets") if isinstance(rule, dict) else None
+        if not isinstance(targets, list) or not targets:
+            return None
+        for target in targets:
+            cap = target.get("capability") if isinstance(target, dict) else None
+            if not isinstance(cap, str) or not name_ok(cap):
+                return None
+            names.add(cap)
+    return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySnapshot:
+    """Everything compiled from one state of the bucket."""
+
+    policies: Mapping[str, AccessPolicy | TrafficPolicy]
+    access: AccessEngine
+    traffic: Mapping[str, TrafficRule]
+    invalid: tuple[InvalidPolicy, ...] = field(default=())
+
+
+def compile_snapshot(
+    raw: Mapping[str, bytes],
+    *,
+    default: DefaultAction = "allow",
+    retry: RetryPolicy | None = None,
+    breaker: BreakerConfig | None = None,
+) -> PolicySnapshot:
+    """Compile stored values (key → bytes); never raises for what is stored."""
+    policies: dict[str, AccessPolicy | TrafficPolicy] = {}
+    invalid: list[InvalidPolicy] = []
+    traffic: dict[str, TrafficRule] = {}
+    for key in sorted(raw):
+        value = raw[key]
+        try:
+            data = json.loads(value)
+        except ValueError as exc:
+            invalid.append(InvalidPolicy(key, None, None, f"not JSON: {exc}"))
+            continue
+        kind = data.get("kind") if isinstance(data, dict) else None
+        kind = kind if isinstance(kind, str) else None
+        try:
+            policy = parse_policy(data)
+        except ValidationError as exc:
+            first = describe_errors(exc)[0]
+            invalid.append(
+                InvalidPolicy(key, kind, _covers(data), f"{first['loc']}: {first['msg']}")
+            )
+            continue
+        if policy.metadata.name != key:
+            problem = f"stored under {key!r} but named {policy.metadata.name!r}"
+            invalid.append(InvalidPolicy(key, kind, _covers(data), problem))
+            continue
+        if isinstance(policy, TrafficPolicy):
+            capability = policy.spec.capability
+            try:
+                rule = compile_traffic(policy, retry=retry, breaker=breaker)
+            except ValueError as exc:
+                invalid.append(InvalidPolicy(key, kind, frozenset([capability]), str(exc)))
+                continue
+            if capability in traffic:
+                _log.warning(
+                    "TrafficPolicy %r ignored: %r already applies to capability %r",
+                    key,
+                    traffic[capability].policy,
+                    capability,
+                )
+                continue
+            traffic[capability] = rule
+        policies[key] = policy
+    for bad in invalid:
+        _log.warning("invalid %s %r fails closed: %s", bad.kind or "policy", bad.name, bad.problem)
+    access = AccessEngine(
+        (p for p in policies.values() if isinstance(p, AccessPolicy)), invalid, default=default
+    )
+    return PolicySnapshot(policies, access, traffic, tuple(invalid))
+
+
+class PolicyCache:
+    """The compiled policies this sidecar enforces, kept current by a watch on the bucket."""
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        index: LocalIndex,
+        *,
+        default: DefaultAction = "allow",
+        retry: RetryPolicy | None = None,
+        breaker: BreakerConfig | None = None,
+    ) -> None:
+        self.store = store
+        self._index = index
+        self.default: DefaultAction = default
+        self._retry = retry
+        self._breaker = breaker
+        self._raw: dict[str, bytes] = {}
+        self.snapshot = compile_snapshot({}, default=default, retry=retry, breaker=breaker)
+        self.synced = asyncio.Event()
+        #: Bumped on every change that took effect (tests and tools wait on it).
+        self.revision = 0
+        self._labels: dict[str, tuple[Mapping[str, str], ...]] = {}
+        self._decisions: dict[tuple[Any, ...], Decision] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: Any = None
+        index.on_change(self._index_changed)
+
+    # ---- decisions (no I/O) ------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        """True when every call is allowed without looking (no rules, default allow)."""
+        return self.snapshot.access.open
+
+    def caller(
+        self, name: str | None, spiffe_id: str | None = None, *, verified: bool = False
+    ) -> Caller:
+        """A caller with the labels of its live registry records."""
+        return Caller(name, spiffe_id, verified, self._labels_of(name))
+
+    def verified(self, spiffe_id: str) -> Caller:
+        """The caller an mTLS certificate proved, with its labels from the registry."""
+        caller = Caller.verified_from(spiffe_id)
+        return Caller(caller.name, caller.spiffe_id, True, self._labels_of(caller.name))
+
+    def _labels_of(self, name: str | None) -> tuple[Mapping[str, str], ...]:
+        if name is None:
+            return ()
+        labels = self._labels.get(name)
+        if labels is None:
+            labels = tuple(dict(r.labels) for r in self._index.records() if r.name == name)
+            if len(self._labels) > _DECISION_CACHE:
+                self._labels.clear()
+            self._labels[name] = labels
+        return labels
+
+    def authorize(self, caller: Caller, subject: Subject, *, partial: bool = False) -> Decision:
+        key = (caller.name, caller.spiffe_id, caller.verified, subject, partial)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self.snapshot.access.decide(caller, subject, partial=partial)
+            if len(self._decisions) > _DECISION_CACHE:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    def traffic(self, capability: str) -> TrafficRule | None:
+        return self.snapshot.traffic.get(capability)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every change of the compiled state."""
+        self._listeners.append(listener)
+
+    def _index_changed(self) -> None:
+        # Labels come from registry records: recompute them, and the decisions made with them.
+        self._labels.clear()
+        self._decisions.clear()
+
+    # ---- feeding -------------------------------------------------------------------------------
+
+    def apply(self, key: str, value: bytes | None) -> None:
+        """One watch event: a value (put) or None (delete, purge)."""
+        if value is None:
+            if self._raw.pop(key, None) is not None:
+                self._rebuild()
+            return
+        if self._raw.get(key) == value:
+            return
+        self._raw[key] = value
+        self._rebuild()
+
+    def replace(self, snapshot: dict[str, bytes]) -> None:
+        """Swap everything for a fresh snapshot (after a (re)connection)."""
+        if snapshot == self._raw and self.synced.is_set():
+            return
+        self._raw = dict(snapshot)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        try:
+            snapshot = compile_snapshot(
+                self._raw, default=self.default, retry=self._retry, breaker=self._breaker
+            )
+        except Exception:  # a bug, not bad input: keep the last good state rather than crash
+            _log.exception("compiling policies failed; keeping the previous state")
+            return
+        self.snapshot = snapshot
+        self._decisions.clear()
+        self.revision += 1
+        _log.info(
+            "policies now: %d valid, %d invalid (revision %d)",
+            len(snapshot.policies),
+            len(snapshot.invalid),
+            self.revision,
+        )
+        for listener in self._listeners:
+            listener()
+
+    # ---- the watch task ------------------------------------------------------------------------
+
+    async def open_store(self) -> None:
+        await self.store.open()
+
+    def start(self, conn: NatsConnection) -> None:
+        conn.on_reconnect(self._resync)
+        self._task = asyncio.create_task(self._run(), name="policy-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._stop_watcher()
+
+    async def wait_synced(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.synced.wait(), timeout)
+        except TimeoutError as exc:
+            raise RegistryUnavailable(
+                f"policy bucket {self.store.bucket!r} did not deliver its initial view "
+                f"within {timeout:g}s"
+            ) from exc
+
+    async def _resync(self) -> None:
+        """Reconnected: end the current watch; the run loop starts a new one from a snapshot."""
+        await self._stop_watcher()
+
+    async def _stop_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self._watcher = watcher = await self.store.watch()
+                await self._consume(watcher)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning("policy watch interrupted (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _consume(self, watcher: Any) -> None:
+        snapshot: dict[str, bytes] | None = {}
+        async for entry in watcher:
+            if entry is None:
+                if snapshot is not None:
+                    self.replace(snapshot)
+                    snapshot = None
+                    self.synced.set()
+                continue
+            value = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
+            if snapshot is not None:
+                if value is None:
+                    snapshot.pop(entry.key, None)
+                else:
+                    snapshot[entry.key] = value
+                if entry.delta == 0:
+                    self.replace(snapshot)
+                    snapshot = None
+                    self.synced.set()
+            else:
+                self.apply(entry.key, value)

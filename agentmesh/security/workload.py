@@ -1,0 +1,376 @@
+"""A sidecar's mesh identity: key, certificate, trust bundle, TLS contexts, renewal, revocations.
+
+Where the certificate comes from, in order:
+
+1. ``AGENTMESH_CA_CERT_FILE`` + ``AGENTMESH_CA_KEY_FILE``: this process holds the CA, and issues
+   its own certificate (recorded in KV like any other). The control plane does this for itself;
+   single-host setups and test suites may too.
+2. a join token: ``AGENTMESH_JOIN_TOKEN``, else the control plane's ``join-token`` file in
+   ``AGENTMESH_DATA_DIR`` (same machine, same user: zero configuration). The sidecar checks the
+   control plane's trust bundle against the token's pin, then sends a CSR with the token.
+
+The private key is made here and never leaves the process. Renewal happens at about half the
+certificate's lifetime (±10% jitter, so a fleet started together does not renew together),
+authenticated by the current certificate and key; a new TLS context is built and used for every
+*new* connection, inbound and outbound, while open connections finish on the old one — no call
+fails across a renewal. If renewal fails it is retried with backoff until the certificate
+expires (then peers refuse it and calls fail with a clear error).
+
+The trust bundle is watched in KV and replaced only by a newer version signed by a root already
+trusted (root rotation); revoked serials are watched too, and listeners (the transport) close
+connections to revoked peers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+import random
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agentmesh.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    MeshError,
+    RegistryUnavailable,
+)
+from agentmesh.models import CertificateRequest, IssuedCertificate, RenewalProof, TrustBundle
+from agentmesh.registry.connection import NatsConnection
+from agentmesh.security.enrol import RemoteIssuer, renewal_proof
+from agentmesh.security.files import JOIN_TOKEN_FILE, read_secret
+from agentmesh.security.identity import Kind, LeafRefused, SpiffeId, check_leaf
+from agentmesh.security.pki import (
+    PrivateKey,
+    client_context,
+    load_certs,
+    new_csr,
+    new_key,
+    same_public_key,
+    server_context,
+    verify_bundle,
+)
+from agentmesh.security.store import SecurityStore, SecurityView, security_bucket
+from agentmesh.settings import Settings
+
+__all__ = ["WorkloadIdentity", "default_client_name"]
+
+_log = logging.getLogger("agentmesh.security")
+
+Mode = Literal["strict", "permissive", "off"]
+#: Sources of certificates: (csr pem, renewal proof or None) -> issued certificate.
+Source = Callable[[str, RenewalProof | None], Awaitable[IssuedCertificate]]
+
+
+def default_client_name() -> str:
+    """The user name, made fit for a SPIFFE path segment."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "user"
+    name = re.sub(r"[^a-z0-9._-]+", "-", user.lower()).strip("._-")[:64]
+    return name or "user"
+
+
+class WorkloadIdentity:
+    """The identity of one sidecar; ``server_context()``/``client_context()`` are always current."""
+
+    def __init__(self, settings: Settings, *, kind: Kind, name: str, owner: str) -> None:
+        self.mode: Mode = settings.mtls
+        self.owner = owner
+        self._settings = settings
+        self._kind = kind
+        self._name = name
+        self.id: SpiffeId | None = None
+        self.view = SecurityView()
+        self.store: SecurityStore | None = None
+        self._trust_domain = settings.trust_domain
+        self._key: PrivateKey | None = None
+        self._certs: list[x509.Certificate] = []
+        self._roots: list[x509.Certificate] = []
+        self.bundle_version = 0
+        self._server: ssl.SSLContext | None = None
+        self._client: ssl.SSLContext | None = None
+        self.not_after = 0.0
+        self._issued_at = 0.0
+        self.renewals = 0
+        self._issuer: object | None = None
+        self._pending_public_key: object | None = None
+        self._remote = False
+        self._renewal: asyncio.Task[None] | None = None
+        self._revoked_seen: frozenset[int] = frozenset()
+        self._on_revoked: list[Callable[[frozenset[int]], None]] = []
+
+    @classmethod
+    def for_caller(cls, settings: Settings, caller: str) -> WorkloadIdentity:
+        """What a sidecar is from its caller name: an agent, a client, or the control plane."""
+        if caller == "control":
+            return cls(settings, kind="control", name="", owner="control")
+        if caller == "client":
+            name = settings.client_name or default_client_name()
+            return cls(settings, kind="client", name=name, owner="client")
+        return cls(settings, kind="agent", name=caller, owner=caller)
+
+    # ---- what others read ------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def trust_domain(self) -> str:
+        return self._trust_domain
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        return self.view.revoked
+
+    @property
+    def serial(self) -> int | None:
+        return self._certs[0].serial_number if self._certs else None
+
+    def server_context(self) -> ssl.SSLContext:
+        assert self._server is not None, "start() first"
+        return self._server
+
+    def client_context(self) -> ssl.SSLContext | None:
+        return self._client
+
+    def on_revoked(self, listener: Callable[[frozenset[int]], None]) -> None:
+        """Call ``listener(revoked serials)`` whenever the revocation list changes."""
+        self._on_revoked.append(listener)
+
+    def use_issuer(self, issuer: object) -> None:
+        """Issue from this ``agentmesh.control.issuer.Issuer`` (the control plane's own CA)."""
+        self._issuer = issuer
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, conn: NatsConnection, registry_bucket: str) -> None:
+        """Get a certificate and the revocation list; then keep both current."""
+        if not self.enabled:
+            return
+        shared = getattr(self._issuer, "store", None)  # the control plane's own issuer
+        self.store = (
+            shared
+            if isinstance(shared, SecurityStore)
+            else SecurityStore(conn, security_bucket(registry_bucket))
+        )
+        await self.store.open()
+        self.view.on_change(self._view_changed)
+        self.view.start(self.store, conn)
+        await self._obtain(first=True)
+        try:
+            await asyncio.wait_for(self.view.synced.wait(), 5.0)
+        except TimeoutError as exc:
+            raise RegistryUnavailable(
+                f"the revocation list did not arrive within 5s from NATS at {conn.url}"
+            ) from exc
+        self._renewal = asyncio.create_task(self._renew_loop(), name="identity-renewal")
+
+    async def close(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
+            self._renewal = None
+        await self.view.stop()
+
+    # ---- getting certificates -----------------------------------------------------------------
+
+    def _local_issuer(self) -> object | None:
+        if self._issuer is not None:
+            return self._issuer
+        settings = self._settings
+        if settings.ca_cert_file is None or settings.ca_key_file is None:
+            return None
+        from agentmesh.control.ca import CertificateAuthority
+        from agentmesh.control.issuer import Issuer
+
+        assert self.store is not None
+        ca = CertificateAuthority.from_files(
+            settings.ca_cert_file, settings.ca_key_file, settings.trust_domain, settings.cert_ttl
+        )
+        self._issuer = Issuer(ca, self.store)
+        return self._issuer
+
+    def _token(self) -> str | None:
+        return self._settings.join_token or read_secret(self._settings.data_dir / JOIN_TOKEN_FILE)
+
+    def _no_source(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{self.owner}: mTLS is {self.mode}, but there is no way to get a mesh certificate: "
+            f"run it where the control plane's data dir is (AGENTMESH_DATA_DIR; "
+            f"{self._settings.data_dir} has no {JOIN_TOKEN_FILE}), give it a join token "
+            "(AGENTMESH_JOIN_TOKEN, from `agentmesh token create`), or opt out of mTLS "
+            "with AGENTMESH_MTLS=off"
+        )
+
+    async def _source(self, *, renew: bool) -> tuple[Source, list[x509.Certificate] | None]:
+        """How to get a certificate now, and the roots a first bundle must be signed by."""
+        issuer = self._local_issuer()
+        if issuer is not None:
+            from agentmesh.control.issuer import Issuer
+
+            assert isinstance(issuer, Issuer)
+            self._trust_domain = issuer.trust_domain
+            self._remote = False
+
+            async def local(csr: str, proof: RenewalProof | None) -> IssuedCertificate:
+                if self._kind == "control":
+                    return await issuer.issue_control(self._pending_public_key)
+                return await issuer.issue_local(csr)
+
+            return local, None
+        token = None if renew else self._token()
+        if not renew and token is None:
+            raise self._no_source()
+        remote = RemoteIssuer(self._settings.control_url, token)
+        self._remote = True
+        pinned: list[x509.Certificate] | None = None
+        if not renew:
+            bundle = await remote.trust_bundle()
+            self._trust_domain = bundle.trust_domain
+            pinned = [c for text in bundle.roots for c in load_certs(text)]
+
+        async def request(csr: str, proof: RenewalProof | None) -> IssuedCertificate:
+            return await remote.issue(CertificateRequest(csr=csr, renewal=proof))
+
+        return request, pinned
+
+    async def _obtain(self, *, first: bool) -> None:
+        source, pinned = await self._source(renew=not first)
+        key = new_key()
+        try:
+            identity = SpiffeId(self._trust_domain, self._kind, self._name)
+        except ValueError as exc:
+            raise ConfigurationError(f"{self.owner}: no valid mesh identity: {exc}") from exc
+        csr = new_csr(key, identity.uri)
+        csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        proof = None
+        if not first and self._remote and self._key is not None:
+            proof = renewal_proof(self._key, self._certs, csr)
+        self._pending_public_key = key.public_key()
+        issued = await source(csr_pem, proof)
+        leaf, *chain = load_certs(issued.certificate) + [
+            c for text in issued.chain for c in load_certs(text)
+        ]
+        if not same_public_key(leaf.public_key(), key.public_key()):
+            raise AuthenticationFailed(
+                f"{self.owner}: the CA returned a certificate for another key"
+            )
+        try:
+            got = check_leaf(leaf, self._trust_domain).id
+        except LeafRefused as exc:
+            raise AuthenticationFailed(f"{self.owner}: the CA returned {exc}") from None
+        if got != identity:
+            raise AuthenticationFailed(f"{self.owner}: asked for {identity}, the CA issued {got}")
+        self._adopt_bundle(issued.trust_bundle, pinned if pinned is not None else self._roots)
+        self.id = identity
+        self._key, self._certs = key, [leaf, *chain]
+        self._issued_at = time.time()
+        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self._rebuild()
+        _log.info(
+            "%s: certificate %x for %s, valid until %s",
+            self.owner,
+            leaf.serial_number,
+            identity,
+            leaf.not_valid_after_utc.isoformat(timespec="seconds"),
+        )
+
+    def _adopt_bundle(self, bundle: TrustBundle, trusted: list[x509.Certificate]) -> bool:
+        if bundle.trust_domain != self._trust_domain or bundle.version <= self.bundle_version:
+            return False
+        if trusted:
+            verify_bundle(bundle, trusted)
+        self._roots = [c for text in bundle.roots for c in load_certs(text)]
+        self.bundle_version = bundle.version
+        return True
+
+    def _rebuild(self) -> None:
+        assert self._key is not None
+        self._server = server_context(self._key, self._certs, self._roots)
+        self._client = client_context(self._key, self._certs, self._roots)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            lifetime = max(self.not_after - self._issued_at, 0.1)
+            at = self._issued_at + lifetime * random.uniform(0.45, 0.55)
+            await asyncio.sleep(max(at - time.time(), 0.0))
+            failures = 0
+            while True:
+                try:
+                    await self._obtain(first=False)
+                except AuthenticationFailed as exc:
+                    if self._remote and self._token() is not None:
+                        _log.warning("%s: renewal refused (%s); enrolling again", self.owner, exc)
+                        with contextlib.suppress(MeshError, OSError, ValueError):
+                            await self._obtain(first=True)
+                            self.renewals += 1
+                            break
+                    failures += 1
+                    self._renewal_failed(exc, failures)
+                except (MeshError, OSError, ValueError) as exc:
+                    failures += 1
+                    self._renewal_failed(exc, failures)
+                else:
+                    self.renewals += 1
+                    break
+                remaining = self.not_after - time.time()
+                await asyncio.sleep(min(max(remaining / 10, 0.2), 30.0))
+
+    def _renewal_failed(self, exc: Exception, failures: int) -> None:
+        remaining = self.not_after - time.time()
+        if remaining > 0:
+            _log.warning(
+                "%s: certificate renewal failed (%s); retrying, %.0fs left",
+                self.owner,
+                exc,
+                remaining,
+            )
+        else:
+            _log.error(
+                "%s: certificate expired and renewal keeps failing (%d attempts): %s; peers "
+                "refuse this workload until it renews",
+                self.owner,
+                failures,
+                exc,
+            )
+
+    # ---- the watched view -------------------------------------------------------------------
+
+    def _view_changed(self) -> None:
+        bundle = self.view.bundle
+        if bundle is not None and bundle.version > self.bundle_version and self._roots:
+            try:
+                if self._adopt_bundle(bundle, self._roots):
+                    self._rebuild()
+                    _log.info(
+                        "%s: trust bundle v%d (%d roots)",
+                        self.owner,
+                        bundle.version,
+                        len(bundle.roots),
+                    )
+            except ValueError as exc:
+                _log.warning(
+                    "%s: ignoring trust bundle v%d from KV: %s", self.owner, bundle.version, exc
+                )
+        revoked = self.view.revoked
+        if revoked != self._revoked_seen:
+            self._revoked_seen = revoked
+            if self.serial is not None and self.serial in revoked:
+                _log.error("%s: this workload's own certificate was revoked", self.owner)
+            for listener in list(self._on_revoked):
+                try:
+                    listener(revoked)
+                except Exception:
+                    _log.exception("revocation listener failed")

@@ -1,0 +1,100 @@
+"""Policy and route: the outbound layers that apply the cached policies (no I/O).
+
+``AccessLayer`` (DESIGN §3 "policy") decides, from the sidecar's cached AccessPolicies, which of
+the resolved targets this caller may call: those it may not are dropped (a rule may allow
+only some versions), and if none is left the call fails fast with ``PolicyDenied`` naming the
+rule. It decides in partial mode (see ``policy/access.py``): the receiving sidecar's decision is
+the authoritative one. A denial is final; the retry layer below never sees it.
+
+``RouteLayer`` (DESIGN §3 "route") attaches the capability's TrafficPolicy to the call as
+``call.traffic`` — the layers below read their overrides from it (deadline: the timeout;
+retry: attempts, backoff, attempt timeout; balance: the strategy; breaker: its thresholds) —
+and restricts ``call.targets`` to the version subset the weighted split picked.
+
+Access runs before the split, so a caller allowed only some versions is routed among those,
+and a canary coin flip never turns into a denial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from agentmesh.errors import PolicyDenied
+from agentmesh.policy.access import Decision, Subject
+from agentmesh.policy.cache import PolicyCache
+from agentmesh.registry.index import Target
+from agentmesh.sidecar.call import Handler, OutboundCall, Reply
+from agentmesh.sidecar.deadline import current_deadline
+
+__all__ = ["AccessLayer", "RouteLayer"]
+
+
+class AccessLayer:
+    """``own_spiffe`` gives this sidecar's verified SPIFFE ID (its mTLS certificate's), if any:
+    the receiver sees that identity, so the sender decides as it. Without one (mTLS off), the
+    caller is the name this sidecar claims in ``agentmesh-caller``."""
+
+    def __init__(
+        self,
+        inner: Handler,
+        policies: PolicyCache,
+        *,
+        caller: str,
+        own_spiffe: Callable[[], str | None] | None = None,
+    ) -> None:
+        self._inner = inner
+        self._policies = policies
+        self.caller = caller
+        self._own_spiffe = own_spiffe
+
+    async def __call__(self, call: OutboundCall) -> Reply:
+        policies = self._policies
+        if policies.open:
+            return await self._inner(call)
+        own = self._own_spiffe() if self._own_spiffe is not None else None
+        caller = policies.verified(own) if own else policies.caller(self.caller)
+        decided: dict[tuple[str, tuple[str, ...]], Decision] = {}
+        allowed: list[Target] = []
+        denial: tuple[Decision, Subject] | None = None
+        for target in call.targets:
+            spec = target.spec
+            key = (spec.version, spec.tags)
+            decision = decided.get(key)
+            subject = Subject(spec.name, target.version, spec.tags)
+            if decision is None:
+                decision = decided[key] = policies.authorize(caller, subject, partial=True)
+            if decision.allowed:
+                allowed.append(target)
+            elif denial is None:
+                denial = (decision, subject)
+        if not allowed:
+            if denial is None:  # no targets: resolve already raised; keep the layer total
+                return await self._inner(call)
+            error: PolicyDenied = denial[0].error(caller, denial[1])
+            raise error
+        if len(allowed) != len(call.targets):
+            call.targets = tuple(allowed)
+        return await self._inner(call)
+
+
+class RouteLayer:
+    def __init__(self, inner: Handler, policies: PolicyCache) -> None:
+        self._inner = inner
+        self._policies = policies
+
+    async def __call__(self, call: OutboundCall) -> Reply:
+        rule = self._policies.snapshot.traffic.get(call.capability)
+        if rule is not None:
+            route, call.targets = rule.select(call.targets, call.affinity_key)
+            call.traffic = route
+            if route.timeout is not None and not call.timeout_explicit:
+                # The policy's timeout replaces the capability's and the sidecar's default, but
+                # never an explicit timeout of the caller, nor the budget inherited from ours.
+                deadline = asyncio.get_running_loop().time() + route.timeout
+                inherited = current_deadline.get()
+                if inherited is not None and inherited < deadline:
+                    deadline = inherited
+                call.deadline = deadline
+                call.timeout = route.timeout
+        return await self._inner(call)

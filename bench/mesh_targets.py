@@ -1,0 +1,205 @@
+"""Mesh targets: calls through agentmesh, measured next to the baselines of ``baselines.py``.
+
+* **M1** — ``Mesh.call`` from this process, through the client's full outbound stack (whatever
+  ``agentmesh/sidecar/stack.py`` builds: observe, chain, resolve, deadline, retry, balance,
+  breaker, ..., aiohttp transport), to one agent process
+  started as a user would (``python -m agentmesh run bench/_echo_agent.py --port 0``), which
+  serves an ``echo`` capability doing B1's work (see ``_echo_agent.py``). The registry is an
+  embedded nats-server (``agentmesh.nats_server.NatsServer``) that the target starts; it is
+  not on the request path (the client resolves from its watch-fed local index), so its share of
+  the server CPU and RSS is printed apart under each table.
+
+:class:`MeshCall` also serves ``bench/failover.py`` with several replicas and short leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic_core
+
+import agentmesh
+from agentmesh.mesh import Mesh
+from agentmesh.nats_server import NatsServer
+from agentmesh.settings import Settings
+from bench.harness import ProcessTarget, ServerProcess, make_payload, wait_until_ready
+
+__all__ = ["AGENT_FILE", "CAPABILITY", "AgentProcess", "MeshCall"]
+
+AGENT_FILE = Path(__file__).with_name("_echo_agent.py")
+"""Executed by ``agentmesh run`` in the agent process."""
+CAPABILITY = "echo"
+AGENT_NAME = "bench-echo"
+_READY_LINE = re.compile(r"(\S+) serving (\S+) at (https?://\S+)")
+"""What ``agentmesh run`` prints on stdout once the agent is serving and registered."""
+_PROBE = make_payload(256)
+_START_TIMEOUT_S = 30.0
+"""Generous: cold interpreters importing agentmesh (pydantic, uvicorn, nats) on busy cores."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentProcess:
+    """One running agent: its process, and what it announced."""
+
+    process: ServerProcess
+    instance_id: str
+    endpoint: str
+
+    @property
+    def pid(self) -> int:
+        """The agent's pid."""
+        return self.process.pid
+
+
+class MeshCall(ProcessTarget):
+    """M1: ``Mesh.call`` → in-process sidecar → agent process(es) serving ``echo``."""
+
+    description = (
+        "agentmesh Mesh.call (in-process sidecar: the whole outbound stack of "
+        "agentmesh/sidecar/stack.py, aiohttp keep-alive) → `agentmesh run` agent with its "
+        "defaults (raw-ASGI inbound on uvicorn); the echo capability validates the payload into "
+        "a pydantic model and returns an EchoBody pydantic model, B1's work"
+    )
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 1,
+        agent_env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.replicas = replicas
+        self.agent_env = dict(agent_env or {})
+        self.nats: NatsServer | None = None
+        self.mesh: Mesh | None = None
+        self.agents: list[AgentProcess] = []
+        self._raw: bytes | None = None
+        self._doc: Any = None
+
+    async def start(self) -> None:
+        """NATS, then the agents, then the client; return once a call through the mesh works."""
+        self.nats = NatsServer(self.workdir / "nats")
+        self.nats.start()  # blocks for the tens of ms nats-server needs; once per run
+        url = self.nats.url
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+        env.update(
+            AGENTMESH_NATS_URL=url,
+            AGENTMESH_DATA_DIR=str(self.workdir),
+            PYTHONUNBUFFERED="1",
+            **self.agent_env,
+        )
+        procs = [
+            self.spawn(
+                f"agent-{i}",
+                [
+                    sys.executable,
+                    "-m",
+                    "agentmesh",
+                    "run",
+                    str(AGENT_FILE),
+                    "--name",
+                    AGENT_NAME,
+                    "--port",
+                    "0",
+                ],
+                env,
+            )
+            for i in range(self.replicas)
+        ]
+        lines = await asyncio.gather(*(p.read_line(_READY_LINE, _START_TIMEOUT_S) for p in procs))
+        self.agents = [AgentProcess(p, m[1], m[3]) for p, m in zip(procs, lines, strict=True)]
+        self.mesh = await agentmesh.connect(Settings(nats_url=url, data_dir=self.workdir))
+        await wait_until_ready(
+            self._index_sees_every_agent, "M1 registry index", _START_TIMEOUT_S, self.processes
+        )
+        await wait_until_ready(
+            lambda: self.call(_PROBE), "M1 agent via the mesh", _START_TIMEOUT_S, self.processes
+        )
+        self.facts.update(
+            agent=f"agentmesh run, uvicorn asyncio/{_http_parser()}",
+            replicas=str(self.replicas),
+            nats=url,
+        )
+
+    async def _index_sees_every_agent(self) -> None:
+        """Raise until the client's local index lists every agent as serving."""
+        mesh = self.mesh
+        assert mesh is not None
+        serving = {
+            t.instance_id
+            for t in mesh.sidecar.index.targets(CAPABILITY)
+            if t.record.status == "serving"
+        }
+        missing = [a.instance_id for a in self.agents if a.instance_id not in serving]
+        if missing:
+            await asyncio.sleep(0.02)
+            raise LookupError(f"not in the client's index yet: {', '.join(missing)}")
+
+    def _decoded(self, payload: bytes) -> Any:
+        """The payload as a dict, decoded once per distinct bytes object (as a user holds it)."""
+        if payload is not self._raw:
+            self._doc = json.loads(payload)
+            self._raw = payload
+        return self._doc
+
+    async def call(self, payload: bytes) -> bytes:
+        """``Mesh.call`` with the payload as a dict; the decoded answer is re-encoded for the
+        harness's echo check (pydantic_core.to_json, ~2 µs for 1 KB)."""
+        mesh = self.mesh
+        assert mesh is not None, "M1 is not started"
+        value = await mesh.call(CAPABILITY, self._decoded(payload))
+        return pydantic_core.to_json(value)
+
+    async def invoke(self, payload: bytes) -> agentmesh.CallResult:
+        """``Mesh.invoke``: the answer plus which instance served it and after how many attempts."""
+        mesh = self.mesh
+        assert mesh is not None, "the mesh target is not started"
+        return await mesh.invoke(CAPABILITY, self._decoded(payload))
+
+    def server_pids(self) -> list[int]:
+        """The agents and nats-server (the registry: off the request path, see offpath_pids)."""
+        pids = [p.pid for p in self.processes if p._proc is not None]
+        if self.nats is not None and self.nats.pid is not None:
+            pids.append(self.nats.pid)
+        return pids
+
+    def offpath_pids(self) -> list[int]:
+        """nats-server: the client resolves from its local index, so no call touches NATS."""
+        if self.nats is not None and self.nats.pid is not None:
+            return [self.nats.pid]
+        return []
+
+    async def close_client(self) -> None:
+        """Close the client's sidecar (NATS connection, index watch, HTTP pool)."""
+        if self.mesh is not None:
+            mesh, self.mesh = self.mesh, None
+            await mesh.close()
+
+    async def stop(self) -> None:
+        """Client first, then the agents (they deregister through NATS), then NATS."""
+        try:
+            await self.close_client()
+        finally:
+            for proc in reversed(self.processes):
+                proc.stop()
+            if self.nats is not None:
+                self.nats.stop()
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def _http_parser() -> str:
+    """uvicorn's default HTTP parser in the agent: httptools when installed, else h11."""
+    return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"

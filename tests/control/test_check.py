@@ -1,0 +1,84 @@
+"""``agentmesh check`` against a real control process and real nats-servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agentmesh import capability
+from agentmesh.nats_server import NatsServer
+from tests.control.control_process import arun_cli, cli_env, control_process, run_cli
+
+
+@capability
+async def ping() -> str:
+    return "pong"
+
+
+def marks(stdout: str) -> dict[str, str]:
+    """check name → its mark (✔, ✖ or ·), from the lines that carry one."""
+    found = {}
+    for line in stdout.splitlines():
+        if line[:1] in ("✔", "✖", "·"):
+            name = line[2:].split("  ")[0].strip()
+            found[name] = line[0]
+    return found
+
+
+async def test_a_healthy_mesh_passes_every_check(
+    start_agent, nats_url: str, bucket: str, tmp_path: Path
+):
+    await start_agent([ping], name="pinger")
+    with control_process(nats_url, bucket, tmp_path) as control_url:
+        # The CLI finds the admin token in the control plane's data dir, as on one machine.
+        env = cli_env({"AGENTMESH_CONTROL_URL": control_url, "AGENTMESH_DATA_DIR": str(tmp_path)})
+        done = await arun_cli("check", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert marks(done.stdout) == {
+            "control plane": "✔",
+            "NATS": "✔",
+            "JetStream": "✔",
+            "registry": "✔",
+            "clock": "✔",
+            "identities": "✔",
+        }, done.stdout
+        assert f"bucket {bucket!r}: 1 agent instance(s)" in done.stdout, done.stdout
+
+        as_json = await arun_cli("check", "-o", "json", env=env)
+        assert as_json.returncode == 0, as_json.stderr
+        checks = {c["check"]: c for c in json.loads(as_json.stdout)}
+        assert checks["NATS"]["ok"] is True
+        assert checks["NATS"]["detail"].startswith(nats_url)
+        assert checks["identities"]["ok"] is True
+
+
+async def test_a_stopped_nats_fails_the_check(tmp_path: Path, bucket: str):
+    nats = NatsServer(tmp_path / "nats")
+    nats.start()
+    try:
+        with control_process(nats.url, bucket, tmp_path) as control_url:
+            nats.stop()
+            done = await arun_cli("check", env=cli_env({"AGENTMESH_CONTROL_URL": control_url}))
+    finally:
+        if nats.running:
+            nats.stop()
+    assert done.returncode == 1, done.stdout + done.stderr
+    found = marks(done.stdout)
+    assert found["control plane"] == "✔"
+    assert found["NATS"] == "✖"
+    assert found["JetStream"] == "·"
+    assert found["registry"] == "·"
+    nats_line = next(line for line in done.stdout.splitlines() if line.startswith("✖ NATS"))
+    assert nats.url in nats_line
+    assert "connection refused" in nats_line
+    assert "→ start nats-server" in done.stdout
+
+
+def test_no_control_plane_and_no_nats_is_one_clear_failure(tmp_path: Path):
+    done = run_cli("check", env=cli_env({"AGENTMESH_CONTROL_URL": "http://127.0.0.1:9"}))
+    assert done.returncode == 1, done.stdout + done.stderr
+    found = marks(done.stdout)
+    assert found["control plane"] == "✖"
+    assert set(found.values()) == {"✖", "·"}
+    assert "→ start it with `agentmesh control`" in done.stdout
+    assert done.stderr == ""

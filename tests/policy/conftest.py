@@ -1,0 +1,252 @@
+"""Fixtures of the policy tests: callers with names, policy writes, a control plane process.
+
+Caller identity lives in one place, ``mesh_as``: a client named with ``AGENTMESH_CLIENT_NAME``,
+whose sidecar holds the certificate of ``spiffe://agentmesh.local/client/<name>`` (mTLS is on
+in the suite). Policies in these tests match a caller by its SPIFFE ID and by the agent name it
+would claim with mTLS off (``sources_for``), so they hold in both modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentmesh import Mesh, Settings, connect
+from agentmesh.control.policies import apply_policy
+from agentmesh.models import PolicyChange
+from agentmesh.security.files import admin_token
+from agentmesh.sidecar.call import OutboundCall
+from agentmesh.sidecar.sidecar import Sidecar
+from agentmesh.sidecar.stack import build_outbound
+from tests.mesh_ca import mesh_ca
+
+TRUST_DOMAIN = "agentmesh.local"
+
+
+def sources_for(name: str) -> list[dict[str, str]]:
+    """Selectors matching client ``name`` whether its identity is claimed or verified."""
+    return [{"agent": name}, {"spiffe": f"spiffe://{TRUST_DOMAIN}/client/{name}"}]
+
+
+def access_policy(name: str, *rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentmesh.dev/v1",
+        "kind": "AccessPolicy",
+        "metadata": {"name": name},
+        "spec": {"rules": list(rules)},
+    }
+
+
+def traffic_policy(name: str, capability: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentmesh.dev/v1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": name},
+        "spec": {"capability": capability, **spec},
+    }
+
+
+MeshAs = Callable[..., Awaitable[Mesh]]
+
+
+@pytest.fixture
+async def mesh_as(settings: Settings) -> AsyncIterator[MeshAs]:
+    """``await mesh_as("planner")`` → a Mesh client that calls as ``planner``."""
+    opened: list[Mesh] = []
+
+    async def open_mesh(name: str, **overrides: Any) -> Mesh:
+        mesh = await connect(settings, client_name=name, **overrides)
+        opened.append(mesh)
+        return mesh
+
+    yield open_mesh
+    for mesh in opened:
+        with contextlib.suppress(Exception):
+            await mesh.close()
+
+
+Apply = Callable[[dict[str, Any]], Awaitable[PolicyChange]]
+
+
+@pytest.fixture
+def apply(mesh: Mesh) -> Apply:
+    """Write a policy the way the control plane does (validated, compare-and-set)."""
+
+    async def write(document: dict[str, Any]) -> PolicyChange:
+        return await apply_policy(mesh.sidecar.policies.store, document)
+
+    return write
+
+
+async def delete(mesh: Mesh, name: str) -> None:
+    store = mesh.sidecar.policies.store
+    latest = await store.latest(name)
+    assert latest is not None, f"no policy {name!r} to delete"
+    assert latest.operation == "put", f"policy {name!r} is already deleted"
+    await store.delete(name, last=latest.revision)
+
+
+def sidecars_of(*holders: Any) -> list[Sidecar]:
+    """The sidecars of Mesh clients and running agents (``RunningAgent``)."""
+    out = []
+    for holder in holders:
+        if isinstance(holder, Mesh):
+            out.append(holder.sidecar)
+        else:
+            assert holder.agent.mesh is not None
+            out.append(holder.agent.mesh.sidecar)
+    return out
+
+
+async def until_applied(
+    wait_until: Callable[..., Awaitable[float]],
+    *holders: Any,
+    present: tuple[str, ...] = (),
+    absent: tuple[str, ...] = (),
+    timeout: float = 5.0,
+) -> float:
+    """Wait until every sidecar holds the policies in ``present`` and none in ``absent``."""
+
+    def done() -> bool:
+        for sidecar in sidecars_of(*holders):
+            names = set(sidecar.policies.snapshot.policies) | {
+                bad.name for bad in sidecar.policies.snapshot.invalid
+            }
+            if not set(present) <= names or names & set(absent):
+                return False
+        return True
+
+    return await wait_until(done, timeout=timeout)
+
+
+async def call_unchecked(holder: Any, settings: Settings, capability: str) -> Any:
+    """Call through the sidecar of ``holder`` (a Mesh or a running agent) without its own
+    sending-side policy check.
+
+    The call reaches the receiving sidecar, whose decision is the authoritative one: this is
+    how a test sees that the receiver enforces on its own. It uses the holder's transport, so
+    it carries the holder's identity (its mTLS certificate; with mTLS off, its claimed name).
+    """
+    [sidecar] = sidecars_of(holder)
+    caller = "client" if isinstance(holder, Mesh) else holder.agent.name
+    stack = build_outbound(sidecar.index, sidecar.transport, settings, caller=caller)
+    loop = asyncio.get_running_loop()
+    call = OutboundCall(capability=capability, body=b"{}", deadline=loop.time() + 5, timeout=5)
+    reply = await stack.handler(call)
+    return json.loads(reply.body)
+
+
+# --------------------------------------------------------------------------------------
+# A control plane process (for the API, the CLI, and "the control plane is gone").
+# --------------------------------------------------------------------------------------
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AGENTMESH_") and k not in ("COLUMNS", "LINES")
+    }
+    env.update(extra or {})
+    return env
+
+
+class ControlProcess:
+    """``agentmesh control`` on the test's NATS and bucket, with the suite's mesh CA, so its
+    identities and the in-process sidecars' trust each other."""
+
+    def __init__(self, nats_url: str, bucket: str, tmp_path: Path) -> None:
+        ready = tmp_path / "control.json"
+        self.log = tmp_path / "control.log"
+        self.data_dir = tmp_path
+        env = cli_env(
+            {
+                "AGENTMESH_REGISTRY_BUCKET": bucket,
+                "AGENTMESH_DATA_DIR": str(tmp_path),
+                **mesh_ca().env(),
+            }
+        )
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "agentmesh",
+                    "control",
+                    "--port",
+                    "0",
+                    "--nats-url",
+                    nats_url,
+                    "--ready-file",
+                    str(ready),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        for _ in range(1000):
+            if ready.exists() or self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert ready.exists(), self.log.read_text()
+        self.url: str = json.loads(ready.read_text())["control_url"]
+
+    def headers(self) -> dict[str, str]:
+        """The admin token the control plane keeps in its data dir, as the CLI sends it."""
+        token = admin_token(Settings(data_dir=self.data_dir))
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise
+        return self.proc.returncode
+
+
+@pytest.fixture
+def control(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[ControlProcess]:
+    proc = ControlProcess(nats_url, bucket, tmp_path)
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log.read_text()
+
+
+async def run_cli(
+    *args: str, control: ControlProcess, stdin: str | None = None
+) -> tuple[int, str, str]:
+    """``python -m agentmesh ARGS`` against ``control`` (whose data dir holds the admin
+    token); (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentmesh",
+        *args,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(
+            {"AGENTMESH_CONTROL_URL": control.url, "AGENTMESH_DATA_DIR": str(control.data_dir)}
+        ),
+    )
+    out, err = await asyncio.wait_for(
+        proc.communicate(stdin.encode() if stdin is not None else None), 30
+    )
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

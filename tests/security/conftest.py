@@ -1,0 +1,160 @@
+"""A real control plane (its own self-managed CA), agents that enrol with it, and its CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentmesh import Mesh, Settings, connect
+from tests.e2e.support import (
+    READY_TIMEOUT,
+    AgentProcess,
+    clean_env,
+    popen_logged,
+    tail,
+    terminate_all,
+)
+
+ECHO_AGENT = """
+from agentmesh import capability
+
+@capability
+async def echo(text: str = "") -> str:
+    return text
+"""
+
+
+class Control:
+    """``python -m agentmesh control`` on the test's NATS and bucket, with a fresh data dir."""
+
+    def __init__(self, nats_url: str, bucket: str, workdir: Path, env: Mapping[str, str]) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        ready = workdir / "control.json"
+        self.log = workdir / "control.log"
+        args = [sys.executable, "-m", "agentmesh", "control", "--port", "0"]
+        args += ["--nats-url", nats_url, "--ready-file", str(ready)]
+        self.proc = popen_logged(
+            args,
+            self.log,
+            clean_env(
+                {
+                    "AGENTMESH_REGISTRY_BUCKET": bucket,
+                    "AGENTMESH_DATA_DIR": str(self.data_dir),
+                    "AGENTMESH_HEARTBEAT_INTERVAL": "0.25",
+                    "AGENTMESH_LEASE_TTL": "1",
+                    **env,
+                }
+            ),
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"control plane not ready:\n{tail(self.log)}")
+            time.sleep(0.02)
+        self.info: dict[str, Any] = json.loads(ready.read_text())
+        self.url: str = self.info["control_url"]
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A local process: the control plane's URL and data dir (its tokens), nothing else."""
+        return clean_env(
+            {
+                "AGENTMESH_CONTROL_URL": self.url,
+                "AGENTMESH_DATA_DIR": str(self.data_dir),
+                **extra,
+            }
+        )
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings of an in-process client of this mesh (not the suite's test CA)."""
+        return Settings(
+            control_url=self.url,
+            data_dir=self.data_dir,
+            ca_cert_file=None,
+            ca_key_file=None,
+            **overrides,
+        )
+
+    async def cli(self, *args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentmesh",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env if env is not None else self.env()),
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+
+StartControl = Callable[..., Control]
+
+
+@pytest.fixture
+def start_control(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[StartControl]:
+    started: list[Control] = []
+    numbers = itertools.count(1)
+
+    def start(**env: str) -> Control:
+        control = Control(nats_url, bucket, tmp_path / f"control-{next(numbers)}", env)
+        started.append(control)
+        return control
+
+    yield start
+    terminate_all(c.proc for c in started)
+
+
+SpawnJoined = Callable[..., Awaitable[AgentProcess]]
+
+
+@pytest.fixture
+async def spawn_joined(tmp_path: Path) -> AsyncIterator[SpawnJoined]:
+    """``await spawn_joined(env, name=...)``: an echo agent process that enrols by itself."""
+    source = tmp_path / "echo_agent.py"
+    source.write_text(ECHO_AGENT)
+    started: list[AgentProcess] = []
+    numbers = itertools.count(1)
+
+    async def spawn(
+        env: Mapping[str, str], *, name: str = "echoer", ready: bool = True
+    ) -> AgentProcess:
+        log = tmp_path / "logs" / f"{name}-{next(numbers)}.log"
+        agent = AgentProcess(source, ["--name", name], env, log)
+        started.append(agent)
+        if ready:
+            await agent.wait_ready()
+        return agent
+
+    yield spawn
+    terminate_all(a.proc for a in started)
+
+
+@pytest.fixture
+async def joined_mesh() -> AsyncIterator[Callable[[Control], Awaitable[Mesh]]]:
+    opened: list[Mesh] = []
+
+    async def open_mesh(control: Control, **overrides: Any) -> Mesh:
+        mesh = await connect(control.settings(**overrides))
+        opened.append(mesh)
+        return mesh
+
+    yield open_mesh
+    for mesh in opened:
+        await mesh.close()

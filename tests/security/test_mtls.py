@@ -1,0 +1,348 @@
+"""mTLS between real sidecars: agents on real HTTPS, certificates from a real CA, real NATS.
+
+Every agent and client here runs in this process (the suite's ``settings``: strict mTLS, the
+test CA). Certificates the mesh must refuse are forged with the CA's real key (``forge.py``) and
+presented by a real client, raw (httpx) or as a sidecar's own identity (``present``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from cryptography import x509
+from prometheus_client import REGISTRY
+
+from agentmesh import (
+    Agent,
+    AuthenticationFailed,
+    ConnectionFailed,
+    IdentityMismatch,
+    Mesh,
+    Settings,
+    UntrustedPeer,
+    capability,
+    connect,
+)
+from agentmesh.control.ca import CertificateAuthority, write_root_ca
+from agentmesh.control.issuer import Issuer
+from agentmesh.models import AgentRecord, RevocationRequest
+from agentmesh.registry import Lease
+from agentmesh.security.pki import PrivateKey, client_context
+from tests.conftest import StartAgent, WaitUntil
+from tests.mesh_ca import mesh_ca
+
+from .forge import TD, forge
+
+pytestmark = pytest.mark.timeout(60)
+
+#: docs/security.md: "every sidecar refuses a revoked certificate within 2 seconds" (the KV watch
+#: delivers in milliseconds; the bound leaves room for two busy shared cores).
+REVOCATION_BOUND = 2.0
+
+
+@capability(idempotent=False)
+async def echo(text: str = "") -> str:
+    return text
+
+
+@capability
+async def summarize(text: str = "") -> str:
+    return text[:5]
+
+
+async def present(mesh: Mesh, key: PrivateKey, cert: x509.Certificate) -> None:
+    """Make ``mesh``'s sidecar present ``cert`` on its next new connections (and trust ours)."""
+    identity = mesh.sidecar.identity
+    identity._key, identity._certs = key, [cert]
+    identity._rebuild()
+    await mesh.sidecar.transport.close()  # new connections, new certificate
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    agent: Agent, settings: Settings, mesh: Mesh, wait_until: WaitUntil
+) -> AsyncIterator[Agent]:
+    """An agent with settings of its own (another mTLS mode), visible to ``mesh``."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(
+        agent.serve(settings=settings, on_ready=lambda _: ready.set(), handle_signals=False)
+    )
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    instance = agent.instance_id
+    await wait_until(lambda: any(r.instance_id == instance for r in mesh.sidecar.index.records()))
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 10)
+
+
+def inbound(caller: str) -> float:
+    labels = {"agent": "echoer", "caller": caller, "capability": "echo", "status": "200"}
+    return REGISTRY.get_sample_value("agentmesh_inbound_requests_total", labels) or 0.0
+
+
+# ---- who may connect --------------------------------------------------------------------------
+
+
+async def test_strict_refuses_plaintext_and_invoke_without_a_certificate(
+    start_agent: StartAgent, mesh: Mesh, settings: Settings
+) -> None:
+    agent = await start_agent([echo], name="echoer")
+    assert agent.endpoint.startswith("https://127.0.0.1:")
+    plain = agent.endpoint.replace("https://", "http://")
+    async with httpx.AsyncClient(timeout=5) as http:
+        for path in ("/v1/invoke/echo", "/healthz"):
+            resp = (
+                await http.post(f"{plain}{path}")
+                if "invoke" in path
+                else await http.get(f"{plain}{path}")
+            )
+            assert resp.status_code == 401
+            assert resp.headers["content-type"] == "application/problem+json"
+            assert resp.json()["code"] == "unauthenticated"
+            assert "accepts only mutual TLS" in resp.json()["detail"]
+
+    # TLS without a client certificate: probes answer, capabilities do not.
+    anonymous = client_context(None, [], mesh_ca().ca.roots)
+    async with httpx.AsyncClient(base_url=agent.endpoint, verify=anonymous, timeout=5) as http:
+        health = (await http.get("/healthz")).json()
+        assert health == {
+            "status": "ok",
+            "mtls": "strict",
+            "identity": "spiffe://agentmesh.local/agent/echoer",
+        }
+        refused = await http.post("/v1/invoke/echo", json={"text": "x"})
+        assert refused.status_code == 401
+        assert "requires a mesh client certificate" in refused.json()["detail"]
+
+    # A sidecar with mTLS off calls in plaintext: the strict agent refuses, clearly, at once.
+    async with connect(settings, mtls="off") as plaintext:
+        with pytest.raises(AuthenticationFailed, match="accepts only mutual TLS"):
+            await plaintext.call("echo", {"text": "x"})
+    assert await mesh.call("echo", {"text": "ok"}) == "ok"
+
+
+@pytest.mark.parametrize(
+    ("flaw", "logged"),
+    [
+        ("another CA", "client certificate refused: unable to get local issuer certificate"),
+        ("expired", "client certificate refused: certificate has expired"),
+        ("two URI SANs", "has 2 URI SANs"),
+        ("a CA certificate as leaf", "is a CA certificate used as a leaf"),
+    ],
+)
+async def test_invalid_client_certificates_fail_the_handshake_with_a_clear_log_line(
+    flaw: str,
+    logged: str,
+    start_agent: StartAgent,
+    mesh: Mesh,
+    settings: Settings,
+    tmp_path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agentmesh.security")
+    agent = await start_agent([echo], name="echoer")
+    ours = mesh_ca().ca
+    now = datetime.now(UTC)
+    if flaw == "another CA":
+        other = CertificateAuthority.from_files(*write_root_ca(tmp_path / "other", TD), TD, 600)
+        key, cert = forge(other._key, other.signer)
+    elif flaw == "expired":
+        key, cert = forge(
+            ours._key,
+            ours.signer,
+            not_before=now - timedelta(hours=2),
+            not_after=now - timedelta(hours=1),
+        )
+    elif flaw == "two URI SANs":
+        key, cert = forge(
+            ours._key, ours.signer, uris=(f"spiffe://{TD}/agent/a", f"spiffe://{TD}/agent/b")
+        )
+    else:
+        key, cert = forge(ours._key, ours.signer, ca=True)
+
+    # A raw client: the TLS handshake itself fails.
+    tls = client_context(key, [cert], ours.roots)
+    async with httpx.AsyncClient(verify=tls, timeout=5) as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post(f"{agent.endpoint}/v1/invoke/echo", json={"text": "x"})
+    assert any(logged in r.getMessage() and "echoer" in r.getMessage() for r in caplog.records)
+
+    # A sidecar presenting it: ConnectionFailed (never reached, nothing ran), naming the agent.
+    async with connect(settings) as forger:
+        await present(forger, key, cert)
+        with pytest.raises(ConnectionFailed, match=rf"{agent.instance_id} at https://.*TLS"):
+            await forger.call("echo", {"text": "x"}, retries=0)
+    assert await mesh.call("echo", {"text": "still fine"}) == "still fine"
+
+
+async def test_a_spoofed_caller_header_has_no_effect(start_agent: StartAgent, mesh: Mesh) -> None:
+    agent = await start_agent([echo], name="echoer")
+    before_client, before_spoof = inbound("client"), inbound("planner")
+    tls = mesh_ca().client_context("tests")
+    async with httpx.AsyncClient(verify=tls, timeout=5) as http:
+        resp = await http.post(
+            f"{agent.endpoint}/v1/invoke/echo",
+            json={"text": "hi"},
+            headers={"agentmesh-caller": "planner"},
+        )
+    assert resp.status_code == 200
+    assert inbound("client") - before_client == 1  # who the certificate says
+    assert inbound("planner") - before_spoof == 0  # not who the header claims
+
+
+# ---- whom a caller talks to -----------------------------------------------------------------
+
+
+async def test_a_registry_record_cannot_send_calls_to_another_agent(
+    start_agent: StartAgent, mesh: Mesh, wait_until: WaitUntil
+) -> None:
+    echoer = await start_agent([echo], name="echoer")
+    impostor = AgentRecord(
+        instance_id="summarizer-feed",
+        name="summarizer",
+        endpoint=echoer.endpoint,  # someone else's address
+        capabilities=(summarize.spec,),
+    )
+    lease = Lease(mesh.sidecar.store, impostor, interval=0.25, ttl=1)
+    await lease.acquire()
+    try:
+        await wait_until(lambda: bool(mesh.sidecar.index.targets("summarize")))
+        with pytest.raises(IdentityMismatch) as err:
+            await mesh.call("summarize", {"text": "secret"}, retries=0)
+        message = str(err.value)
+        assert "spiffe://agentmesh.local/agent/echoer" in message
+        assert "'summarizer'" in message
+        assert "spiffe://agentmesh.local/agent/summarizer" in message
+        assert isinstance(err.value, ConnectionFailed)  # nothing was sent
+        await lease.update(impostor.model_copy(update={"identity": f"spiffe://{TD}/agent/echoer"}))
+        await wait_until(
+            lambda: mesh.sidecar.index.targets("summarize")[0].record.identity is not None
+        )
+        with pytest.raises(IdentityMismatch, match="its record claims the identity"):
+            await mesh.call("summarize", {"text": "secret"}, retries=0)
+    finally:
+        await lease.release()
+
+
+async def test_strict_callers_refuse_plaintext_agents_permissive_ones_accept_both(
+    mesh: Mesh, settings: Settings, wait_until: WaitUntil
+) -> None:
+    plain = Agent("plain", capabilities=[echo])
+    async with serving(plain, settings.model_copy(update={"mtls": "off"}), mesh, wait_until):
+        assert plain.endpoint is not None
+        assert plain.endpoint.startswith("http://")
+        with pytest.raises(UntrustedPeer, match="plaintext endpoint cannot prove"):
+            await mesh.call("echo", retries=0)
+        async with connect(settings, mtls="permissive") as permissive:
+            assert await permissive.call("echo", {"text": "p"}) == "p"
+
+    migrating = Agent("migrating", capabilities=[summarize])
+    permissive_settings = settings.model_copy(update={"mtls": "permissive"})
+    async with serving(migrating, permissive_settings, mesh, wait_until):
+        assert migrating.endpoint is not None
+        assert migrating.endpoint.startswith("https://")
+        assert await mesh.call("summarize", {"text": "mutual tls"}) == "mutua"
+        async with connect(settings, mtls="off") as plaintext:
+            assert await plaintext.call("summarize", {"text": "plain text"}) == "plain"
+        async with httpx.AsyncClient(timeout=5) as http:
+            health = await http.get(migrating.endpoint.replace("https", "http") + "/healthz")
+        assert health.json()["mtls"] == "permissive"
+
+
+# ---- revocation -----------------------------------------------------------------------------
+
+
+async def test_revoked_callers_and_agents_are_refused_within_the_documented_time(
+    start_agent: StartAgent, mesh: Mesh, settings: Settings, wait_until: WaitUntil
+) -> None:
+    await start_agent([echo], name="echoer")
+    issuer = Issuer(mesh_ca().ca, mesh.sidecar.identity.store)  # what the control plane runs
+    async with connect(settings, client_name="mallory") as mallory:
+        assert await mallory.call("echo", {"text": "before"}) == "before"  # a pooled connection
+        serial = f"{mallory.sidecar.identity.serial:x}"
+        revoked = await issuer.revoke(RevocationRequest(target=serial, reason="key leaked"))
+        assert [r.spiffe_id for r in revoked.revoked] == [f"spiffe://{TD}/client/mallory"]
+        started = time.monotonic()
+
+        async def refused() -> bool:
+            try:
+                await mallory.call("echo", {"text": "after"}, retries=0)
+            except AuthenticationFailed as exc:
+                reasons.append(str(exc))
+                return True
+            return False
+
+        reasons: list[str] = []
+        await wait_until(refused, timeout=REVOCATION_BOUND)
+        assert time.monotonic() - started < REVOCATION_BOUND
+        assert f"certificate {serial} is revoked" in reasons[0]
+    assert await mesh.call("echo", {"text": "others fine"}) == "others fine"
+
+    # Revoking the agent (by name): callers stop calling it, pooled connections included.
+    started = time.monotonic()
+    await issuer.revoke(RevocationRequest(target="echoer"))
+
+    async def avoided() -> bool:
+        try:
+            await mesh.call("echo", {"text": "x"}, retries=0)
+        except UntrustedPeer as exc:
+            reasons.append(str(exc))
+            return True
+        return False
+
+    reasons.clear()
+    await wait_until(avoided, timeout=REVOCATION_BOUND)
+    assert time.monotonic() - started < REVOCATION_BOUND
+    assert "is revoked" in reasons[0]
+
+
+# ---- renewal ---------------------------------------------------------------------------------
+
+
+async def test_certificates_renew_under_load_without_a_single_failed_call(
+    mesh: Mesh, settings: Settings, wait_until: WaitUntil
+) -> None:
+    short = settings.model_copy(update={"cert_ttl": 4.0})
+    agent = Agent("echoer", capabilities=[echo])
+    async with serving(agent, short, mesh, wait_until), connect(short) as caller:
+        server = agent.mesh.sidecar.identity if agent.mesh else None
+        assert server is not None
+        client = caller.sidecar.identity
+        first = (server.serial, client.serial)
+        calls = failures = 0
+        stop = time.monotonic() + 9.0
+
+        async def steady(n: int) -> None:
+            nonlocal calls, failures
+            while time.monotonic() < stop:
+                try:
+                    assert await caller.call("echo", {"text": str(n)}, retries=0) == str(n)
+                    calls += 1
+                except Exception:
+                    failures += 1
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(steady(n) for n in range(4)))
+        assert failures == 0, f"{failures} of {calls + failures} calls failed across renewals"
+        assert calls > 200
+        assert server.renewals >= 2, server.renewals
+        assert client.renewals >= 2, client.renewals
+        assert server.serial != first[0]
+        assert client.serial != first[1]
+        # New connections carried the new certificates: the caller met several server leaves.
+        connector = caller.sidecar.transport._connector
+        assert connector is not None
+        assert len({peer.serial for peer in connector._peers.values()}) >= 2
+    assert agent.identity == "spiffe://agentmesh.local/agent/echoer"
