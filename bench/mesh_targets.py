@@ -29,6 +29,7 @@ from typing import Any
 import pydantic_core
 
 import agentmesh
+from agentmesh.control.ca import write_root_ca
 from agentmesh.mesh import Mesh
 from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
@@ -76,8 +77,15 @@ class MeshCall(ProcessTarget):
         *,
         replicas: int = 1,
         agent_env: Mapping[str, str] | None = None,
+        mtls: bool = False,
     ) -> None:
         super().__init__()
+        self.mtls = mtls
+        if mtls:
+            self.description = self.description.replace(
+                "aiohttp keep-alive",
+                "aiohttp keep-alive, mutual TLS with certificates of a mesh CA",
+            )
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.replicas = replicas
@@ -94,10 +102,15 @@ class MeshCall(ProcessTarget):
         self.nats.start()  # blocks for the tens of ms nats-server needs; once per run
         url = self.nats.url
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+        security: dict[str, str] = {"AGENTMESH_MTLS": "off"}
+        if self.mtls:
+            cert, key = write_root_ca(self.workdir / "ca", "agentmesh.local")
+            security = {"AGENTMESH_CA_CERT_FILE": str(cert), "AGENTMESH_CA_KEY_FILE": str(key)}
         env.update(
             AGENTMESH_NATS_URL=url,
             AGENTMESH_DATA_DIR=str(self.workdir),
             PYTHONUNBUFFERED="1",
+            **security,
             **self.agent_env,
         )
         procs = [
@@ -120,7 +133,11 @@ class MeshCall(ProcessTarget):
         ]
         lines = await asyncio.gather(*(p.read_line(_READY_LINE, _START_TIMEOUT_S) for p in procs))
         self.agents = [AgentProcess(p, m[1], m[3]) for p, m in zip(procs, lines, strict=True)]
-        self.mesh = await agentmesh.connect(Settings(nats_url=url, data_dir=self.workdir))
+        client: dict[str, Any] = {
+            k.removeprefix("AGENTMESH_").lower(): v for k, v in security.items()
+        }
+        client.update(nats_url=url, data_dir=self.workdir)
+        self.mesh = await agentmesh.connect(Settings.model_validate(client))
         await wait_until_ready(
             self._index_sees_every_agent, "M1 registry index", _START_TIMEOUT_S, self.processes
         )

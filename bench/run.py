@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import faulthandler
+import functools
 import json
 import os
 import signal
@@ -48,6 +49,7 @@ TARGETS: dict[str, TargetFactory] = {
     "B1": HttpxFastAPI,
     "B2": NatsRequestReply,
     "M1": MeshCall,
+    "M2": functools.partial(MeshCall, mtls=True),
 }
 """Every target, in table order. Add a mesh target with one line, e.g.
 ``TARGETS["M1"] = MeshCall`` (a :class:`bench.harness.Target` subclass)."""
