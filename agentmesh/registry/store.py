@@ -86,8 +86,7 @@ class RegistryStore:
             marker = await self._marker_revision(record.instance_id)
             if marker is None:
                 raise RecordConflict(
-                    f"agent instance {record.instance_id} is already registered by another "
-                    "process"
+                    f"agent instance {record.instance_id} is already registered by another process"
                 ) from exc
             return await self.renew(record, marker, ttl)
         except (nats.errors.Error, OSError) as exc:
