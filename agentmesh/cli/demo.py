@@ -26,7 +26,7 @@ from rich.table import Table
 import agentmesh
 from agentmesh._process import parent_death_hook
 from agentmesh.cli._common import console
-from agentmesh.errors import ConfigurationError, MeshUnavailable
+from agentmesh.errors import ConfigurationError, MeshUnavailable, PolicyDenied
 from agentmesh.mesh import Mesh, connect
 from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
@@ -184,6 +184,7 @@ async def _run(
         with console.status("running examples/orchestrate.py through the mesh…"):
             account: dict[str, Any] = await orchestrate.orchestrate(mesh, topic)
         _show_account(account)
+        await _show_zero_trust(mesh, settings, control_url)
         if keep:
             console.rule("[bold]the mesh keeps running")
             token_file = settings.data_dir / "admin-token"
@@ -192,7 +193,7 @@ async def _run(
             console.print(f"  export AGENTMESH_CONTROL_URL={control_url}")
             console.print(
                 "  agentmesh agents    agentmesh find    "
-                'agentmesh call summarize \'{"text": "..."}\''
+                'agentmesh call research \'{"topic": "mesh"}\''
             )
             console.print("  Ctrl-C stops everything")
             stop = asyncio.Event()
@@ -200,6 +201,56 @@ async def _run(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
+
+
+async def _show_zero_trust(mesh: Mesh, settings: Settings, control_url: str) -> None:
+    """mTLS identities, then an access policy applied live and enforced by every sidecar."""
+    import httpx
+
+    console.rule("[bold]zero trust")
+    records = await mesh.registry.agents()
+    names = sorted({r.identity or f"{r.name} (no identity)" for r in records})
+    console.print(f"[green]✔[/] mTLS ({settings.mtls}): every call is mutually authenticated")
+    for identity in names:
+        console.print(f"    {identity}")
+    td = settings.trust_domain
+    policy = {
+        "apiVersion": "agentmesh.dev/v1",
+        "kind": "AccessPolicy",
+        "metadata": {"name": "demo-guard", "description": "Clients may not summarize directly."},
+        "spec": {
+            "rules": [
+                {
+                    "name": "no-direct-summaries",
+                    "action": "deny",
+                    "sources": [{"spiffe": f"spiffe://{td}/client/*"}],
+                    "targets": [{"capability": "summarize"}],
+                }
+            ]
+        },
+    }
+    token = (settings.data_dir / "admin-token").read_text().strip()
+    async with httpx.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http:
+        resp = await http.post(f"{control_url}/v1/policies", json=policy, timeout=10)
+    if resp.status_code != 200:
+        raise MeshUnavailable(f"applying the demo's access policy: HTTP {resp.status_code}")
+    denied: PolicyDenied | None = None
+    deadline = time.monotonic() + 5
+    while denied is None and time.monotonic() < deadline:
+        try:
+            await mesh.call("summarize", {"text": "Policies apply within a second."})
+            await asyncio.sleep(0.05)
+        except PolicyDenied as exc:
+            denied = exc
+    if denied is None:
+        raise MeshUnavailable("the demo's access policy did not take effect within 5 s")
+    console.print("[green]✔[/] access policy 'demo-guard' applied live, enforced by every sidecar:")
+    console.print(f"    client → summarize: [red]denied[/] ({denied})", highlight=False)
+    report = await mesh.invoke("plan", {"topic": "zero trust", "angles": ["reliability"]})
+    console.print(
+        f"    planner → summarize: [green]allowed[/] (plan served by {report.instance_id}, "
+        f"{report.value['facts']} facts summarized)"
+    )
 
 
 async def _wait_for_agents(mesh: Mesh, expected: int, processes: list[_Process]) -> None:
