@@ -167,8 +167,14 @@ async def test_enrolment_with_join_tokens_and_revocation_of_a_name(
 
     await wait_until(refused, timeout=2.0)
     assert time.monotonic() - started < 2.0
-    code, out, _ = await control.cli("identity", "list", "-o", "json")
-    assert [r["revoked"] for r in json.loads(out) if r["spiffe_id"].endswith("/worker")] == [True]
+
+    async def listed_revoked() -> bool:
+        # The list reflects the watched revocation set: eventually consistent, like enforcement.
+        _, out, _ = await control.cli("identity", "list", "-o", "json")
+        flags = [r["revoked"] for r in json.loads(out) if r["spiffe_id"].endswith("/worker")]
+        return flags == [True]
+
+    await wait_until(listed_revoked, timeout=5.0)
     worker.terminate()
     await worker.wait_exit(10)
     back = await spawn_joined(control.env(), name="worker", ready=False)
