@@ -17,7 +17,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -62,6 +62,7 @@ class Agent:
             self.add(cap)
         self.instance_id = f"{name}-{uuid.uuid4().hex[:8]}"
         self.identity: str | None = None
+        self.mtls: Literal["strict", "permissive", "off"] = "off"
         self.started_at = datetime.now(UTC)
         self._check_record("http://127.0.0.1:1")
         self.endpoint: str | None = None
@@ -105,6 +106,7 @@ class Agent:
                     "labels": self.labels,
                     "status": status,
                     "identity": self.identity,
+                    "mtls": self.mtls,
                     "started_at": self.started_at,
                 }
             )
@@ -233,6 +235,7 @@ class Agent:
         workload = sidecar.identity
         #: The SPIFFE ID this agent proves with its certificate (None with mTLS off).
         self.identity = str(workload.id) if workload.enabled and workload.id else None
+        self.mtls = workload.mode if workload.enabled else "off"
         server = HttpServer(
             app, sock, graceful=max(settings.drain_grace, 1.0), tls=workload, owner=self.name
         )

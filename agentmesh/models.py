@@ -131,6 +131,8 @@ class AgentRecord(_Wire):
     capabilities: tuple[CapabilitySpec, ...]
     labels: dict[str, str] = Field(default_factory=dict)
     identity: str | None = None
+    mtls: Literal["strict", "permissive", "off"] = "off"
+    """How the agent's inbound side treats callers without a mesh certificate."""
     status: AgentStatus = "serving"
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

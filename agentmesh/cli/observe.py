@@ -26,7 +26,7 @@ from rich.text import Text
 from agentmesh.cli._common import Output, console, err_console, print_json, settings_from
 from agentmesh.cli.query import _get
 from agentmesh.errors import MeshError
-from agentmesh.models import Bootstrap, StatRow, TapAck, TapEvent, TapRequest
+from agentmesh.models import AgentRecord, Bootstrap, StatRow, TapAck, TapEvent, TapRequest
 from agentmesh.settings import Settings
 
 if TYPE_CHECKING:
@@ -445,7 +445,33 @@ async def _run_checks(settings: Settings) -> list[_Check]:
         results.extend(await _nats_checks(settings, boot))
         results.append(_clock_check(health, sent, received if health is not None else sent))
         results.append(await _identity_check(http, control, health is not None))
+        results.append(await _mtls_check(http, control, health is not None))
     return results
+
+
+async def _mtls_check(http: Any, control: str, reachable: bool) -> _Check:
+    """Agents not in STRICT mode accept callers without a mesh certificate: say which."""
+    if not reachable:
+        return _Check("mTLS", None, "not checked: the control plane is unreachable")
+    try:
+        resp = await http.get(f"{control}/v1/agents")
+        resp.raise_for_status()
+        records = TypeAdapter(list[AgentRecord]).validate_json(resp.content)
+    except Exception as exc:
+        return _Check("mTLS", False, f"{control}/v1/agents: {_reason(exc)}")
+    lax = sorted(f"{r.instance_id} ({r.mtls})" for r in records if r.mtls != "strict")
+    if not records:
+        return _Check("mTLS", None, "no agent instances to check")
+    if not lax:
+        return _Check("mTLS", True, f"all {len(records)} instance(s) strict")
+    return _Check(
+        "mTLS",
+        None,
+        f"{len(lax)} of {len(records)} instance(s) accept callers without a certificate: "
+        + ", ".join(lax[:5])
+        + (" …" if len(lax) > 5 else ""),
+        "finish the migration, then run them with AGENTMESH_MTLS=strict (the default)",
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
-from agentmesh import capability
+from agentmesh import Agent, Mesh, Settings, capability
 from agentmesh.nats_server import NatsServer
 from tests.control.control_process import arun_cli, cli_env, control_process, run_cli
 
@@ -41,6 +42,7 @@ async def test_a_healthy_mesh_passes_every_check(
             "registry": "✔",
             "clock": "✔",
             "identities": "✔",
+            "mTLS": "✔",
         }, done.stdout
         assert f"bucket {bucket!r}: 1 agent instance(s)" in done.stdout, done.stdout
 
@@ -50,6 +52,7 @@ async def test_a_healthy_mesh_passes_every_check(
         assert checks["NATS"]["ok"] is True
         assert checks["NATS"]["detail"].startswith(nats_url)
         assert checks["identities"]["ok"] is True
+        assert checks["mTLS"]["detail"] == "all 1 instance(s) strict"
 
 
 async def test_a_stopped_nats_fails_the_check(tmp_path: Path, bucket: str):
@@ -82,3 +85,30 @@ def test_no_control_plane_and_no_nats_is_one_clear_failure(tmp_path: Path):
     assert set(found.values()) == {"✖", "·"}
     assert "→ start it with `agentmesh control`" in done.stdout
     assert done.stderr == ""
+
+
+async def test_permissive_agents_are_reported(
+    settings: Settings, mesh: Mesh, nats_url: str, bucket: str, tmp_path: Path, wait_until
+):
+    lax = Agent("lax", capabilities=[ping])
+    ready = asyncio.Event()
+    serving = asyncio.create_task(
+        lax.serve(
+            settings=Settings(**{**settings.model_dump(), "mtls": "permissive"}),
+            on_ready=lambda _: ready.set(),
+            handle_signals=False,
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        with control_process(nats_url, bucket, tmp_path) as control_url:
+            env = cli_env(
+                {"AGENTMESH_CONTROL_URL": control_url, "AGENTMESH_DATA_DIR": str(tmp_path)}
+            )
+            done = await arun_cli("check", env=env)
+            assert marks(done.stdout)["mTLS"] == "·", done.stdout
+            assert f"{lax.instance_id} (permissive)" in done.stdout, done.stdout
+            assert "AGENTMESH_MTLS=strict" in done.stdout
+    finally:
+        lax.stop()
+        await asyncio.wait_for(serving, 10)
