@@ -43,7 +43,12 @@ from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 from agentmesh.telemetry.access import log_call
-from agentmesh.telemetry.metrics import INBOUND_IN_FLIGHT, INBOUND_LATENCY, INBOUND_REQUESTS
+from agentmesh.telemetry.metrics import (
+    INBOUND_IN_FLIGHT,
+    INBOUND_LATENCY,
+    INBOUND_REQUESTS,
+    labelled,
+)
 from agentmesh.telemetry.stats import StatsCollector
 from agentmesh.telemetry.tracing import TRACEPARENT, extract, trace_id_of, tracer
 
@@ -213,8 +218,8 @@ class InboundApp:
             self._in_flight_gauge.dec()
             if self.in_flight == 0:
                 self.idle.set()
-            INBOUND_REQUESTS.labels(self.agent, meta.caller, label, str(status)).inc()
-            INBOUND_LATENCY.labels(self.agent, label).observe(elapsed)
+            labelled(INBOUND_REQUESTS, self.agent, meta.caller, label, str(status)).inc()
+            labelled(INBOUND_LATENCY, self.agent, label).observe(elapsed)
             self._stats(self.agent, label, status, elapsed, meta.caller, trace_id, body, out)
             log_call(
                 "inbound",

@@ -19,7 +19,12 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from agentmesh.errors import MeshError
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.telemetry.access import log_call
-from agentmesh.telemetry.metrics import OUTBOUND_IN_FLIGHT, OUTBOUND_LATENCY, OUTBOUND_REQUESTS
+from agentmesh.telemetry.metrics import (
+    OUTBOUND_IN_FLIGHT,
+    OUTBOUND_LATENCY,
+    OUTBOUND_REQUESTS,
+    labelled,
+)
 from agentmesh.telemetry.stats import StatsCollector
 from agentmesh.telemetry.tracing import inject, trace_id_of, tracer
 
@@ -96,8 +101,8 @@ class ObserveLayer:
             span.set_attribute("agentmesh.callee.instance", target.instance_id)
             span.set_attribute("agentmesh.capability.version", target.spec.version)
         span.end()
-        OUTBOUND_REQUESTS.labels(self.caller, call.capability, callee, status).inc()
-        OUTBOUND_LATENCY.labels(call.capability, callee).observe(elapsed)
+        labelled(OUTBOUND_REQUESTS, self.caller, call.capability, callee, status).inc()
+        labelled(OUTBOUND_LATENCY, call.capability, callee).observe(elapsed)
         self._stats(self.caller, call.capability, callee, error is None, elapsed)
         log_call(
             "outbound",
