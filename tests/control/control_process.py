@@ -29,11 +29,18 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def control_process(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[str]:
-    """A control plane on ``nats_url`` and ``bucket``; yields its URL; SIGTERM at the end."""
+def control_process(
+    nats_url: str, bucket: str, tmp_path: Path, env: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """A control plane on ``nats_url`` and ``bucket``; yields its URL; SIGTERM at the end.
+
+    ``env`` adds variables (e.g. the test CA's, so its own calls pass mTLS checks).
+    """
     ready = tmp_path / "control.json"
     log_path = tmp_path / "control.log"
-    env = cli_env({"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path)})
+    env = cli_env(
+        {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path), **(env or {})}
+    )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [

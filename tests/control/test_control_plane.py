@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,41 +9,14 @@ import httpx
 import pytest
 
 from agentmesh import Mesh, MeshUnavailable
+from tests.control.control_process import control_process
 from tests.flaky import flaky_endpoint
 
 
 @pytest.fixture
 def control_url(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[str]:
-    ready = tmp_path / "control.json"
-    env = {**os.environ, "AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path)}
-    with (tmp_path / "control.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh",
-                "control",
-                "--port",
-                "0",
-                "--nats-url",
-                nats_url,
-                "--ready-file",
-                str(ready),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        for _ in range(500):
-            if ready.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        assert ready.exists(), (tmp_path / "control.log").read_text()
-        yield json.loads(ready.read_text())["control_url"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+    with control_process(nats_url, bucket, tmp_path) as url:
+        yield url
 
 
 async def test_sidecars_report_ejections_to_the_control_plane(

@@ -14,9 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +24,7 @@ from pydantic import BaseModel
 
 from agentmesh import Mesh, MeshUnavailable, Settings, capability
 from tests.conftest import StartAgent, WaitUntil
-from tests.control.control_process import cli_env
-from tests.e2e.support import terminate_all
+from tests.control.control_process import control_process
 from tests.flaky import flaky_endpoint
 from tests.mesh_ca import mesh_ca
 
@@ -103,43 +99,9 @@ def control_url(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[str]:
     It runs on the test CA (``tests/mesh_ca.py``), as the in-process agents do, so the calls
     of its try-it form pass their mTLS checks: one mesh, one CA.
     """
-    ready = tmp_path / "control.json"
-    log_path = tmp_path / "control.log"
-    env = cli_env(
-        {
-            "AGENTMESH_REGISTRY_BUCKET": bucket,
-            "AGENTMESH_DATA_DIR": str(tmp_path),
-            "AGENTMESH_STATS_INTERVAL": "0.5",
-            **mesh_ca().env(),
-        }
-    )
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh",
-                "control",
-                "--port",
-                "0",
-                "--nats-url",
-                nats_url,
-                "--ready-file",
-                str(ready),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        for _ in range(1000):
-            if ready.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        assert ready.exists(), log_path.read_text()
-        yield json.loads(ready.read_text())["control_url"]
-    finally:
-        terminate_all([proc])
+    extra = {"AGENTMESH_STATS_INTERVAL": "0.5", **mesh_ca().env()}
+    with control_process(nats_url, bucket, tmp_path, env=extra) as url:
+        yield url
 
 
 @pytest.fixture
