@@ -24,10 +24,14 @@ from typing import Literal
 
 from agentmesh.errors import NoHealthyEndpoints
 from agentmesh.registry.index import Target
+from agentmesh.sidecar.breaker import BreakerConfig
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.sidecar.endpoints import Endpoints, EndpointState
 
 __all__ = ["BalanceLayer", "Strategy"]
+
+#: Below this many targets the full scan is as cheap as sampling (and exact).
+_SAMPLE_FIRST = 8
 
 Strategy = Literal["p2c", "round_robin", "random"]
 
@@ -52,6 +56,52 @@ class BalanceLayer:
         self._turns: dict[str, itertools.count[int]] = {}
 
     def choose(self, call: OutboundCall) -> Target:
+        traffic = call.traffic
+        config = traffic.breaker if traffic is not None else None
+        strategy = (traffic.balance if traffic is not None else None) or self.strategy
+        if (
+            strategy == "p2c"
+            and len(call.targets) > _SAMPLE_FIRST
+            and call.affinity_key is None
+            and not call.excluded
+            and self.zone is None
+        ):
+            pair = self._sample_two(call.targets, config)
+            if pair is not None:
+                return self._cheaper(*pair)
+        return self._choose_among_all(call, config, strategy)
+
+    def _sample_two(
+        self, targets: tuple[Target, ...], config: BreakerConfig | None
+    ) -> tuple[Target, Target] | None:
+        """Two distinct healthy targets drawn at random, without scanning them all.
+
+        With many instances, filtering every one (status, breaker) costs O(n) per call; P2C only
+        needs two, so draw a few and fall back to the full scan if too many draws are unhealthy.
+        """
+        breaker = self.endpoints.breaker
+        rng = self._rng
+        first: Target | None = None
+        for _ in range(8):
+            target = targets[rng.randrange(len(targets))]
+            if target is first or target.record.status != "serving":
+                continue
+            if not breaker(target.instance_id, config).available():
+                continue
+            if first is None:
+                first = target
+            else:
+                return first, target
+        return None
+
+    def _cheaper(self, a: Target, b: Target) -> Target:
+        now = self._clock()
+        get = self.endpoints.get
+        return a if get(a.instance_id).cost(now) <= get(b.instance_id).cost(now) else b
+
+    def _choose_among_all(
+        self, call: OutboundCall, config: BreakerConfig | None, strategy: str
+    ) -> Target:
         serving = [t for t in call.targets if t.record.status == "serving"]
         if not serving:
             states = sorted({t.record.status for t in call.targets})
@@ -59,11 +109,7 @@ class BalanceLayer:
                 f"capability {call.capability!r}: all {len(call.targets)} instance(s) are "
                 f"{' or '.join(states)}"
             )
-        get = self.endpoints.get
         # A TrafficPolicy may set this capability's breaker thresholds and strategy.
-        traffic = call.traffic
-        config = traffic.breaker if traffic is not None else None
-        strategy = (traffic.balance if traffic is not None else None) or self.strategy
         breaker = self.endpoints.breaker
         healthy = [t for t in serving if breaker(t.instance_id, config).available()]
         if not healthy:
@@ -94,8 +140,7 @@ class BalanceLayer:
         if strategy == "random":
             return self._rng.choice(healthy)
         a, b = self._rng.sample(healthy, 2)
-        now = self._clock()
-        return a if get(a.instance_id).cost(now) <= get(b.instance_id).cost(now) else b
+        return self._cheaper(a, b)
 
     async def __call__(self, call: OutboundCall) -> Reply:
         target = call.target = self.choose(call)
