@@ -245,7 +245,9 @@ async def _show_zero_trust(mesh: Mesh, settings: Settings, control_url: str) -> 
     if denied is None:
         raise MeshUnavailable("the demo's access policy did not take effect within 5 s")
     console.print("[green]✔[/] access policy 'demo-guard' applied live, enforced by every sidecar:")
-    console.print(f"    client → summarize: [red]denied[/] ({denied})", highlight=False)
+    console.print(
+        f"    client → summarize: [red]denied[/] ({denied})", highlight=False, soft_wrap=True
+    )
     report = await mesh.invoke("plan", {"topic": "zero trust", "angles": ["reliability"]})
     console.print(
         f"    planner → summarize: [green]allowed[/] (plan served by {report.instance_id}, "

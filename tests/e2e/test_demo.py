@@ -38,7 +38,9 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     # Zero trust by default: mTLS identities, and an access policy enforced live.
     assert "mTLS (strict)" in output, output
     assert "spiffe://agentmesh.local/agent/researcher" in output
-    assert re.search(r"client → summarize: denied .*rule 'no-direct-summaries'", output), output
+    assert re.search(r"client → summarize: denied .*rule 'no-direct-summaries'", output, re.S), (
+        output
+    )
     assert "planner → summarize: allowed" in output
     assert re.search(r"stopped \d+ processes cleanly", output), output
     assert "did not stop cleanly" not in output, output
