@@ -64,6 +64,7 @@ class HttpServer:
         ``agentmesh.security.inbound``); ``owner`` names the server in its log lines."""
         self.sock = sock
         self.port: int = sock.getsockname()[1]
+        self._graceful = max(1, round(graceful))
         self.tls = tls is not None and tls.mode != "off"
         http: Any = protocol_for(tls, owner) if tls is not None and self.tls else "auto"
         self._server = _Server(
@@ -97,10 +98,26 @@ class HttpServer:
         return self._task
 
     async def stop(self) -> None:
+        """Graceful stop, bounded: uvicorn waits for open connections (a caller's idle
+        keep-alive one among them) to close, so past the grace period they are closed here."""
         self._server.should_exit = True
         if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self._graceful + 1.0)
+            except TimeoutError:
+                self._server.force_exit = True
+                for connection in list(self._server.server_state.connections):
+                    transport = getattr(connection, "transport", None)
+                    if transport is not None:
+                        transport.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._task, 2.0)
+            except Exception:
+                pass
+            if not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
             self._task = None
         self.sock.close()
 
