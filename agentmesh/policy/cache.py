@@ -13,7 +13,6 @@ into an :class:`InvalidPolicy` that denies what it would cover (fails closed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from agentmesh.policy.manifest import describe_errors, parse_policy
 from agentmesh.policy.store import PolicyStore
 from agentmesh.policy.traffic import TrafficRule, compile_traffic
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.registry.follow import BucketFollower
 from agentmesh.registry.index import LocalIndex
 from agentmesh.sidecar.breaker import BreakerConfig
 from agentmesh.sidecar.retry import RetryPolicy
@@ -166,8 +166,7 @@ class PolicyCache:
         self._labels: dict[str, tuple[Mapping[str, str], ...]] = {}
         self._decisions: dict[tuple[Any, ...], Decision] = {}
         self._listeners: list[Callable[[], None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: Any = None
+        self._follower: BucketFollower | None = None
         index.on_change(self._index_changed)
 
     # ---- decisions (no I/O) ------------------------------------------------------------------
@@ -267,16 +266,18 @@ class PolicyCache:
         await self.store.open()
 
     def start(self, conn: NatsConnection) -> None:
-        conn.on_reconnect(self._resync)
-        self._task = asyncio.create_task(self._run(), name="policy-watch")
+        self._follower = BucketFollower(
+            f"policy bucket {self.store.bucket!r}",
+            self.store.watch,
+            replace=self.replace,
+            apply=self.apply,
+            synced=self.synced,
+        )
+        self._follower.start(conn)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._stop_watcher()
+        if self._follower is not None:
+            await self._follower.stop()
 
     async def wait_synced(self, timeout: float) -> None:
         try:
@@ -286,49 +287,3 @@ class PolicyCache:
                 f"policy bucket {self.store.bucket!r} did not deliver its initial view "
                 f"within {timeout:g}s"
             ) from exc
-
-    async def _resync(self) -> None:
-        """Reconnected: end the current watch; the run loop starts a new one from a snapshot."""
-        await self._stop_watcher()
-
-    async def _stop_watcher(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-
-    async def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                self._watcher = watcher = await self.store.watch()
-                await self._consume(watcher)
-                backoff = 0.1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.warning("policy watch interrupted (%s); retrying", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _consume(self, watcher: Any) -> None:
-        snapshot: dict[str, bytes] | None = {}
-        async for entry in watcher:
-            if entry is None:
-                if snapshot is not None:
-                    self.replace(snapshot)
-                    snapshot = None
-                    self.synced.set()
-                continue
-            value = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
-            if snapshot is not None:
-                if value is None:
-                    snapshot.pop(entry.key, None)
-                else:
-                    snapshot[entry.key] = value
-                if entry.delta == 0:
-                    self.replace(snapshot)
-                    snapshot = None
-                    self.synced.set()
-            else:
-                self.apply(entry.key, value)

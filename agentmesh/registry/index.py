@@ -9,11 +9,9 @@ While NATS is gone, the last view stays in place: the data plane keeps serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
@@ -22,6 +20,7 @@ from pydantic import ValidationError
 from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.registry.follow import BucketFollower
 from agentmesh.registry.store import RegistryStore
 from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
 
@@ -94,8 +93,7 @@ class LocalIndex:
         self.synced = asyncio.Event()
         self.revision = 0
         self._listeners: list[Callable[[], None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: Any = None
+        self._follower: BucketFollower | None = None
 
     # ---- queries (no I/O) -------------------------------------------------------------------
 
@@ -190,16 +188,18 @@ class LocalIndex:
     # ---- the watch task ------------------------------------------------------------------------
 
     def start(self, store: RegistryStore, conn: NatsConnection) -> None:
-        conn.on_reconnect(self._resync)
-        self._task = asyncio.create_task(self._run(store), name="registry-watch")
+        self._follower = BucketFollower(
+            f"registry bucket {store.bucket!r}",
+            store.watch,
+            replace=self.replace,
+            apply=self.apply,
+            synced=self.synced,
+        )
+        self._follower.start(conn)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._stop_watcher()
+        if self._follower is not None:
+            await self._follower.stop()
 
     async def wait_synced(self, timeout: float) -> None:
         try:
@@ -208,49 +208,3 @@ class LocalIndex:
             raise RegistryUnavailable(
                 f"registry did not deliver its initial view within {timeout:g}s"
             ) from exc
-
-    async def _resync(self) -> None:
-        """Reconnected: end the current watch; the run loop starts a new one from a snapshot."""
-        await self._stop_watcher()
-
-    async def _stop_watcher(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-
-    async def _run(self, store: RegistryStore) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                self._watcher = watcher = await store.watch()
-                await self._consume(watcher)
-                backoff = 0.1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.warning("registry watch interrupted (%s); retrying", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _consume(self, watcher: Any) -> None:
-        snapshot: dict[str, bytes] | None = {}
-        async for entry in watcher:
-            if entry is None:
-                if snapshot is not None:
-                    self.replace(snapshot)
-                    snapshot = None
-                    self.synced.set()
-                continue
-            value = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
-            if snapshot is not None:
-                if value is None:
-                    snapshot.pop(entry.key, None)
-                else:
-                    snapshot[entry.key] = value
-                if entry.delta == 0:
-                    self.replace(snapshot)
-                    snapshot = None
-                    self.synced.set()
-            else:
-                self.apply(entry.key, value)

@@ -1,0 +1,99 @@
+"""Following a KV bucket: a full snapshot first, then every change, resynchronised on reconnect.
+
+The registry index and the policy cache both keep an in-memory view of a bucket that must never
+keep ghosts: after every (re)connection the watch is restarted and the view replaced by a fresh
+snapshot; while NATS is away the last view stays. One implementation, shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agentmesh.registry.connection import NatsConnection
+
+__all__ = ["BucketFollower"]
+
+_log = logging.getLogger("agentmesh.registry")
+
+
+class BucketFollower:
+    """Feeds ``replace(snapshot)`` once per (re)connection, then ``apply(key, value|None)``;
+    sets ``synced`` after the first full view."""
+
+    def __init__(
+        self,
+        what: str,
+        open_watch: Callable[[], Awaitable[Any]],
+        *,
+        replace: Callable[[dict[str, bytes]], None],
+        apply: Callable[[str, bytes | None], None],
+        synced: asyncio.Event,
+    ) -> None:
+        self.what = what
+        self._open_watch = open_watch
+        self._replace = replace
+        self._apply = apply
+        self.synced = synced
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: Any = None
+
+    def start(self, conn: NatsConnection) -> None:
+        conn.on_reconnect(self._stop_watcher)
+        self._task = asyncio.create_task(self._run(), name=f"watch:{self.what}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._stop_watcher()
+
+    async def _stop_watcher(self) -> None:
+        """Ends the current watch; the run loop starts a new one from a snapshot."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self._watcher = watcher = await self._open_watch()
+                await self._consume(watcher)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning("%s watch interrupted (%s); retrying", self.what, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _consume(self, watcher: Any) -> None:
+        snapshot: dict[str, bytes] | None = {}
+        async for entry in watcher:
+            if entry is None:
+                if snapshot is not None:
+                    self._synced(snapshot)
+                    snapshot = None
+                continue
+            value = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
+            if snapshot is None:
+                self._apply(entry.key, value)
+                continue
+            if value is None:
+                snapshot.pop(entry.key, None)
+            else:
+                snapshot[entry.key] = value
+            if entry.delta == 0:
+                self._synced(snapshot)
+                snapshot = None
+
+    def _synced(self, snapshot: dict[str, bytes]) -> None:
+        self._replace(snapshot)
+        self.synced.set()
