@@ -66,7 +66,8 @@ class HttpServer:
         self.port: int = sock.getsockname()[1]
         self._graceful = max(1, round(graceful))
         self.tls = tls is not None and tls.mode != "off"
-        http: Any = protocol_for(tls, owner) if tls is not None and self.tls else "auto"
+        # Agents always get the mesh protocol: TLS by first byte, one write per response.
+        http: Any = protocol_for(tls, owner) if tls is not None else "auto"
         self._server = _Server(
             uvicorn.Config(
                 app,
@@ -80,6 +81,9 @@ class HttpServer:
                 timeout_keep_alive=75,
                 server_header=False,
                 date_header=False,
+                # Callers are who their certificate says, never what a header claims; and a
+                # middleware less on every request.
+                proxy_headers=False,
             )
         )
         self._task: asyncio.Task[None] | None = None
@@ -90,7 +94,8 @@ class HttpServer:
             if self._task.done():
                 exc = self._task.exception()
                 raise ConfigurationError(f"HTTP server on port {self.port} failed: {exc}")
-            await asyncio.sleep(0.005)
+            # uvicorn listens within a few loop turns; a coarser poll only delays registration.
+            await asyncio.sleep(0.001)
 
     @property
     def task(self) -> asyncio.Task[None]:

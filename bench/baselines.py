@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from bench.harness import ProcessTarget, find_nats_server, make_payload, wait_until_ready
+from .harness import ProcessTarget, find_nats_server, make_payload, wait_until_ready
 
 __all__ = ["AiohttpRawAsgi", "HttpxFastAPI", "NatsRequestReply"]
 

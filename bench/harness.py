@@ -15,6 +15,11 @@ Why it is built this way (see ``bench/README.md`` for the method in prose):
   names; client-side CPU is this process's CPU time, which matters because an
   in-process sidecar spends its CPU on the client side.
 
+* A scenario states its goals (:class:`Goal`): each is checked against the numbers measured in
+  the same run (a ratio of two targets' medians, or a measured value), never typed in.
+* Scenarios that measure one system rather than compare it with baselines (the registry ones)
+  are :class:`Measurement` scenarios: an async function returning a dict, shown as a table.
+
 A new target is a :class:`Target` subclass plus one registry entry (``bench.run.TARGETS``).
 """
 
@@ -53,6 +58,8 @@ __all__ = [
     "FULL",
     "QUICK",
     "ClosedLoop",
+    "Goal",
+    "Measurement",
     "OpenLoop",
     "ProcessTarget",
     "RawRun",
@@ -504,9 +511,11 @@ class Timing:
     open_s: float
     drain_s: float = 10.0
     """After a run's time is up, how long in-flight calls may still finish (then: errors)."""
+    quick: bool = False
+    """The CI smoke profile: :class:`Measurement` scenarios then use small parameters too."""
 
 
-QUICK: Final = Timing(rounds=3, warmup_s=0.2, closed_s=0.5, open_s=1.5)
+QUICK: Final = Timing(rounds=3, warmup_s=0.2, closed_s=0.5, open_s=1.5, quick=True)
 FULL: Final = Timing(rounds=5, warmup_s=0.5, closed_s=1.5, open_s=2.5)
 
 
@@ -567,16 +576,102 @@ class OpenLoop:
 
 Workload = ClosedLoop | OpenLoop
 
+_UNITS: Final = {"us": "µs", "ms": "ms", "s": "s", "mb": "MB"}
+
+
+def metric_label(metric: str) -> tuple[str, str]:
+    """``("p99", "µs")`` for ``p99_us``: the words and unit of a metric key, for headings."""
+    if metric == "calls_per_s":
+        return "calls/s", ""
+    stem, _, unit = metric.rpartition("_")
+    if stem and unit in _UNITS:
+        return stem.replace("_", " ").replace("rss", "RSS"), _UNITS[unit]
+    return metric.replace("_", " "), ""
+
+
+_OPS: Final[dict[str, Callable[[float, float], bool]]] = {
+    "<": lambda value, limit: value < limit,
+    "≤": lambda value, limit: value <= limit,
+    "≥": lambda value, limit: value >= limit,
+}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A goal from the issue: ``metric`` of ``target`` (÷ that of ``reference``) ``op`` ``limit``.
+
+    In a :class:`Scenario`, ``target`` and ``reference`` are target names, the values are their
+    medians over rounds in the workload of kind ``loop``, and the goal is a ratio. In a
+    :class:`Measurement`, ``target`` names a row of the result and there is no reference.
+    The text is derived from these fields, so what is printed is what is checked.
+    """
+
+    target: str
+    metric: str
+    op: Literal["<", "≤", "≥"]
+    limit: float
+    reference: str | None = None
+    loop: Literal["closed", "open"] | None = None
+
+    @property
+    def text(self) -> str:
+        """E.g. ``M1 p50 ≤ 0.6 × B1 p50 (closed loop)`` or ``resolve p99 < 5 µs``."""
+        words, unit = metric_label(self.metric)
+        if self.reference is None:
+            return f"{self.target} {words} {self.op} {self.limit:g} {unit}".rstrip()
+        text = f"{self.target} {words} {self.op} {self.limit:g} × {self.reference} {words}"
+        return text + (f" ({self.loop} loop)" if self.loop else "")
+
+    def met(self, value: float) -> bool:
+        """Whether ``value`` (the ratio, or the measured value) meets the goal."""
+        return _OPS[self.op](value, self.limit)
+
+
+@dataclass(frozen=True)
+class GoalCheck:
+    """A goal against a run: the value found (NaN and ``missing`` when it was not measured)."""
+
+    scenario: str
+    goal: Goal
+    value: float
+    detail: str = ""
+    """For a ratio: the two measured values it divides."""
+    missing: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        """True/False, or None when the goal could not be checked in this run."""
+        return None if self.missing or math.isnan(self.value) else self.goal.met(self.value)
+
 
 @dataclass(frozen=True)
 class Scenario:
-    """A named set of workloads, run over ``targets`` (None: every registered target)."""
+    """A named set of workloads, run over ``targets`` (None: every registered target).
+
+    ``baselines`` are the reference targets of the ratio columns: any target names, e.g.
+    ``("B0", "M1")`` for "mTLS against the plaintext mesh".
+    """
 
     name: str
     title: str
     workloads: tuple[Workload, ...]
     baselines: tuple[str, ...] = ("B0", "B1")
     targets: tuple[str, ...] | None = None
+    goals: tuple[Goal, ...] = ()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A scenario that measures one system instead of comparing targets (registry, start-up).
+
+    ``run(timing)`` returns a dict: nested dicts are the rows of its table (label → metric →
+    value; metric keys end in their unit, e.g. ``p99_us``), other entries its parameters.
+    """
+
+    name: str
+    title: str
+    run: Callable[[Timing], Awaitable[dict[str, Any]]]
+    goals: tuple[Goal, ...] = ()
 
 
 # --------------------------------------------------------------------------- results
@@ -1173,11 +1268,12 @@ def render_header(
     grid.add_row("nats-server", str(info["nats_server"]))
     grid.add_row("agentmesh", str(info["agentmesh"]))
     grid.add_row("servers", f"uvicorn loop {info['server_loop']}, http {info['server_http']}")
-    grid.add_row(
-        "method",
-        f"{timing.rounds} interleaved rounds after {timing.warmup_s:g} s warm-up, "
-        f"median of rounds; payload {len(payload)} B JSON",
-    )
+    if targets:
+        grid.add_row(
+            "method",
+            f"{timing.rounds} interleaved rounds after {timing.warmup_s:g} s warm-up, "
+            f"median of rounds; payload {len(payload)} B JSON",
+        )
     for name, target in targets.items():
         extra = ", ".join(f"{k}={v}" for k, v in target.details().items())
         grid.add_row(name, target.description + (f" [dim]({extra})[/dim]" if extra else ""))
@@ -1265,7 +1361,106 @@ def render_workload(console: Console, result: WorkloadResult, baselines: Sequenc
     console.print(table)
     for name, s in result.summaries.items():
         if s.first_error:
-            console.print(f"[red]{name}: {s.errors} errors, first: {s.first_error}[/red]")
+            text = f"{name}: {s.errors} errors, first: {s.first_error}"
+            console.print(text, style="red", markup=False)
+
+
+def check_workload_goals(sc: Scenario, results: Sequence[WorkloadResult]) -> list[GoalCheck]:
+    """Each of ``sc``'s goals against the medians of its workloads in this run."""
+    checks = []
+    for goal in sc.goals:
+        kind = OpenLoop if goal.loop == "open" else ClosedLoop
+        res = next((r for r in results if isinstance(r.workload, kind)), None)
+        wanted = [n for n in (goal.target, goal.reference) if n is not None]
+        absent = [n for n in wanted if res is None or n not in res.summaries]
+        if res is None or absent:
+            missing = f"{', '.join(absent)} not run"
+            checks.append(GoalCheck(sc.name, goal, math.nan, missing=missing))
+            continue
+        value = res.summaries[goal.target].median[goal.metric]
+        if goal.reference is None:
+            checks.append(GoalCheck(sc.name, goal, value))
+            continue
+        base = res.summaries[goal.reference].median[goal.metric]
+        ratio = value / base if base and not math.isnan(base) else math.nan
+        unit = metric_label(goal.metric)[1]
+        digits = 3 if goal.metric.endswith("_ms") else 0
+        detail = f"{_fmt(value, digits)} / {_fmt(base, digits)} {unit}".rstrip()
+        checks.append(GoalCheck(sc.name, goal, ratio, detail))
+    return checks
+
+
+def check_measurement_goals(m: Measurement, result: Mapping[str, Any]) -> list[GoalCheck]:
+    """Each of ``m``'s goals against the row it names in ``result``."""
+    checks = []
+    for goal in m.goals:
+        row = result.get(goal.target)
+        if not isinstance(row, Mapping) or goal.metric not in row:
+            missing = f"no {goal.metric} of {goal.target!r} in the result"
+            checks.append(GoalCheck(m.name, goal, math.nan, missing=missing))
+        else:
+            checks.append(GoalCheck(m.name, goal, float(row[goal.metric])))
+    return checks
+
+
+def _fmt_auto(value: Any) -> str:
+    """A measured value with as many digits as its size deserves (lists joined)."""
+    if isinstance(value, list | tuple):
+        return ", ".join(_fmt_auto(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if math.isnan(value):
+        return "—"
+    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    return f"{value:,.{digits}f}"
+
+
+def render_goals(console: Console, scenario: str, checks: Sequence[GoalCheck]) -> None:
+    """Print a scenario's goals: each with the measured value (or ratio) and met / missed."""
+    if not checks:
+        return
+    table = Table(
+        title=f"[bold]{scenario}[/bold] · goals", box=box.SIMPLE_HEAD, title_justify="left"
+    )
+    table.add_column("goal")
+    table.add_column("measured", justify="right")
+    table.add_column("verdict")
+    for check in checks:
+        goal = check.goal
+        if check.met is None:
+            measured = "—"
+            verdict = f"[yellow]not measured[/yellow] ({check.missing or 'no value'})"
+        else:
+            if goal.reference is None:
+                measured = f"{_fmt_auto(check.value)} {metric_label(goal.metric)[1]}".rstrip()
+            else:
+                measured = f"{check.value:.2f}× ({check.detail})"
+            verdict = "[green]✓ met[/green]" if check.met else "[red]✗ missed[/red]"
+        table.add_row(goal.text, measured, verdict)
+    console.print(table)
+
+
+def render_measurement(console: Console, m: Measurement, result: Mapping[str, Any]) -> None:
+    """Print a measurement's rows (nested dicts of ``result``) with its parameters as title."""
+    rows = {label: row for label, row in result.items() if isinstance(row, Mapping)}
+    params = ", ".join(
+        " ".join(filter(None, (words, _fmt_auto(value), unit)))
+        for key, value in result.items()
+        if key not in rows
+        for words, unit in [metric_label(key)]
+    )
+    console.print(f"[bold]{m.name}[/bold] · {params}")
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("")
+    metrics = list(dict.fromkeys(metric for row in rows.values() for metric in row))
+    for metric in metrics:
+        words, unit = metric_label(metric)
+        table.add_column(f"{words} {unit}".rstrip(), justify="right")
+    for label, row in rows.items():
+        table.add_row(label, *(_fmt_auto(row.get(metric, math.nan)) for metric in metrics))
+    console.print(table)
 
 
 def _jsonable(value: Any) -> Any:
@@ -1353,12 +1548,15 @@ async def run_suite(
     payload: bytes,
     console: Console,
     progress: Callable[[str], None] | None = None,
+    measurements: Sequence[Measurement] = (),
 ) -> dict[str, Any]:
-    """Start every target the scenarios need once, run them all, stop every target.
+    """Start every target the scenarios need once, run them all, stop every target; then
+    run the measurements (with every target stopped, so that they have the machine).
 
     Targets are shared by the scenarios (starting servers is the slow part). They are
     stopped in ``finally``, whatever happens; the children also carry a parent-death
-    signal, so even a SIGKILL of this process leaves no server behind.
+    signal, so even a SIGKILL of this process leaves no server behind. A measurement that
+    fails is reported (``"error"`` in its JSON entry) and the others still run.
     """
     wanted: list[str] = []
     for sc in scenarios:
@@ -1369,10 +1567,11 @@ async def run_suite(
                 wanted.append(name)
     ordered = [name for name in factories if name in wanted]
     targets: dict[str, Target] = {}
+    checks: list[GoalCheck] = []
     try:
         for name in ordered:
             targets[name] = factories[name]()
-        if progress is not None:
+        if progress is not None and ordered:
             progress(f"starting {', '.join(ordered)}")
         outcomes = await asyncio.gather(
             *(t.start() for t in targets.values()), return_exceptions=True
@@ -1387,11 +1586,15 @@ async def run_suite(
             names = sc.targets if sc.targets is not None else ordered
             subset = {name: targets[name] for name in ordered if name in names}
             console.print(f"[bold]{sc.name}[/bold] — {sc.title}")
+            first = len(results)
             for wl in sc.workloads:
                 res = await run_workload(sc.name, wl, subset, timing, payload, progress)
                 results.append(res)
                 render_workload(console, res, sc.baselines)
-        return report_json(
+            own = check_workload_goals(sc, results[first:])
+            render_goals(console, sc.name, own)
+            checks += own
+        report = report_json(
             info, timing, payload, targets, results, {sc.name: sc.baselines for sc in scenarios}
         )
     finally:
@@ -1399,7 +1602,41 @@ async def run_suite(
             try:
                 await target.stop()
             except Exception as exc:  # keep stopping the others
-                console.print(f"[red]stopping {name} failed: {exc!r}[/red]")
+                console.print(f"stopping {name} failed: {exc!r}", style="red", markup=False)
+    measured: dict[str, Any] = {}
+    for m in measurements:
+        console.print(f"[bold]{m.name}[/bold] — {m.title}")
+        if progress is not None:
+            progress(f"{m.name} · {m.title}")
+        try:
+            result = await m.run(timing)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            console.print(f"{m.name} failed: {error}", style="red", markup=False)
+            measured[m.name] = {"title": m.title, "error": error}
+            checks += [GoalCheck(m.name, g, math.nan, missing="failed") for g in m.goals]
+            continue
+        render_measurement(console, m, result)
+        own = check_measurement_goals(m, result)
+        render_goals(console, m.name, own)
+        checks += own
+        measured[m.name] = {"title": m.title, "result": result}
+    report["measurements"] = _jsonable(measured)
+    report["goals"] = [
+        _jsonable(
+            {
+                "scenario": c.scenario,
+                "goal": c.goal.text,
+                **asdict(c.goal),
+                "value": c.value,
+                "detail": c.detail,
+                "met": c.met,
+                "missing": c.missing,
+            }
+        )
+        for c in checks
+    ]
+    return report
 
 
 def planned_seconds(scenarios: Sequence[Scenario], n_targets: int, timing: Timing) -> float:

@@ -8,13 +8,22 @@
   embedded nats-server (``agentmesh.nats_server.NatsServer``) that the target starts; it is
   not on the request path (the client resolves from its watch-fed local index), so its share of
   the server CPU and RSS is printed apart under each table.
+* **M2** — M1 with mutual TLS (certificates of a mesh CA the target creates).
+* **M3** — M1 with every call sampled (100 % tracing) in the client and in the agent, spans
+  exported by the SDK's ``BatchSpanProcessor`` over OTLP/HTTP to a local sink process (B0's raw
+  echo server: it answers 200, which is all the exporter needs). M1 itself exports nothing: its
+  client process installs no OpenTelemetry SDK (non-recording spans, no ``traceparent`` sent),
+  and its agent samples 10 % of root spans with no exporter configured (agentmesh's defaults).
 
 :class:`MeshCall` also serves ``bench/failover.py`` with several replicas and short leases.
+Every agent starts from this process's environment without its ``AGENTMESH_*`` and ``OTEL_*``
+variables, so that a developer's shell cannot change what a target measures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import json
 import os
@@ -22,20 +31,34 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
+from opentelemetry import trace
 
 import agentmesh
 from agentmesh.control.ca import write_root_ca
 from agentmesh.mesh import Mesh
 from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
-from bench.harness import ProcessTarget, ServerProcess, make_payload, wait_until_ready
 
-__all__ = ["AGENT_FILE", "CAPABILITY", "AgentProcess", "MeshCall"]
+from .baselines import SERVERS
+from .harness import ProcessTarget, ServerProcess, make_payload, wait_until_ready
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+__all__ = [
+    "AGENT_FILE",
+    "CAPABILITY",
+    "AgentProcess",
+    "MeshCall",
+    "TracedMeshCall",
+    "tracing_unavailable",
+]
 
 AGENT_FILE = Path(__file__).with_name("_echo_agent.py")
 """Executed by ``agentmesh run`` in the agent process."""
@@ -101,7 +124,7 @@ class MeshCall(ProcessTarget):
         self.nats = NatsServer(self.workdir / "nats")
         self.nats.start()  # blocks for the tens of ms nats-server needs; once per run
         url = self.nats.url
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTMESH_", "OTEL_"))}
         security: dict[str, str] = {"AGENTMESH_MTLS": "off"}
         if self.mtls:
             cert, key = write_root_ca(self.workdir / "ca", "agentmesh.local")
@@ -215,6 +238,149 @@ class MeshCall(ProcessTarget):
                 self.nats.stop()
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+_TRACED: ContextVar[bool] = ContextVar("agentmesh_bench_traced", default=False)
+"""True inside an M3 call: the only time the client's tracer records spans."""
+_SINK_PORT = re.compile(r"PORT (\d+) ")
+_NOOP_TRACER = trace.NoOpTracer()
+
+
+def tracing_unavailable() -> str | None:
+    """Why M3 cannot run in this environment (its exporter is an optional extra), or None."""
+    try:
+        found = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+    except ModuleNotFoundError:
+        found = False
+    if found:
+        return None
+    return "M3 exports spans over OTLP/HTTP, which needs: pip install 'agentmesh[otlp]'"
+
+
+class _PerCallTracer(trace.Tracer):
+    """Delegates to the SDK's tracer inside M3's calls, to the no-op tracer elsewhere."""
+
+    def __init__(self, provider: _PerCallTracerProvider, *args: Any) -> None:
+        self._provider = provider
+        self._args = args
+        self._sdk: TracerProvider | None = None
+        self._tracer: trace.Tracer = _NOOP_TRACER
+
+    def _current(self) -> trace.Tracer:
+        sdk = self._provider.sdk
+        if sdk is None or not _TRACED.get():
+            return _NOOP_TRACER
+        if self._sdk is not sdk:
+            self._sdk, self._tracer = sdk, sdk.get_tracer(*self._args)
+        return self._tracer
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        """The SDK's span in an M3 call, else the no-op (invalid, non-recording) span."""
+        return self._current().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`start_span`, as a context manager."""
+        return self._current().start_as_current_span(*args, **kwargs)
+
+
+class _PerCallTracerProvider(trace.TracerProvider):
+    """This process's global tracer provider once M3 starts: SDK spans in M3's calls only.
+
+    M1, M2 and M3 share this process and agentmesh's module-level tracer. M1 and M2 must keep
+    what a process without the SDK does (non-recording spans, no ``traceparent`` sent, so their
+    agent samples 10 % of root spans), while M3's calls are traced as with
+    ``OTEL_TRACES_SAMPLER=always_on``. The switch costs M1 one context-variable read per span.
+    """
+
+    def __init__(self) -> None:
+        self.sdk: TracerProvider | None = None
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> trace.Tracer:
+        """A tracer that follows :attr:`sdk` and the M3 switch on every span."""
+        return _PerCallTracer(
+            self, instrumenting_module_name, instrumenting_library_version, schema_url, attributes
+        )
+
+
+@functools.cache
+def _per_call_provider() -> _PerCallTracerProvider:
+    """Install the per-call provider as the global one, once per process."""
+    provider = _PerCallTracerProvider()
+    trace.set_tracer_provider(provider)
+    if trace.get_tracer_provider() is not provider:
+        raise RuntimeError("M3: another OpenTelemetry tracer provider is already installed")
+    return provider
+
+
+class TracedMeshCall(MeshCall):
+    """M3: M1 with every call sampled, in the client and in the agent, and every span exported."""
+
+    description = (
+        "M1 with every call sampled (100 % tracing): client and agent spans go through the SDK's "
+        "BatchSpanProcessor and OTLP/HTTP exporter to a local sink (B0's raw echo server; "
+        "off the request path)"
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sink: ServerProcess | None = None
+        self._sdk: TracerProvider | None = None
+
+    async def start(self) -> None:
+        """The sink, then the client's SDK provider, then M1 with the agent sampling everything."""
+        reason = tracing_unavailable()
+        if reason is not None:
+            raise RuntimeError(reason)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+        self._sink = self.spawn("otlp-sink", [sys.executable, str(SERVERS), "asgi"])
+        m = await self._sink.read_line(_SINK_PORT, _START_TIMEOUT_S)
+        endpoint = f"http://127.0.0.1:{m[1]}"
+        self.agent_env.update(
+            OTEL_TRACES_SAMPLER="always_on",
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        )
+        sdk = TracerProvider(
+            sampler=ALWAYS_ON, resource=Resource.create({"service.name": "bench-client"})
+        )
+        sdk.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(f"{endpoint}/v1/traces")))
+        _per_call_provider().sdk = self._sdk = sdk
+        await super().start()
+        self.facts.update(traces=f"always_on, BatchSpanProcessor, OTLP/HTTP to {endpoint}")
+
+    async def call(self, payload: bytes) -> bytes:
+        """M1's call with the client's spans recorded and exported."""
+        token = _TRACED.set(True)
+        try:
+            return await super().call(payload)
+        finally:
+            _TRACED.reset(token)
+
+    def offpath_pids(self) -> list[int]:
+        """nats-server and the trace sink: neither is on the request path."""
+        sink = [self._sink.pid] if self._sink is not None and self._sink._proc else []
+        return super().offpath_pids() + sink
+
+    async def close_client(self) -> None:
+        """Close the client, then flush and stop the client's span export (the sink still runs)."""
+        try:
+            await super().close_client()
+        finally:
+            if self._sdk is not None:
+                sdk, self._sdk = self._sdk, None
+                _per_call_provider().sdk = None
+                sdk.shutdown()
 
 
 def _http_parser() -> str:

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from agentmesh.cli import control, demo, observe, policies, query, run, security
+from agentmesh.cli import bench, control, demo, observe, policies, query, run, security
 from agentmesh.cli._common import err_console
 from agentmesh.errors import MeshError
 
@@ -28,6 +28,7 @@ demo.register(app)
 observe.register(app)
 policies.register(app)
 security.register(app)
+bench.register(app)
 
 
 def main() -> None:

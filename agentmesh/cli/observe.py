@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
 # stat / top
 # --------------------------------------------------------------------------------------
 
-_ROWS = TypeAdapter(list[StatRow])
+#: Built on first use (defer_build), not when every other command starts.
+_ROWS = TypeAdapter(list[StatRow], config=ConfigDict(defer_build=True))
 
 
 def _stats(settings: Settings, group: str, window: float) -> list[StatRow]:

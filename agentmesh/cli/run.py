@@ -80,6 +80,9 @@ def run(
 
     def ready(a: Agent) -> None:
         caps = ", ".join(a.capabilities)
-        console.print(f"[bold]{a.instance_id}[/] serving {caps} at {a.endpoint}", highlight=False)
+        # emoji=False: rich would import its emoji table (~4 ms) just as the first calls arrive.
+        console.print(
+            f"[bold]{a.instance_id}[/] serving {caps} at {a.endpoint}", highlight=False, emoji=False
+        )
 
     asyncio.run(agent.serve(host=host, port=port, settings=settings, on_ready=ready))

@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from agentmesh.errors import InvalidInput
 from agentmesh.models import AccessPolicy, Policy, TrafficPolicy
@@ -32,7 +32,10 @@ __all__ = [
     "validate_manifest",
 ]
 
-POLICY_ADAPTER: TypeAdapter[AccessPolicy | TrafficPolicy] = TypeAdapter(Policy)
+#: Built on first use (defer_build): every sidecar imports this module, few ever parse a policy.
+POLICY_ADAPTER: TypeAdapter[AccessPolicy | TrafficPolicy] = TypeAdapter(
+    Policy, config=ConfigDict(defer_build=True)
+)
 _SUFFIXES = (".yaml", ".yml", ".json")
 
 

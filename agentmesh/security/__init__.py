@@ -4,7 +4,7 @@ See ``docs/security.md``. The pieces: ``identity`` (SPIFFE IDs, checking a peer 
 ``pki`` (keys, CSRs, TLS contexts, signed trust bundles), ``store`` (the security KV bucket and
 the watch-fed revocation view), ``enrol`` (join tokens, the enrolment client), ``workload`` (a
 sidecar's identity and its renewal), ``inbound`` (uvicorn protocol that authenticates callers)
-and ``outbound`` (aiohttp connector that authenticates agents). The CA itself is in
+and ``outbound`` (the check of who a new outbound connection reached). The CA itself is in
 ``agentmesh.control.ca``.
 """
 

@@ -7,6 +7,8 @@ for the control plane. Nothing else identifies a caller: never a header, never a
 
 :func:`check_leaf` is the one place that decides whether a certificate (already chained to the
 trust bundle by OpenSSL) is a valid mesh identity; inbound and outbound both call it.
+cryptography is imported by the functions that read certificates (once per connection), not
+here: every agent imports this module, and with mTLS off nothing reads a certificate.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "TRUST_DOMAIN_PATTERN",
@@ -143,6 +145,8 @@ class Caller:
 
 def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
     """Every URI SAN of ``cert`` (a mesh identity has exactly one)."""
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -159,6 +163,9 @@ def check_leaf(cert: x509.Certificate | bytes, trust_domain: str) -> Caller:
     one outside its validity period (checked again here so that callers of this function need
     not trust the order of checks elsewhere).
     """
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     if isinstance(cert, bytes):
         try:
             cert = x509.load_der_x509_certificate(cert)

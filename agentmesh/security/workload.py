@@ -19,6 +19,9 @@ expires (then peers refuse it and calls fail with a clear error).
 The trust bundle is watched in KV and replaced only by a newer version signed by a root already
 trusted (root rotation); revoked serials are watched too, and listeners (the transport) close
 connections to revoked peers at once.
+
+cryptography and the enrolment client are imported by the methods that get certificates, not
+here: with ``AGENTMESH_MTLS=off`` nothing needs them, and they are ~30 ms of an agent's start-up.
 """
 
 from __future__ import annotations
@@ -32,10 +35,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, Literal
 
 from agentmesh.errors import (
     AuthenticationFailed,
@@ -45,21 +45,15 @@ from agentmesh.errors import (
 )
 from agentmesh.models import CertificateRequest, IssuedCertificate, RenewalProof, TrustBundle
 from agentmesh.registry.connection import NatsConnection
-from agentmesh.security.enrol import RemoteIssuer, renewal_proof
 from agentmesh.security.files import JOIN_TOKEN_FILE, read_secret
 from agentmesh.security.identity import Kind, LeafRefused, SpiffeId, check_leaf
-from agentmesh.security.pki import (
-    PrivateKey,
-    client_context,
-    load_certs,
-    new_csr,
-    new_key,
-    same_public_key,
-    server_context,
-    verify_bundle,
-)
 from agentmesh.security.store import SecurityStore, SecurityView, security_bucket
 from agentmesh.settings import Settings
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from agentmesh.security.pki import PrivateKey
 
 __all__ = ["WorkloadIdentity", "default_client_name"]
 
@@ -216,6 +210,9 @@ class WorkloadIdentity:
 
     async def _source(self, *, renew: bool) -> tuple[Source, list[x509.Certificate] | None]:
         """How to get a certificate now, and the roots a first bundle must be signed by."""
+        from agentmesh.security.enrol import RemoteIssuer
+        from agentmesh.security.pki import load_certs
+
         issuer = self._local_issuer()
         if issuer is not None:
             from agentmesh.control.issuer import Issuer
@@ -247,6 +244,11 @@ class WorkloadIdentity:
         return request, pinned
 
     async def _obtain(self, *, first: bool) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        from agentmesh.security.enrol import renewal_proof
+        from agentmesh.security.pki import load_certs, new_csr, new_key, same_public_key
+
         source, pinned = await self._source(renew=not first)
         key = new_key()
         try:
@@ -288,6 +290,8 @@ class WorkloadIdentity:
         )
 
     def _adopt_bundle(self, bundle: TrustBundle, trusted: list[x509.Certificate]) -> bool:
+        from agentmesh.security.pki import load_certs, verify_bundle
+
         if bundle.trust_domain != self._trust_domain or bundle.version <= self.bundle_version:
             return False
         if trusted:
@@ -297,6 +301,8 @@ class WorkloadIdentity:
         return True
 
     def _rebuild(self) -> None:
+        from agentmesh.security.pki import client_context, server_context
+
         assert self._key is not None
         self._server = server_context(self._key, self._certs, self._roots)
         self._client = client_context(self._key, self._certs, self._roots)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from packaging.version import Version
@@ -50,7 +51,13 @@ from agentmesh.telemetry.metrics import (
     labelled,
 )
 from agentmesh.telemetry.stats import StatsCollector
-from agentmesh.telemetry.tracing import TRACEPARENT, extract, trace_id_of, tracer
+from agentmesh.telemetry.tracing import (
+    TRACEPARENT,
+    extract,
+    trace_id_of,
+    tracer,
+    unsampled_child,
+)
 
 __all__ = ["InboundApp"]
 
@@ -161,9 +168,10 @@ class InboundApp:
         label = name if cap is not None else "_unknown"
         status = 500
         meta = _MeshHeaders(scope, name)
-        span = tracer().start_span(
+        parent = extract({TRACEPARENT: meta.traceparent}) if meta.traceparent else None
+        span = unsampled_child(parent) or tracer().start_span(
             f"execute_tool {name}",
-            context=extract({TRACEPARENT: meta.traceparent}) if meta.traceparent else None,
+            context=parent,
             kind=SpanKind.SERVER,
             attributes={
                 "gen_ai.operation.name": "execute_tool",
@@ -177,31 +185,33 @@ class InboundApp:
         self.in_flight += 1
         self.idle.clear()
         self._in_flight_gauge.inc()
+        # attach/detach rather than trace.use_span: the same context switch without a generator
+        # context manager per call (errors are recorded on the span below, as use_span would).
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            with trace.use_span(span, end_on_exit=False):
-                self._authenticate(meta.peer)
-                if cap is None:
-                    raise CapabilityNotFound(f"agent {self.agent} has no capability {name!r}")
-                if self._policies is not None and not self._policies.open:
-                    self._authorize(name, scope, meta)
-                if self.draining or not self.ready:
-                    state = "draining" if self.draining else "not ready"
-                    raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
-                deadline = meta.deadline()
-                body = await _read_body(scope, receive, self.max_body, self.agent)
-                arguments = cap.parse_input(body)
-                injected = _inject(cap, self._injectables)
-                serving_sidecar.set(self._sidecar)
-                current_chain.set(meta.chain)
-                if deadline is not None:
-                    current_deadline.set(deadline)
-                if cap.streaming:
-                    status = await self._stream(cap, arguments, injected, deadline, send, trace_id)
-                else:
-                    result = await _run(cap, arguments, injected, deadline)
-                    out = cap.dump_output(result)
-                    await _respond(send, 200, out)
-                    status = 200
+            self._authenticate(meta.peer)
+            if cap is None:
+                raise CapabilityNotFound(f"agent {self.agent} has no capability {name!r}")
+            if self._policies is not None and not self._policies.open:
+                self._authorize(name, scope, meta)
+            if self.draining or not self.ready:
+                state = "draining" if self.draining else "not ready"
+                raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
+            deadline = meta.deadline()
+            body = await _read_body(scope, receive, self.max_body, self.agent)
+            arguments = cap.parse_input(body)
+            injected = _inject(cap, self._injectables)
+            serving_sidecar.set(self._sidecar)
+            current_chain.set(meta.chain)
+            if deadline is not None:
+                current_deadline.set(deadline)
+            if cap.streaming:
+                status = await self._stream(cap, arguments, injected, deadline, send, trace_id)
+            else:
+                result = await _run(cap, arguments, injected, deadline)
+                out = cap.dump_output(result)
+                await _respond(send, 200, out)
+                status = 200
         except _Disconnected:
             status = 499
         except MeshError as exc:
@@ -211,6 +221,7 @@ class InboundApp:
             span.set_attribute("error.type", exc.code)
             await _problem(send, exc)
         finally:
+            otel_context.detach(token)
             elapsed = time.perf_counter() - started
             span.set_attribute("http.response.status_code", status)
             span.end()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -26,7 +27,7 @@ from agentmesh.telemetry.metrics import (
     labelled,
 )
 from agentmesh.telemetry.stats import StatsCollector
-from agentmesh.telemetry.tracing import inject, trace_id_of, tracer
+from agentmesh.telemetry.tracing import inject, trace_id_of, tracer, unsampled_child
 
 __all__ = ["CALLER_HEADER", "AttemptLayer", "ObserveLayer"]
 
@@ -44,7 +45,7 @@ class ObserveLayer:
 
     async def __call__(self, call: OutboundCall) -> Reply:
         started = time.perf_counter()
-        span = tracer().start_span(
+        span = unsampled_child() or tracer().start_span(
             f"execute_tool {call.capability}",
             kind=SpanKind.CLIENT,
             attributes={
@@ -55,12 +56,16 @@ class ObserveLayer:
         )
         call.headers[CALLER_HEADER] = self.caller
         self._in_flight.inc()
+        # attach/detach rather than trace.use_span: the same context switch without a generator
+        # context manager per call (_finish records errors on the span, as use_span would).
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            with trace.use_span(span, end_on_exit=False):
-                reply = await self._inner(call)
+            reply = await self._inner(call)
         except BaseException as exc:
             self._finish(call, span, started, exc)
             raise
+        finally:
+            otel_context.detach(token)
         if reply.chunks is None:
             self._finish(call, span, started, None)
         else:

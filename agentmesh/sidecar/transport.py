@@ -1,21 +1,20 @@
 """Transport: put one attempt on the wire to the chosen endpoint, over HTTP(S).
 
-aiohttp rather than httpx's default transport on the hot path: httpcore's pool collapses under
-concurrency (DESIGN §7: ~500 calls/s at 16 in flight against ~6,600 for aiohttp on the same
-server). This is the only layer that knows HTTP; foreign errors become mesh errors here, split by
-whether the request can have reached the agent (``ConnectionFailed``: it cannot, safe to retry;
-``ConnectionLost``: it may have run).
+The wire is :mod:`agentmesh.sidecar.http1` (keep-alive HTTP/1.1 on asyncio, parsed by
+httptools): a request is prebuilt per (endpoint, capability) up to its per-call headers, so a call
+costs one ``bytes.join`` and one write. This is the only layer that knows HTTP; foreign errors
+become mesh errors here, split by whether the request can have reached the agent
+(``ConnectionFailed``: it cannot, safe to retry; ``ConnectionLost``: it may have run).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import aiohttp
 from pydantic import ValidationError
 
 from agentmesh.errors import (
@@ -23,22 +22,38 @@ from agentmesh.errors import (
     ConnectionLost,
     DeadlineExceeded,
     IdentityMismatch,
+    InvalidInput,
     MeshError,
     UntrustedPeer,
     error_for_status,
     error_from_problem,
 )
-from agentmesh.models import AgentRecord, Problem
-from agentmesh.security.identity import SpiffeId
-from agentmesh.security.outbound import MeshConnector, PeerRefused
+from agentmesh.models import Problem
+from agentmesh.registry.index import Target
+from agentmesh.security.identity import Caller, SpiffeId
+from agentmesh.security.outbound import PeerVerifier
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.deadline import DEADLINE_HEADER
+from agentmesh.sidecar.http1 import ConnectFailed, ConnectionPool, Disconnected, Response
 
 __all__ = ["HttpTransport"]
 
-_JSON = "application/json"
 _log = logging.getLogger("agentmesh.sidecar")
+_DEADLINE = DEADLINE_HEADER.encode() + b": %d\r\n"
+_ACCEPT_EVENTS = b"accept: text/event-stream\r\n"
+_LENGTH = b"content-length: %d\r\n\r\n"
+_EVENT_STREAM = b"text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Where an (endpoint, capability) pair goes, and its request up to the per-call headers."""
+
+    host: str
+    port: int
+    https: bool
+    head: bytes
 
 
 class HttpTransport:
@@ -48,135 +63,137 @@ class HttpTransport:
         """``identity``: call ``https://`` agents with mutual TLS as this identity (unless its
         mode is ``off``: then ``https://`` endpoints are called in plaintext, which only
         ``permissive`` agents accept)."""
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[tuple[str, str], str] = {}
+        self._routes: dict[tuple[str, str], _Route] = {}
         self._tls = identity if identity is not None and identity.enabled else None
-        self._connector: MeshConnector | None = None
-        self._expected: dict[str, SpiffeId] = {}
+        self._verifier = PeerVerifier(self._tls) if self._tls is not None else None
+        self.pool: ConnectionPool[Caller] = ConnectionPool(verify=self._verifier)
+        self._names: dict[tuple[str, str, str | None], str] = {}
         if self._tls is not None:
             self._tls.on_revoked(self._drop_revoked)
 
     def _drop_revoked(self, revoked: frozenset[int]) -> None:
-        if self._connector is not None and (closed := self._connector.drop_revoked(revoked)):
+        closed = self.pool.close_where(lambda peer: peer is not None and peer.serial in revoked)
+        if closed:
             _log.warning("closed %d connection(s) to agents whose certificate was revoked", closed)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            options: dict[str, Any] = {"limit": 0, "limit_per_host": 0, "keepalive_timeout": 30}
-            connector: aiohttp.TCPConnector
-            if self._tls is not None:
-                connector = self._connector = MeshConnector(self._tls, **options)
-            else:
-                connector = aiohttp.TCPConnector(**options)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),
-                skip_auto_headers=("User-Agent",),
-                auto_decompress=False,
-            )
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.pool.close()
 
-    def _url(self, base: str, capability: str) -> str:
+    def _route(self, base: str, capability: str) -> _Route:
         key = (base, capability)
-        url = self._urls.get(key)
-        if url is None:
-            if len(self._urls) > 4096:
-                self._urls.clear()
-            if self._tls is None and base.startswith("https://"):
-                base = "http://" + base.removeprefix("https://")  # mTLS off: plaintext
-            url = self._urls[key] = f"{base}/v1/invoke/{capability}"
-        return url
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) > 4096:
+                self._routes.clear()
+            url = urlsplit(base)
+            https = url.scheme == "https" and self._tls is not None  # mTLS off: plaintext
+            host = url.hostname or "127.0.0.1"
+            port = url.port or (443 if url.scheme == "https" else 80)
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            head = (
+                f"POST {url.path.rstrip('/')}/v1/invoke/{capability} HTTP/1.1\r\n"
+                f"host: {authority}\r\ncontent-type: application/json\r\n"
+            ).encode("latin-1")
+            route = self._routes[key] = _Route(host, port, https, head)
+        return route
 
-    def _peer(self, record: AgentRecord, where: str) -> dict[str, Any]:
-        """TLS options of a call to ``record``: our context, and whom we must reach."""
+    def _server_name(self, target: Target) -> str:
+        """The TLS server name of a call to ``target``: whom the connection must reach.
+
+        Cached per (trust domain, agent name, claimed identity): the check is per record, not
+        per call."""
         tls = self._tls
-        if not record.endpoint.startswith("https://"):
-            if tls is not None and tls.mode == "strict":
-                raise UntrustedPeer(
-                    f"{where}: a plaintext endpoint cannot prove it is agent {record.name!r}; "
-                    "this sidecar runs mTLS strict (AGENTMESH_MTLS=permissive calls plaintext "
-                    "agents too)"
+        assert tls is not None
+        assert self._verifier is not None
+        record = target.record
+        key = (tls.trust_domain, record.name, record.identity)
+        sni = self._names.get(key)
+        if sni is None:
+            expected = SpiffeId.agent(tls.trust_domain, record.name)
+            if record.identity is not None and record.identity != expected.uri:
+                raise IdentityMismatch(
+                    f"{_where(target)}: its record claims the identity {record.identity}, but "
+                    f"agent {record.name!r} is {expected}; refusing to call it"
                 )
-            return {}
-        if tls is None:
-            return {}
-        expected = self._expected.get(record.name)
-        if expected is None or expected.trust_domain != tls.trust_domain:
-            expected = self._expected[record.name] = SpiffeId.agent(tls.trust_domain, record.name)
-        if record.identity is not None and record.identity != expected.uri:
-            raise IdentityMismatch(
-                f"{where}: its record claims the identity {record.identity}, but agent "
-                f"{record.name!r} is {expected}; refusing to call it"
-            )
-        self._client()
-        assert self._connector is not None
-        return {"ssl": tls.client_context(), "server_hostname": self._connector.expect(expected)}
+            if len(self._names) > 4096:
+                self._names.clear()
+            sni = self._names[key] = self._verifier.expect(expected)
+        return sni
 
     async def __call__(self, call: OutboundCall) -> Reply:
         target = call.target
         assert target is not None, "the balance layer sets call.target"
-        where = f"agent {target.instance_id} at {target.url}"
+        route = self._route(target.url, call.capability)
         remaining_ms = int((call.deadline - asyncio.get_running_loop().time()) * 1000)
-        headers = {"content-type": _JSON, DEADLINE_HEADER: str(max(remaining_ms, 1))}
+        parts = [route.head, _DEADLINE % max(remaining_ms, 1)]
         if call.stream:
-            headers["accept"] = "text/event-stream"
-        if call.headers:
-            headers.update(call.headers)
-        tls = self._peer(target.record, where)
-        try:
-            resp = await self._client().post(
-                self._url(target.url, call.capability), data=call.body, headers=headers, **tls
+            parts.append(_ACCEPT_EVENTS)
+        for name, value in call.headers.items():
+            parts.append(_header(name, value, call.capability))
+        parts.append(_LENGTH % len(call.body))
+        parts.append(call.body)
+        context = server_name = None
+        if route.https:
+            assert self._tls is not None
+            server_name = self._server_name(target)
+            context = self._tls.client_context()
+        elif self._tls is not None and self._tls.mode == "strict":
+            raise UntrustedPeer(
+                f"{_where(target)}: a plaintext endpoint cannot prove it is agent "
+                f"{target.record.name!r}; this sidecar runs mTLS strict "
+                "(AGENTMESH_MTLS=permissive calls plaintext agents too)"
             )
-        except PeerRefused as exc:
-            raise type(exc.error)(f"{where}: {exc.error.message}") from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            reason = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
-            raise UntrustedPeer(f"{where}: its certificate failed verification: {reason}") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise ConnectionFailed(f"{where}: {_reason(exc)}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ConnectionLost(f"{where}: {_reason(exc)}") from exc
+        try:
+            resp = await self.pool.request(
+                route.host,
+                route.port,
+                b"".join(parts),
+                ssl_context=context,
+                server_hostname=server_name,
+            )
+        except ConnectFailed as exc:
+            if exc.certificate:
+                raise UntrustedPeer(
+                    f"{_where(target)}: its certificate failed verification: {exc.reason}"
+                ) from exc
+            raise ConnectionFailed(f"{_where(target)}: {exc.reason}") from exc
+        except Disconnected as exc:
+            raise ConnectionLost(f"{_where(target)}: {exc}") from exc
+        except MeshError as exc:  # the peer check refused the connection: nothing was sent
+            raise type(exc)(f"{_where(target)}: {exc.message}") from exc
 
         if resp.status != 200:
-            try:
-                raise await _error(resp, where)
-            finally:
-                resp.release()
-        if resp.content_type == "text/event-stream":
-            return Reply(target, chunks=_events(resp, call, where))
+            raise await _error(resp, _where(target))
+        if resp.content_type == _EVENT_STREAM:
+            return Reply(target, chunks=_events(resp, call, _where(target)))
         try:
             body = await resp.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ConnectionLost(f"{where}: {_reason(exc)}") from exc
+        except Disconnected as exc:
+            raise ConnectionLost(f"{_where(target)}: {exc}") from exc
         return Reply(target, body=body)
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorSSLError):
-        return f"TLS handshake failed: {getattr(exc.os_error, 'reason', None) or exc.os_error}"
-    if (
-        isinstance(exc, aiohttp.ClientConnectorError)
-        and isinstance(exc.ssl, ssl.SSLContext)
-        and not isinstance(exc.os_error, ConnectionRefusedError)
-    ):
-        return (
-            "TLS handshake failed: the agent closed the connection (it refused this sidecar's "
-            "certificate or has no mesh identity in our trust domain; its log says why)"
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connection refused ({exc.os_error.strerror or exc.os_error})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "connection closed by the agent before it replied"
-    return str(exc) or type(exc).__name__
+def _where(target: Target) -> str:
+    """How errors name the endpoint (built only when one is raised)."""
+    return f"agent {target.instance_id} at {target.url}"
 
 
-async def _error(resp: aiohttp.ClientResponse, where: str) -> MeshError:
-    text = await resp.read()
+def _header(name: str, value: str, capability: str) -> bytes:
+    if "\r" in value or "\n" in value:
+        raise InvalidInput(f"call to {capability!r}: header {name} may not contain line breaks")
+    try:
+        return f"{name}: {value}\r\n".encode("latin-1")
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            f"call to {capability!r}: header {name} must be latin-1 text, got {value!r}"
+        ) from None
+
+
+async def _error(resp: Response[Caller], where: str) -> MeshError:
+    try:
+        text = await resp.read()
+    except Disconnected as exc:
+        return ConnectionLost(f"{where}: HTTP {resp.status}, then {exc}")
     try:
         problem = Problem.model_validate_json(text)
     except ValidationError:
@@ -184,7 +201,7 @@ async def _error(resp: aiohttp.ClientResponse, where: str) -> MeshError:
         error = error_for_status(resp.status, f"{where}: HTTP {resp.status}: {snippet}")
     else:
         error = error_from_problem(problem, where=where)
-    if error.retry_after is None and (retry_after := resp.headers.get("retry-after")):
+    if error.retry_after is None and (retry_after := resp.header(b"retry-after")):
         try:
             error.retry_after = float(retry_after)
         except ValueError:
@@ -192,9 +209,7 @@ async def _error(resp: aiohttp.ClientResponse, where: str) -> MeshError:
     return error
 
 
-async def _events(
-    resp: aiohttp.ClientResponse, call: OutboundCall, where: str
-) -> AsyncIterator[bytes]:
+async def _events(resp: Response[Caller], call: OutboundCall, where: str) -> AsyncIterator[bytes]:
     """Server-sent events → JSON chunks; ``error`` events raise, ``end`` finishes."""
     finished = False
     loop = asyncio.get_running_loop()
@@ -209,13 +224,13 @@ async def _events(
                 what = f"no chunk within {gap:g}s" + (" of the last" if chunks else "")
             try:
                 async with asyncio.timeout_at(limit):
-                    line = await resp.content.readline()
+                    line = await resp.readline()
             except TimeoutError as exc:
                 raise DeadlineExceeded(
                     f"capability {call.capability!r} at {where}: {what}"
                 ) from exc
-            except (aiohttp.ClientError, OSError) as exc:
-                raise ConnectionLost(f"{where}: stream interrupted: {_reason(exc)}") from exc
+            except Disconnected as exc:
+                raise ConnectionLost(f"{where}: stream interrupted: {exc}") from exc
             if not line:
                 raise ConnectionLost(f"{where}: stream ended before its end event")
             line = line.rstrip(b"\r\n")

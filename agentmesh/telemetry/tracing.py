@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "setup_tracing",
     "trace_id_of",
     "tracer",
+    "unsampled_child",
 ]
 
 _log = logging.getLogger("agentmesh.telemetry")
@@ -51,6 +53,32 @@ _TRACER = trace.get_tracer("agentmesh")
 def tracer() -> Tracer:
     """The agentmesh tracer of whatever provider is installed (a no-op one if none)."""
     return _TRACER
+
+
+_parent_decides = False
+"""True once :func:`setup_tracing` installed a parent-based sampler with the SDK's default rules,
+under which a child of an unsampled span is never sampled: :func:`unsampled_child` may then skip
+the SDK (sampler, span object, attribute copies) for the ~90 % of calls a 10 % ratio leaves out."""
+
+
+def unsampled_child(parent: Context | None = None) -> Span | None:
+    """A non-recording child of ``parent`` (default: the current span) if the installed sampler
+    would certainly drop it, else None (start a real span). The child keeps the trace id and the
+    not-sampled flag and has its own span id, exactly what the SDK would create."""
+    if not _parent_decides:
+        return None
+    ctx = trace.get_current_span(parent).get_span_context()
+    if not ctx.is_valid or ctx.trace_flags.sampled:
+        return None
+    return NonRecordingSpan(
+        SpanContext(
+            ctx.trace_id,
+            random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=ctx.trace_flags,
+            trace_state=ctx.trace_state,
+        )
+    )
 
 
 def inject(headers: dict[str, str], span: Span) -> None:
@@ -79,11 +107,13 @@ def setup_tracing(service_name: str) -> None:
         TraceIdRatioBased,
     )
 
+    global _parent_decides
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return
     sampler: Sampler | None = None
-    if "OTEL_TRACES_SAMPLER" not in os.environ:
+    configured = os.environ.get("OTEL_TRACES_SAMPLER")
+    if configured is None:
         sampler = ParentBased(TraceIdRatioBased(_DEFAULT_RATIO))
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource, sampler=sampler)
@@ -111,3 +141,7 @@ def setup_tracing(service_name: str) -> None:
         elif name not in ("none", ""):
             _log.warning("unknown OTEL_TRACES_EXPORTER %r; traces are not exported", name)
     trace.set_tracer_provider(provider)
+    # The SDK builds every ``parentbased_*`` sampler with its default rules for unsampled parents.
+    _parent_decides = isinstance(provider.sampler, ParentBased) and (
+        configured is None or configured.startswith("parentbased_")
+    )

@@ -117,6 +117,19 @@ async def test_invalid_input_is_422_with_pydantics_errors(start_agent, mesh: Mes
     assert resp.json()["errors"][0]["type"] == "json_invalid"
 
 
+async def test_a_header_value_cannot_smuggle_headers_or_requests(start_agent, mesh: Mesh):
+    await start_agent([summarize], name="summarizer")
+    smuggled = "k1\r\ncontent-length: 0\r\n\r\nPOST /v1/invoke/boom HTTP/1.1"
+    with pytest.raises(InvalidInput, match="idempotency-key may not contain line breaks"):
+        await mesh.call("summarize", {"text": "a b"}, idempotency_key=smuggled)
+    with pytest.raises(InvalidInput, match="must be latin-1 text"):
+        await mesh.call("summarize", {"text": "a b"}, idempotency_key="ключ")
+    assert await mesh.call("summarize", {"text": "a b"}, idempotency_key="k-1") == {
+        "text": "a b",
+        "words": 2,
+    }
+
+
 async def test_unknown_capability_suggests_close_names(start_agent, mesh: Mesh):
     await start_agent([summarize], name="summarizer")
     with pytest.raises(CapabilityNotFound, match="'summarise'.*did you mean 'summarize'"):
@@ -192,6 +205,13 @@ async def test_draining_instances_get_no_new_calls(start_agent, mesh: Mesh, wait
         await mesh.call("slow", {"seconds": 0})
     await asyncio.wait_for(agent.task, 5)
     await wait_until(lambda: not mesh.sidecar.index.targets("slow"))
+
+
+async def test_large_payloads_cross_tls_both_ways(start_agent, settings, mesh: Mesh):
+    await start_agent([whoami], name="mirror")
+    big = "ü" * (settings.max_payload_bytes // 3)  # many TLS records each way, multi-byte UTF-8
+    assert await mesh.call("whoami", {"tag": big}) == big
+    assert await mesh.call("whoami", {"tag": "small after big"}) == "small after big"
 
 
 async def test_oversized_payload_is_refused_with_413(start_agent, settings, mesh: Mesh):

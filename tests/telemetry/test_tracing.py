@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
@@ -143,3 +144,60 @@ async def test_metrics_count_exactly_the_calls_made(start_agent, mesh: Mesh):
         check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# ---- unsampled calls skip the SDK ------------------------------------------------------------
+
+UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_a_child_of_an_unsampled_parent_is_what_the_sdk_would_make(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agentmesh.telemetry import tracing
+
+    monkeypatch.setattr(tracing, "_parent_decides", True)
+    child = tracing.unsampled_child(tracing.extract({"traceparent": UNSAMPLED}))
+    assert child is not None
+    assert not child.is_recording()
+    ctx = child.get_span_context()
+    assert format(ctx.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert ctx.span_id not in (0, 0xB7AD6B7169203331)
+    assert not ctx.trace_flags.sampled
+    assert not ctx.is_remote
+    # Sampled parents, no parent at all: the SDK's sampler decides.
+    assert tracing.unsampled_child(tracing.extract({"traceparent": SAMPLED})) is None
+    assert tracing.unsampled_child(tracing.extract({})) is None
+    monkeypatch.setattr(tracing, "_parent_decides", False)
+    assert tracing.unsampled_child(tracing.extract({"traceparent": UNSAMPLED})) is None
+
+
+@pytest.mark.parametrize(
+    ("sampler", "shortcut"),
+    [
+        (None, True),
+        ("parentbased_traceidratio", True),
+        ("always_on", False),
+        ("traceidratio", False),
+    ],
+)
+def test_the_shortcut_is_on_only_under_a_parent_based_sampler(
+    sampler: str | None, shortcut: bool
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if sampler is not None:
+        env["OTEL_TRACES_SAMPLER"] = sampler
+    code = (
+        "from agentmesh.telemetry import tracing; tracing.setup_tracing('t'); "
+        "print(tracing._parent_decides)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == str(shortcut)
