@@ -90,9 +90,9 @@ class MeshCall(ProcessTarget):
 
     description = (
         "agentmesh Mesh.call (in-process sidecar: the whole outbound stack of "
-        "agentmesh/sidecar/stack.py, aiohttp keep-alive) → `agentmesh run` agent with its "
-        "defaults (raw-ASGI inbound on uvicorn); the echo capability validates the payload into "
-        "a pydantic model and returns an EchoBody pydantic model, B1's work"
+        "agentmesh/sidecar/stack.py, its HTTP/1.1 keep-alive pool) → `agentmesh run` agent with "
+        "its defaults (raw-ASGI inbound on uvicorn); the echo capability validates the payload "
+        "into a pydantic model and returns an EchoBody pydantic model, B1's work"
     )
 
     def __init__(
@@ -106,8 +106,8 @@ class MeshCall(ProcessTarget):
         self.mtls = mtls
         if mtls:
             self.description = self.description.replace(
-                "aiohttp keep-alive",
-                "aiohttp keep-alive, mutual TLS with certificates of a mesh CA",
+                "HTTP/1.1 keep-alive pool",
+                "HTTP/1.1 keep-alive pool, mutual TLS with certificates of a mesh CA",
             )
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")

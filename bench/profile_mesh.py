@@ -69,10 +69,11 @@ def _package(file: str) -> str:
     return "stdlib/other" if file else "native"
 
 
-IDLE_LEAVES = frozenset({"EpollSelector.select", "select", "_do_waitpid"})
+IDLE_LEAVES = frozenset({"EpollSelector.select", "select", "_do_waitpid", "Condition.wait"})
 """Leaf functions that mean "blocked in a system call": py-spy's idle detection misses some
 samples of a thread waiting in epoll_wait (here it reported ~80 % of a thread busy whose
-/proc CPU was ~55 %), so these samples are dropped and the shares are shares of real work."""
+/proc CPU was ~55 %) or on a lock (the access-log flusher's timed wait showed as half of the
+agent's samples), so these samples are dropped and the shares are shares of real work."""
 
 
 def summarize(path: Path, top: int = 20) -> dict[str, Any]:

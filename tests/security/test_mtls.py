@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -347,3 +349,72 @@ async def test_certificates_renew_under_load_without_a_single_failed_call(
         # New connections carried the new certificates: the caller met several server leaves.
         assert len(server_leaves) >= 2, server_leaves
     assert agent.identity == "spiffe://agentmesh.local/agent/echoer"
+
+
+# ---- the agent's connection handling: one write per turn, TLS through memory BIOs ------------
+
+
+def _echo_request(text: str) -> bytes:
+    body = b'{"text": "' + text.encode() + b'"}'
+    return (
+        b"POST /v1/invoke/echo HTTP/1.1\r\nhost: agent\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+async def _responses(reader: asyncio.StreamReader, count: int) -> list[bytes]:
+    bodies = []
+    for _ in range(count):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if b"content-length" in line
+        )
+        bodies.append(await reader.readexactly(length))
+    return bodies
+
+
+@pytest.mark.parametrize("mtls", ["off", "strict"])
+async def test_pipelined_requests_get_their_responses_in_order(
+    mtls: str, settings: Settings, mesh: Mesh, wait_until: WaitUntil
+) -> None:
+    agent = Agent("echoer", capabilities=[echo])
+    own = settings.model_copy(update={"mtls": mtls})
+    async with serving(agent, own, mesh, wait_until):
+        assert agent.endpoint is not None
+        port = int(agent.endpoint.rsplit(":", 1)[1])
+        tls = mesh_ca().client_context() if mtls == "strict" else None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+        try:
+            # Three requests in one write: the responses, written a turn at a time and
+            # coalesced per turn, must come back whole and in order.
+            writer.write(b"".join(_echo_request(f"r{i}") for i in range(3)))
+            await writer.drain()
+            assert await _responses(reader, 3) == [b'"r0"', b'"r1"', b'"r2"']
+        finally:
+            writer.close()
+
+
+async def test_garbage_after_the_handshake_drops_that_connection_only(
+    start_agent: StartAgent, mesh: Mesh
+) -> None:
+    agent = await start_agent([echo], name="echoer")
+    port = int(agent.endpoint.rsplit(":", 1)[1])
+
+    def handshake_then_garbage() -> bytes:
+        context = mesh_ca().client_context()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
+            tls = context.wrap_socket(plain, server_hostname="echoer.agent.agentmesh.local")
+            # The same connection without the TLS layer: a record with a bad MAC under it.
+            with socket.socket(fileno=os.dup(tls.fileno())) as raw:
+                raw.settimeout(5)
+                raw.sendall(b"\x17\x03\x03\x00\x05hello")
+                try:
+                    return raw.recv(100)  # b"" once the agent drops the connection
+                except ConnectionResetError:
+                    return b""
+                finally:
+                    tls.close()
+
+    assert await asyncio.to_thread(handshake_then_garbage) == b""
+    assert await mesh.call("echo", {"text": "still serving"}) == "still serving"
