@@ -9,6 +9,10 @@
     Agent CPU per call (``/proc``) under agent environment variants, with M1 agents started
     side by side and measured round-robin at 1 and 32 in flight: the defaults, the access log
     off, tracing off, tracing always on. Each variant is one ``MeshCall`` target.
+
+``python bench/ablate.py stats``
+    CPU per call of the stats collector's outbound and inbound recorders (what every call pays
+    for ``/v1/stats``; the brief is < 2 µs). Best of 5 × 20,000 calls, ``timeit``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import timeit
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -154,6 +159,23 @@ async def _agent_env(seconds: float, rounds: int) -> None:
             await target.stop()
 
 
+def _stats() -> None:
+    from agentmesh.telemetry.stats import StatsCollector
+
+    collector = StatsCollector("bench")
+    record_in = collector.inbound_recorder("agent", ["work"])
+
+    def outbound() -> None:
+        collector.outbound("caller", "work", "callee", True, 0.0123)
+
+    def inbound() -> None:
+        record_in("agent", "work", 200, 0.0123, "caller", "0" * 32, b"{}", b"1")
+
+    for fn in (outbound, inbound):
+        best = min(timeit.repeat(fn, number=20_000, repeat=5)) / 20_000
+        print(f"  stats collector, {fn.__name__:8} {best * 1e6:6.2f} us/call (brief: < 2 us)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one experiment; see the module docstring."""
     p = argparse.ArgumentParser(prog="bench/ablate.py", description=__doc__.split("\n")[0])
@@ -163,9 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ae = sub.add_parser("agent-env", help="agent CPU per call under environment variants")
     ae.add_argument("--seconds", type=float, default=1.5, help="per round (default 1.5)")
     ae.add_argument("--rounds", type=int, default=3, help="median of rounds (default 3)")
+    sub.add_parser("stats", help="stats collector cost per recorded call")
     args = p.parse_args(argv)
     if args.command == "stack":
         asyncio.run(_stack(args.calls))
+    elif args.command == "stats":
+        _stats()
     else:
         asyncio.run(_agent_env(args.seconds, args.rounds))
     return 0

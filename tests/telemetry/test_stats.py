@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import timeit
 
 import pytest
 
@@ -124,19 +123,3 @@ def test_keys_are_counted_apart_and_each_interval_starts_empty():
     again = StatsReport.model_validate_json(report.model_dump_json())
     assert again == report
     assert collector.take() is None
-
-
-def test_recording_a_call_costs_well_under_two_microseconds():
-    """The brief is < 2 µs; measured ~0.3 µs. The bound here leaves room for a loaded CI box."""
-    collector = StatsCollector("bench")
-    record_in = collector.inbound_recorder("agent", ["work"])
-
-    def outbound() -> None:
-        collector.outbound("caller", "work", "callee", True, 0.0123)
-
-    def inbound() -> None:
-        record_in("agent", "work", 200, 0.0123, "caller", "0" * 32, b"{}", b"1")
-
-    for fn in (outbound, inbound):
-        best = min(timeit.repeat(fn, number=20_000, repeat=5)) / 20_000
-        assert best < 10e-6, f"{fn.__name__}: {best * 1e6:.2f} µs per call"
