@@ -41,6 +41,8 @@ _log = logging.getLogger("agentmesh.security")
 PEER_KEY = "agentmesh.peer"
 _TLS_HANDSHAKE = 0x16
 _HANDSHAKE_TIMEOUT = 10
+#: A turn's writes leave at once past this (uvicorn's and asyncio's high-water mark).
+_COALESCE_LIMIT = 65536
 
 
 class ServerTLS(Protocol):
@@ -114,10 +116,16 @@ class MeshHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._phase == 3:
-            if self._tls_transport is None:
+            tls = self._tls_transport
+            if tls is None:
                 super().data_received(data)
-            elif (plain := self._tls_transport.decrypt(data)) is not None:
+                return
+            if (plain := tls.decrypt(data)) is not None:
                 super().data_received(plain)
+            if tls.peer_closed:
+                # The caller's close_notify: end the connection as uvicorn does at EOF, with
+                # ours (a TLS client may wait for it before its TCP close).
+                tls.close()
         elif self._phase == 2:
             self._handshake(data)
         elif self._phase == 1:
@@ -243,7 +251,9 @@ class _Transport(asyncio.Transport):
     uvicorn writes a response's head and body separately, two system calls (and, with TLS, two
     records) where one does: at 32 calls in flight the agent spent ~20 % of its CPU in socket
     writes. Deferring to the end of the turn (``call_soon``) costs no latency: both writes
-    happen in the same turn. Flow control stays the raw transport's (it pauses the protocol).
+    happen in the same turn. Flow control stays the raw transport's (it pauses the protocol):
+    so that it sees an app that writes a lot without yielding, a turn's writes leave as soon as
+    they reach :data:`_COALESCE_LIMIT`.
     """
 
     def __init__(self, raw: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
@@ -251,6 +261,7 @@ class _Transport(asyncio.Transport):
         self.raw = raw
         self._loop = loop
         self._pending: list[bytes] = []
+        self._pending_size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._pending:
@@ -258,6 +269,9 @@ class _Transport(asyncio.Transport):
                 return
             self._loop.call_soon(self._send_pending)
         self._pending.append(data if isinstance(data, bytes) else bytes(data))
+        self._pending_size += len(data)
+        if self._pending_size >= _COALESCE_LIMIT:
+            self._send_pending()
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
@@ -267,6 +281,7 @@ class _Transport(asyncio.Transport):
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
+            self._pending_size = 0
             if not self.raw.is_closing():
                 self._send(data)
 
@@ -279,6 +294,7 @@ class _Transport(asyncio.Transport):
 
     def abort(self) -> None:
         self._pending.clear()
+        self._pending_size = 0
         self.raw.abort()
 
     def is_closing(self) -> bool:
@@ -300,7 +316,7 @@ class _Transport(asyncio.Transport):
         self.raw.set_write_buffer_limits(high, low)
 
     def get_write_buffer_size(self) -> int:
-        return self.raw.get_write_buffer_size() + sum(map(len, self._pending))
+        return self.raw.get_write_buffer_size() + self._pending_size
 
     def can_write_eof(self) -> bool:
         return False
@@ -329,6 +345,8 @@ class _TlsTransport(_Transport):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.peer_closed = False
+        """The caller sent its close_notify."""
 
     def handshake(self, data: bytes) -> bool:
         """Feed handshake bytes; True once done. Our ``Finished`` stays unsent until
@@ -353,12 +371,13 @@ class _TlsTransport(_Transport):
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                break  # close_notify: EOF follows
+                chunk = b""
             except ssl.SSLError as exc:
                 _log.debug("TLS error on an inbound connection: %s", exc)
                 self.raw.abort()
                 return None
             if not chunk:
+                self.peer_closed = True  # close_notify (read returns b"" for it)
                 break
             chunks.append(chunk)
         self.flush()

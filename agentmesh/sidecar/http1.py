@@ -150,7 +150,8 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         self._head: asyncio.Future[None] | None = None
         self.closed = False
         self.retire = False
-        """Close after the current response instead of pooling it (e.g. the peer was revoked)."""
+        """Close after the current response instead of pooling it (the peer was revoked, or
+        sent its TLS close_notify)."""
         self.idle_since = 0.0
         self.peer: _Peer | None = None
         self.tls: ssl.SSLObject | None = None
@@ -209,11 +210,15 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                break  # close_notify: the end of the connection follows
+                chunk = b""
             except ssl.SSLError as exc:
                 self._broken(f"TLS error ({exc.reason or exc})")
                 return None
             if not chunk:
+                # close_notify (read returns b"" for it): the agent sends nothing more, so no
+                # request may go out here; its TCP close can come much later (asyncio's TLS
+                # first waits for our close_notify).
+                self._peer_done()
                 break
             chunks.append(chunk)
         self._flush_tls()  # e.g. a key update's answer
@@ -304,6 +309,11 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         else:
             self.close()
 
+    def _peer_done(self) -> None:
+        self.retire = True
+        if self.response is None:
+            self.close()
+
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True
@@ -371,7 +381,17 @@ class ConnectionPool(Generic[_Peer]):
         oldest = asyncio.get_running_loop().time() - self.keepalive
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.idle_since > oldest:
+            if not idle:
+                del self._idle[key]  # no empty lists: keys (and old TLS contexts) never pile up
+            # A closing transport (the agent's EOF arrived; connection_lost runs a turn later)
+            # would drop the request, then report it as a disconnect: "it may have run".
+            transport = conn.transport
+            if (
+                not conn.closed
+                and transport is not None
+                and not transport.is_closing()
+                and conn.idle_since > oldest
+            ):
                 return conn
             conn.close()
         return None

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +34,7 @@ from agentmesh import (
     capability,
     connect,
 )
+from agentmesh._serving import HttpServer, bind
 from agentmesh.control.ca import CertificateAuthority, write_root_ca
 from agentmesh.control.issuer import Issuer
 from agentmesh.models import AgentRecord, RevocationRequest
@@ -418,3 +421,72 @@ async def test_garbage_after_the_handshake_drops_that_connection_only(
 
     assert await asyncio.to_thread(handshake_then_garbage) == b""
     assert await mesh.call("echo", {"text": "still serving"}) == "still serving"
+
+
+@pytest.mark.parametrize("mtls", ["off", "strict"])
+async def test_a_response_written_faster_than_it_is_read_is_held_back(mtls: str) -> None:
+    # uvicorn pauses an app whose writes the client does not read; the agent's transport holds a
+    # turn's writes back to coalesce them, which must not keep them from the socket (and from
+    # that flow control) while an app writes megabytes without yielding.
+    chunk, count = b"x" * 65536, 512
+    received: list[int] = [0]
+    seen: list[int] = []  # what the client had received, at each of the app's writes
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(count):
+            seen.append(received[0])
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    tls = dataclasses.replace(mesh_ca().server_tls("echoer"), mode=mtls)
+    server = HttpServer(app, bind("127.0.0.1", 0), tls=tls)
+    await server.start()
+    try:
+        client = mesh_ca().client_context() if mtls == "strict" else None
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=client)
+        try:
+            writer.write(b"POST / HTTP/1.1\r\nhost: agent\r\ncontent-length: 0\r\n\r\n")
+            async with asyncio.timeout(30):
+                while not (data := await reader.read(1 << 20)).endswith(b"0\r\n\r\n"):
+                    assert data
+                    received[0] += len(data)
+        finally:
+            writer.close()
+    finally:
+        await server.stop()
+    assert len(seen) == count
+    # 32 MB cannot fit the socket buffers: the app waited for the client to read.
+    assert seen[-1] > 0
+
+
+async def test_a_client_close_notify_is_answered_and_ends_the_connection() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    server = HttpServer(app, bind("127.0.0.1", 0), tls=mesh_ca().server_tls("echoer"))
+    await server.start()
+
+    def request_then_close_notify() -> tuple[bytes, bytes]:
+        context = mesh_ca().client_context()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
+            tls = context.wrap_socket(plain, server_hostname="echoer.agent.agentmesh.local")
+            tls.sendall(b"POST / HTTP/1.1\r\nhost: agent\r\ncontent-length: 0\r\n\r\n")
+            reply = tls.recv(1000)
+            # Sends ours, then waits for the agent's close_notify (as asyncio's TLS does, for up
+            # to 30 s): the agent must answer, not keep the connection for its keep-alive.
+            after = tls.unwrap().recv(100)
+            return reply, after
+
+    try:
+        reply, after = await asyncio.to_thread(request_then_close_notify)
+    finally:
+        await server.stop()
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert reply.endswith(b"{}")
+    assert after == b""  # and then the TCP close

@@ -9,8 +9,10 @@ e2e suite.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -234,3 +236,84 @@ async def test_a_refused_peer_check_closes_the_connection() -> None:
         with pytest.raises(PermissionError):
             await pool.request("127.0.0.1", port, REQUEST, ssl_context=ca.client_context())
         assert not pool.connections
+
+
+async def test_a_connection_the_server_closed_is_not_reused_before_its_close_completes() -> None:
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()  # then close
+
+    pool: ConnectionPool[None] = ConnectionPool()
+    async with server(once) as (port, accepted):
+        assert await (await pool.request("127.0.0.1", port, REQUEST)).read() == b"{}"
+        # The first loop turn after the server's EOF arrived: asyncio has closed the transport,
+        # the protocol's connection_lost runs a turn later. A request now must not go out on it
+        # (it would be dropped, then reported as a disconnect: "may have run").
+        deadline = asyncio.get_running_loop().time() + 5
+        while not all(c.transport and c.transport.is_closing() for c in pool.connections):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0)
+        assert await (await pool.request("127.0.0.1", port, REQUEST)).read() == b"{}"
+        assert len(accepted) == 2
+    pool.close()
+
+
+async def test_a_tls_close_notify_retires_the_connection() -> None:
+    # asyncio's TLS server sends close_notify, then waits (up to 30 s) for ours before its TCP
+    # close: in between, the connection must not look reusable.
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+
+    ca = mesh_ca()
+    pool: ConnectionPool[None] = ConnectionPool()
+    context = ca.client_context()
+    async with server(once, ca.server_tls("echoer").server_context()) as (port, accepted):
+        for _ in range(2):
+            async with asyncio.timeout(5):
+                resp = await pool.request("127.0.0.1", port, REQUEST, ssl_context=context)
+                assert await resp.read() == b"{}"
+            for _ in range(200):  # until the close_notify has reached the pool
+                if not pool.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert not pool.connections
+        assert len(accepted) == 2
+    pool.close()
+
+
+async def test_connection_close_ends_reuse_and_the_pool_keeps_nothing_of_closed_connections() -> (
+    None
+):
+    replies = iter([OK, OK.replace(b"OK\r\n", b"OK\r\nconnection: close\r\n")])
+
+    async def two(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for reply in replies:
+            await read_request(reader)
+            writer.write(reply)
+            await writer.drain()
+        await reader.read()  # the client closes, not us
+
+    ca = mesh_ca()
+    pool: ConnectionPool[None] = ConnectionPool()
+    context = ca.client_context()
+    context_ref = weakref.ref(context)
+    async with server(two, ca.server_tls("echoer").server_context()) as (port, accepted):
+        for _ in range(2):
+            resp = await pool.request("127.0.0.1", port, REQUEST, ssl_context=context)
+            assert await resp.read() == b"{}"
+        del resp
+        assert not pool.connections  # "connection: close": given up, not pooled
+        assert len(accepted) == 1
+        # A renewed certificate is a new context: the pool must not keep old ones (nor keys of
+        # endpoints long gone) alive once their connections are closed.
+        del context
+        for _ in range(200):  # until the transport has let go of the connection
+            gc.collect()
+            if context_ref() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert context_ref() is None
+    pool.close()
