@@ -143,6 +143,7 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
 
     def __init__(self, pool: ConnectionPool[_Peer], key: _Key) -> None:
         self._pool = pool
+        self.generation = pool.generation
         self.key = key
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -352,6 +353,9 @@ class ConnectionPool(Generic[_Peer]):
         self._verify = verify
         self._idle: dict[_Key, list[_Connection[_Peer]]] = {}
         self._open: set[_Connection[_Peer]] = set()
+        self.generation = 0
+        """Bumped by :meth:`close`: a connection from before (one that was still connecting
+        then) serves its request and closes instead of joining the pool."""
 
     @property
     def connections(self) -> frozenset[_Connection[_Peer]]:
@@ -397,6 +401,9 @@ class ConnectionPool(Generic[_Peer]):
         return None
 
     def checkin(self, conn: _Connection[_Peer]) -> None:
+        if conn.generation != self.generation:
+            conn.close()
+            return
         conn.idle_since = asyncio.get_running_loop().time()
         self._idle.setdefault(conn.key, []).append(conn)
 
@@ -452,6 +459,7 @@ class ConnectionPool(Generic[_Peer]):
         return count
 
     def close(self) -> None:
+        self.generation += 1
         for conn in list(self._open):
             conn.close()
         self._idle.clear()

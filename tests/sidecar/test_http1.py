@@ -317,3 +317,18 @@ async def test_connection_close_ends_reuse_and_the_pool_keeps_nothing_of_closed_
             await asyncio.sleep(0.01)
         assert context_ref() is None
     pool.close()
+
+
+async def test_a_connection_still_opening_when_the_pool_closes_is_not_pooled() -> None:
+    pool: ConnectionPool[None] = ConnectionPool()
+    async with server(answer_each) as (port, _):
+        opening = asyncio.create_task(pool.request("127.0.0.1", port, REQUEST))
+        await asyncio.sleep(0)  # the connect has started
+        pool.close()
+        resp = await opening  # the request still gets its answer ...
+        assert await resp.read() == b"{}"
+        assert not pool.connections  # ... and its connection is closed, not pooled
+        # The pool stays usable: a new request opens a new connection.
+        assert await (await pool.request("127.0.0.1", port, REQUEST)).read() == b"{}"
+        assert len(pool.connections) == 1
+    pool.close()
