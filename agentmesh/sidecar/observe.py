@@ -96,15 +96,18 @@ class ObserveLayer:
         trace_id = trace_id_of(span)
         if error is not None:
             status = error.code if isinstance(error, MeshError) else type(error).__name__
-            span.set_status(Status(StatusCode.ERROR, str(error)))
-            span.set_attribute("error.type", status)
             if isinstance(error, MeshError):
                 error.trace_id = trace_id
-        span.set_attribute("agentmesh.attempts", call.attempt)
-        if target is not None:
-            span.set_attribute("agentmesh.callee", callee)
-            span.set_attribute("agentmesh.callee.instance", target.instance_id)
-            span.set_attribute("agentmesh.capability.version", target.spec.version)
+        if span.is_recording():  # one locked update of the SDK span, none for unsampled calls
+            attributes: dict[str, str | int] = {"agentmesh.attempts": call.attempt}
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, str(error)))
+                attributes["error.type"] = status
+            if target is not None:
+                attributes["agentmesh.callee"] = callee
+                attributes["agentmesh.callee.instance"] = target.instance_id
+                attributes["agentmesh.capability.version"] = target.spec.version
+            span.set_attributes(attributes)
         span.end()
         labelled(OUTBOUND_REQUESTS, self.caller, call.capability, callee, status).inc()
         labelled(OUTBOUND_LATENCY, call.capability, callee).observe(elapsed)
