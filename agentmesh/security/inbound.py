@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agentmesh.errors import AuthenticationFailed
+from agentmesh.security.bio import read_plaintext
 from agentmesh.security.identity import Caller, LeafRefused, check_leaf
 
 __all__ = ["PEER_KEY", "MeshHttpProtocol", "ServerTLS", "caller_identity", "protocol_for"]
@@ -363,25 +364,16 @@ class _TlsTransport(_Transport):
         """The plaintext in ``data`` (None: nothing yet, or the connection was closed)."""
         if data:
             self._incoming.write(data)
-        chunks = []
-        # Stop when nothing is left rather than at SSLWantReadError: raising it costs ~5 µs.
-        while self._incoming.pending or self.ssl_object.pending():
-            try:
-                chunk = self.ssl_object.read(65536)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                chunk = b""
-            except ssl.SSLError as exc:
-                _log.debug("TLS error on an inbound connection: %s", exc)
-                self.raw.abort()
-                return None
-            if not chunk:
-                self.peer_closed = True  # close_notify (read returns b"" for it)
-                break
-            chunks.append(chunk)
+        try:
+            plain, closed = read_plaintext(self.ssl_object, self._incoming)
+        except ssl.SSLError as exc:
+            _log.debug("TLS error on an inbound connection: %s", exc)
+            self.raw.abort()
+            return None
+        if closed:
+            self.peer_closed = True
         self.flush()
-        return b"".join(chunks) if chunks else None
+        return plain or None
 
     def flush(self) -> None:
         if self._outgoing.pending:

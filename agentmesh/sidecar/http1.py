@@ -25,6 +25,8 @@ from typing import Generic, TypeVar
 
 import httptools
 
+from agentmesh.security.bio import read_plaintext
+
 __all__ = ["ConnectFailed", "ConnectionPool", "Disconnected", "Response"]
 
 _Peer = TypeVar("_Peer")
@@ -203,27 +205,17 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
             self._handshake_step()
             if not handshake.done() or handshake.cancelled() or handshake.exception():
                 return None
-        chunks = []
-        # Stop when nothing is left rather than at SSLWantReadError: raising it costs ~5 µs.
-        while self._incoming.pending or self.tls.pending():
-            try:
-                chunk = self.tls.read(65536)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                chunk = b""
-            except ssl.SSLError as exc:
-                self._broken(f"TLS error ({exc.reason or exc})")
-                return None
-            if not chunk:
-                # close_notify (read returns b"" for it): the agent sends nothing more, so no
-                # request may go out here; its TCP close can come much later (asyncio's TLS
-                # first waits for our close_notify).
-                self._peer_done()
-                break
-            chunks.append(chunk)
+        try:
+            plain, closed = read_plaintext(self.tls, self._incoming)
+        except ssl.SSLError as exc:
+            self._broken(f"TLS error ({exc.reason or exc})")
+            return None
+        if closed:
+            # close_notify: the agent sends nothing more, so no request may go out here; its TCP
+            # close can come much later (asyncio's TLS first waits for our close_notify).
+            self._peer_done()
         self._flush_tls()  # e.g. a key update's answer
-        return b"".join(chunks) if chunks else None
+        return plain or None
 
     def data_received(self, data: bytes) -> None:
         if self.tls is not None:
