@@ -88,7 +88,14 @@ class PolicyStore:
             raise RegistryUnavailable(f"watching policy bucket {self.bucket!r}: {exc}") from exc
 
     async def _read(self, keys: str, *, history: bool) -> list[PolicyEntry]:
-        """Entries of ``keys`` (a key or ``>``): the latest per key, or every kept revision."""
+        """Entries of ``keys`` (a key or ``>``): the latest per key, or every kept revision.
+
+        nats-py marks the end of the initial values with ``None`` when the consumer has nothing
+        left to deliver *and* its callback has seen nothing yet, which is also true while the
+        messages sit in the client's buffers (seen under load in CI: a policy read as missing).
+        So an early ``None`` with nothing read is checked against the stream, and the last
+        entry is recognised by its ``delta`` (messages still pending after it) of 0.
+        """
         try:
             watcher: Any = await self.kv.watch(keys, include_history=history)
             entries: list[PolicyEntry] = []
@@ -96,7 +103,9 @@ class PolicyStore:
                 while True:
                     entry = await watcher.updates(timeout=5.0)
                     if entry is None:
-                        break
+                        if entries or not await self._stored(keys):
+                            break
+                        continue
                     entries.append(_entry(entry))
                     if entry.delta == 0:
                         break
@@ -106,6 +115,14 @@ class PolicyStore:
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"reading policy bucket {self.bucket!r}: {exc}") from exc
         return entries
+
+    async def _stored(self, keys: str) -> bool:
+        """Whether the stream holds any message for ``keys`` (a key or ``>``)."""
+        js = self._conn.client.jetstream()
+        info = await js.stream_info(
+            f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.{keys}"
+        )
+        return bool(info.state.subjects)
 
     async def latest(self, name: str) -> PolicyEntry | None:
         """The newest revision of ``name``, deletions included; None if it never existed."""
