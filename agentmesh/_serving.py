@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from agentmesh.errors import ConfigurationError
-from agentmesh.security.inbound import ServerTLS, protocol_for
+from agentmesh.security.inbound import InboundLimits, ServerTLS, protocol_for
 
 __all__ = ["HttpServer", "bind", "signals"]
 
@@ -59,15 +59,23 @@ class HttpServer:
         graceful: float = 5.0,
         tls: ServerTLS | None = None,
         owner: str = "agent",
+        limits: InboundLimits | None = None,
+        plaintext_refusal: str | None = None,
     ) -> None:
-        """``tls``: serve mutual TLS with the identity's current context (see
-        ``agentmesh.security.inbound``); ``owner`` names the server in its log lines."""
+        """``tls``: serve (mutual) TLS with the identity's current context (see
+        ``agentmesh.security.inbound``, which also applies ``limits``); ``owner`` names the
+        server in its log lines."""
         self.sock = sock
         self.port: int = sock.getsockname()[1]
         self._graceful = max(1, round(graceful))
         self.tls = tls is not None and tls.mode != "off"
-        # Agents always get the mesh protocol: TLS by first byte, one write per response.
-        http: Any = protocol_for(tls, owner) if tls is not None else "auto"
+        # Agents and the control plane get the mesh protocol: TLS by first byte, bounded heads,
+        # one write per response.
+        http: Any = (
+            protocol_for(tls, owner, limits, plaintext_refusal=plaintext_refusal)
+            if tls is not None
+            else "auto"
+        )
         self._server = _Server(
             uvicorn.Config(
                 app,

@@ -27,7 +27,7 @@ from agentmesh.errors import ConfigurationError, RegistrationError
 from agentmesh.mesh import Mesh
 from agentmesh.models import AgentRecord, AgentStatus
 from agentmesh.registry.lease import Lease
-from agentmesh.security.inbound import caller_identity
+from agentmesh.security.inbound import InboundLimits, caller_identity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.inbound import InboundApp
@@ -237,7 +237,12 @@ class Agent:
         self.identity = str(workload.id) if workload.enabled and workload.id else None
         self.mtls = workload.mode if workload.enabled else "off"
         server = HttpServer(
-            app, sock, graceful=max(settings.drain_grace, 1.0), tls=workload, owner=self.name
+            app,
+            sock,
+            graceful=max(settings.drain_grace, 1.0),
+            tls=workload,
+            owner=self.name,
+            limits=InboundLimits.of(settings),
         )
         try:
             await server.start()

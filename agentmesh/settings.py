@@ -23,8 +23,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTMESH_", extra="ignore", frozen=True)
 
     control_url: str = Field(
-        default=f"http://127.0.0.1:{DEFAULT_CONTROL_PORT}",
-        description="Where the control plane listens; agents and the CLI bootstrap from it.",
+        default=f"https://127.0.0.1:{DEFAULT_CONTROL_PORT}",
+        description="Where the control plane listens; agents and the CLI bootstrap from it. "
+        "HTTPS, verified against the mesh root (see control_ca_file); http:// only for a "
+        "control plane started with --insecure-http.",
+    )
+    control_ca_file: Path | None = Field(
+        default=None,
+        description="PEM root(s) to verify the control plane's HTTPS certificate by. Unset: "
+        "roots.pem in the data dir (the control plane's machine), else the root pinned by the "
+        "join token.",
+    )
+    control_hosts: str = Field(
+        default="",
+        description="Comma-separated host names and IP addresses the control plane's HTTPS "
+        "certificate names, besides localhost, 127.0.0.1, ::1, this machine's name and the "
+        "address it binds: the names agents on other machines reach it by.",
     )
     nats_url: str | None = Field(
         default=None,
@@ -61,6 +75,54 @@ class Settings(BaseSettings):
     )
     max_payload_bytes: int = Field(
         default=8 * 1024 * 1024, gt=0, description="Largest request body an agent accepts."
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="Largest request head (request line and headers) an agent or the control "
+        "plane reads; larger gets 431 and the connection closes. 32 KiB: nginx's default "
+        "(4 × 8 KiB buffers); a mesh request's head is a few hundred bytes.",
+    )
+    max_header_count: int = Field(
+        default=100,
+        ge=8,
+        description="Most header fields in one request (431 beyond): Envoy's default.",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection may take to send a complete request head, from its "
+        "first byte or the end of the previous response (slowloris); then it is closed. Also "
+        "the time an accepted connection may stay silent before its first byte.",
+    )
+    tls_handshake_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a TLS handshake may take at an agent or the control plane.",
+    )
+    max_control_body_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Largest request body the control plane reads (413 beyond, before "
+        "buffering): its largest documents, policy manifests and CSRs, are a few KiB.",
+    )
+    max_error_items: int = Field(
+        default=20,
+        ge=1,
+        description="Validation errors listed in a 422 answer; the rest are counted, not "
+        "listed, so that an answer stays small whatever the request.",
+    )
+    auth_failures_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="Failed admin authentications the control plane accepts per source address "
+        "and minute; beyond that it answers 429 until the minute has passed (password guessing).",
+    )
+    session_ttl: float = Field(
+        default=8 * 3600.0,
+        gt=0,
+        description="Seconds a dashboard sign-in lasts (a working day); then the browser signs "
+        "in again.",
     )
     retry_attempts: int = Field(
         default=3, ge=1, le=10, description="Attempts per call, the first included (see retry.py)."

@@ -39,6 +39,13 @@ def control(
         typer.Option(help="Write where the control plane listens, as JSON, once it is ready."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+    insecure_http: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-http",
+            help="Serve plain HTTP instead of HTTPS: development only, tokens travel in clear.",
+        ),
+    ] = False,
 ) -> None:
     """Run the control plane; agents join it with AGENTMESH_CONTROL_URL."""
     from agentmesh.control.server import run_control  # FastAPI: only this command needs it
@@ -69,4 +76,9 @@ def control(
             tmp.write_text(info.to_json())
             tmp.replace(ready_file)
 
-    run_control(settings, host=host, port=port, on_ready=ready)
+    if insecure_http:
+        console.print(
+            "[bold red]warning:[/] --insecure-http: the API is plain HTTP and tokens travel in "
+            "clear; for development only"
+        )
+    run_control(settings, host=host, port=port, on_ready=ready, insecure_http=insecure_http)

@@ -229,8 +229,10 @@ async def _show_zero_trust(mesh: Mesh, settings: Settings, control_url: str) -> 
             ]
         },
     }
-    token = (settings.data_dir / "admin-token").read_text().strip()
-    async with httpx.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http:
+    from agentmesh.security.control_trust import admin_request
+
+    options = admin_request(settings.model_copy(update={"control_url": control_url}))
+    async with httpx.AsyncClient(**options) as http:
         resp = await http.post(f"{control_url}/v1/policies", json=policy, timeout=10)
     if resp.status_code != 200:
         raise MeshUnavailable(f"applying the demo's access policy: HTTP {resp.status_code}")

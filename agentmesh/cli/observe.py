@@ -412,15 +412,13 @@ def check(
 async def _run_checks(settings: Settings) -> list[_Check]:
     import httpx
 
+    from agentmesh.security.control_trust import admin_request
+
     results: list[_Check] = []
     control = settings.control_url.rstrip("/")
-    from agentmesh.security.files import admin_token
-
-    token = admin_token(settings)  # AGENTMESH_TOKEN, else the control plane's data dir
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     health: dict[str, Any] | None = None
     boot: Bootstrap | None = None
-    async with httpx.AsyncClient(timeout=3.0, headers=headers) as http:
+    async with httpx.AsyncClient(timeout=3.0, **admin_request(settings)) as http:
         sent = time.time()
         try:
             resp = await http.get(f"{control}/healthz")

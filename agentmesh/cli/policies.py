@@ -64,17 +64,15 @@ def _request(
 ) -> Any:
     import httpx  # a cold path: kept off the import of every other command (agent start-up)
 
-    from agentmesh.security.files import admin_token
+    from agentmesh.security.control_trust import admin_request, control_error
 
     url = f"{settings.control_url.rstrip('/')}{path}"
-    token = admin_token(settings)  # AGENTMESH_TOKEN, else the control plane's data dir
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = httpx.request(method, url, params=params, json=body, headers=headers, timeout=15.0)
+        resp = httpx.request(
+            method, url, params=params, json=body, timeout=15.0, **admin_request(settings)
+        )
     except httpx.HTTPError as exc:
-        raise RegistryUnavailable(
-            f"control plane at {settings.control_url}: {exc}; is `agentmesh control` running?"
-        ) from exc
+        raise control_error(exc, settings.control_url) from exc
     if resp.status_code >= 400:
         try:
             problem = Problem.model_validate_json(resp.content)

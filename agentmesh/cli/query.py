@@ -33,17 +33,13 @@ def register(app: typer.Typer) -> None:
 def _get(settings: Settings, path: str, params: dict[str, Any] | None = None) -> bytes:
     import httpx  # a cold path: kept off the import of every other command (agent start-up)
 
-    from agentmesh.security.files import admin_token
+    from agentmesh.security.control_trust import admin_request, control_error
 
     url = f"{settings.control_url.rstrip('/')}{path}"
-    token = admin_token(settings)  # AGENTMESH_TOKEN, else the control plane's data dir
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = httpx.get(url, params=params, headers=headers, timeout=10.0)
+        resp = httpx.get(url, params=params, timeout=10.0, **admin_request(settings))
     except httpx.HTTPError as exc:
-        raise RegistryUnavailable(
-            f"control plane at {settings.control_url}: {exc}; is `agentmesh control` running?"
-        ) from exc
+        raise control_error(exc, settings.control_url) from exc
     if resp.status_code != 200:
         try:
             problem = Problem.model_validate_json(resp.content)

@@ -45,17 +45,13 @@ def register(app: typer.Typer) -> None:
 def _request(settings: Settings, method: str, path: str, body: Any = None) -> bytes:
     import httpx  # a cold path: kept off the import of every other command
 
-    from agentmesh.security.files import admin_token
+    from agentmesh.security.control_trust import admin_request, control_error
 
-    token = admin_token(settings)
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     url = f"{settings.control_url.rstrip('/')}{path}"
     try:
-        resp = httpx.request(method, url, json=body, headers=headers, timeout=30.0)
+        resp = httpx.request(method, url, json=body, timeout=30.0, **admin_request(settings))
     except httpx.HTTPError as exc:
-        raise RegistryUnavailable(
-            f"control plane at {settings.control_url}: {exc}; is `agentmesh control` running?"
-        ) from exc
+        raise control_error(exc, settings.control_url) from exc
     if resp.status_code >= 400:
         try:
             problem = Problem.model_validate_json(resp.content)

@@ -20,6 +20,7 @@ signed bundle) is the commit point of every change; ``<fingerprint>.pem`` / ``.k
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import secrets
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from pydantic import ValidationError
 
 from agentmesh.errors import ConfigurationError
 from agentmesh.models import TrustBundle
-from agentmesh.security.files import write_private
+from agentmesh.security.files import check_private, write_private
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.pki import (
     PrivateKey,
@@ -161,6 +162,7 @@ class CertificateAuthority:
     def from_files(
         cls, cert_file: Path, key_file: Path, trust_domain: str, ttl: float
     ) -> CertificateAuthority:
+        check_private(key_file)
         try:
             certs = load_certs(cert_file.read_bytes())
             key = load_key(key_file.read_bytes())
@@ -194,6 +196,7 @@ class CertificateAuthority:
         try:
             state = json.loads(state_file.read_text())
             current = state["current"]
+            check_private(directory / f"{current}.key")
             cert = load_certs((directory / f"{current}.pem").read_bytes())[0]
             key = load_key((directory / f"{current}.key").read_bytes())
             retiring = [
@@ -318,9 +321,17 @@ class CertificateAuthority:
     # ---- issuing ------------------------------------------------------------------------------
 
     def issue(
-        self, public_key: object, identity: SpiffeId, ttl: float | None = None
+        self,
+        public_key: object,
+        identity: SpiffeId,
+        ttl: float | None = None,
+        *,
+        hosts: Sequence[str] = (),
     ) -> x509.Certificate:
-        """A leaf for ``identity`` on ``public_key``: one URI SAN, CA:false, client+server auth."""
+        """A leaf for ``identity`` on ``public_key``: one URI SAN, CA:false, client+server auth.
+
+        ``hosts``: DNS names and IP addresses it also names (the control plane's HTTPS
+        certificate, verified by host name like any web server's)."""
         if identity.trust_domain != self.trust_domain:
             raise ValueError(f"{identity} is not in trust domain {self.trust_domain!r}")
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -347,7 +358,9 @@ class CertificateAuthority:
             .not_valid_before(now - NOT_BEFORE_SKEW)
             .not_valid_after(not_after)
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(identity.uri), *map(_host_name, hosts)]
+                ),
                 critical=False,
             )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -418,6 +431,13 @@ class CertificateAuthority:
 
     def next_retirement(self) -> datetime | None:
         return min((r.retire_after for r in self.retiring), default=None)
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def _require_ca(cert: x509.Certificate, where: Path) -> None:

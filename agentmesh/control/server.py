@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,13 @@ from agentmesh._serving import HttpServer, bind, signals
 from agentmesh.control.app import create_app
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.health import HealthBook
+from agentmesh.control.https import PLAINTEXT_REFUSAL, ControlTLS, control_hosts
 from agentmesh.control.issuer import Issuer
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
 from agentmesh.nats_server import NatsServer
-from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token
+from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token, ensure_private_dir
+from agentmesh.security.inbound import InboundLimits
 from agentmesh.security.store import SecurityStore, security_bucket
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import local_bootstrap
@@ -30,6 +33,8 @@ from agentmesh.sidecar.sidecar import Sidecar, breaker_subject
 from agentmesh.telemetry.stats import stats_subject
 
 __all__ = ["ControlInfo", "run_control"]
+
+_log = logging.getLogger("agentmesh.control")
 
 
 class ControlInfo:
@@ -59,8 +64,12 @@ def run_control(
     host: str,
     port: int,
     on_ready: Callable[[ControlInfo], None] | None = None,
+    insecure_http: bool = False,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. Blocking; call from the main thread."""
+    """Serve until SIGTERM/SIGINT. Blocking; call from the main thread.
+
+    HTTPS unless ``insecure_http`` (development only: tokens would travel in clear)."""
+    ensure_private_dir(settings.data_dir)
     sock = bind(host, port)
     nats: NatsServer | None = None
     try:
@@ -72,12 +81,14 @@ def run_control(
             nats.start()
             nats_url = nats.url
         display_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        scheme = "http" if insecure_http else "https"
         info = ControlInfo(
-            f"http://{display_host}:{sock.getsockname()[1]}",
+            f"{scheme}://{display_host}:{sock.getsockname()[1]}",
             nats_url,
             settings.data_dir / "nats" if nats else None,
         )
-        asyncio.run(_serve(settings, sock, info, on_ready))
+        tls = _https(settings, host, insecure_http)
+        asyncio.run(_serve(settings, sock, info, on_ready, tls))
     finally:
         sock.close()
         if nats is not None:
@@ -89,9 +100,10 @@ async def _serve(
     sock: socket.socket,
     info: ControlInfo,
     on_ready: Callable[[ControlInfo], None] | None,
+    tls: ControlTLS,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
-    ca = CertificateAuthority.open(settings)
+    ca = tls.ca
     sidecar = Sidecar(boot, settings, name="agentmesh-control", caller="control")
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
     sidecar.identity.use_issuer(issuer)
@@ -109,7 +121,14 @@ async def _serve(
         stats.apply(msg.data)
 
     await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
-    server = HttpServer(create_app(sidecar, boot, health, stats, security), sock)
+    server = HttpServer(
+        create_app(sidecar, boot, health, stats, security),
+        sock,
+        tls=tls,
+        owner="control plane",
+        limits=InboundLimits.of(settings),
+        plaintext_refusal=PLAINTEXT_REFUSAL,
+    )
     stop = asyncio.Event()
     try:
         await server.start()
@@ -123,6 +142,18 @@ async def _serve(
         await server.stop()
         retiring.cancel()
         await sidecar.close()
+
+
+def _https(settings: Settings, host: str, insecure_http: bool) -> ControlTLS:
+    """The CA and the HTTPS certificate made from it (before the loop: a bad CA fails fast)."""
+    if insecure_http:
+        _log.warning(
+            "the control plane serves plain HTTP (--insecure-http): admin and join tokens travel "
+            "in clear; for development only"
+        )
+    ca = CertificateAuthority.open(settings)
+    hosts = control_hosts(host, settings.control_hosts)
+    return ControlTLS(ca, hosts, settings.data_dir, insecure=insecure_http)
 
 
 async def _security(

@@ -7,9 +7,10 @@ A join token is ``amt1.<pin>.<secret>``:
   ``--uses N`` or ``--reusable`` for replicas). Spending a use is compare-and-set, so two
   enrolments cannot share a single-use token.
 - ``pin``: the first 128 bits of the SHA-256 of a root CA certificate. Before it sends the token
-  anywhere, a joining sidecar fetches ``/v1/trust-bundle`` over plain HTTP and checks that the
-  bundle contains the pinned root *and* is signed by it: a control plane (or anything on the
-  path) that cannot show that root never sees the token, and cannot hand out a bundle of its own.
+  anywhere, a joining sidecar checks that the control plane's trust bundle contains the pinned
+  root *and* is signed by it, and then verifies the control plane's HTTPS certificate against
+  those roots (``agentmesh.security.control_trust``): a control plane (or anything on the path)
+  that cannot show that root never sees the token, and cannot hand out a bundle of its own.
 
 Renewal never uses the token: the sidecar proves possession of its current key (a signature over
 the new CSR and a timestamp) and the CA checks the current certificate (its own, unexpired, not
@@ -23,9 +24,10 @@ import base64
 import hashlib
 import hmac
 import secrets
+import ssl
 from datetime import UTC, datetime
 
-import aiohttp
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from pydantic import ValidationError
@@ -44,11 +46,13 @@ from agentmesh.models import (
     RenewalProof,
     TrustBundle,
 )
+from agentmesh.security.control_trust import control_error, guard_cleartext
 from agentmesh.security.pki import PrivateKey, fingerprint, load_certs, pem, verify_bundle
 
 __all__ = [
     "PIN_HEX",
     "RemoteIssuer",
+    "check_pinned",
     "format_token",
     "new_token",
     "parse_token",
@@ -125,32 +129,42 @@ def _pinned(bundle: TrustBundle, pin: str) -> x509.Certificate:
     )
 
 
-class RemoteIssuer:
-    """Enrol with, and renew through, the control plane's ``/v1/certificates``."""
+def check_pinned(bundle: TrustBundle, pin: str, where: str) -> x509.Certificate:
+    """The pinned root, if ``bundle`` holds it and is signed by it; AuthenticationFailed if not."""
+    root = _pinned(bundle, pin)
+    try:
+        verify_bundle(bundle, [root])
+    except ValueError as exc:
+        raise AuthenticationFailed(f"control plane at {where}: {exc}; refusing to enrol") from None
+    return root
 
-    def __init__(self, control_url: str, token: str | None) -> None:
+
+class RemoteIssuer:
+    """Enrol with, and renew through, the control plane's ``/v1/certificates``.
+
+    ``verify``: what its HTTPS certificate must chain to (``control_trust.control_verify``)."""
+
+    def __init__(
+        self, control_url: str, token: str | None, *, verify: ssl.SSLContext | bool = True
+    ) -> None:
         self.control_url = control_url.rstrip("/")
         self._token = token
+        self._verify = verify
         self._pin: str | None = None
         if token is not None:
             self._pin, _ = parse_token(token)
+            guard_cleartext(self.control_url, sends_token=True)
 
     async def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
         url = f"{self.control_url}{path}"
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as client,
-                client.request(
-                    method, url, data=body, headers={"content-type": "application/json"}
-                ) as resp,
-            ):
-                data = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise RegistryUnavailable(
-                f"control plane at {self.control_url}: {exc or type(exc).__name__}; a sidecar "
-                "needs it to get its certificate (start it with `agentmesh control`)"
-            ) from exc
+            async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as client:
+                resp = await client.request(
+                    method, url, content=body, headers={"content-type": "application/json"}
+                )
+        except httpx.HTTPError as exc:
+            raise control_error(exc, self.control_url) from exc
+        data, status = resp.content, resp.status_code
         if status != 200:
             try:
                 problem = Problem.model_validate_json(data)
@@ -171,13 +185,7 @@ class RemoteIssuer:
                 f"control plane at {self.control_url} sent an unreadable trust bundle"
             ) from exc
         if self._pin is not None:
-            root = _pinned(bundle, self._pin)
-            try:
-                verify_bundle(bundle, [root])
-            except ValueError as exc:
-                raise AuthenticationFailed(
-                    f"control plane at {self.control_url}: {exc}; refusing to enrol"
-                ) from None
+            check_pinned(bundle, self._pin, self.control_url)
         return bundle
 
     async def issue(self, request: CertificateRequest) -> IssuedCertificate:

@@ -17,6 +17,14 @@ itself, per connection:
 3. every request on the connection carries the result in ``scope["extensions"]["tls"]`` (the
    ASGI TLS extension: ``client_cert_chain`` etc.) plus the parsed :class:`Caller` under
    :data:`PEER_KEY`. :func:`caller_identity` reads it back.
+
+Bounds (:class:`InboundLimits`, from settings), so that no peer — authenticated or not — can make
+a server hold unbounded memory or connections: a TLS handshake must finish within
+``tls_handshake_timeout``; a connection must send a complete request head within
+``header_timeout`` of connecting (or of the first byte of its next request), else it is closed
+(slowloris, idle connections that never send); a request head larger than ``max_header_bytes``
+or with more than ``max_header_count`` fields gets 431 and the connection closes, after at most
+one read past the limit was buffered (header floods).
 """
 
 from __future__ import annotations
@@ -26,22 +34,34 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agentmesh.errors import AuthenticationFailed
+from agentmesh.models import Problem
 from agentmesh.security.bio import read_plaintext
 from agentmesh.security.identity import Caller, LeafRefused, check_leaf
 
-__all__ = ["PEER_KEY", "MeshHttpProtocol", "ServerTLS", "caller_identity", "protocol_for"]
+if TYPE_CHECKING:
+    from agentmesh.settings import Settings
+
+__all__ = [
+    "PEER_KEY",
+    "InboundLimits",
+    "MeshHttpProtocol",
+    "ServerTLS",
+    "caller_identity",
+    "protocol_for",
+]
 
 _log = logging.getLogger("agentmesh.security")
 
 #: Where the verified peer sits in the ASGI TLS extension dict.
 PEER_KEY = "agentmesh.peer"
 _TLS_HANDSHAKE = 0x16
-_HANDSHAKE_TIMEOUT = 10
 #: A turn's writes leave at once past this (uvicorn's and asyncio's high-water mark).
 _COALESCE_LIMIT = 65536
 
@@ -82,15 +102,53 @@ def caller_identity(scope: Mapping[str, Any]) -> Caller | None:
     return peer
 
 
-def protocol_for(tls: ServerTLS, owner: str) -> type[MeshHttpProtocol]:
-    """A protocol class bound to one server's identity: ``uvicorn.Config(http=...)``."""
-    return type("MeshHttpProtocol", (MeshHttpProtocol,), {"mesh_tls": tls, "owner": owner})
+@dataclass(frozen=True, slots=True)
+class InboundLimits:
+    """The bounds of one server's connections (see the module docstring; settings explain the
+    numbers)."""
+
+    max_header_bytes: int = 32 * 1024
+    max_header_count: int = 100
+    header_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> InboundLimits:
+        return cls(
+            max_header_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+            header_timeout=settings.header_timeout,
+            handshake_timeout=settings.tls_handshake_timeout,
+        )
 
 
-def _problem_bytes(error: AuthenticationFailed) -> bytes:
-    body = error.to_problem().model_dump_json(exclude_none=True).encode()
+def protocol_for(
+    tls: ServerTLS,
+    owner: str,
+    limits: InboundLimits | None = None,
+    *,
+    plaintext_refusal: str | None = None,
+) -> type[MeshHttpProtocol]:
+    """A protocol class bound to one server's identity: ``uvicorn.Config(http=...)``.
+
+    ``plaintext_refusal``: the message a plaintext request gets in ``strict`` mode."""
+    attrs: dict[str, Any] = {"mesh_tls": tls, "owner": owner, "limits": limits or InboundLimits()}
+    if plaintext_refusal is not None:
+        attrs["plaintext_refusal"] = plaintext_refusal
+    return type("MeshHttpProtocol", (MeshHttpProtocol,), attrs)
+
+
+class _HeadRefused(Exception):
+    """Raised from a parser callback: the request head broke a limit (431)."""
+
+
+_REASONS = {401: "Unauthorized", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+
+def _problem_bytes(problem: Problem) -> bytes:
+    body = problem.model_dump_json(exclude_none=True).encode()
     head = (
-        f"HTTP/1.1 {error.status} Unauthorized\r\n"
+        f"HTTP/1.1 {problem.status} {_REASONS[problem.status]}\r\n"
         "content-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
@@ -98,11 +156,26 @@ def _problem_bytes(error: AuthenticationFailed) -> bytes:
     return head + body
 
 
+def _refusal(status: int, code: str, detail: str) -> Problem:
+    return Problem(
+        type=f"https://agentmesh.dev/errors/{code}",
+        title=_REASONS[status],
+        status=status,
+        detail=detail,
+        code=code,
+    )
+
+
 class MeshHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus TLS with per-connection peer identity."""
 
     mesh_tls: ClassVar[ServerTLS]
     owner: ClassVar[str] = "agent"
+    limits: ClassVar[InboundLimits] = InboundLimits()
+    plaintext_refusal: ClassVar[str] = (
+        "agent {owner} accepts only mutual TLS (AGENTMESH_MTLS=strict); plaintext refused: "
+        "call its https:// endpoint with a mesh certificate"
+    )
 
     #: 0 new, 1 waiting for the first bytes, 2 handshaking, 3 serving HTTP, 4 refused.
     _phase: int = 0
@@ -110,19 +183,24 @@ class MeshHttpProtocol(HttpToolsProtocol):
     _tls: dict[str, Any] | None = None
     _tls_transport: _TlsTransport | None = None
     _handshake_timer: asyncio.TimerHandle | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+    #: Bytes of the current request head received so far (None: not reading a head).
+    _head_bytes: int | None = 0
+    _head_fields = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
         self._phase = 1
+        self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._phase == 3:
             tls = self._tls_transport
             if tls is None:
-                super().data_received(data)
+                self._feed(data)
                 return
             if (plain := tls.decrypt(data)) is not None:
-                super().data_received(plain)
+                self._feed(plain)
             if tls.peer_closed:
                 # The caller's close_notify: end the connection as uvicorn does at EOF, with
                 # ours (a TLS client may wait for it before its TCP close).
@@ -139,14 +217,93 @@ class MeshHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        self._cancel_head_timer()
         if self._phase == 3:
             super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._head_bytes is None:  # the next request on a kept-alive connection
+            self._head_bytes = 0
+            self._head_fields = 0
+            self._arm_head_timer()
         if self._tls is not None:
             scope: dict[str, Any] = self.scope  # type: ignore[assignment]
             scope["extensions"] = {"tls": self._tls}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_fields += 1
+        if self._head_fields > self.limits.max_header_count:
+            raise _HeadRefused(f"more than {self.limits.max_header_count} header fields")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    # ---- bounds ---------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's ``data_received``, with the request head's size and field count bounded."""
+        if self._head_bytes is not None:
+            self._head_bytes += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadRefused):
+                self._refuse_head(str(exc.__context__))
+            else:
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # No WebSocket or other upgrade is served here.
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        if self._head_bytes is not None and self._head_bytes > self.limits.max_header_bytes:
+            self._refuse_head(f"a request head larger than {self.limits.max_header_bytes} bytes")
+
+    def _refuse_head(self, what: str) -> None:
+        _log.warning("%s: refused %s from %s (431)", self.owner, what, self._peer())
+        detail = f"{self.owner}: {what} (AGENTMESH_MAX_HEADER_BYTES, AGENTMESH_MAX_HEADER_COUNT)"
+        self._send_and_close(_refusal(431, "header_too_large", detail))
+
+    def _send_and_close(self, problem: Problem) -> None:
+        self._cancel_head_timer()
+        self._head_bytes = None
+        self._phase = 4
+        self.transport.write(_problem_bytes(problem))
+        self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._phase == 4 or self._raw is None or self._raw.is_closing():
+            return
+        _log.info(
+            "%s: closed a connection from %s that sent no complete request head within %gs",
+            self.owner,
+            self._peer(),
+            self.limits.header_timeout,
+        )
+        if self._phase == 3:
+            detail = (
+                f"{self.owner}: no complete request head within "
+                f"{self.limits.header_timeout:g}s (AGENTMESH_HEADER_TIMEOUT)"
+            )
+            self._send_and_close(_refusal(408, "request_timeout", detail))
+            return
+        self._phase = 4  # silent, or still in the TLS handshake: nothing to answer
+        self._raw.abort()
 
     # ---- before HTTP ----------------------------------------------------------------------
 
@@ -163,7 +320,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
         elif self.mesh_tls.mode != "strict":
             self._phase = 3
             super().connection_made(_Transport(raw, self.loop))
-            super().data_received(data)
+            self._feed(data)
         else:
             self._phase = 4
             _log.warning(
@@ -171,17 +328,16 @@ class MeshHttpProtocol(HttpToolsProtocol):
                 self.owner,
                 self._peer(),
             )
-            error = AuthenticationFailed(
-                f"agent {self.owner} accepts only mutual TLS (AGENTMESH_MTLS=strict); "
-                "plaintext refused: call its https:// endpoint with a mesh certificate"
-            )
-            raw.write(_problem_bytes(error))
+            error = AuthenticationFailed(self.plaintext_refusal.format(owner=self.owner))
+            raw.write(_problem_bytes(error.to_problem()))
             raw.close()
 
     def _start_tls(self, raw: asyncio.Transport, data: bytes) -> None:
         self._phase = 2
         self._tls_transport = _TlsTransport(raw, self.loop, self.mesh_tls.server_context())
-        self._handshake_timer = self.loop.call_later(_HANDSHAKE_TIMEOUT, self._handshake_expired)
+        self._handshake_timer = self.loop.call_later(
+            self.limits.handshake_timeout, self._handshake_expired
+        )
         self._handshake(data)
 
     def _handshake_expired(self) -> None:
@@ -242,7 +398,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._phase = 3
         super().connection_made(transport)
         if (early := transport.decrypt(b"")) is not None:
-            super().data_received(early)
+            self._feed(early)
 
 
 class _Transport(asyncio.Transport):

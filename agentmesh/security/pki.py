@@ -50,6 +50,7 @@ __all__ = [
     "server_context",
     "sign_bundle",
     "verify_bundle",
+    "web_server_context",
 ]
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -146,6 +147,17 @@ def server_context(
     ctx = _base(ssl.PROTOCOL_TLS_SERVER, roots)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    _load_chain(ctx, key, certs)
+    return ctx
+
+
+def web_server_context(key: PrivateKey, certs: Sequence[x509.Certificate]) -> ssl.SSLContext:
+    """Serve HTTPS as ``certs[0]`` to any client (browsers, the CLI): TLS 1.2+, no client
+    certificates (the control plane authenticates by token, not by certificate)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     _load_chain(ctx, key, certs)
     return ctx
 

@@ -230,7 +230,7 @@ class WorkloadIdentity:
         token = None if renew else self._token()
         if not renew and token is None:
             raise self._no_source()
-        remote = RemoteIssuer(self._settings.control_url, token)
+        remote = RemoteIssuer(self._settings.control_url, token, verify=await self._verify(renew))
         self._remote = True
         pinned: list[x509.Certificate] | None = None
         if not renew:
@@ -242,6 +242,17 @@ class WorkloadIdentity:
             return await remote.issue(CertificateRequest(csr=csr, renewal=proof))
 
         return request, pinned
+
+    async def _verify(self, renew: bool) -> ssl.SSLContext | bool:
+        """What the control plane's certificate must chain to: on renewal the roots of the
+        trust bundle this sidecar holds (kept current through rotations); at enrolment what
+        ``control_trust`` finds (the operator's file, the data dir, the token's pin)."""
+        from agentmesh.security.control_trust import control_verify, roots_context
+        from agentmesh.security.pki import pem
+
+        if renew and self._roots and self._settings.control_url.startswith("https:"):
+            return roots_context("".join(pem(r) for r in self._roots))
+        return await control_verify(self._settings)
 
     async def _obtain(self, *, first: bool) -> None:
         from cryptography.hazmat.primitives import serialization

@@ -1,9 +1,9 @@
 """Bootstrap: from one setting (the control plane URL) to everything a sidecar needs.
 
 An explicit ``AGENTMESH_NATS_URL`` skips the control plane entirely, so agents keep starting
-while the control plane is down. The control plane is asked with aiohttp (lighter to import
-than httpx), imported only then: with ``AGENTMESH_NATS_URL`` set, start-up imports no HTTP
-client at all (aiohttp alone costs 100–200 ms of an agent's start-up).
+while the control plane is down. The control plane is asked over HTTPS, its certificate verified
+(``agentmesh.security.control_trust``), with httpx — the one HTTP client of the cold paths,
+imported only then: with ``AGENTMESH_NATS_URL`` set, start-up imports no HTTP client at all.
 """
 
 from __future__ import annotations
@@ -35,22 +35,23 @@ async def bootstrap(settings: Settings) -> Bootstrap:
         return local_bootstrap(
             settings, nats_url=settings.nats_url, control_url=settings.control_url
         )
-    import aiohttp
+    import httpx
+
+    from agentmesh.security.control_trust import control_error, control_verify, guard_cleartext
 
     url = f"{settings.control_url.rstrip('/')}/v1/bootstrap"
-    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    token = settings.token
+    if token:
+        guard_cleartext(settings.control_url, sends_token=True)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    verify = await control_verify(settings)
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as client,
-            client.get(url, headers=headers, raise_for_status=True) as resp,
-        ):
-            body = await resp.read()
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise RegistryUnavailable(
-            f"control plane at {settings.control_url}: {reason}; start it with "
-            "`agentmesh control`, or set AGENTMESH_CONTROL_URL / AGENTMESH_NATS_URL"
-        ) from exc
+        async with httpx.AsyncClient(verify=verify, timeout=5.0) as client:
+            resp = await client.get(url, headers=headers)
+            resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise control_error(exc, settings.control_url) from exc
+    body = resp.content
     try:
         return Bootstrap.model_validate_json(body)
     except ValidationError as exc:
