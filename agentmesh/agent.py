@@ -226,6 +226,7 @@ class Agent:
             self.name,
             self.capabilities,
             max_body=settings.max_payload_bytes,
+            max_errors=settings.max_error_items,
             card=self.agent_card,
             sidecar=sidecar,
             injectables=lambda: {Mesh: self.mesh},

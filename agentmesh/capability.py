@@ -31,6 +31,7 @@ from pydantic_core import PydanticSerializationError
 
 from agentmesh.errors import ConfigurationError, InvalidInput, InvalidOutput
 from agentmesh.models import CAPABILITY_NAME_PATTERN, CapabilitySpec
+from agentmesh.validation_errors import error_items, summary
 
 __all__ = ["Capability", "capability", "is_capability"]
 
@@ -199,21 +200,24 @@ class Capability(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<Capability {self.name!r} version {self.spec.version!r}>"
 
-    def parse_input(self, body: bytes) -> dict[str, Any]:
+    def parse_input(self, body: bytes, *, max_errors: int = 20) -> dict[str, Any]:
         """Validate a JSON request body; return the keyword arguments for the function.
 
         An empty body means ``{}``. Nested models stay model instances.
 
         Raises:
-            InvalidInput: the body is not JSON, or does not match the input schema; ``errors``
-                holds pydantic's error list.
+            InvalidInput: the body is not JSON (or not UTF-8), or does not match the input
+                schema; ``errors`` holds the first ``max_errors`` of pydantic's errors, without
+                the input, and counts the rest (``agentmesh.validation_errors``).
         """
         try:
             values: dict[str, Any] = self._validate_input(body or b"{}").__dict__
         except ValidationError as exc:
+            items = error_items(exc, max_errors)
             raise InvalidInput(
-                f"invalid input for capability {self.name!r}: {exc.error_count()} error(s)",
-                errors=json.loads(exc.json(include_url=False)),
+                f"invalid input for capability {self.name!r}: {exc.error_count()} error(s): "
+                + summary(items),
+                errors=items,
             ) from exc
         # The model instance is dropped here, so its __dict__ is handed over without a copy.
         for key, name in self._renamed:

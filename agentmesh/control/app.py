@@ -10,16 +10,22 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from agentmesh._version import __version__
 from agentmesh.control.health import HealthBook
+from agentmesh.control.limits import BodyLimit, not_utf8_problem, validation_problem
 from agentmesh.control.policies import policy_router
 from agentmesh.control.security import ControlSecurity, security_router
+from agentmesh.control.sessions import BrowserHeaders
 from agentmesh.control.stats import StatsBook, stats_router
 from agentmesh.control.ui import dashboard_app
 from agentmesh.errors import InvalidInput, MeshError, RouteNotFound
 from agentmesh.models import AgentRecord, Bootstrap, CapabilityOffer, EndpointHealth, Problem
+from agentmesh.settings import Settings
 from agentmesh.sidecar.sidecar import Sidecar
 
 __all__ = ["create_app"]
@@ -37,15 +43,28 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _problem_response(problem: Problem) -> JSONResponse:
+    return JSONResponse(
+        problem.model_dump(exclude_none=True),
+        status_code=problem.status,
+        media_type="application/problem+json",
+    )
+
+
 def create_app(
     sidecar: Sidecar,
     boot: Bootstrap,
     health: HealthBook,
     stats: StatsBook | None = None,
     security: ControlSecurity | None = None,
+    settings: Settings | None = None,
 ) -> FastAPI:
     """The API; with ``security``, the identity routes and admin authentication on every route
-    but the few a joining workload or a probe needs (``agentmesh.control.security``)."""
+    but the few a joining workload or a probe needs (``agentmesh.control.security``).
+
+    Inputs are bounded (``agentmesh.control.limits``: body size, 422 size) and browsers get
+    hardening headers (``agentmesh.control.sessions.BrowserHeaders``)."""
+    settings = settings if settings is not None else Settings()
     app = FastAPI(
         title="agentmesh control plane",
         version=__version__,
@@ -59,8 +78,24 @@ def create_app(
     stats = stats if stats is not None else StatsBook()
     app.include_router(stats_router(stats))
     auth = security.auth if security is not None else None
-    app.mount("/ui", dashboard_app(sidecar, health, stats=stats, api=app, auth=auth))
+    app.mount(
+        "/ui", dashboard_app(sidecar, health, stats=stats, api=app, auth=auth, settings=settings)
+    )
     app.include_router(policy_router(sidecar))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_control_body_bytes)
+    app.add_middleware(BrowserHeaders)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problem = validation_problem(exc.errors(), settings.max_error_items, request.url.path)
+        return _problem_response(problem)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        problem = not_utf8_problem(exc, request.url.path)
+        if problem is not None:
+            return _problem_response(problem)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(MeshError)
     async def _mesh_error(request: Request, exc: MeshError) -> JSONResponse:

@@ -1,7 +1,9 @@
 """The control plane's security API and its admin authentication.
 
-Every route needs the admin token (``Authorization: Bearer <token>``, or the
-``agentmesh_token`` cookie for the dashboard in a browser), compared in constant time, except:
+Every route needs the admin token (``Authorization: Bearer <token>``, compared in constant time)
+or, from a browser, a dashboard session cookie (``agentmesh.control.sessions``: signed, expiring,
+never the token itself; a state-changing request it authorizes must come from the control
+plane's own pages), except:
 
 - what a joining workload needs before it has any credential: ``/v1/bootstrap``,
   ``/v1/trust-bundle`` (public roots), ``/v1/certificates`` (authenticated by its own join
@@ -11,7 +13,9 @@ Every route needs the admin token (``Authorization: Bearer <token>``, or the
 - with ``AGENTMESH_PUBLIC_READ=true``, every GET (registry, policies, stats): for a trusted
   network or a read-only dashboard. Writes (tokens, revocations, rotation, policies) never.
 
-A failure is a 401 problem document with ``WWW-Authenticate: Bearer``.
+A failure is a 401 problem document with ``WWW-Authenticate: Bearer``; failed attempts are
+logged and limited per source address (``agentmesh.control.limits.FailureLimiter``: 429 past
+the limit); a cross-site write with the cookie is a 403.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 
 from agentmesh.control.issuer import Issuer
-from agentmesh.errors import AuthenticationFailed
+from agentmesh.control.limits import FailureLimiter
+from agentmesh.control.sessions import SESSION_COOKIE, Sessions, same_origin
+from agentmesh.errors import AuthenticationFailed, PolicyDenied
 from agentmesh.models import (
     CertificateRequest,
     IdentityRecord,
@@ -51,29 +57,58 @@ OPEN_PATHS = frozenset(
         "/openapi.json",
     }
 )
-COOKIE = "agentmesh_token"
+COOKIE = SESSION_COOKIE
 _PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class AdminAuth:
-    """FastAPI dependency: the admin token, or one of the documented exceptions."""
+    """FastAPI dependency: the admin token or a session, or one of the documented exceptions."""
 
-    def __init__(self, token: str, *, public_read: bool = False) -> None:
+    def __init__(
+        self,
+        token: str,
+        *,
+        public_read: bool = False,
+        session_ttl: float = 8 * 3600.0,
+        failures_per_minute: int = 10,
+    ) -> None:
         self._token = token.encode()
         self.public_read = public_read
+        self.sessions = Sessions(token, session_ttl)
+        self.limiter = FailureLimiter(failures_per_minute)
 
     async def __call__(self, request: Request) -> None:
         if request.url.path in OPEN_PATHS:
             return
         if self.public_read and request.method in ("GET", "HEAD"):
             return
-        presented = _bearer(request.headers.get("authorization")) or request.cookies.get(COOKIE)
-        if presented is None:
+        source = request.client.host if request.client else "unknown"
+        bearer = _bearer(request.headers.get("authorization"))
+        if bearer is not None:
+            self.check_token(bearer, source)
+            return
+        session = request.cookies.get(SESSION_COOKIE)
+        if session is None:
             raise AuthenticationFailed(
                 "the control plane needs its admin token: send 'Authorization: Bearer <token>' "
                 "(the CLI reads it from AGENTMESH_TOKEN or the control plane's data dir)"
             )
-        if not hmac.compare_digest(presented.encode(), self._token):
+        self.limiter.check(source)
+        if not self.sessions.valid(session):
+            self.limiter.failed(source, "invalid or expired session cookie")
+            raise AuthenticationFailed("the dashboard session has expired: sign in again")
+        if request.method not in _SAFE_METHODS and not same_origin(request, require=True):
+            raise PolicyDenied(
+                f"cross-site request refused: a {request.method} authorized by the session "
+                "cookie must come from the control plane's own pages (Origin)"
+            )
+
+    def check_token(self, token: str, source: str) -> None:
+        """The admin token, or AuthenticationFailed (RateLimited past the failure limit)."""
+        self.limiter.check(source)
+        if not hmac.compare_digest(token.encode(), self._token):
+            self.limiter.failed(source, "wrong admin token")
             raise AuthenticationFailed("wrong admin token")
 
 

@@ -122,7 +122,7 @@ async def _serve(
 
     await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
     server = HttpServer(
-        create_app(sidecar, boot, health, stats, security),
+        create_app(sidecar, boot, health, stats, security, settings),
         sock,
         tls=tls,
         owner="control plane",
@@ -173,4 +173,10 @@ async def _security(
         else str(settings.data_dir / ADMIN_TOKEN_FILE),
     }
     retiring = asyncio.create_task(issuer.retire_loop(), name="ca-retire")
-    return ControlSecurity(issuer, AdminAuth(token, public_read=settings.public_read)), retiring
+    auth = AdminAuth(
+        token,
+        public_read=settings.public_read,
+        session_ttl=settings.session_ttl,
+        failures_per_minute=settings.auth_failures_per_minute,
+    )
+    return ControlSecurity(issuer, auth), retiring

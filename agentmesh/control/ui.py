@@ -15,8 +15,9 @@ It is an admin action: cross-site form posts are refused (``Origin``/``Sec-Fetch
 
 The dashboard is its own small ASGI app, mounted at ``/ui`` by ``create_app``, so that it can
 answer a browser without the admin token with a sign-in page (``/ui/login``) instead of a 401
-document: the page checks the token with the control plane's own ``AdminAuth`` and keeps it in
-the ``agentmesh_token`` cookie (HttpOnly, SameSite=Strict), which the API accepts too.
+document: the page checks the token with the control plane's own ``AdminAuth`` and starts a
+session (``agentmesh.control.sessions``: a signed, expiring cookie, never the token), which the
+API accepts too; signing out is a POST.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import asyncio
 import json
 import math
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -41,13 +42,15 @@ from starlette.types import ASGIApp
 from agentmesh._version import __version__
 from agentmesh.control.health import HealthBook
 from agentmesh.control.layout import GraphLayout, layered_layout
+from agentmesh.control.security import AdminAuth
+from agentmesh.control.sessions import SESSION_COOKIE, same_origin
 from agentmesh.control.stats import StatsBook
-from agentmesh.errors import AuthenticationFailed, InvalidInput, MeshError
+from agentmesh.errors import AuthenticationFailed, InvalidInput, MeshError, RateLimited
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec, StatGroup, StatRow
 from agentmesh.settings import Settings
 from agentmesh.sidecar.sidecar import Sidecar
 
-__all__ = ["TOKEN_COOKIE", "DashboardData", "Golden", "dashboard_app"]
+__all__ = ["DashboardData", "Golden", "dashboard_app"]
 
 #: How often live fragments re-fetch themselves, in seconds.
 REFRESH_SECONDS = 2.0
@@ -56,8 +59,6 @@ STATS_WINDOW = 60.0
 #: A streaming capability tried from the form shows at most this many chunks.
 _MAX_TRY_CHUNKS = 200
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
-#: The cookie that carries the admin token from a browser (the API accepts it too).
-TOKEN_COOKIE = "agentmesh_token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,18 +577,6 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
 
-def _same_origin(request: Request) -> bool:
-    """Refuse cross-site posts: the form makes real calls with the control plane's identity."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return origin is None
-    host = request.headers.get("host", "")
-    return urlsplit(origin).netloc == host
-
-
 # ---- the router --------------------------------------------------------------------------------
 
 
@@ -638,6 +627,11 @@ class _SignIn(Exception):
 
 #: Paths of the dashboard that answer without the admin token.
 _OPEN = ("/login", "/logout", "/static/")
+#: Where the dashboard's pages may load anything from: only the control plane itself.
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 def dashboard_app(
@@ -646,15 +640,15 @@ def dashboard_app(
     *,
     stats: StatsBook | None = None,
     api: ASGIApp | None = None,
-    auth: Callable[[Request], Awaitable[None]] | None = None,
+    auth: AdminAuth | None = None,
     settings: Settings | None = None,
 ) -> FastAPI:
     """The dashboard, to mount at ``/ui``: ``app.mount("/ui", dashboard_app(...))``.
 
     ``api`` is the control plane's own app (policies and identities are read from it);
-    ``auth`` is its admin check (``AdminAuth``): without a valid token the pages send the
-    browser to ``/ui/login``, which sets the ``agentmesh_token`` cookie (HttpOnly,
-    SameSite=Strict) that the API accepts too. Without ``auth`` the dashboard is open.
+    ``auth`` is its admin check (``AdminAuth``): without a valid token or session the pages
+    send the browser to ``/ui/login``, which starts a session (a signed cookie that the API
+    accepts too). Without ``auth`` the dashboard is open.
     """
     data = DashboardData(sidecar, health, stats, api=api)
     env = _environment()
@@ -678,6 +672,15 @@ def dashboard_app(
         dependencies=[Depends(guard)],
     )
 
+    @app.exception_handler(MeshError)
+    async def _refused(request: Request, exc: MeshError) -> Response:
+        """A cross-site write (403) or too many failed sign-ins (429), as the API says it."""
+        return Response(
+            exc.to_problem(instance=request.url.path).model_dump_json(exclude_none=True),
+            status_code=exc.status,
+            media_type="application/problem+json",
+        )
+
     @app.exception_handler(_SignIn)
     async def _sign_in(request: Request, exc: _SignIn) -> Response:
         base = request.scope.get("root_path", "")
@@ -691,9 +694,7 @@ def dashboard_app(
             return Response(status_code=401, headers={"HX-Redirect": target})
         return RedirectResponse(target, status_code=303)
 
-    app.include_router(
-        _routes(data, env, settings, signed_in=auth is not None, check=auth, sidecar=sidecar)
-    )
+    app.include_router(_routes(data, env, settings, auth=auth, sidecar=sidecar))
     return app
 
 
@@ -702,8 +703,7 @@ def _routes(
     env: jinja2.Environment,
     settings: Settings | None,
     *,
-    signed_in: bool,
-    check: Callable[[Request], Awaitable[None]] | None,
+    auth: AdminAuth | None,
     sidecar: Sidecar,
 ) -> APIRouter:
     router = APIRouter()
@@ -721,10 +721,14 @@ def _routes(
             path=request.url.path.rstrip("/") or "/",
             window=window_label,
             data=data,
-            signed_in=signed_in and TOKEN_COOKIE in request.cookies,
+            signed_in=auth is not None and SESSION_COOKIE in request.cookies,
             **context,
         )
-        return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(
+            html,
+            status_code=status,
+            headers={"Cache-Control": "no-store", "Content-Security-Policy": _CSP},
+        )
 
     def fragment(request: Request) -> bool:
         return request.headers.get("hx-request") == "true"
@@ -744,7 +748,7 @@ def _routes(
             headers={"Cache-Control": f"public, max-age=3600, immutable; v={__version__}"},
         )
 
-    # ---- signing in: the admin token, kept in an HttpOnly cookie --------------------------------
+    # ---- signing in: the admin token, for a session cookie ---------------------------------------
 
     def _next(request: Request, value: str | None) -> str:
         """Where to go after signing in: a dashboard page, never another site."""
@@ -767,28 +771,22 @@ def _routes(
         fields = await form(request)
         target = _next(request, fields.get("next"))
         token = fields.get("token", "").strip()
-        if check is not None:
-            if not _same_origin(request):
-                return Response("cross-site request refused", 403, media_type="text/plain")
-            probe = Request(
-                {
-                    "type": "http",
-                    "method": "POST",
-                    "path": request.url.path,
-                    "query_string": b"",
-                    "headers": [(b"authorization", f"Bearer {token}".encode())],
-                }
-            )
-            try:
-                if not token:
-                    raise AuthenticationFailed("enter the admin token")
-                await check(probe)
-            except AuthenticationFailed as exc:
-                return render(request, "login.html", status=401, next=target, error=str(exc))
         response = RedirectResponse(target, status_code=303)
+        if auth is None:
+            return response
+        if not same_origin(request):
+            return Response("cross-site request refused", 403, media_type="text/plain")
+        source = request.client.host if request.client else "unknown"
+        try:
+            if not token:
+                raise AuthenticationFailed("enter the admin token")
+            auth.check_token(token, source)
+        except (AuthenticationFailed, RateLimited) as exc:
+            return render(request, "login.html", status=exc.status, next=target, error=str(exc))
         response.set_cookie(
-            TOKEN_COOKIE,
-            token,
+            SESSION_COOKIE,
+            auth.sessions.issue(),
+            max_age=int(auth.sessions.ttl),
             path="/",
             httponly=True,
             samesite="strict",
@@ -796,10 +794,17 @@ def _routes(
         )
         return response
 
-    @router.get("/logout")
+    @router.post("/logout")
     async def logout(request: Request) -> Response:
+        if not same_origin(request, require=True):
+            return Response("cross-site request refused", 403, media_type="text/plain")
         response = RedirectResponse(f"{request.scope.get('root_path', '')}/login", 303)
-        response.delete_cookie(TOKEN_COOKIE, path="/")
+        session = request.cookies.get(SESSION_COOKIE)
+        if auth is not None and session is not None:
+            auth.sessions.end(session)
+        response.delete_cookie(
+            SESSION_COOKIE, path="/", secure=request.url.scheme == "https", httponly=True
+        )
         return response
 
     # ---- pages ---------------------------------------------------------------------------------
@@ -847,7 +852,7 @@ def _routes(
 
     @router.post("/capabilities/{name}/try")
     async def try_capability(request: Request, name: str) -> Response:
-        if not _same_origin(request):
+        if not same_origin(request):
             return Response("cross-site request refused", status_code=403, media_type="text/plain")
         fields = await form(request)
         payload = fields.get("payload", "")

@@ -82,8 +82,12 @@ def guard_cleartext(url: str, *, sends_token: bool) -> None:
         )
     if url not in _warned:
         _warned.add(url)
-        _log.warning(
-            "control plane at %s is plain HTTP (--insecure-http): for development only", url
+        # On this machine, plain HTTP is a development setup the operator chose; elsewhere it
+        # is worth a warning even when no token is sent (the answers are not authenticated).
+        _log.log(
+            logging.DEBUG if _loopback(url) else logging.WARNING,
+            "control plane at %s is plain HTTP (--insecure-http): for development only",
+            url,
         )
 
 

@@ -101,6 +101,7 @@ class InboundApp:
         capabilities: Mapping[str, Capability[..., Any]],
         *,
         max_body: int,
+        max_errors: int = 20,
         card: Callable[[], bytes],
         injectables: Callable[[], Mapping[type, Any]],
         sidecar: Sidecar | None = None,
@@ -119,6 +120,8 @@ class InboundApp:
         }
         self._stats = _no_stats if stats is None else stats.inbound_recorder(agent, capabilities)
         self.max_body = max_body
+        #: Validation errors listed in a 422 (AGENTMESH_MAX_ERROR_ITEMS; the rest are counted).
+        self.max_errors = max_errors
         self._card = card
         self._injectables = injectables
         self._sidecar = sidecar
@@ -199,7 +202,7 @@ class InboundApp:
                 raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
             deadline = meta.deadline()
             body = await _read_body(scope, receive, self.max_body, self.agent)
-            arguments = cap.parse_input(body)
+            arguments = cap.parse_input(body, max_errors=self.max_errors)
             injected = _inject(cap, self._injectables)
             serving_sidecar.set(self._sidecar)
             current_chain.set(meta.chain)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,14 @@ from pathlib import Path
 
 #: What the CLI processes of the tests run with: no AGENTMESH_* of the caller's, no terminal.
 CLI_TIMEOUT = 30
+
+
+def control_tls(data_dir: Path) -> ssl.SSLContext:
+    """What a test's own HTTP client verifies a control plane by: the roots it wrote to its
+    data dir (as the CLI on its machine does)."""
+    from agentmesh.security.control_trust import roots_context
+
+    return roots_context((data_dir / "roots.pem").read_text())
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -61,7 +61,8 @@ async def test_a_stopped_nats_fails_the_check(tmp_path: Path, bucket: str):
     try:
         with control_process(nats.url, bucket, tmp_path) as control_url:
             nats.stop()
-            done = await arun_cli("check", env=cli_env({"AGENTMESH_CONTROL_URL": control_url}))
+            env = {"AGENTMESH_CONTROL_URL": control_url, "AGENTMESH_DATA_DIR": str(tmp_path)}
+            done = await arun_cli("check", env=cli_env(env))
     finally:
         if nats.running:
             nats.stop()

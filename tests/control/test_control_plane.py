@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from agentmesh import Mesh, MeshUnavailable
-from tests.control.control_process import control_process
+from tests.control.control_process import control_process, control_tls
 from tests.flaky import flaky_endpoint
 
 
@@ -25,7 +25,7 @@ async def test_sidecars_report_ejections_to_the_control_plane(
     admin = {"authorization": f"Bearer {(tmp_path / 'admin-token').read_text().strip()}"}
     async with (
         flaky_endpoint(mesh) as (flaky, flaky_id),
-        httpx.AsyncClient(headers=admin) as http,
+        httpx.AsyncClient(headers=admin, verify=control_tls(tmp_path)) as http,
     ):
         await wait_until(lambda: bool(mesh.sidecar.index.targets("work")))
 

@@ -31,6 +31,8 @@ def test_no_operation_of_the_control_plane_answers_500(
                 f"{control_url}/openapi.json",
                 "--header",
                 f"Authorization: Bearer {token}",
+                "--tls-verify",
+                str(tmp_path / "roots.pem"),
                 "--checks",
                 "not_a_server_error",
                 "--max-examples",

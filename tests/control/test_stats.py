@@ -19,7 +19,7 @@ from agentmesh.control.stats import StatsBook
 from agentmesh.models import StatRow, StatsEntry, StatsReport
 from agentmesh.security.files import admin_token
 from agentmesh.telemetry.stats import LATENCY_SCHEME, StatsCollector, bucket_of
-from tests.control.control_process import arun_cli, cli_env, control_process
+from tests.control.control_process import arun_cli, cli_env, control_process, control_tls
 
 # --------------------------------------------------------------------------------------
 # StatsBook on its own: windows, groups, merging
@@ -214,7 +214,9 @@ async def test_stat_numbers_match_a_known_workload(
 
         token = admin_token(Settings(data_dir=tmp_path))
         auth = {"authorization": f"Bearer {token}"}
-        async with httpx.AsyncClient(base_url=control_url, headers=auth) as http:
+        async with httpx.AsyncClient(
+            base_url=control_url, headers=auth, verify=control_tls(tmp_path)
+        ) as http:
 
             async def rows(group: str) -> list[dict[str, Any]]:
                 resp = await http.get("/v1/stats", params={"group": group, "window": 60})

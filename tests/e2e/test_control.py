@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from agentmesh import Mesh
+from tests.control.control_process import control_tls
 
 from .support import (
     EXAMPLE_AGENTS,
@@ -156,7 +157,10 @@ async def test_agents_join_through_the_control_plane_and_the_cli_works(
 
     admin = admin_token(control)
     async with httpx.AsyncClient(
-        base_url=control.url, timeout=10, headers={"authorization": f"Bearer {admin}"}
+        base_url=control.url,
+        timeout=10,
+        headers={"authorization": f"Bearer {admin}"},
+        verify=control_tls(workdir),
     ) as client:
         boot = (await client.get("/v1/bootstrap")).json()
         assert boot["nats_url"] == nats_url
@@ -220,7 +224,7 @@ def test_control_plane_runs_and_stops_its_embedded_nats(
 
     nats_servers = [p for p in processes_mentioning(str(store)) if "nats-server" in p]
     assert len(nats_servers) == 1, nats_servers
-    healthz = httpx.get(f"{control.url}/healthz", timeout=10)
+    healthz = httpx.get(f"{control.url}/healthz", timeout=10, verify=control_tls(workdir))
     assert healthz.status_code == 200
     assert healthz.json()["nats"] is True
 

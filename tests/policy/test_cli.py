@@ -13,6 +13,7 @@ import yaml
 
 from agentmesh import PolicyDenied, capability
 from agentmesh.nats_server import NatsServer
+from tests.control.control_process import control_tls
 
 from .conftest import (
     ControlProcess,
@@ -162,7 +163,9 @@ async def test_apply_reports_the_file_document_and_field_and_applies_nothing(
 
 
 async def test_the_api_refuses_invalid_policies_as_problem_documents(control: ControlProcess):
-    async with httpx.AsyncClient(base_url=control.url, headers=control.headers()) as http:
+    async with httpx.AsyncClient(
+        base_url=control.url, headers=control.headers(), verify=control_tls(control.data_dir)
+    ) as http:
         bad = access_policy("p", {"name": "r", "action": "permit", "sources": [], "targets": []})
         resp = await http.post("/v1/policies", json=bad)
         assert resp.status_code == 422
@@ -208,7 +211,9 @@ async def test_sidecars_keep_enforcing_without_the_control_plane_or_nats(
             "targets": [{"capability": "summarize"}],
         },
     )
-    async with httpx.AsyncClient(base_url=control.url, headers=control.headers()) as http:
+    async with httpx.AsyncClient(
+        base_url=control.url, headers=control.headers(), verify=control_tls(control.data_dir)
+    ) as http:
         resp = await http.post("/v1/policies", json=policy)
         assert resp.status_code == 200, resp.text
     everyone = (server, planner, intruder, mesh)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from agentmesh import AuthenticationFailed, UntrustedPeer
 from agentmesh.control.security import AdminAuth
 from agentmesh.security.pki import load_certs
+from tests.control.control_process import control_tls
 from tests.e2e.support import clean_env
 
 from .conftest import SpawnJoined, StartControl
@@ -44,7 +45,9 @@ async def test_the_admin_api_needs_the_token_and_joining_does_not(
     assert control.info["mtls"] == "strict"
 
     good = {"authorization": f"Bearer {control.admin_token}"}
-    async with httpx.AsyncClient(base_url=control.url, timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=control.url, timeout=10, verify=control_tls(control.data_dir)
+    ) as http:
         for method, path in (
             ("GET", "/v1/agents"),
             ("GET", "/v1/identities"),
@@ -225,14 +228,18 @@ async def test_renewal_and_root_rotation_under_load_fail_no_call(
     assert calls > 100
     assert identity.renewals >= 3, identity.renewals  # renewed through the control plane
     assert identity.bundle_version == 2
-    async with httpx.AsyncClient(base_url=control.url) as http:
+    async with httpx.AsyncClient(
+        base_url=control.url, verify=control_tls(control.data_dir)
+    ) as http:
         bundle = (await http.get("/v1/trust-bundle")).json()
     assert bundle["version"] == 2
     new_root, old_root = (load_certs(r)[0] for r in bundle["roots"])
     current = identity._certs[0]
     current.verify_directly_issued_by(new_root)  # renewed under the new root
     headers = {"authorization": f"Bearer {control.admin_token}"}
-    async with httpx.AsyncClient(base_url=control.url, headers=headers) as http:
+    async with httpx.AsyncClient(
+        base_url=control.url, headers=headers, verify=control_tls(control.data_dir)
+    ) as http:
         issued = (await http.get("/v1/identities")).json()
     vias = {r["via"] for r in issued if r["spiffe_id"].endswith("/agent/echoer")}
     assert vias == {"token", "renewal"}
