@@ -3,9 +3,13 @@
 The certificate names the control plane (``spiffe://<td>/control``) and the hosts it is reached
 by (``AGENTMESH_CONTROL_HOSTS``, plus localhost, the loopback addresses, this machine's name and
 the bind address), so clients verify it like any web server's: chain to the mesh root and host
-name. It is re-issued, for every *new* connection, at half its lifetime and whenever the trust
-bundle changes (a root rotation), and the roots are written to ``roots.pem`` in the data dir,
-where local processes find them (``agentmesh.security.control_trust``).
+name. It is re-issued, for every *new* connection, at half its lifetime, or when the root it
+chains to has left the trust bundle. A root rotation alone does not re-issue it: clients that
+still trust only the old root (a CLI that read ``roots.pem`` before, a pinned file) keep
+verifying it until it is renewed under the new root, by which time they have had half a
+certificate lifetime to learn the new bundle. The bundle's roots are written to ``roots.pem`` in
+the data dir whenever it changes, where local processes find them
+(``agentmesh.security.control_trust``).
 
 The server is the agents' own uvicorn protocol (``agentmesh.security.inbound``), so the control
 plane has the same bounds on handshakes, request heads and idle connections; a plaintext request
@@ -26,7 +30,7 @@ from typing import Literal
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.security.files import ROOTS_FILE, write_public
 from agentmesh.security.identity import SpiffeId
-from agentmesh.security.pki import new_key, web_server_context
+from agentmesh.security.pki import new_key, pem, web_server_context
 
 __all__ = ["PLAINTEXT_REFUSAL", "ControlTLS", "control_hosts"]
 
@@ -66,6 +70,7 @@ class ControlTLS:
         self._context: ssl.SSLContext | None = None
         self._renew_at = 0.0
         self._bundle_version = -1
+        self._anchor = ""
         if not insecure:
             self.server_context()
 
@@ -80,15 +85,15 @@ class ControlTLS:
     def server_context(self) -> ssl.SSLContext:
         """The context for the next connection; a fresh certificate when one is due."""
         bundle = self.ca.bundle
+        if bundle.version != self._bundle_version:
+            write_public(self._roots_file, "".join(bundle.roots).encode("ascii"))
+            self._bundle_version = bundle.version
         if (
             self._context is None
             or time.time() >= self._renew_at
-            or bundle.version != self._bundle_version
+            or self._anchor not in bundle.roots
         ):
             self._context = self._issue()
-            if bundle.version != self._bundle_version:
-                write_public(self._roots_file, "".join(bundle.roots).encode("ascii"))
-                self._bundle_version = bundle.version
         return self._context
 
     def _issue(self) -> ssl.SSLContext:
@@ -101,4 +106,9 @@ class ControlTLS:
         _log.info("control plane HTTPS certificate %x for %s", leaf.serial_number, self.hosts)
         signer = self.ca.signer
         intermediates = [] if signer.issuer == signer.subject else [signer]
-        return web_server_context(key, [leaf, *intermediates, *self.ca.chain])
+        chain = [leaf, *intermediates, *self.ca.chain]
+        # The root it chains to: the signer itself, or the root the operator's chain ends with.
+        top = chain[-1]
+        root = next((r for r in self.ca.roots if r.subject == top.issuer), top)
+        self._anchor = pem(root)
+        return web_server_context(key, chain)

@@ -109,8 +109,10 @@ class BrowserHeaders:
     """ASGI middleware: headers that keep a browser from framing, sniffing or leaking pages.
 
     ``X-Frame-Options: DENY`` and ``frame-ancestors 'none'`` (no clickjacking of the dashboard),
-    ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``, and a CSP that allows
-    nothing on responses that do not set their own (the dashboard sets one allowing itself)."""
+    ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin`` (not ``no-referrer``:
+    with it a browser sends ``Origin: null`` on form posts, which the CSRF check must refuse),
+    and a CSP that allows nothing on responses that do not set their own (the dashboard sets
+    one allowing itself)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -128,7 +130,7 @@ class BrowserHeaders:
                 headers += [
                     (b"x-frame-options", b"DENY"),
                     (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
+                    (b"referrer-policy", b"same-origin"),
                 ]
                 if csp and b"content-security-policy" not in names:
                     headers.append((b"content-security-policy", _DEFAULT_CSP))

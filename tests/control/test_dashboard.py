@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from agentmesh import Mesh, MeshUnavailable, Settings, capability
 from tests.conftest import StartAgent, WaitUntil
-from tests.control.control_process import control_process
+from tests.control.control_process import control_process, control_tls
 from tests.flaky import flaky_endpoint
 from tests.mesh_ca import mesh_ca
 
@@ -113,7 +113,11 @@ def admin_token(control_url: str, tmp_path: Path) -> str | None:
 
 @pytest.fixture
 async def browser(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """A fresh browser context in headless Chromium (never a downloaded browser)."""
+    """A fresh browser context in headless Chromium (never a downloaded browser).
+
+    The control plane serves HTTPS with a certificate from the test's mesh CA, which this
+    browser's trust store does not hold: certificate errors are ignored here (its clients in
+    Python verify it, see ``control_tls``)."""
     executable = _chromium()
     from playwright.async_api import async_playwright
 
@@ -121,19 +125,37 @@ async def browser(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     async with async_playwright() as pw:
         chromium = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            yield await chromium.new_context(viewport={"width": 1280, "height": 800})
+            yield await chromium.new_context(
+                viewport={"width": 1280, "height": 800}, ignore_https_errors=True
+            )
         finally:
             await chromium.close()
 
 
 @pytest.fixture
 async def page(
-    request: pytest.FixtureRequest, browser: Any, control_url: str, admin_token: str | None
+    request: pytest.FixtureRequest,
+    browser: Any,
+    control_url: str,
+    admin_token: str | None,
+    tmp_path: Path,
 ) -> AsyncIterator[Any]:
-    """A signed-in page (the admin token's cookie is set); saved as ``<test>-last.png``."""
+    """A signed-in page (a session cookie from ``/ui/login``); saved as ``<test>-last.png``."""
     if admin_token is not None:
+        async with httpx.AsyncClient(verify=control_tls(tmp_path)) as http:
+            signed = await http.post(f"{control_url}/ui/login", data={"token": admin_token})
+        assert signed.status_code == 303, signed.text
         await browser.add_cookies(
-            [{"name": "agentmesh_token", "value": admin_token, "url": control_url}]
+            [
+                {
+                    "name": "agentmesh_session",
+                    "value": signed.cookies["agentmesh_session"],
+                    "url": control_url,
+                    "secure": True,
+                    "httpOnly": True,
+                    "sameSite": "Strict",
+                }
+            ]
         )
     tab = await browser.new_page()
     yield tab
@@ -144,24 +166,38 @@ async def _shot(page: Any, name: str) -> None:
     await page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
 
 
-async def _control_sees(control_url: str, wait_until: WaitUntil, count: int) -> None:
-    async with httpx.AsyncClient() as http:
+@pytest.fixture
+def control_sees(
+    control_url: str, admin_token: str | None, tmp_path: Path, wait_until: WaitUntil
+) -> Callable[[int], Awaitable[None]]:
+    """Wait until the control plane's registry lists at least ``count`` instances."""
+    headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
 
-        async def ready() -> bool:
-            return len((await http.get(f"{control_url}/v1/agents")).json()) >= count
+    async def sees(count: int) -> None:
+        async with httpx.AsyncClient(verify=control_tls(tmp_path), headers=headers) as http:
 
-        await wait_until(ready, timeout=10)
+            async def ready() -> bool:
+                resp = await http.get(f"{control_url}/v1/agents")
+                return resp.status_code == 200 and len(resp.json()) >= count
+
+            await wait_until(ready, timeout=10)
+
+    return sees
 
 
 async def test_pages_load_and_show_the_running_agents(
-    control_url: str, start_agent: StartAgent, wait_until: WaitUntil, page
+    control_sees: Callable[[int], Awaitable[None]],
+    control_url: str,
+    start_agent: StartAgent,
+    wait_until: WaitUntil,
+    page,
 ):
     from playwright.async_api import expect
 
     first = await start_agent([echo], name="echoer")
     second = await start_agent([echo], name="echoer")
     shouter = await start_agent([shout], name="shouter")
-    await _control_sees(control_url, wait_until, 3)
+    await control_sees(3)
 
     resp = await page.goto(f"{control_url}/ui")
     assert resp is not None
@@ -205,12 +241,17 @@ async def test_pages_load_and_show_the_running_agents(
 
 
 async def test_live_numbers_change_after_calls_without_a_reload(
-    control_url: str, start_agent: StartAgent, mesh: Mesh, wait_until: WaitUntil, page
+    control_sees: Callable[[int], Awaitable[None]],
+    control_url: str,
+    start_agent: StartAgent,
+    mesh: Mesh,
+    wait_until: WaitUntil,
+    page,
 ):
     from playwright.async_api import expect
 
     await start_agent([echo], name="echoer")
-    await _control_sees(control_url, wait_until, 1)
+    await control_sees(1)
     await page.goto(f"{control_url}/ui")
     golden = page.locator('[data-agent-golden="echoer"]')
     await expect(golden).to_contain_text("no calls yet")
@@ -248,16 +289,18 @@ async def test_live_numbers_change_after_calls_without_a_reload(
 
 
 async def test_the_try_it_form_makes_a_real_call(
+    control_sees: Callable[[int], Awaitable[None]],
     control_url: str,
     admin_token: str | None,
     start_agent: StartAgent,
     wait_until: WaitUntil,
     page,
+    tmp_path: Path,
 ):
     from playwright.async_api import expect
 
     agent = await start_agent([echo], name="echoer")
-    await _control_sees(control_url, wait_until, 1)
+    await control_sees(1)
     await page.goto(f"{control_url}/ui/capabilities/echo")
     payload = page.locator("textarea[name=payload]")
     # The form starts with a payload built from the input schema.
@@ -288,7 +331,7 @@ async def test_the_try_it_form_makes_a_real_call(
 
     # Without JavaScript the form still works: a plain POST renders the whole page.
     auth = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
-    async with httpx.AsyncClient(headers=auth) as http:
+    async with httpx.AsyncClient(headers=auth, verify=control_tls(tmp_path)) as http:
         resp = await http.post(
             f"{control_url}/ui/capabilities/echo/try",
             data={"payload": '{"text": "plain"}', "timeout": "5"},
@@ -306,13 +349,17 @@ async def test_the_try_it_form_makes_a_real_call(
 
 
 async def test_breaker_ejections_show_on_the_agents_page(
-    control_url: str, mesh: Mesh, wait_until: WaitUntil, page
+    control_sees: Callable[[int], Awaitable[None]],
+    control_url: str,
+    mesh: Mesh,
+    wait_until: WaitUntil,
+    page,
 ):
     from playwright.async_api import expect
 
     async with flaky_endpoint(mesh) as (flaky, flaky_id):
         await wait_until(lambda: bool(mesh.sidecar.index.targets("work")))
-        await _control_sees(control_url, wait_until, 1)
+        await control_sees(1)
         await page.goto(f"{control_url}/ui/agents")
         row = page.locator(f'[data-instance="{flaky_id}"]')
         await expect(row).to_contain_text("serving")

@@ -23,10 +23,9 @@ from agentmesh.control.app import create_app
 from agentmesh.control.health import HealthBook
 from agentmesh.control.layout import NodeBox, layered_layout
 from agentmesh.control.security import COOKIE, AdminAuth
+from agentmesh.control.sessions import same_origin
 from agentmesh.control.stats import StatsBook
 from agentmesh.control.ui import (
-    TOKEN_COOKIE,
-    _same_origin,
     dashboard_app,
     example_for,
     schema_fields,
@@ -143,7 +142,10 @@ def _request(headers: dict[str, str]) -> Request:
     ],
 )
 def test_the_try_it_form_refuses_cross_site_posts(headers: dict[str, str], allowed: bool):
-    assert _same_origin(_request(headers)) is allowed
+    assert same_origin(_request(headers)) is allowed
+    # A write authorized by the session cookie must say where it comes from.
+    says = "origin" in headers or "sec-fetch-site" in headers
+    assert same_origin(_request(headers), require=True) is (allowed and says)
 
 
 class Echo(BaseModel):
@@ -302,7 +304,6 @@ def _signed_app(*, public_read: bool = False) -> FastAPI:
 
 
 async def test_the_dashboard_asks_for_the_admin_token():
-    assert TOKEN_COOKIE == COOKIE  # the cookie the API's AdminAuth accepts
     transport = httpx.ASGITransport(app=_signed_app())
     async with httpx.AsyncClient(transport=transport, base_url="http://control") as http:
         page = await http.get("/ui/agents")
@@ -316,7 +317,9 @@ async def test_the_dashboard_asks_for_the_admin_token():
         assert live.status_code == 401
         assert live.headers["hx-redirect"] == "/ui/login?next=%2Fui%2Ftopology"
         assert (await http.get("/ui/static/htmx.min.js")).status_code == 200
-        assert (await http.get("/ui/login")).status_code == 200
+        sign_in = await http.get("/ui/login")
+        assert sign_in.status_code == 200
+        assert "frame-ancestors 'none'" in sign_in.headers["content-security-policy"]
 
         wrong = await http.post("/ui/login", data={"token": "guess", "next": "/ui/agents"})
         assert wrong.status_code == 401
@@ -333,9 +336,13 @@ async def test_the_dashboard_asks_for_the_admin_token():
         assert signed.status_code == 303
         assert signed.headers["location"] == "/ui/agents"
         cookie = signed.headers["set-cookie"]
-        assert cookie.startswith(f"{COOKIE}=s3cret;")
+        # A signed, expiring session: never the admin token itself.
+        assert cookie.startswith(f"{COOKIE}=v1.")
+        assert "s3cret" not in cookie
+        assert "Max-Age=28800" in cookie
         assert "HttpOnly" in cookie
         assert "SameSite=strict" in cookie
+        assert "Secure" not in cookie  # plain http here; under HTTPS it is (test_https.py)
         assert (await http.get("/ui/agents")).status_code == 200  # the client keeps the cookie
         assert "sign out" in (await http.get("/ui/agents")).text
 
@@ -344,8 +351,20 @@ async def test_the_dashboard_asks_for_the_admin_token():
             away = await http.post("/ui/login", data={"token": "s3cret", "next": target})
             assert away.headers["location"] == "/ui/"
 
-        out = await http.get("/ui/logout")
+        # Signing out is a POST from the dashboard's own pages, never a link another site
+        # could make the browser follow.
+        link = await http.get("/ui/logout")
+        assert link.status_code == 404
+        assert "set-cookie" not in link.headers
+        forged = await http.post("/ui/logout", headers={"Origin": "https://evil.example"})
+        assert forged.status_code == 403
+        assert (await http.get("/ui/agents")).status_code == 200
+        session = http.cookies[COOKIE]
+        out = await http.post("/ui/logout", headers={"Origin": "http://control"})
         assert out.headers["location"] == "/ui/login"
+        assert (await http.get("/ui/agents")).status_code == 303
+        # A copy of the signed-out cookie is refused too.
+        http.cookies.set(COOKIE, session)
         assert (await http.get("/ui/agents")).status_code == 303
 
 

@@ -18,7 +18,7 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agentmesh import AuthenticationFailed, UntrustedPeer
+from agentmesh import MeshError, UntrustedPeer
 from agentmesh.control.security import AdminAuth
 from agentmesh.security.pki import load_certs
 from tests.control.control_process import control_tls
@@ -86,10 +86,11 @@ async def test_the_admin_api_needs_the_token_and_joining_does_not(
 
 
 async def test_public_read_opens_reads_only() -> None:
-    app = FastAPI(dependencies=[Depends(AdminAuth("s3cret", public_read=True))])
+    auth = AdminAuth("s3cret", public_read=True)
+    app = FastAPI(dependencies=[Depends(auth)])
 
-    @app.exception_handler(AuthenticationFailed)
-    async def refused(request: Request, exc: AuthenticationFailed) -> JSONResponse:
+    @app.exception_handler(MeshError)
+    async def refused(request: Request, exc: MeshError) -> JSONResponse:
         return JSONResponse({"code": exc.code, "detail": exc.message}, status_code=exc.status)
 
     @app.get("/v1/agents")
@@ -108,8 +109,14 @@ async def test_public_read_opens_reads_only() -> None:
         assert "admin token" in refused_write.json()["detail"]
     async with httpx.AsyncClient(
         transport=transport, base_url="http://control", cookies={"agentmesh_token": "s3cret"}
-    ) as browser:  # the dashboard's way: a cookie
-        assert (await browser.post("/v1/tokens")).status_code == 200
+    ) as old_way:  # the admin token itself as a cookie: never a credential
+        assert (await old_way.post("/v1/tokens")).status_code == 401
+    session = {"agentmesh_session": auth.sessions.issue()}
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://control", cookies=session
+    ) as browser:  # the dashboard's way: a session cookie, from its own pages
+        page = {"origin": "http://control"}
+        assert (await browser.post("/v1/tokens", headers=page)).status_code == 200
 
 
 async def test_enrolment_with_join_tokens_and_revocation_of_a_name(

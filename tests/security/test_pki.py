@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.errors import AuthenticationFailed, ConfigurationError
 from agentmesh.security.enrol import parse_token
+from agentmesh.security.files import write_private
 from agentmesh.security.identity import LeafRefused, SpiffeId, check_leaf
 from agentmesh.security.pki import fingerprint, key_pem, load_certs, new_key, pem, verify_bundle
 
@@ -136,7 +137,7 @@ def test_an_operator_supplied_intermediate_signs_leaves_and_bundles(tmp_path: Pa
         .sign(root_ca._key, hashes.SHA256())
     )
     (tmp_path / "ca.pem").write_text(pem(intermediate) + pem(root_ca.signer))
-    (tmp_path / "ca.key").write_bytes(key_pem(key))
+    write_private(tmp_path / "ca.key", key_pem(key))
     ca = CertificateAuthority.from_files(tmp_path / "ca.pem", tmp_path / "ca.key", TD, ttl=600)
     assert ca.roots == [root_ca.signer]
     assert ca.chain == []
@@ -147,6 +148,12 @@ def test_an_operator_supplied_intermediate_signs_leaves_and_bundles(tmp_path: Pa
     with pytest.raises(ConfigurationError, match="must end with the root"):
         (tmp_path / "only.pem").write_text(pem(intermediate))
         CertificateAuthority.from_files(tmp_path / "only.pem", tmp_path / "ca.key", TD, 600)
+    # A key other users can read may have leaked: refused, naming the file.
+    (tmp_path / "ca.key").chmod(0o640)
+    with pytest.raises(
+        ConfigurationError, match=r"ca\.key is accessible to other users \(mode 0640\)"
+    ):
+        CertificateAuthority.from_files(tmp_path / "ca.pem", tmp_path / "ca.key", TD, ttl=600)
 
 
 @pytest.mark.parametrize(
