@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from agentmesh._version import __version__
 from agentmesh.control.health import HealthBook
-from agentmesh.control.limits import BodyLimit, not_utf8_problem, validation_problem
+from agentmesh.control.limits import BodyLimit, body_problem, validation_problem
 from agentmesh.control.policies import policy_router
 from agentmesh.control.security import ControlSecurity, security_router
 from agentmesh.control.sessions import BrowserHeaders
@@ -31,6 +31,10 @@ from agentmesh.sidecar.sidecar import Sidecar
 __all__ = ["create_app"]
 
 _PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
+_MESH_ERROR_HEADERS = {
+    401: {"www-authenticate": 'Bearer realm="agentmesh"'},
+    413: {"connection": "close"},  # a refused body is never read to its end
+}
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -43,11 +47,12 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _problem_response(problem: Problem) -> JSONResponse:
+def _problem_response(problem: Problem, *, close: bool = False) -> JSONResponse:
     return JSONResponse(
         problem.model_dump(exclude_none=True),
         status_code=problem.status,
         media_type="application/problem+json",
+        headers={"connection": "close"} if close else None,
     )
 
 
@@ -92,9 +97,10 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
-        problem = not_utf8_problem(exc, request.url.path)
+        problem = body_problem(exc, request.url.path)
         if problem is not None:
-            return _problem_response(problem)
+            # After a refused body the connection is closed: the rest of it is never read.
+            return _problem_response(problem, close=problem.status == 413)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(MeshError)
@@ -103,7 +109,7 @@ def create_app(
             exc.to_problem(instance=request.url.path).model_dump(exclude_none=True),
             status_code=exc.status,
             media_type="application/problem+json",
-            headers={"www-authenticate": 'Bearer realm="agentmesh"'} if exc.status == 401 else None,
+            headers=_MESH_ERROR_HEADERS.get(exc.status),
         )
 
     @app.get("/healthz", tags=["health"])

@@ -27,8 +27,8 @@ from agentmesh.models import Problem
 __all__ = [
     "BodyLimit",
     "FailureLimiter",
+    "body_problem",
     "bounded_errors",
-    "not_utf8_problem",
     "validation_problem",
 ]
 
@@ -69,10 +69,12 @@ def validation_problem(errors: Sequence[Any], limit: int, instance: str) -> Prob
     return error.to_problem(instance=instance)
 
 
-def not_utf8_problem(exc: BaseException, instance: str) -> Problem | None:
-    """The 422 for a JSON body that is not UTF-8 (FastAPI reports it as a 400 whose cause is
-    the ``UnicodeDecodeError``), or None for any other error."""
+def body_problem(exc: BaseException, instance: str) -> Problem | None:
+    """The answer to a body FastAPI could not read (it reports every such failure as a 400
+    "error parsing the body"), by its cause: too large (413), not UTF-8 (422); else None."""
     cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, _TooLarge):
+        return cause.to_problem(instance=instance)
     if not isinstance(cause, UnicodeDecodeError):
         return None
     error = InvalidInput(
@@ -82,19 +84,16 @@ def not_utf8_problem(exc: BaseException, instance: str) -> Problem | None:
     return error.to_problem(instance=instance)
 
 
-def _problem_message(error: PayloadTooLarge | InvalidInput) -> Message:
-    return {
-        "type": "http.response.start",
-        "status": error.status,
-        "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"connection", b"close"),
-        ],
-    }
+class _TooLarge(PayloadTooLarge):
+    """Raised from ``receive`` once a body passes the limit, to whatever reads it: a route's
+    MeshError handler answers it, FastAPI's body parsing turns it into a 400 whose cause it is
+    (see :func:`body_problem`), and the middleware answers it if nothing else did."""
 
-
-class _TooLarge(Exception):
-    pass
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(
+            f"request body larger than {max_bytes} bytes (AGENTMESH_MAX_CONTROL_BODY_BYTES); "
+            "nothing was read past the limit"
+        )
 
 
 class BodyLimit:
@@ -123,7 +122,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise _TooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -140,14 +139,19 @@ class BodyLimit:
             await self._refuse(send, scope)
 
     async def _refuse(self, send: Send, scope: Scope) -> None:
-        error = PayloadTooLarge(
-            f"request body larger than {self.max_bytes} bytes "
-            "(AGENTMESH_MAX_CONTROL_BODY_BYTES); nothing was read past the limit"
-        )
+        error = _TooLarge(self.max_bytes)
         body = error.to_problem(instance=scope.get("path")).model_dump_json(exclude_none=True)
-        start = _problem_message(error)
-        start["headers"].append((b"content-length", str(len(body)).encode()))
-        await send(start)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),  # the rest of the body is never read
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body.encode()})
 
 
