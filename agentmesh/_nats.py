@@ -1,22 +1,24 @@
 """nats-py, imported without aiohttp, which it needs only for NATS over WebSocket.
 
-``nats/aio/transport.py`` imports aiohttp at module level, for its WebSocket transport
-(``ws://``/``wss://`` URLs). aiohttp takes 100–200 ms to import (its connector builds default
-SSL contexts at import time), the largest single item on an agent's start-up path (goal S7:
-process start to first call ≤ 250 ms), and nothing else an agent or a sidecar does needs it:
-the mesh speaks NATS over TCP and HTTP through its own transport.
+``nats/aio/transport.py`` imports aiohttp at module level when it is installed, for its WebSocket
+transport (``ws://``/``wss://`` URLs). agentmesh itself no longer depends on aiohttp (httpx is the
+one HTTP client of its cold paths), but aiohttp is often installed anyway: by the ``bench`` and
+``dev`` extras (the B0 baseline), and by many applications an agent lives in. Then importing
+nats-py costs an agent's start-up the import of aiohttp, ~90 ms of CPU (S7, measured with and
+without this module), although the mesh speaks NATS over TCP only.
 
 So the package's ``__init__`` imports this module before anything else, and nats-py is imported
 here while ``sys.modules["aiohttp"]`` holds a stand-in. nats-py's transport module keeps that
 stand-in as its ``aiohttp``; the first attribute it reads (when a WebSocket connection opens)
 imports the real aiohttp and is forwarded to it. The stand-in leaves ``sys.modules`` as soon as
 nats-py is imported, so every other ``import aiohttp`` gets the real module, loaded as usual.
-If nats-py or aiohttp is already imported, there is nothing to save and nothing is done.
+If nats-py or aiohttp is already imported, or aiohttp is not installed, nothing is done.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import Any
@@ -40,6 +42,9 @@ class _ImportedOnFirstUse(types.ModuleType):
 
 def _import_nats() -> None:
     if "nats" in sys.modules or "aiohttp" in sys.modules:
+        return
+    if importlib.util.find_spec("aiohttp") is None:  # nothing for nats-py to import eagerly
+        importlib.import_module("nats.aio.client")
         return
     stand_in = sys.modules["aiohttp"] = _ImportedOnFirstUse("aiohttp")
     try:

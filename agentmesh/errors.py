@@ -1,6 +1,6 @@
 """The one error tree of agentmesh.
 
-Foreign exceptions (httpx, aiohttp, nats, ssl, OS) are converted where they enter the mesh,
+Foreign exceptions (httpx, nats, ssl, OS) are converted where they enter the mesh,
 with ``raise ... from exc``, so callers catch these classes only. Every message names what
 failed. Over HTTP each error travels as ``application/problem+json`` with a stable ``code``
 so that a caller in any language can act on it; :func:`error_from_problem` turns it back

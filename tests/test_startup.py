@@ -21,8 +21,9 @@ def _fresh(code: str) -> object:
 
 
 #: Each only for what an agent with mTLS off never does on its way to serving: aiohttp (NATS over
-#: WebSocket, or asking the control plane), cryptography and tenacity (mTLS; a retried call),
-#: the control plane's web stack, YAML manifests, the tracing SDK (set up by ``run`` itself).
+#: WebSocket; not a dependency, but the bench and dev extras install it), httpx (asking the
+#: control plane), cryptography and tenacity (mTLS; a retried call), the control plane's web
+#: stack, YAML manifests, the tracing SDK (set up by ``run`` itself).
 _NOT_ON_THE_START_PATH = [
     "aiohttp",
     "cryptography",
@@ -55,6 +56,18 @@ def test_import_agentmesh_is_lazy_but_complete():
         "print(json.dumps([before, callable(agentmesh.capability), Agent.__module__]))"
     )
     assert loaded == [False, True, "agentmesh.agent"]
+
+
+def test_the_control_plane_clients_import_httpx_only_when_they_ask():
+    """Bootstrap and enrolment speak HTTPS with httpx, the one HTTP client of the cold paths,
+    imported when a request is made: a sidecar with its own CA never loads it."""
+    loaded = _fresh(
+        "import json, sys\n"
+        "import agentmesh.sidecar.bootstrap, agentmesh.security.enrol\n"
+        "import agentmesh.security.control_trust, agentmesh.security.workload\n"
+        "print(json.dumps([m for m in ('httpx', 'aiohttp') if m in sys.modules]))"
+    )
+    assert loaded == []
 
 
 def test_nats_websocket_transport_still_gets_aiohttp():

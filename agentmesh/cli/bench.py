@@ -1,9 +1,9 @@
 """``agentmesh bench``: the benchmark suite of ``bench/``, from a checkout or an installed wheel.
 
 The suite lives in the repository's ``bench/`` package; the wheel ships it as
-``agentmesh._bench`` (``pyproject.toml`` force-includes it). It imports aiohttp, httpx, FastAPI
-and the whole mesh, so it is imported only when this command runs (or prints its help), never
-by ``agentmesh --help`` or ``agentmesh run``.
+``agentmesh._bench`` (``pyproject.toml`` force-includes it). It imports aiohttp (the ``bench``
+extra), httpx, FastAPI and the whole mesh, so it is imported only when this command runs (or
+prints its help), never by ``agentmesh --help`` or ``agentmesh run``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ def register(app: typer.Typer) -> None:
 
 def bench_module() -> ModuleType:
     """The suite's ``run`` module: shipped inside the wheel, or the checkout's ``bench/``."""
+    try:
+        return _bench_module()
+    except ModuleNotFoundError as exc:
+        if exc.name != "aiohttp":
+            raise
+        raise ConfigurationError(
+            "the benchmarks compare the mesh with a bare aiohttp client (baseline B0): "
+            "pip install 'agentmesh[bench]'"
+        ) from exc
+
+
+def _bench_module() -> ModuleType:
     package = Path(agentmesh.__file__).parent
     if (package / "_bench" / "run.py").is_file():
         return importlib.import_module("agentmesh._bench.run")

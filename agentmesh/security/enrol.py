@@ -27,7 +27,6 @@ import secrets
 import ssl
 from datetime import UTC, datetime
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from pydantic import ValidationError
@@ -156,6 +155,8 @@ class RemoteIssuer:
             guard_cleartext(self.control_url, sends_token=True)
 
     async def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        import httpx  # only a sidecar that enrols remotely needs an HTTP client
+
         url = f"{self.control_url}{path}"
         try:
             async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as client:
