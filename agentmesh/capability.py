@@ -31,7 +31,7 @@ from pydantic_core import PydanticSerializationError
 
 from agentmesh.errors import ConfigurationError, InvalidInput, InvalidOutput
 from agentmesh.models import CAPABILITY_NAME_PATTERN, CapabilitySpec
-from agentmesh.validation_errors import error_items, summary
+from agentmesh.validation_errors import error_items
 
 __all__ = ["Capability", "capability", "is_capability"]
 
@@ -213,11 +213,9 @@ class Capability(Generic[P, R]):
         try:
             values: dict[str, Any] = self._validate_input(body or b"{}").__dict__
         except ValidationError as exc:
-            items = error_items(exc, max_errors)
             raise InvalidInput(
-                f"invalid input for capability {self.name!r}: {exc.error_count()} error(s): "
-                + summary(items),
-                errors=items,
+                f"invalid input for capability {self.name!r}: {exc.error_count()} error(s)",
+                errors=error_items(exc, max_errors),
             ) from exc
         # The model instance is dropped here, so its __dict__ is handed over without a copy.
         for key, name in self._renamed:

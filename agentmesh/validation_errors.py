@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["error_items", "summary"]
+__all__ = ["error_items"]
 
 _DECODER = json.JSONDecoder()
 
@@ -41,8 +41,3 @@ def error_items(exc: ValidationError, limit: int) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def summary(items: list[dict[str, Any]], shown: int = 5) -> str:
-    """``loc: msg; loc: msg`` for a message, the first ``shown`` of ``items``."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in items[:shown])

@@ -360,6 +360,23 @@ def test_invalid_input_counts_every_error() -> None:
     }
 
 
+def test_invalid_input_lists_a_bounded_number_of_errors_and_never_the_input() -> None:
+    unknown = {f"k{i}": "secret" for i in range(100)}
+    with pytest.raises(InvalidInput) as caught:
+        summarize.parse_input(json.dumps({"text": "a", **unknown}).encode(), max_errors=20)
+    assert str(caught.value) == "invalid input for capability 'summarize': 100 error(s)"
+    errors = caught.value.errors
+    assert errors is not None
+    assert len(errors) == 21
+    assert [e["loc"] for e in errors[:3]] == [["k0"], ["k1"], ["k2"]]
+    assert errors[-1] == {
+        "type": "too_many_errors",
+        "loc": [],
+        "msg": "80 more error(s) not listed",
+    }
+    assert "secret" not in json.dumps(errors)
+
+
 def test_parameter_names_that_clash_with_pydantic() -> None:
     @capability
     def extract(

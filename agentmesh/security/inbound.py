@@ -107,10 +107,10 @@ class InboundLimits:
     """The bounds of one server's connections (see the module docstring; settings explain the
     numbers)."""
 
-    max_header_bytes: int = 32 * 1024
-    max_header_count: int = 100
-    header_timeout: float = 10.0
-    handshake_timeout: float = 10.0
+    max_header_bytes: int
+    max_header_count: int
+    header_timeout: float
+    handshake_timeout: float
 
     @classmethod
     def of(cls, settings: Settings) -> InboundLimits:
@@ -131,8 +131,13 @@ def protocol_for(
 ) -> type[MeshHttpProtocol]:
     """A protocol class bound to one server's identity: ``uvicorn.Config(http=...)``.
 
-    ``plaintext_refusal``: the message a plaintext request gets in ``strict`` mode."""
-    attrs: dict[str, Any] = {"mesh_tls": tls, "owner": owner, "limits": limits or InboundLimits()}
+    ``limits``: default, the settings' (``AGENTMESH_*``); ``plaintext_refusal``: the message a
+    plaintext request gets in ``strict`` mode."""
+    if limits is None:
+        from agentmesh.settings import Settings
+
+        limits = InboundLimits.of(Settings())
+    attrs: dict[str, Any] = {"mesh_tls": tls, "owner": owner, "limits": limits}
     if plaintext_refusal is not None:
         attrs["plaintext_refusal"] = plaintext_refusal
     return type("MeshHttpProtocol", (MeshHttpProtocol,), attrs)
@@ -171,7 +176,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
 
     mesh_tls: ClassVar[ServerTLS]
     owner: ClassVar[str] = "agent"
-    limits: ClassVar[InboundLimits] = InboundLimits()
+    limits: ClassVar[InboundLimits]
     plaintext_refusal: ClassVar[str] = (
         "agent {owner} accepts only mutual TLS (AGENTMESH_MTLS=strict); plaintext refused: "
         "call its https:// endpoint with a mesh certificate"

@@ -116,7 +116,10 @@ async def test_a_header_flood_leaves_the_agents_memory_bounded(
 async def test_slow_and_silent_connections_are_reaped(
     spawn_agent: SpawnAgent, agent_file: Callable[[str, str], Path]
 ):
-    agent = await spawn_agent(agent_file("patient", ECHO), env={"AGENTMESH_HEADER_TIMEOUT": "1"})
+    agent = await spawn_agent(
+        agent_file("patient", ECHO),
+        env={"AGENTMESH_HEADER_TIMEOUT": "1", "AGENTMESH_TLS_HANDSHAKE_TIMEOUT": "1"},
+    )
     url = urlsplit(agent.endpoint)
     assert url.hostname is not None
     assert url.port is not None
@@ -152,6 +155,13 @@ async def test_slow_and_silent_connections_are_reaped(
 
     # A TCP connection that never says anything (not even a TLS hello).
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    assert await closed_by_the_agent(reader) == b""
+    writer.close()
+
+    # A TLS handshake that stops half-way (the first bytes of a ClientHello, then nothing).
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    await writer.drain()
     assert await closed_by_the_agent(reader) == b""
     writer.close()
 
