@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from agentmesh._version import __version__
 from agentmesh.control.health import HealthBook
-from agentmesh.control.limits import BodyLimit, body_problem, validation_problem
+from agentmesh.control.limits import BodyLimit, body_problem, truncated, validation_problem
 from agentmesh.control.policies import policy_router
 from agentmesh.control.security import ControlSecurity, security_router
 from agentmesh.control.sessions import BrowserHeaders
@@ -105,8 +105,13 @@ def create_app(
 
     @app.exception_handler(MeshError)
     async def _mesh_error(request: Request, exc: MeshError) -> JSONResponse:
+        problem = exc.to_problem(instance=request.url.path)
+        if problem.errors is not None:
+            problem = problem.model_copy(
+                update={"errors": truncated(problem.errors, settings.max_error_items)}
+            )
         return JSONResponse(
-            exc.to_problem(instance=request.url.path).model_dump(exclude_none=True),
+            problem.model_dump(exclude_none=True),
             status_code=exc.status,
             media_type="application/problem+json",
             headers=_MESH_ERROR_HEADERS.get(exc.status),

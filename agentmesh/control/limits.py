@@ -29,6 +29,7 @@ __all__ = [
     "FailureLimiter",
     "body_problem",
     "bounded_errors",
+    "truncated",
     "validation_problem",
 ]
 
@@ -39,26 +40,33 @@ _WINDOW = 60.0
 
 
 def bounded_errors(errors: Sequence[Any], limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` errors as ``{loc, msg, type}`` (no input, no context), and one more
-    entry counting the rest, if any."""
-    out: list[dict[str, Any]] = []
-    for error in errors[:limit]:
-        out.append(
-            {
-                "loc": [str(part) for part in error.get("loc", ())],
-                "msg": str(error.get("msg", ""))[:500],
-                "type": str(error.get("type", "")),
-            }
-        )
-    if len(errors) > limit:
-        out.append(
-            {
-                "loc": [],
-                "msg": f"{len(errors) - limit} more error(s) not listed",
-                "type": "too_many_errors",
-            }
-        )
-    return out
+    """The first ``limit`` of FastAPI's errors as ``{loc, msg, type}`` (no input, no context),
+    and one more entry counting the rest, if any."""
+    out = [
+        {
+            "loc": [str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", ""))[:500],
+            "type": str(error.get("type", "")),
+        }
+        for error in errors[:limit]
+    ]
+    return truncated(out, limit, total=len(errors))
+
+
+def truncated(
+    errors: list[dict[str, Any]], limit: int, *, total: int | None = None
+) -> list[dict[str, Any]]:
+    """``errors`` cut to ``limit`` items, plus one counting the rest (of ``total``, if more
+    were made than listed): every error list an answer carries goes through here."""
+    total = len(errors) if total is None else total
+    if total <= limit:
+        return errors
+    rest = {
+        "loc": [],
+        "msg": f"{total - limit} more error(s) not listed",
+        "type": "too_many_errors",
+    }
+    return [*errors[:limit], rest]
 
 
 def validation_problem(errors: Sequence[Any], limit: int, instance: str) -> Problem:

@@ -154,6 +154,19 @@ async def test_https_only_and_bounded_inputs(nats_url: str, bucket: str, tmp_pat
             assert len(errors) == 21
             assert errors[-1]["type"] == "too_many_errors"
             assert "input" not in errors[0]
+            # Every error list is bounded, the policy validator's too: 100 broken rules.
+            rules = [{"name": f"r{i}", "action": "maybe"} for i in range(100)]
+            policy = {
+                "apiVersion": "agentmesh.dev/v1",
+                "kind": "AccessPolicy",
+                "metadata": {"name": "broken"},
+                "spec": {"rules": rules},
+            }
+            refused = await http.post("/v1/policies", json=policy, headers=_admin(tmp_path))
+            assert refused.status_code == 422
+            listed = refused.json()["errors"]
+            assert len(listed) == 21
+            assert listed[-1]["type"] == "too_many_errors"
 
         # 300 MiB streamed with no Content-Length (issue 12: RSS 94 → 1492 MiB): refused once
         # the limit (1 MiB) is passed; the control plane's memory stays bounded.
