@@ -67,6 +67,12 @@ def control(
                 highlight=False,
             )
             console.print(f"  admin token {sec['admin_token_file']}", highlight=False)
+            if "roots_file" in sec:
+                console.print(
+                    f"  HTTPS       verified by {sec['roots_file']} (elsewhere: "
+                    "AGENTMESH_CONTROL_CA_FILE, or a join token)",
+                    highlight=False,
+                )
         console.print(
             f"  run agents  AGENTMESH_CONTROL_URL={info.control_url} agentmesh run my_agent.py"
         )

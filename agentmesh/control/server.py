@@ -109,6 +109,8 @@ async def _serve(
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
     security, retiring = await _security(settings, issuer, info)
+    if tls.mode != "off":
+        info.security["roots_file"] = str(tls.roots_file)
     health = HealthBook()
 
     async def on_breaker_event(msg: Msg) -> None:
