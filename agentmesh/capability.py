@@ -31,7 +31,7 @@ from pydantic_core import PydanticSerializationError
 
 from agentmesh.errors import ConfigurationError, InvalidInput, InvalidOutput
 from agentmesh.models import CAPABILITY_NAME_PATTERN, CapabilitySpec
-from agentmesh.validation_errors import error_items
+from agentmesh.validation_errors import DEFAULT_MAX_ERRORS, error_items
 
 __all__ = ["Capability", "capability", "is_capability"]
 
@@ -200,7 +200,7 @@ class Capability(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<Capability {self.name!r} version {self.spec.version!r}>"
 
-    def parse_input(self, body: bytes, *, max_errors: int = 20) -> dict[str, Any]:
+    def parse_input(self, body: bytes, *, max_errors: int = DEFAULT_MAX_ERRORS) -> dict[str, Any]:
         """Validate a JSON request body; return the keyword arguments for the function.
 
         An empty body means ``{}``. Nested models stay model instances.

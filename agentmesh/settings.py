@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agentmesh.validation_errors import DEFAULT_MAX_ERRORS
+
 __all__ = ["DEFAULT_CONTROL_PORT", "Settings"]
 
 DEFAULT_CONTROL_PORT = 7700
@@ -107,7 +109,7 @@ class Settings(BaseSettings):
         "buffering): its largest documents, policy manifests and CSRs, are a few KiB.",
     )
     max_error_items: int = Field(
-        default=20,
+        default=DEFAULT_MAX_ERRORS,
         ge=1,
         description="Validation errors listed in a 422 answer; the rest are counted, not "
         "listed, so that an answer stays small whatever the request.",

@@ -14,8 +14,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["error_items"]
+__all__ = ["DEFAULT_MAX_ERRORS", "error_items"]
 
+#: Errors listed in a 422 unless told otherwise (``AGENTMESH_MAX_ERROR_ITEMS`` defaults to it).
+DEFAULT_MAX_ERRORS = 20
 _DECODER = json.JSONDecoder()
 
 

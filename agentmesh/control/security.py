@@ -41,6 +41,7 @@ from agentmesh.models import (
     RevocationResult,
     TrustBundle,
 )
+from agentmesh.settings import Settings
 
 __all__ = ["OPEN_PATHS", "AdminAuth", "ControlSecurity", "security_router"]
 
@@ -60,6 +61,7 @@ OPEN_PATHS = frozenset(
 COOKIE = SESSION_COOKIE
 _PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_DEFAULTS = Settings.model_fields
 
 
 class AdminAuth:
@@ -70,8 +72,8 @@ class AdminAuth:
         token: str,
         *,
         public_read: bool = False,
-        session_ttl: float = 8 * 3600.0,
-        failures_per_minute: int = 10,
+        session_ttl: float = _DEFAULTS["session_ttl"].default,
+        failures_per_minute: int = _DEFAULTS["auth_failures_per_minute"].default,
     ) -> None:
         self._token = token.encode()
         self.public_read = public_read

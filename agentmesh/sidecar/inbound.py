@@ -58,6 +58,7 @@ from agentmesh.telemetry.tracing import (
     tracer,
     unsampled_child,
 )
+from agentmesh.validation_errors import DEFAULT_MAX_ERRORS
 
 __all__ = ["InboundApp"]
 
@@ -101,7 +102,7 @@ class InboundApp:
         capabilities: Mapping[str, Capability[..., Any]],
         *,
         max_body: int,
-        max_errors: int = 20,
+        max_errors: int = DEFAULT_MAX_ERRORS,
         card: Callable[[], bytes],
         injectables: Callable[[], Mapping[type, Any]],
         sidecar: Sidecar | None = None,
