@@ -62,6 +62,63 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=8 * 1024 * 1024, gt=0, description="Largest request body an agent accepts."
     )
+    max_response_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Largest reply body a caller reads into memory: max_payload_bytes's twin "
+        "for the other direction, so a call can bring back what one can send.",
+    )
+    max_response_head_bytes: int = Field(
+        default=16 * 1024,
+        gt=0,
+        description="Largest status line plus header (and trailer) fields of a reply. An agent's "
+        "reply head is a few hundred bytes; 16 KiB is h11's and Node's limit.",
+    )
+    max_response_headers: int = Field(
+        default=100,
+        gt=0,
+        description="Most header fields in a reply (Envoy's max_headers_count); an agent sends "
+        "about five.",
+    )
+    max_event_line_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Longest line of a streamed reply (one chunk is one line): a stream is "
+        "many small increments, and this bounds what one unfinished line may hold.",
+    )
+    stream_buffer_bytes: int = Field(
+        default=64 * 1024,
+        gt=0,
+        description="Unread bytes of a streamed reply held before the caller stops reading the "
+        "socket until its consumer catches up (TCP then slows the agent down); asyncio's "
+        "stream readers hold as much.",
+    )
+    connect_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds for a TCP connect plus TLS handshake, and for a request's wait "
+        "for a free connection. A frozen agent's kernel still accepts TCP, but its handshake "
+        "never ends: this bound turns it into a connection failure, which is retried on "
+        "another replica (Envoy's connect_timeout).",
+    )
+    pool_max_connections: int = Field(
+        default=256,
+        gt=0,
+        description="Open connections per endpoint (one call each at a time): bounds the "
+        "sockets one caller holds against one agent, well below the usual 1024 descriptors.",
+    )
+    pool_max_waiting: int = Field(
+        default=1024,
+        ge=0,
+        description="Calls waiting for a connection to an endpoint at its connection limit; "
+        "one more is refused at once as a connection failure (Envoy's max_pending_requests).",
+    )
+    pool_idle_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an idle pooled connection may be reused; shorter than an agent's "
+        "keep-alive (75 s), so the agent is never the one closing a connection in use.",
+    )
     retry_attempts: int = Field(
         default=3, ge=1, le=10, description="Attempts per call, the first included (see retry.py)."
     )

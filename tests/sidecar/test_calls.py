@@ -22,6 +22,7 @@ from agentmesh import (
     PayloadTooLarge,
     RemoteAgentError,
     capability,
+    connect,
 )
 from agentmesh.errors import ConnectionFailed
 from agentmesh.models import AgentRecord
@@ -73,6 +74,11 @@ async def failing_stream(n: int) -> AsyncIterator[int]:
     for i in range(n):
         yield i
     raise ValueError("ran dry")
+
+
+@capability
+async def echo_stream(tag: str) -> AsyncIterator[str]:
+    yield tag
 
 
 async def test_call_returns_the_validated_output(start_agent, mesh: Mesh):
@@ -219,6 +225,22 @@ async def test_oversized_payload_is_refused_with_413(start_agent, settings, mesh
     huge = "x" * (settings.max_payload_bytes + 1)
     with pytest.raises(PayloadTooLarge):
         await mesh.call("summarize", {"text": huge})
+
+
+async def test_a_reply_or_a_chunk_over_the_callers_limits_is_payload_too_large(
+    start_agent, settings, mesh: Mesh, wait_until
+):
+    await start_agent([whoami, echo_stream], name="mirror")
+    async with connect(settings, max_response_bytes=1000, max_event_line_bytes=1000) as small:
+        await wait_until(lambda: bool(small.sidecar.index.targets("echo_stream")))
+        with pytest.raises(PayloadTooLarge, match="over 1000 bytes.*AGENTMESH_MAX_RESPONSE_BYTES"):
+            await small.call("whoami", {"tag": "x" * 1000})
+        with pytest.raises(PayloadTooLarge, match="AGENTMESH_MAX_EVENT_LINE_BYTES"):
+            async for _ in small.stream("echo_stream", {"tag": "x" * 1000}):
+                pass
+        assert await small.call("whoami", {"tag": "fits"}) == "fits"
+        assert [c async for c in small.stream("echo_stream", {"tag": "fits"})] == ["fits"]
+    assert await mesh.call("whoami", {"tag": "x" * 1000}) == "x" * 1000  # the default limit
 
 
 async def test_a_dead_endpoint_is_a_connection_failure_naming_it(mesh: Mesh, wait_until):
