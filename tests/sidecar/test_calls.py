@@ -263,6 +263,33 @@ async def test_a_dead_endpoint_is_a_connection_failure_naming_it(mesh: Mesh, wai
     await lease.release()
 
 
+async def test_a_frozen_replica_is_never_reached_and_calls_move_to_another(
+    start_agent, settings, wait_until
+):
+    # A stopped process's kernel still completes TCP handshakes on its listening socket; its
+    # TLS handshake never ends. The connect timeout makes that "never reached" (ConnectionFailed),
+    # which even a non-idempotent call retries on another replica.
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(64)
+        await start_agent([whoami], name="mirror")
+        async with connect(settings, connect_timeout=0.5, balance="round_robin") as quick:
+            ghost = AgentRecord(
+                instance_id="mirror-frozen",
+                name="mirror",
+                endpoint=f"https://127.0.0.1:{frozen.getsockname()[1]}",
+                capabilities=[whoami.spec],
+            )
+            lease = Lease(quick.sidecar.store, ghost, interval=0.25, ttl=1)
+            await lease.acquire()
+            await wait_until(lambda: len(quick.sidecar.index.targets("whoami")) == 2)
+            for tag in "abcd":
+                assert await quick.call("whoami", {"tag": tag}) == tag
+            await lease.release()
+        frozen.setblocking(False)
+        frozen.accept()[0].close()  # the frozen replica was tried (else: BlockingIOError)
+
+
 async def test_agent_serves_probes_metrics_and_card(start_agent, mesh: Mesh):
     agent = await start_agent(
         Agent("summarizer", version="2.0.0", description="Summaries", capabilities=[summarize])
