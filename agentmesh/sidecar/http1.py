@@ -203,9 +203,9 @@ class Response(Generic[_Peer]):
 class _Connection(asyncio.Protocol, Generic[_Peer]):
     """One keep-alive connection and its response parser (httptools calls the ``on_*``).
 
-    A callback that finds the reply breaking a rule raises :class:`Disconnected`: httptools
-    stops parsing and re-raises it as the ``__context__`` of its own error, which
-    :meth:`data_received` turns into a dropped connection.
+    A callback that finds the reply breaking a rule raises (:meth:`_refuse`): httptools stops
+    parsing and raises its own error, which :meth:`data_received` turns into a dropped
+    connection, failing the reply with the rule's error.
     """
 
     def __init__(self, pool: ConnectionPool[_Peer], key: _Key) -> None:
@@ -232,6 +232,7 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._handshake: asyncio.Future[None] | None = None
+        self._refused: Disconnected | None = None
         self._poll: select.poll | None = None
         # Per reply: bytes the parser holds without handing anything over (a field still being
         # read), and the header fields (and their bytes) seen so far.
@@ -316,10 +317,7 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            rule = exc.__context__
-            if not isinstance(rule, Disconnected):
-                rule = Disconnected(f"invalid HTTP response ({exc})")
-            self._broken(rule)
+            self._broken(self._refused or Disconnected(f"invalid HTTP response ({exc})"))
             return
         if self._held > self.limits.max_head_bytes:  # one field that never ends
             self._broken(self._head_too_large())
@@ -345,6 +343,11 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
             )
             self._fail(Disconnected(f"{reason}: {exc}" if exc else reason))
 
+    def _refuse(self, error: Disconnected) -> Disconnected:
+        """Keep why a callback stops the parser: httptools raises an error of its own."""
+        self._refused = error
+        return error
+
     def _head_too_large(self) -> Disconnected:
         limit = self.limits.max_head_bytes
         return Disconnected(f"reply head over {limit} bytes (AGENTMESH_MAX_RESPONSE_HEAD_BYTES)")
@@ -352,19 +355,23 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
     def on_message_begin(self) -> None:
         response = self.response
         if response is None or response._complete:
-            raise Disconnected("the agent sent bytes after its response (a protocol error)")
+            raise self._refuse(
+                Disconnected("the agent sent bytes after its response (a protocol error)")
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._held = 0
         self._fields += 1
         self._field_bytes += len(name) + len(value)
         if self._fields > self.limits.max_headers:
-            raise Disconnected(
-                f"reply head with over {self.limits.max_headers} header fields "
-                "(AGENTMESH_MAX_RESPONSE_HEADERS)"
+            raise self._refuse(
+                Disconnected(
+                    f"reply head with over {self.limits.max_headers} header fields "
+                    "(AGENTMESH_MAX_RESPONSE_HEADERS)"
+                )
             )
         if self._field_bytes > self.limits.max_head_bytes:
-            raise self._head_too_large()
+            raise self._refuse(self._head_too_large())
         response = self.response
         assert response is not None
         if not response.status:  # trailers (after the body) are bounded, never kept
@@ -377,7 +384,9 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         status = self._parser.get_status_code()
         if status < 200:
             if status == 101:
-                raise Disconnected("the agent switched protocols (101), which nobody asked for")
+                raise self._refuse(
+                    Disconnected("the agent switched protocols (101), which nobody asked for")
+                )
             response.headers.clear()  # an interim reply (100, 103): the final one follows
             return
         response.status = status
@@ -393,9 +402,11 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         buffer = response._buffer
         buffer += body
         if len(buffer) > self.limits.max_body_bytes:
-            raise TooLarge(
-                f"the reply is over {self.limits.max_body_bytes} bytes "
-                "(AGENTMESH_MAX_RESPONSE_BYTES)"
+            raise self._refuse(
+                TooLarge(
+                    f"the reply is over {self.limits.max_body_bytes} bytes "
+                    "(AGENTMESH_MAX_RESPONSE_BYTES)"
+                )
             )
         if response._waiter is not None:
             response._wake()
