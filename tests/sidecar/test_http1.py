@@ -17,6 +17,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import httpcore
 import pytest
 
 from agentmesh.settings import Settings
@@ -57,7 +58,9 @@ async def server(
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"content-")
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
     )
     return head + await reader.readexactly(length)
 
@@ -697,3 +700,78 @@ async def test_closing_a_tls_connection_sends_close_notify() -> None:
         pool.close()
         async with asyncio.timeout(5):
             assert await outcome == "close_notify"
+
+
+# Wire replies and what httpcore (h11) reads in them: the oracle. Where h11 accepts a reply we
+# must read the same status and body; where it refuses one, so must we. STRICTER lists what we
+# refuse although h11 accepts it, each for a reason.
+AGREE = {
+    "content-length": b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+    "chunked, extensions": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    b"5;ext=1\r\nhello\r\n0\r\n\r\n",
+    "chunked, trailers": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+    "100, then 200": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    "103, then 201": b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+    b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+    "204": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "HTTP/1.0": b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    "no reason phrase": b"HTTP/1.1 200\r\ncontent-length: 2\r\n\r\nok",
+    "whitespace around a value": b"HTTP/1.1 200 OK\r\nx-a:   v  \r\ncontent-length: 2\r\n\r\nok",
+    "not HTTP": b"SMTP ready\r\n\r\n",
+    "two content-lengths": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+    "negative content-length": b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\nok",
+    "bad chunk size": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+    "space in a name": b"HTTP/1.1 200 OK\r\nbad name: x\r\ncontent-length: 2\r\n\r\nok",
+    "no colon": b"HTTP/1.1 200 OK\r\nnocolon\r\ncontent-length: 2\r\n\r\nok",
+    "NUL in a value": b"HTTP/1.1 200 OK\r\nx-a: a\x00b\r\ncontent-length: 2\r\n\r\nok",
+    "4-digit status": b"HTTP/1.1 2000 OK\r\ncontent-length: 2\r\n\r\nok",
+    "unknown transfer-coding": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok",
+    "101 nobody asked for": b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n"
+    b"connection: upgrade\r\n\r\n",
+}
+STRICTER = {
+    # h11 reads the first; httpcore then reads the second as the reply to the next request.
+    "a second reply after the first": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    b"HTTP/1.1 500 Oops\r\ncontent-length: 2\r\n\r\nno",
+    # RFC 9112 §6.3: "ought to be handled as an error" (request smuggling, response splitting).
+    "content-length and chunked": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
+    b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    # httptools (llhttp) refuses these obsolete forms; agents never send them.
+    "obs-fold": b"HTTP/1.1 200 OK\r\nx-a: 1\r\n  2\r\ncontent-length: 2\r\n\r\nok",
+    "bare LF line ends": b"HTTP/1.1 200 OK\ncontent-length: 2\n\nok",
+}
+
+
+@pytest.mark.parametrize("case", [*AGREE, *STRICTER])
+async def test_replies_are_read_as_h11_reads_them_or_more_strictly(case: str) -> None:
+    reply = AGREE.get(case) or STRICTER[case]
+
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(reply)
+        await writer.drain()
+
+    Outcome = tuple[int, bytes] | str
+    async with server(once) as (port, _):
+        oracle: Outcome
+        try:
+            async with httpcore.AsyncConnectionPool() as client:
+                url = f"http://127.0.0.1:{port}/v1/invoke/echo"
+                answer = await client.request("POST", url, content=b"{}")
+                oracle = (answer.status, answer.content)
+        except httpcore.RemoteProtocolError:
+            oracle = "refused"
+        pool: ConnectionPool[None] = ConnectionPool()
+        ours: Outcome
+        try:
+            resp = await pool.request("127.0.0.1", port, REQUEST)
+            ours = (resp.status, await resp.read())
+        except Disconnected:
+            ours = "refused"
+        pool.close()
+    if case in STRICTER:
+        assert isinstance(oracle, tuple), oracle  # h11 reads it ...
+        assert ours == "refused"  # ... and we do not
+    else:
+        assert ours == oracle
