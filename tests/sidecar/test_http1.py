@@ -654,6 +654,44 @@ async def test_a_request_waits_for_a_connection_no_longer_than_the_connect_timeo
     pool.close()
 
 
+async def test_a_connection_given_to_a_waiter_that_gave_up_goes_to_the_next_user(
+    wait_until: WaitUntil,
+) -> None:
+    pool: ConnectionPool[None] = ConnectionPool(limits=limits(max_connections=1))
+    async with server(answer_each) as (port, accepted):
+        first = await pool.request("127.0.0.1", port, REQUEST)
+        waiter = asyncio.create_task(pool.request("127.0.0.1", port, REQUEST))
+        await wait_until(lambda: waiting(pool) == 1)
+        assert await first.read() == b"{}"  # released: handed to the waiter, which has not run
+        waiter.cancel()  # ... and now never will
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert waiting(pool) == 0
+        assert await (await pool.request("127.0.0.1", port, REQUEST)).read() == b"{}"
+        assert len(accepted) == 1  # the connection was kept, not leaked or closed
+    pool.close()
+
+
+async def test_a_closed_connection_frees_its_slot_for_a_waiting_request(
+    wait_until: WaitUntil,
+) -> None:
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK.replace(b"OK\r\n", b"OK\r\nconnection: close\r\n"))
+        await writer.drain()
+        await reader.read()  # the client closes, not us
+
+    pool: ConnectionPool[None] = ConnectionPool(limits=limits(max_connections=1))
+    async with server(closing) as (port, accepted):
+        first = await pool.request("127.0.0.1", port, REQUEST)
+        second = asyncio.create_task(pool.request("127.0.0.1", port, REQUEST))
+        await wait_until(lambda: waiting(pool) == 1)
+        assert await first.read() == b"{}"  # "connection: close": closed, its slot given on
+        assert await (await second).read() == b"{}"
+        assert len(accepted) == 2
+    pool.close()
+
+
 async def test_closing_a_tls_connection_sends_close_notify() -> None:
     # Without it the agent cannot tell our close from a truncation attack (RFC 8446 §6.1).
     ca = mesh_ca()
