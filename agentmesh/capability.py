@@ -212,7 +212,7 @@ class Capability(Generic[P, R]):
             values: dict[str, Any] = self._validate_input(body or b"{}").__dict__
         except ValidationError as exc:
             raise InvalidInput(
-                f"invalid input for capability {self.name!r}: {exc.error_count()} error(s)",
+                f"invalid input for capability {self.name!r}: {_describe(exc, 'body')}",
                 errors=json.loads(exc.json(include_url=False)),
             ) from exc
         # The model instance is dropped here, so its __dict__ is handed over without a copy.
@@ -284,8 +284,7 @@ class Capability(Generic[P, R]):
             return self._serialize_output(value)
         except ValidationError as exc:
             raise InvalidOutput(
-                f"capability {self.name!r} {what}: {exc.error_count()} error(s): "
-                + "; ".join(f"{_loc(err['loc'])}: {err['msg']}" for err in exc.errors()),
+                f"capability {self.name!r} {what}: {_describe(exc, 'result')}",
                 errors=json.loads(exc.json(include_url=False, include_input=False)),
             ) from exc
         except PydanticSerializationError as exc:
@@ -383,8 +382,15 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(map(str, loc)) or "result"
+def _describe(exc: ValidationError, root: str) -> str:
+    """Every failing field with pydantic's reason (``text: Field required; txt: ...``).
+
+    A count alone ("2 error(s)") leaves the caller guessing which field to fix. ``root`` names
+    a failure of the whole value (not JSON, not an object).
+    """
+    return "; ".join(
+        f"{'.'.join(map(str, err['loc'])) or root}: {err['msg']}" for err in exc.errors()
+    )
 
 
 def _model_name(cap_name: str) -> str:

@@ -85,6 +85,31 @@ async def greet(who, times: int = 1) -> str:
 '''
 
 
+BROKEN_SYNTAX = '''"""A typo a newcomer makes."""
+from agentmesh import capability
+
+
+@capability
+async def echo(text: str) -> str
+    return text
+'''
+
+MISSING_IMPORT = '''"""An agent whose dependency is not installed."""
+from agentmesh import capability
+import agentmesh_no_such_module_anywhere
+
+
+@capability
+async def echo(text: str) -> str:
+    return text
+'''
+
+FAILS_AT_IMPORT = '''"""An agent whose module-level code raises."""
+SETTINGS = {}
+TIMEOUT = SETTINGS["timeout"]
+'''
+
+
 VALID = '''"""A fine agent; only the NATS it is pointed at is missing."""
 from agentmesh import capability
 
@@ -119,6 +144,9 @@ def user_errors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     (tmp / "no_caps.py").write_text(NO_CAPABILITIES)
     (tmp / "unannotated.py").write_text(UNANNOTATED)
     (tmp / "valid.py").write_text(VALID)
+    (tmp / "broken.py").write_text(BROKEN_SYNTAX)
+    (tmp / "missing_import.py").write_text(MISSING_IMPORT)
+    (tmp / "fails_at_import.py").write_text(FAILS_AT_IMPORT)
     held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     held.bind(("127.0.0.1", 0))
     held.listen()
@@ -133,6 +161,20 @@ def user_errors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         ),
         "run-unannotated-parameter": Case(
             ["run", str(tmp / "unannotated.py")], ["'who'", "no type annotation"]
+        ),
+        "run-syntax-error": Case(
+            ["run", str(tmp / "broken.py")], [f"{tmp / 'broken.py'}, line 6: syntax error"]
+        ),
+        "run-missing-import": Case(
+            ["run", str(tmp / "missing_import.py")],
+            [
+                f"{tmp / 'missing_import.py'}, line 3: ModuleNotFoundError",
+                "agentmesh_no_such_module_anywhere",
+            ],
+        ),
+        "run-fails-at-import": Case(
+            ["run", str(tmp / "fails_at_import.py")],
+            [f"{tmp / 'fails_at_import.py'}, line 3: KeyError: 'timeout'"],
         ),
         "call-payload-not-json": Case(["call", "x", "not json"], ["payload is not JSON"]),
         "control-port-taken": Case(
@@ -191,6 +233,9 @@ ERROR_CASES = [
     "run-missing-file",
     "run-no-capabilities",
     "run-unannotated-parameter",
+    "run-syntax-error",
+    "run-missing-import",
+    "run-fails-at-import",
     "call-payload-not-json",
     "control-port-taken",
     "call-nats-unreachable",

@@ -279,6 +279,7 @@ async def test_the_try_it_form_makes_a_real_call(
     assert problem["status"] == 422
     assert problem["code"] == "invalid_input"
     assert {tuple(e["loc"]) for e in problem["errors"]} == {("text",), ("repeat",)}
+    assert "text: Field required; repeat: Input should be a valid integer" in problem["detail"]
     await expect(result).to_contain_text("application/problem+json")
     await _shot(page, "try-it-problem")
 
