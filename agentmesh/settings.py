@@ -60,7 +60,10 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Default total time of one mesh call, in seconds."
     )
     max_payload_bytes: int = Field(
-        default=8 * 1024 * 1024, gt=0, description="Largest request body an agent accepts."
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Largest request body an agent accepts (413 above it): room for a long "
+        "document or a batch of them, while bounding what one request may hold in memory.",
     )
     max_response_bytes: int = Field(
         default=8 * 1024 * 1024,

@@ -223,8 +223,11 @@ async def test_large_payloads_cross_tls_both_ways(start_agent, settings, mesh: M
 async def test_oversized_payload_is_refused_with_413(start_agent, settings, mesh: Mesh):
     await start_agent([summarize], name="summarizer")
     huge = "x" * (settings.max_payload_bytes + 1)
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(PayloadTooLarge) as caught:
         await mesh.call("summarize", {"text": huge})
+    message = str(caught.value)
+    assert f"larger than its limit of {settings.max_payload_bytes} bytes" in message, message
+    assert "AGENTMESH_MAX_PAYLOAD_BYTES" in message, message
 
 
 async def test_a_reply_or_a_chunk_over_the_callers_limits_is_payload_too_large(
