@@ -6,10 +6,10 @@ key, certificate chain and the trust bundle it came with are kept in
 ``<data dir>/client-certs/<name>-<mesh>.json`` (0600, directory 0700) and reused while more than
 half of the certificate's lifetime is left, the point where sidecars renew theirs too.
 
-The file name carries a digest of where certificates come from (the CA file and lifetime, else the
-control plane's URL), the NATS URL and the registry bucket, so two meshes sharing a data dir never swap
-certificates. The cache is trusted as far as the data dir is: the join token it would otherwise
-enrol with lies next to it, with the same mode.
+The file name carries a digest of where certificates come from (the CA file and lifetime, else
+the control plane's URL), the NATS URL and the registry bucket, so two meshes sharing a data dir
+never swap certificates. The cache is trusted as far as the data dir is: the join token it would
+otherwise enrol with lies next to it, with the same mode.
 """
 
 from __future__ import annotations
