@@ -119,7 +119,9 @@ async def test_metrics_count_requests_enrolments_policy_changes_and_mesh_state(
     changes = "agentmesh_control_policy_changes_total"
     for result in ("created", "unchanged", "deleted"):
         assert _get(samples, changes, kind="TrafficPolicy", result=result) == 1, result
-    assert not any(name == changes and ("result", "configured") in labels for name, labels in samples)
+    assert not any(
+        name == changes and ("result", "configured") in labels for name, labels in samples
+    )
     certificates = "agentmesh_control_certificate_requests_total"
     assert _get(samples, certificates, result="refused") == 1
     assert _get(samples, certificates, result="issued") == 1
