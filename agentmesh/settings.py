@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_CONTROL_PORT", "Settings"]
@@ -31,7 +31,11 @@ class Settings(BaseSettings):
         description="NATS to use. Unset: ask the control plane (agents, CLI) or start an "
         "embedded nats-server (control plane).",
     )
-    token: str | None = Field(default=None, description="Admin token for the control plane.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Admin token for the control plane. A SecretStr, so that it never shows in a "
+        "repr, a log line or an error (read it with get_secret_value()).",
+    )
     data_dir: Path = Field(
         default=Path.home() / ".agentmesh",
         description="State of the control plane and the embedded NATS (JetStream store).",
@@ -180,7 +184,7 @@ class Settings(BaseSettings):
         description="Lifetime in seconds of the certificates the CA issues; sidecars renew at "
         "about half of it.",
     )
-    join_token: str | None = Field(
+    join_token: SecretStr | None = Field(
         default=None,
         description="Join token (`agentmesh token create`) for enrolling with the control plane. "
         "Unset: the token file of the control plane in AGENTMESH_DATA_DIR, if readable.",

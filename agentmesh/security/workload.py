@@ -206,7 +206,10 @@ class WorkloadIdentity:
         return self._issuer
 
     def _token(self) -> str | None:
-        return self._settings.join_token or read_secret(self._settings.data_dir / JOIN_TOKEN_FILE)
+        given = self._settings.join_token
+        if given is not None and given.get_secret_value():
+            return given.get_secret_value()
+        return read_secret(self._settings.data_dir / JOIN_TOKEN_FILE)
 
     def _no_source(self) -> ConfigurationError:
         return ConfigurationError(
