@@ -2,7 +2,8 @@
 
 Every ``agentmesh call`` (and every script's ``connect()``) used to enrol a fresh client identity:
 thirty commands left thirty ``client/<user>`` certificates in the CA's records. Now the client's
-key, certificate chain and the trust bundle it came with are kept in
+key and the CA's whole answer (:class:`IssuedCertificate`: certificate, chain, trust bundle, and
+whatever else enrolment hands out) are kept in
 ``<data dir>/client-certs/<name>-<mesh>.json`` (0600, directory 0700) and reused while more than
 half of the certificate's lifetime is left, the point where sidecars renew theirs too.
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from agentmesh.models import TrustBundle
+from agentmesh.models import IssuedCertificate, TrustBundle
 from agentmesh.security.files import write_private
 from agentmesh.security.identity import LeafRefused, SpiffeId, check_leaf
 from agentmesh.settings import Settings
@@ -43,9 +44,14 @@ _REUSE_WHILE_LEFT = 0.5
 @dataclass(frozen=True, slots=True)
 class CachedIdentity:
     key: PrivateKey
+    issued: IssuedCertificate
     certs: list[x509.Certificate]
-    bundle: TrustBundle
+    """The issued leaf, then its chain (parsed from ``issued``)."""
     issued_at: float
+
+    @property
+    def bundle(self) -> TrustBundle:
+        return self.issued.trust_bundle
 
 
 def cache_path(settings: Settings, name: str) -> Path:
@@ -71,14 +77,13 @@ def load(path: Path, name: str, now: float | None = None) -> CachedIdentity | No
 
     try:
         data = json.loads(path.read_bytes())
-        bundle = TrustBundle.model_validate(data["bundle"])
+        issued = IssuedCertificate.model_validate(data["issued"])
         key = load_key(data["key"].encode())
-        certs = [c for text in data["chain"] for c in load_certs(text)]
+        certs = [c for text in (issued.certificate, *issued.chain) for c in load_certs(text)]
         issued_at = float(data["issued_at"])
         leaf = certs[0]
-        if check_leaf(leaf, bundle.trust_domain).id != SpiffeId(
-            bundle.trust_domain, "client", name
-        ):
+        domain = issued.trust_bundle.trust_domain
+        if check_leaf(leaf, domain).id != SpiffeId(domain, "client", name):
             return None
         if not same_public_key(leaf.public_key(), key.public_key()):
             return None
@@ -88,23 +93,16 @@ def load(path: Path, name: str, now: float | None = None) -> CachedIdentity | No
     now = time.time() if now is None else now
     if not_after - now <= (not_after - issued_at) * _REUSE_WHILE_LEFT:
         return None
-    return CachedIdentity(key, certs, bundle, issued_at)
+    return CachedIdentity(key, issued, certs, issued_at)
 
 
-def save(
-    path: Path,
-    key: PrivateKey,
-    certs: list[x509.Certificate],
-    bundle: TrustBundle,
-    issued_at: float,
-) -> None:
+def save(path: Path, key: PrivateKey, issued: IssuedCertificate, issued_at: float) -> None:
     """Keep a freshly issued identity for the next run (atomically, readable by this user only)."""
-    from agentmesh.security.pki import key_pem, pem
+    from agentmesh.security.pki import key_pem
 
     data = {
         "key": key_pem(key).decode("ascii"),
-        "chain": [pem(c) for c in certs],
-        "bundle": bundle.model_dump(mode="json"),
+        "issued": issued.model_dump(mode="json"),
         "issued_at": issued_at,
     }
     write_private(path, json.dumps(data).encode())

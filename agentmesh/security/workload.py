@@ -345,7 +345,7 @@ class WorkloadIdentity:
             from agentmesh.security import client_cache
 
             try:
-                client_cache.save(cache, key, self._certs, issued.trust_bundle, self._issued_at)
+                client_cache.save(cache, key, issued, self._issued_at)
             except OSError as exc:  # a read-only data dir costs an enrolment per run, no more
                 _log.warning("%s: cannot keep the certificate in %s: %s", self.owner, cache, exc)
         _log.info(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from agentmesh import Settings, connect
 from agentmesh.control.issuer import Issuer
-from agentmesh.models import RevocationRequest
+from agentmesh.models import IssuedCertificate, RevocationRequest
 from agentmesh.security import client_cache
 from agentmesh.security.identity import SpiffeId
-from agentmesh.security.pki import new_key
+from agentmesh.security.pki import new_key, pem
 from tests.mesh_ca import TRUST_DOMAIN, mesh_ca
 
 
@@ -21,7 +21,14 @@ def _cached(tmp_path: Path, name: str = "alice") -> tuple[Path, float, float]:
     cert = ca.issue(key.public_key(), SpiffeId.client(TRUST_DOMAIN, name), ttl=3600)
     issued_at = time.time()
     path = tmp_path / "client-certs" / f"{name}.json"
-    client_cache.save(path, key, [cert], ca.bundle, issued_at)
+    issued = IssuedCertificate(
+        spiffe_id=f"spiffe://{TRUST_DOMAIN}/client/{name}",
+        serial=f"{cert.serial_number:x}",
+        certificate=pem(cert),
+        not_after=cert.not_valid_after_utc,
+        trust_bundle=ca.bundle,
+    )
+    client_cache.save(path, key, issued, issued_at)
     return path, issued_at, cert.not_valid_after_utc.timestamp()
 
 
