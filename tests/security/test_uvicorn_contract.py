@@ -73,11 +73,20 @@ def test_the_protocol_class_and_the_methods_we_override_are_unchanged() -> None:
         )
 
 
-def test_on_message_begin_builds_the_scope_the_app_receives() -> None:
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("never called")
+
+
+async def test_on_message_begin_builds_the_scope_the_app_receives() -> None:
     """MeshHttpProtocol adds the TLS extension to ``self.scope`` right after this call."""
-    config = uvicorn.Config(app=lambda *a: None, lifespan="off")
+    config = uvicorn.Config(app=_no_app, lifespan="off")
     config.load()
-    protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    protocol = HttpToolsProtocol(
+        config=config,
+        server_state=ServerState(),
+        app_state={},
+        _loop=asyncio.get_running_loop(),
+    )
     protocol.on_message_begin()
     scope: Any = protocol.scope
     assert isinstance(scope, dict), f"HttpToolsProtocol.scope is {type(scope)}; {WHERE}"
@@ -91,7 +100,7 @@ def test_the_server_state_we_drive_is_unchanged() -> None:
         f"uvicorn {uvicorn.__version__}: Server.capture_signals is gone; agentmesh/_serving.py "
         "overrides it to keep signals for the agent's drain"
     )
-    server = uvicorn.Server(uvicorn.Config(app=lambda *a: None))
+    server = uvicorn.Server(uvicorn.Config(app=_no_app))
     for name in ("started", "should_exit", "force_exit", "server_state"):
         assert hasattr(server, name), (
             f"uvicorn.Server.{name} is gone; agentmesh/_serving.py uses it"
