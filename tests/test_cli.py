@@ -144,9 +144,6 @@ def user_errors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     (tmp / "no_caps.py").write_text(NO_CAPABILITIES)
     (tmp / "unannotated.py").write_text(UNANNOTATED)
     (tmp / "valid.py").write_text(VALID)
-    (tmp / "broken.py").write_text(BROKEN_SYNTAX)
-    (tmp / "missing_import.py").write_text(MISSING_IMPORT)
-    (tmp / "fails_at_import.py").write_text(FAILS_AT_IMPORT)
     held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     held.bind(("127.0.0.1", 0))
     held.listen()
@@ -161,20 +158,6 @@ def user_errors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         ),
         "run-unannotated-parameter": Case(
             ["run", str(tmp / "unannotated.py")], ["'who'", "no type annotation"]
-        ),
-        "run-syntax-error": Case(
-            ["run", str(tmp / "broken.py")], [f"{tmp / 'broken.py'}, line 6: syntax error"]
-        ),
-        "run-missing-import": Case(
-            ["run", str(tmp / "missing_import.py")],
-            [
-                f"{tmp / 'missing_import.py'}, line 3: ModuleNotFoundError",
-                "agentmesh_no_such_module_anywhere",
-            ],
-        ),
-        "run-fails-at-import": Case(
-            ["run", str(tmp / "fails_at_import.py")],
-            [f"{tmp / 'fails_at_import.py'}, line 3: KeyError: 'timeout'"],
         ),
         "call-payload-not-json": Case(["call", "x", "not json"], ["payload is not JSON"]),
         "control-port-taken": Case(
@@ -233,9 +216,6 @@ ERROR_CASES = [
     "run-missing-file",
     "run-no-capabilities",
     "run-unannotated-parameter",
-    "run-syntax-error",
-    "run-missing-import",
-    "run-fails-at-import",
     "call-payload-not-json",
     "control-port-taken",
     "call-nats-unreachable",
@@ -254,3 +234,39 @@ def test_user_error_is_one_line_and_exit_code_1(user_errors: dict[str, Outcome],
     for expected in seen.expected:
         assert expected in lines[0], lines[0]
     assert seen.stdout == "", seen.stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (BROKEN_SYNTAX, ["line 6: syntax error"]),
+        (
+            MISSING_IMPORT,
+            ["line 3: ModuleNotFoundError", "agentmesh_no_such_module_anywhere"],
+        ),
+        (FAILS_AT_IMPORT, ["line 3: KeyError: 'timeout'"]),
+    ],
+    ids=["syntax-error", "missing-import", "fails-at-import"],
+)
+def test_an_agent_file_that_does_not_load_is_one_line_naming_file_and_line(
+    tmp_path: Path, source: str, expected: list[str]
+) -> None:
+    """Not the 47-line traceback of importlib's frames: the file, the line, the reason."""
+    agent = tmp_path / "broken_agent.py"
+    agent.write_text(source)
+    done = subprocess.run(
+        [sys.executable, "-m", "agentmesh", "run", str(agent)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"one line, not {len(lines)}: {lines}"
+    assert lines[0].startswith(f"error: {agent}, "), lines[0]
+    for part in expected:
+        assert part in lines[0], lines[0]
+    assert done.stdout == ""
