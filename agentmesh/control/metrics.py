@@ -97,9 +97,14 @@ class ControlMetrics:
             media_type=CONTENT_TYPE_LATEST,
         )
 
-    def record(self, scope: Scope, status: int, elapsed: float, body: bytes | None) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", None) or _UNMATCHED
+    def record(
+        self, scope: Scope, mounted_at: str, status: int, elapsed: float, body: bytes | None
+    ) -> None:
+        """Count one answered request. ``mounted_at``: the root path before routing, so that a
+        route of a mounted app (the dashboard) is labelled with its mount's prefix."""
+        route = getattr(scope.get("route"), "path", None)
+        prefix = scope.get("root_path", "")[len(mounted_at) :]
+        template = prefix + route if route else _UNMATCHED
         method = scope.get("method", "")
         self.requests.labels(method, template, str(status)).inc()
         self.latency.labels(template).observe(elapsed)
@@ -132,6 +137,7 @@ class _Observe:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        mounted_at = scope.get("root_path", "")
         status = 500
         capture = scope.get("method") in _WRITES and scope.get("path", "").startswith(
             "/v1/policies"
@@ -151,7 +157,8 @@ class _Observe:
             await self.app(scope, receive, observe)
         finally:
             whole = bytes(body) if capture and len(body) <= _MAX_CHANGE_BODY else None
-            self.metrics.record(scope, status, time.perf_counter() - started, whole)
+            elapsed = time.perf_counter() - started
+            self.metrics.record(scope, mounted_at, status, elapsed, whole)
 
 
 class _MeshState(Collector):

@@ -95,6 +95,7 @@ async def test_metrics_count_requests_enrolments_policy_changes_and_mesh_state(
             assert refused.status_code >= 400
             assert (await http.get("/v1/agents/no-such-instance")).status_code == 404
             assert (await http.get("/no/such/path")).status_code == 404
+            assert (await http.get("/ui/agents")).status_code == 200
             # An enrolment: a CLI call joins with the control plane's join token.
             env = cli_env({"AGENTMESH_CONTROL_URL": url, "AGENTMESH_DATA_DIR": str(tmp_path)})
             called = await arun_cli("call", "ping", env=env)
@@ -116,6 +117,8 @@ async def test_metrics_count_requests_enrolments_policy_changes_and_mesh_state(
         _get(samples, requests, method="GET", route="/v1/agents/{instance_id}", status="404") == 1
     )
     assert _get(samples, requests, method="GET", route="(unmatched)", status="404") == 1
+    # The dashboard's routes carry their mount's prefix.
+    assert _get(samples, requests, method="GET", route="/ui/agents", status="200") == 1
     changes = "agentmesh_control_policy_changes_total"
     for result in ("created", "unchanged", "deleted"):
         assert _get(samples, changes, kind="TrafficPolicy", result=result) == 1, result
