@@ -13,6 +13,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from agentmesh.errors import ConfigurationError
+
 __all__ = ["ASSETS", "mount_docs"]
 
 #: Where the Swagger UI assets are served.
@@ -25,7 +27,13 @@ def mount_docs(app: FastAPI) -> None:
     Plain Starlette routes, not API routes: the page is no operation of the API (it stays out of
     the OpenAPI document) and, like the document itself, needs no admin token.
     """
-    from swagger_ui_bundle import swagger_ui_path
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError as exc:  # an environment installed before the dependency was added
+        raise ConfigurationError(
+            "the control plane's /docs needs the swagger-ui-bundle-v2 package (a dependency of "
+            "agentmesh): pip install -e . (or pip install swagger-ui-bundle-v2)"
+        ) from exc
 
     app.mount(ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
 
