@@ -176,6 +176,7 @@ class WorkloadIdentity:
 
             client_cache.discard(self._cached)
             self._cached = None
+            self._roots, self.bundle_version = [], 0  # the new CA's bundle starts anew
             await self._obtain(first=True, reuse=False)
         self._renewal = asyncio.create_task(self._renew_loop(), name="identity-renewal")
 
@@ -292,11 +293,19 @@ class WorkloadIdentity:
 
         if self.serial in self.view.revoked:
             return False
-        bundle = self.view.bundle
-        if bundle is None:
+        issuer = self._local_issuer()  # this process holds the CA: its roots are the truth
+        if issuer is not None:
+            from agentmesh.control.issuer import Issuer
+
+            assert isinstance(issuer, Issuer)
+            domain, roots = issuer.trust_domain, list(issuer.ca.roots)
+        elif self.view.bundle is not None:
+            bundle = self.view.bundle
+            domain, roots = bundle.trust_domain, [c for t in bundle.roots for c in load_certs(t)]
+        else:
             return True
-        current = {fingerprint(c) for text in bundle.roots for c in load_certs(text)}
-        return bundle.trust_domain == self._trust_domain and bool(
+        current = {fingerprint(c) for c in roots}
+        return domain == self._trust_domain and bool(
             current & {fingerprint(c) for c in self._roots}
         )
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -18,8 +21,14 @@ from typer.testing import CliRunner
 from agentmesh import capability
 from agentmesh._version import __version__
 from agentmesh.cli import app
-from tests.control.control_process import arun_cli, cli_env, control_process
-from tests.mesh_ca import mesh_ca
+from agentmesh.control.ca import CertificateAuthority, write_root_ca
+from agentmesh.models import IssuedCertificate
+from agentmesh.security import client_cache
+from agentmesh.security.identity import SpiffeId
+from agentmesh.security.pki import PrivateKey, new_key, pem
+from agentmesh.security.workload import default_client_name
+from tests.control.control_process import CLI_TIMEOUT, arun_cli, cli_env, control_process
+from tests.mesh_ca import TRUST_DOMAIN, mesh_ca
 
 
 @capability
@@ -31,6 +40,31 @@ def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.output == f"agentmesh {__version__}\n"
+
+
+CACHE_PATH = (
+    "from agentmesh.security.client_cache import cache_path;"
+    "from agentmesh.security.workload import default_client_name;"
+    "from agentmesh.settings import Settings;"
+    "print(cache_path(Settings(), default_client_name()))"
+)
+
+
+def _from_another_ca(tmp_path: Path) -> tuple[PrivateKey, IssuedCertificate, float]:
+    other = CertificateAuthority.from_files(
+        *write_root_ca(tmp_path / "old-ca", TRUST_DOMAIN), TRUST_DOMAIN, ttl=3600
+    )
+    key = new_key()
+    identity = SpiffeId.client(TRUST_DOMAIN, default_client_name())
+    cert = other.issue(key.public_key(), identity)
+    issued = IssuedCertificate(
+        spiffe_id=identity.uri,
+        serial=f"{cert.serial_number:x}",
+        certificate=pem(cert),
+        not_after=cert.not_valid_after_utc,
+        trust_bundle=other.bundle,
+    )
+    return key, issued, time.time()
 
 
 async def test_the_cli_reuses_one_certificate_and_says_what_to_fix(
@@ -51,6 +85,19 @@ async def test_the_cli_reuses_one_certificate_and_says_what_to_fix(
             return [r["serial"] for r in records if "/client/" in r["spiffe_id"]]
 
         before = await client_certificates()  # the test's own in-process client has one
+        # What an earlier run left under another CA (the control plane was set up anew):
+        # dropped once the trust bundle shows it, and the CLI enrols as if nothing were cached.
+        where = await asyncio.to_thread(  # the path as the CLI computes it, from its environment
+            subprocess.run,
+            [sys.executable, "-c", CACHE_PATH],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            check=True,
+        )
+        stale = Path(where.stdout.strip())
+        client_cache.save(stale, *_from_another_ca(tmp_path))
         for _ in range(3):
             done = await arun_cli("call", "echo", '{"text": "hi", "times": 2}', env=env)
             assert done.returncode == 0, done.stderr
@@ -59,6 +106,7 @@ async def test_the_cli_reuses_one_certificate_and_says_what_to_fix(
         assert len(enrolled) == len(before) + 1, (before, enrolled)
         caches = list((tmp_path / "client-certs").iterdir())  # the CLI's and the test's own
         assert len(caches) == 2, caches
+        assert client_cache.load(stale, default_client_name()) is not None, "replaced"
         assert all(stat.S_IMODE(c.stat().st_mode) == 0o600 for c in caches)
         assert stat.S_IMODE(caches[0].parent.stat().st_mode) == 0o700
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from agentmesh import Settings, connect
+from agentmesh import Settings, capability, connect
+from agentmesh.control.ca import CertificateAuthority, write_root_ca
 from agentmesh.control.issuer import Issuer
 from agentmesh.models import IssuedCertificate, RevocationRequest
 from agentmesh.security import client_cache
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.pki import new_key, pem
+from agentmesh.security.workload import default_client_name
 from tests.mesh_ca import TRUST_DOMAIN, mesh_ca
+
+
+@capability
+async def hello() -> str:
+    return "hi"
 
 
 def _cached(tmp_path: Path, name: str = "alice") -> tuple[Path, float, float]:
@@ -69,3 +76,28 @@ async def test_connect_reuses_its_certificate_and_drops_a_revoked_one(
         assert mesh.sidecar.identity.serial == second
     [cache] = (tmp_path / "client-certs").iterdir()
     assert cache.stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_cached_certificate_of_another_ca_is_replaced(
+    settings: Settings, tmp_path: Path, start_agent
+) -> None:
+    """The mesh's CA changed since the last run (a new control plane): enrol again, and work."""
+    other = CertificateAuthority.from_files(
+        *write_root_ca(tmp_path / "old-ca", TRUST_DOMAIN), TRUST_DOMAIN, ttl=3600
+    )
+    key = new_key()
+    name = default_client_name()
+    cert = other.issue(key.public_key(), SpiffeId.client(TRUST_DOMAIN, name))
+    stale = IssuedCertificate(
+        spiffe_id=f"spiffe://{TRUST_DOMAIN}/client/{name}",
+        serial=f"{cert.serial_number:x}",
+        certificate=pem(cert),
+        not_after=cert.not_valid_after_utc,
+        trust_bundle=other.bundle,
+    )
+    client_cache.save(client_cache.cache_path(settings, name), key, stale, time.time())
+
+    await start_agent([hello], name="greeter")
+    async with connect(settings) as mesh:
+        assert mesh.sidecar.identity.serial != cert.serial_number
+        assert await mesh.call("hello") == "hi"
