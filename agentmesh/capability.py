@@ -45,6 +45,9 @@ _STREAM_TYPES = (
     collections.abc.AsyncGenerator,
 )
 _INPUT_CONFIG = ConfigDict(extra="forbid", protected_namespaces=())
+#: Failing fields named in an InvalidInput/InvalidOutput message (the ``errors`` list has all):
+#: enough for any hand-written call, while a 10,000-item payload does not make a 1 MB message.
+_MAX_LISTED = 20
 
 
 class Capability(Generic[P, R]):
@@ -383,14 +386,18 @@ def _qualname(fn: Callable[..., Any]) -> str:
 
 
 def _describe(exc: ValidationError, root: str) -> str:
-    """Every failing field with pydantic's reason (``text: Field required; txt: ...``).
+    """Each failing field with pydantic's reason (``text: Field required; txt: ...``).
 
     A count alone ("2 error(s)") leaves the caller guessing which field to fix. ``root`` names
-    a failure of the whole value (not JSON, not an object).
+    a failure of the whole value (not JSON, not an object). A list of thousands of bad items
+    names the first :data:`_MAX_LISTED`; the error list carries them all.
     """
-    return "; ".join(
-        f"{'.'.join(map(str, err['loc'])) or root}: {err['msg']}" for err in exc.errors()
+    errors = exc.errors(include_url=False, include_input=False)
+    text = "; ".join(
+        f"{'.'.join(map(str, err['loc'])) or root}: {err['msg']}" for err in errors[:_MAX_LISTED]
     )
+    more = len(errors) - _MAX_LISTED
+    return text + (f"; and {more} more (see the error list)" if more > 0 else "")
 
 
 def _model_name(cap_name: str) -> str:

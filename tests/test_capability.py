@@ -358,6 +358,23 @@ def test_invalid_input_carries_pydantic_errors(
     assert error.to_problem().errors == error.errors
 
 
+def test_invalid_input_names_the_first_twenty_fields_of_many() -> None:
+    @capability
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    body = json.dumps({"values": ["x"] * 500}).encode()
+    with pytest.raises(InvalidInput) as caught:
+        total.parse_input(body)
+    message = str(caught.value)
+    assert "values.0: Input should be a valid integer" in message
+    assert "values.19:" in message
+    assert "values.20:" not in message
+    assert message.endswith("; and 480 more (see the error list)"), message
+    assert caught.value.errors is not None
+    assert len(caught.value.errors) == 500
+
+
 def test_invalid_input_names_every_failing_field() -> None:
     with pytest.raises(InvalidInput) as caught:
         summarize.parse_input(b'{"max_words": "x", "style": 1}')
