@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from agentmesh._serving import HttpServer, bind
 from agentmesh.agent import Agent
 from agentmesh.errors import ConfigurationError
+from agentmesh.proxy import SIDECAR_LABEL
 from agentmesh.proxy.app_health import AppHealth
 from agentmesh.proxy.egress import EgressApp
 from agentmesh.proxy.forward import AppCapability, AppClient
@@ -31,10 +32,8 @@ from agentmesh.proxy.process import (
 )
 from agentmesh.settings import Settings
 
-__all__ = ["SIDECAR_LABEL", "SidecarProxy"]
+__all__ = ["SidecarProxy"]
 
-#: The label that marks an agent served through a standalone sidecar (``agentmesh agents``).
-SIDECAR_LABEL = "agentmesh.dev/sidecar"
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _log = logging.getLogger("agentmesh.sidecar")
 
