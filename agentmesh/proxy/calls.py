@@ -8,9 +8,11 @@ whichever door it comes through, and ``Mesh.call`` stays the reference for what 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
+from contextvars import Token
 
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from agentmesh.errors import InvalidInput, MeshError
 from agentmesh.registry.index import LocalIndex, parse_specifier
@@ -94,7 +96,7 @@ def outbound_call(
     return call
 
 
-def attach_context(headers: Headers) -> object | None:
+def attach_context(headers: Headers) -> Token[Context] | None:
     """Adopt the caller's trace context and call chain (an app passing on what its sidecar
     sent it): the outbound span becomes a child of the app's inbound span, and the loop guard
     sees the whole chain. Returns the token for ``otel_context.detach``, or None."""
@@ -115,7 +117,7 @@ def problem_body(error: MeshError) -> bytes:
     return error.to_problem().model_dump_json(exclude_none=True).encode()
 
 
-async def sse_events(reply: Reply) -> AsyncIterator[bytes]:
+async def sse_events(reply: Reply) -> AsyncGenerator[bytes, None]:
     """A reply as the agents' own server-sent events: ``chunk``s, then ``end`` or ``error``."""
     if reply.chunks is None:
         yield b"event: chunk\ndata: " + reply.body + b"\n\n"

@@ -82,7 +82,7 @@ class EgressApp:
             return
         finally:
             if token is not None:
-                otel_context.detach(token)  # type: ignore[arg-type]
+                otel_context.detach(token)
         if not call.stream:
             if reply.chunks is not None:  # a streaming capability called as plain JSON
                 await _respond_stream(send, reply)
