@@ -31,6 +31,9 @@ from agentmesh.proxy.manifest import parse_agent_manifest
 from agentmesh.proxy.runner import SidecarProxy
 from agentmesh.sidecar.call import OutboundCall
 from agentmesh.sidecar.deadline import DEADLINE_HEADER
+from tests.policy.conftest import ControlProcess, control, run_cli
+
+__all__ = ["control"]  # a fixture: `agentmesh agents` needs a control plane
 
 OBJECT = {"type": "object"}
 
@@ -259,3 +262,16 @@ async def test_an_app_not_listening_refuses_calls_as_unavailable() -> None:
             await capability.invoke(capability.parse_input(b"{}"))
     finally:
         client.close()
+
+
+async def test_agents_lists_a_sidecar_proxied_agent_with_its_marker(
+    proxy: SidecarProxy, control: ControlProcess
+) -> None:
+    code, out, err = await run_cli("agents", control=control)
+    assert code == 0, err
+    [row] = [line for line in out.splitlines() if proxy.agent.instance_id in line]
+    assert "pyapp (sidecar)" in row
+    code, out, err = await run_cli("agents", "-o", "json", control=control)
+    assert code == 0, err
+    [record] = [r for r in json.loads(out) if r["instance_id"] == proxy.agent.instance_id]
+    assert record["labels"]["agentmesh.dev/sidecar"] == "true"
