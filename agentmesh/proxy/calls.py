@@ -75,10 +75,7 @@ def outbound_call(
     inherited = current_deadline.get()
     if inherited is not None and inherited < deadline:
         deadline = inherited
-    try:
-        version = parse_specifier(headers.get(VERSION_HEADER))
-    except ValueError as exc:
-        raise InvalidInput(f"header {VERSION_HEADER}: {exc}") from exc
+    version = parse_specifier(headers.get(VERSION_HEADER))
     tags = headers.get(TAGS_HEADER)
     call = OutboundCall(
         capability=capability,

@@ -297,6 +297,6 @@ async def _app_error(resp: Response[None], where: str) -> MeshError:
     snippet = text[:200].decode(errors="replace")
     if resp.status in (400, 422):
         return InvalidInput(f"{where}: the app refused the input: {snippet}")
-    if resp.status >= 500 and resp.status != 503:
-        return RemoteAgentError(f"{where}: HTTP {resp.status}: {snippet}")
+    if resp.status == 503:  # the app refused work it has not started: another instance may
+        return AgentUnavailable(f"{where}: HTTP 503: {snippet}")
     return error_for_status(resp.status, f"{where}: HTTP {resp.status}: {snippet}")

@@ -71,6 +71,8 @@ class RecordingApp:
         elif path == "/problem":
             problem = {"title": "No", "status": 409, "code": "invalid_input", "detail": "taken"}
             await _send(send, 422, json.dumps(problem).encode(), b"application/problem+json")
+        elif path == "/busy":
+            await _send(send, 503, b"queue full", b"text/plain")
         elif path == "/slow":
             await asyncio.sleep(5)
             await _send(send, 200, b"{}")
@@ -126,6 +128,7 @@ def _manifest() -> dict[str, Any]:
                 cap("crash"),
                 cap("problem"),
                 cap("slow"),
+                cap("busy"),
                 cap("stream", streaming=True, output=OBJECT),
             ]
         },
@@ -206,7 +209,11 @@ async def test_what_the_app_answers_is_checked_and_its_failures_keep_their_meani
         await mesh.call("problem")
     with pytest.raises(InvalidInput, match='text: "text" is a required property'):
         await mesh.call("echo", {})
-    assert [p for p, _, _ in app[0].seen] == ["/bad-output", "/not-json", "/crash", "/problem"]
+    # A 503 means the app refused work it had not started: retryable elsewhere.
+    with pytest.raises(AgentUnavailable, match="HTTP 503: queue full"):
+        await mesh.call("busy", retries=0)
+    seen = [p for p, _, _ in app[0].seen]
+    assert seen == ["/bad-output", "/not-json", "/crash", "/problem", "/busy"]
 
 
 async def test_the_callers_deadline_bounds_the_apps_work(
