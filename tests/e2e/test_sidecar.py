@@ -359,6 +359,12 @@ async def test_a_child_app_crash_is_restarted_and_sigterm_stops_both_in_order(
     os.kill(first, signal.SIGKILL)
     await wait_until(lambda: sidecar.app_pid() not in (None, first), timeout=10)
     assert "exited with code -9; restarting it in" in sidecar.tail()
+    # SIGHUP is the app's: passed on (Node's default for it is to exit), then restarted again.
+    second = sidecar.app_pid()
+    sidecar.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: sidecar.app_pid() not in (None, second), timeout=10)
+    assert "exited with code -1; restarting it in" in sidecar.tail()
+    assert sidecar.proc.poll() is None
 
     async def answers() -> bool:
         try:
