@@ -25,6 +25,7 @@ from agentmesh import (
     NoHealthyEndpoints,
     PayloadTooLarge,
     PolicyDenied,
+    RemoteAgentError,
 )
 from agentmesh.control.policies import apply_policy
 from agentmesh.proxy import SIDECAR_LABEL
@@ -386,3 +387,36 @@ async def test_a_child_app_crash_is_restarted_and_sigterm_stops_both_in_order(
     with pytest.raises(ProcessLookupError):
         os.kill(app, 0)  # the sidecar stopped and reaped the app it started
     await wait_until(lambda: sidecar.instance_id not in instance_ids(mesh), timeout=2)
+
+
+async def test_the_apps_calls_carry_the_apps_identity_and_policy_applies_to_them(
+    mesh: Mesh, start_sidecar: StartSidecar, spawn_agent: SpawnAgent, wait_until: WaitUntil
+) -> None:
+    await spawn_agent(EXAMPLE_AGENTS / "summarizer.py")
+    sidecar = await start_sidecar(*_child_app())
+    assert (await mesh.call("headline", {"text": TEXT}))["words"] > 0
+    await apply_policy(
+        mesh.sidecar.policies.store,
+        access_policy(
+            "no-node-summaries",
+            {
+                "name": "headliner-may-not-summarize",
+                "action": "deny",
+                "sources": [{"spiffe": "spiffe://agentmesh.local/agent/headliner"}],
+                "targets": [{"capability": "summarize"}],
+            },
+        ),
+    )
+
+    async def egress_denied() -> bool:
+        async with httpx.AsyncClient(base_url=sidecar.egress_url) as app:
+            answer = await app.post("/v1/invoke/summarize", json={"text": TEXT})
+        return answer.status_code == 403 and answer.json()["code"] == "policy_denied"
+
+    await wait_until(egress_denied, timeout=10)
+    # The app passes the problem on; its caller sees what a Python agent's nested call gives:
+    # the capability failed because of that denial (403 is about the caller's own call).
+    with pytest.raises(RemoteAgentError, match="raised PolicyDenied: .*headliner-may-not-summ"):
+        await mesh.call("headline", {"text": TEXT})
+    # The test's own client is not the app: it may still summarize.
+    assert (await mesh.call("summarize", {"text": TEXT}))["words"] > 0
