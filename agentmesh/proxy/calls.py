@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Mapping
-from contextvars import Token
 
 from opentelemetry import context as otel_context
-from opentelemetry.context import Context
 
 from agentmesh.errors import InvalidInput, MeshError
 from agentmesh.registry.index import LocalIndex, parse_specifier
 from agentmesh.settings import Settings
-from agentmesh.sidecar.call import OutboundCall, Reply
+from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
 from agentmesh.telemetry.tracing import TRACEPARENT, extract
@@ -27,9 +25,9 @@ __all__ = [
     "TAGS_HEADER",
     "VERSION_HEADER",
     "Headers",
-    "attach_context",
     "outbound_call",
     "problem_body",
+    "send_call",
     "sse_events",
     "wanted_headers",
 ]
@@ -93,20 +91,45 @@ def outbound_call(
     return call
 
 
-def attach_context(headers: Headers) -> Token[Context] | None:
-    """Adopt the caller's trace context and call chain (an app passing on what its sidecar
-    sent it): the outbound span becomes a child of the app's inbound span, and the loop guard
-    sees the whole chain. Returns the token for ``otel_context.detach``, or None."""
+async def send_call(
+    handler: Handler,
+    capability: str,
+    body: bytes,
+    headers: Headers,
+    *,
+    index: LocalIndex,
+    settings: Settings,
+) -> tuple[OutboundCall, Reply]:
+    """Build the call and send it through ``handler`` (the outbound stack).
+
+    The caller's trace context and call chain, when the request carries them (an app passing
+    on what its sidecar sent it), are adopted for the call: the outbound span becomes a child
+    of the app's inbound span and the loop guard sees the whole chain. Both are reset after,
+    so nothing leaks into the caller's context (the httpx face runs in the user's task).
+    """
+    call = outbound_call(
+        capability,
+        body,
+        headers,
+        index=index,
+        settings=settings,
+        loop=asyncio.get_running_loop(),
+    )
     chain = headers.get(CHAIN_HEADER)
-    if chain:
-        current_chain.set(parse_chain(chain))
-    parent = headers.get(TRACEPARENT)
-    if not parent:
-        return None
-    carrier = {TRACEPARENT: parent}
-    if state := headers.get("tracestate"):
-        carrier["tracestate"] = state
-    return otel_context.attach(extract(carrier))
+    chain_token = current_chain.set(parse_chain(chain)) if chain else None
+    trace_token = None
+    if parent := headers.get(TRACEPARENT):
+        carrier = {TRACEPARENT: parent}
+        if state := headers.get("tracestate"):
+            carrier["tracestate"] = state
+        trace_token = otel_context.attach(extract(carrier))
+    try:
+        return call, await handler(call)
+    finally:
+        if trace_token is not None:
+            otel_context.detach(trace_token)
+        if chain_token is not None:
+            current_chain.reset(chain_token)
 
 
 def problem_body(error: MeshError) -> bytes:

@@ -9,17 +9,13 @@ loopback only: whoever reaches it speaks as the app.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
-
-from opentelemetry import context as otel_context
 
 from agentmesh.errors import MeshError, PayloadTooLarge, RouteNotFound
 from agentmesh.proxy.calls import (
     INVOKE_PREFIX,
-    attach_context,
-    outbound_call,
     problem_body,
+    send_call,
     sse_events,
     wanted_headers,
 )
@@ -63,26 +59,21 @@ class EgressApp:
 
     async def _invoke(self, capability: str, scope: Scope, receive: Any, send: Any) -> None:
         headers = wanted_headers(scope["headers"])
-        token = attach_context(headers)
         try:
             body = await _read_body(receive, scope["headers"], self._max_body)
-            call = outbound_call(
+            call, reply = await send_call(
+                self._handler,
                 capability,
                 body,
                 headers,
                 index=self._sidecar.index,
                 settings=self._settings,
-                loop=asyncio.get_running_loop(),
             )
-            reply = await self._handler(call)
         except _Disconnected:
             return
         except MeshError as exc:
             await _respond(send, exc.status, problem_body(exc), _PROBLEM)
             return
-        finally:
-            if token is not None:
-                otel_context.detach(token)
         if not call.stream:
             if reply.chunks is not None:  # a streaming capability called as plain JSON
                 await _respond_stream(send, reply)

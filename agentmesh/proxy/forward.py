@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from agentmesh.capability import Capability
 from agentmesh.errors import (
     AgentUnavailable,
+    ConfigurationError,
     ConnectionLost,
     DeadlineExceeded,
     InvalidInput,
@@ -113,7 +114,10 @@ class AppCapability(Capability[..., Any]):
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"capability {self.name!r} is served by the app at {self._app.url}")
+        raise ConfigurationError(
+            f"capability {self.name!r} is served by the app at {self._app.url}; call it "
+            "through the mesh"
+        )
 
     def __repr__(self) -> str:
         return f"<AppCapability {self.name!r} at {self._app.url}{self.declared.app_path}>"

@@ -1,7 +1,8 @@
 """The app as a child of the sidecar (``agentmesh sidecar ... -- CMD``): start, watch, stop.
 
-The child gets ``AGENTMESH_APP_PORT`` (where it must listen) and ``AGENTMESH_EGRESS_URL``; its
-output goes to the sidecar's. A child that exits on its own is restarted with a growing pause
+The child gets ``AGENTMESH_APP_PORT`` (where it must listen) and ``AGENTMESH_EGRESS_URL``, and
+none of the sidecar's other ``AGENTMESH_*`` settings (tokens, CA files); its output goes to the
+sidecar's. A child that exits on its own is restarted with a growing pause
 (its instance is out of rotation meanwhile, as readiness follows the app), so a crash loop never
 spins the CPU. Stopping sends SIGTERM, waits the grace period, then SIGKILL. A child dies with
 its sidecar (a parent-death signal): a sidecar only stops apps it started.
@@ -44,7 +45,10 @@ class AppProcess:
         if not command:
             raise ConfigurationError("sidecar: an empty app command after '--'")
         self.command = list(command)
-        self._env = {**os.environ, **env}
+        # The sidecar's own settings (join token, admin token, CA files) are none of the app's
+        # business: the app gets the environment without them, plus its two variables.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+        self._env = {**inherited, **env}
         self._backoff = backoff
         self._backoff_max = backoff_max
         self._grace = grace

@@ -14,14 +14,12 @@ capability) answers with the agents' server-sent events, read with ``client.stre
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
-from opentelemetry import context as otel_context
 
 from agentmesh.errors import MeshError, RouteNotFound
-from agentmesh.proxy.calls import INVOKE_PREFIX, attach_context, outbound_call, problem_body
+from agentmesh.proxy.calls import INVOKE_PREFIX, problem_body, send_call
 from agentmesh.proxy.calls import sse_events as _sse_events
 from agentmesh.settings import Settings
 from agentmesh.sidecar.call import Reply
@@ -51,22 +49,17 @@ class MeshTransport(httpx.AsyncBaseTransport):
             return _problem(exc, request)
         body = await request.aread()
         headers = {k: v for k, v in request.headers.items() if k not in ("host", "content-length")}
-        token = attach_context(headers) if "traceparent" in headers else None
         try:
-            call = outbound_call(
+            call, reply = await send_call(
+                self._handler,
                 capability,
                 body,
                 headers,
                 index=self._sidecar.index,
                 settings=self._settings,
-                loop=asyncio.get_running_loop(),
             )
-            reply = await self._handler(call)
         except MeshError as exc:
             return _problem(exc, request)
-        finally:
-            if token is not None:
-                otel_context.detach(token)
         if reply.chunks is None and not call.stream:
             return httpx.Response(200, headers=_JSON, content=reply.body, request=request)
         return httpx.Response(200, headers=_EVENTS, stream=_Events(reply), request=request)

@@ -272,6 +272,8 @@ async def test_access_policy_denies_before_the_app_sees_the_request(
         except PolicyDenied as exc:
             denials.append(exc)
             return True
+        except InvalidInput:
+            return False  # the sidecar has not seen the policy yet (and "{}" never reaches the app)
         return False
 
     await wait_until(refused, timeout=10)
@@ -420,3 +422,19 @@ async def test_the_apps_calls_carry_the_apps_identity_and_policy_applies_to_them
         await mesh.call("headline", {"text": TEXT})
     # The test's own client is not the app: it may still summarize.
     assert (await mesh.call("summarize", {"text": TEXT}))["words"] > 0
+
+
+async def test_a_child_app_gets_its_port_and_egress_and_none_of_the_sidecars_secrets(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    dump = tmp_path / "app-env.txt"
+    sidecar = await start_sidecar(
+        "--app-health", "/healthz", "--", "sh", "-c", f"env > {dump}; exec {NODE} {APP}"
+    )
+    env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert sidecar.app_url == f"http://127.0.0.1:{env['AGENTMESH_APP_PORT']}"
+    assert env["AGENTMESH_EGRESS_URL"] == sidecar.egress_url
+    assert sorted(k for k in env if k.startswith("AGENTMESH_")) == [
+        "AGENTMESH_APP_PORT",
+        "AGENTMESH_EGRESS_URL",
+    ]
