@@ -77,7 +77,13 @@ class SidecarProxy:
     async def serve(
         self, *, on_ready: Callable[[SidecarProxy], None] | None = None, handle_signals: bool = True
     ) -> None:
-        egress_sock = bind("127.0.0.1", self.egress_port)
+        try:
+            egress_sock = bind("127.0.0.1", self.egress_port)
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"sidecar {self.agent.name}: the egress port: {exc.message.split('; ')[0]}; "
+                "choose another --egress-port (0: any free port)"
+            ) from exc
         egress_sock.listen(128)  # calls the app makes before the egress serves wait in the backlog
         self.egress_url = f"http://127.0.0.1:{egress_sock.getsockname()[1]}"
         egress: HttpServer | None = None

@@ -18,6 +18,7 @@ import pytest
 
 from agentmesh import (
     AgentUnavailable,
+    ConfigurationError,
     DeadlineExceeded,
     InvalidInput,
     InvalidOutput,
@@ -282,3 +283,19 @@ async def test_agents_lists_a_sidecar_proxied_agent_with_its_marker(
     assert code == 0, err
     [record] = [r for r in json.loads(out) if r["instance_id"] == proxy.agent.instance_id]
     assert record["labels"]["agentmesh.dev/sidecar"] == "true"
+
+
+async def test_a_busy_egress_port_is_one_clear_error(settings: Settings) -> None:
+    """Two sidecars on one host with the default egress port: the second says what to do."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sidecar = SidecarProxy(
+            parse_agent_manifest(_manifest()),
+            settings=settings,
+            app_url="http://127.0.0.1:9",
+            egress_port=port,
+        )
+        with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port}.*--egress-port"):
+            await sidecar.serve(handle_signals=False)
