@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -162,9 +161,3 @@ def served(app_url: str) -> dict[str, int]:
     """What the app counted per path (``GET /served``): what reached it."""
     result: dict[str, int] = get_json(f"{app_url}/served")
     return result
-
-
-def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
-    from .support import terminate_all
-
-    terminate_all(procs)

@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -76,7 +76,7 @@ async def start_sidecar(
 
 
 @pytest.fixture
-def start_app(nats_url: str, bucket: str, tmp_path: Path) -> AsyncIterator[Callable[..., NodeApp]]:
+def start_app(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[Callable[..., NodeApp]]:
     """``start_app(port, egress_url)`` → the example app as the test's own process."""
     apps: list[NodeApp] = []
 
@@ -90,7 +90,7 @@ def start_app(nats_url: str, bucket: str, tmp_path: Path) -> AsyncIterator[Calla
         apps.append(app)
         return app
 
-    yield start  # type: ignore[misc]
+    yield start
     terminate_all(a.proc for a in apps)
 
 
