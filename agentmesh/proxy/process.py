@@ -72,6 +72,9 @@ class AppProcess:
                 *self.command,
                 env=self._env,
                 stdin=asyncio.subprocess.DEVNULL,
+                # Its own session: a terminal's Ctrl-C reaches the sidecar alone, which drains
+                # first and then stops the app (the app would otherwise quit mid-call).
+                start_new_session=True,
                 preexec_fn=parent_death_hook(),
             )
         except OSError as exc:
