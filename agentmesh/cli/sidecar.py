@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from agentmesh.cli._common import console, parse_labels, settings_from, setup_logging
-from agentmesh.proxy.manifest import load_agent_manifest
+from agentmesh.errors import ConfigurationError
+from agentmesh.proxy.card import card_origin, fetch_card
+from agentmesh.proxy.manifest import load_agent_manifest, manifest_from_card
 from agentmesh.proxy.runner import SidecarProxy
 from agentmesh.telemetry.access import setup_access_log
 from agentmesh.telemetry.tracing import setup_tracing
@@ -28,8 +30,18 @@ def sidecar(
         typer.Argument(help="The app to start and supervise, after '--' (e.g. -- node app.js)."),
     ] = None,
     manifest: Annotated[
-        Path, typer.Option("--manifest", "-f", help="The app's kind: Agent manifest (YAML).")
-    ] = Path("agent.yaml"),
+        Path | None,
+        typer.Option(
+            "--manifest", "-f", help="The app's kind: Agent manifest (default agent.yaml)."
+        ),
+    ] = None,
+    card: Annotated[
+        str | None,
+        typer.Option(
+            help="Build the capabilities from the app's A2A agent card at this URL instead "
+            "(skills served at POST /v1/invoke/<id>, any JSON object as input)."
+        ),
+    ] = None,
     app_url: Annotated[
         str | None,
         typer.Option("--app", help="Where the app listens (http://127.0.0.1:PORT)."),
@@ -63,10 +75,21 @@ def sidecar(
 
     agentmesh sidecar --manifest agent.yaml -- node app.js   (the app gets AGENTMESH_APP_PORT
     and AGENTMESH_EGRESS_URL)
+
+    agentmesh sidecar --card http://127.0.0.1:8080/.well-known/agent-card.json
     """
     setup_logging(log_level)
     settings = settings_from(control_url=control_url, nats_url=nats_url)
-    declared = load_agent_manifest(str(manifest))
+    if card is not None:
+        if manifest is not None or command:
+            raise ConfigurationError(
+                "sidecar: --card reads the card of a running app: give it with --app (or alone, "
+                "the app being where the card is), not with --manifest or an app command"
+            )
+        declared = manifest_from_card(fetch_card(card), card)
+        app_url = app_url or card_origin(card)
+    else:
+        declared = load_agent_manifest(str(manifest or "agent.yaml"))
     proxy = SidecarProxy(
         declared,
         settings=settings,

@@ -24,6 +24,7 @@ __all__ = [
     "AgentCapability",
     "AgentManifest",
     "load_agent_manifest",
+    "manifest_from_card",
     "parse_agent_manifest",
 ]
 
@@ -189,3 +190,55 @@ def load_agent_manifest(path: str) -> AgentManifest:
         return parse_agent_manifest(document.data)
     except InvalidInput as exc:
         raise document.problem(exc) from exc
+
+
+def manifest_from_card(card: Any, source: str) -> AgentManifest:
+    """The manifest an A2A agent card implies, for an app that serves the agents' wire shape.
+
+    Each skill becomes a capability served at ``POST /v1/invoke/<skill id>`` (the path an
+    agentmesh agent, whose own card lists its capabilities as skills, serves them at); it streams
+    when its output modes include ``text/event-stream``. A card carries no JSON Schemas, so any
+    JSON object is accepted as input and the app checks the rest. The agent's name is the card's
+    name as a DNS label. Errors name ``source`` and the card's field.
+    """
+    if not isinstance(card, dict) or not isinstance(card.get("skills"), list):
+        raise InvalidInput(f"{source}: not an A2A agent card (an object with a skills list)")
+    name = re.sub(r"[^a-z0-9]+", "-", str(card.get("name", "")).lower()).strip("-")[:63]
+    streams = "text/event-stream"
+    capabilities = []
+    for i, skill in enumerate(card["skills"]):
+        if not isinstance(skill, dict):
+            raise InvalidInput(f"{source}: skills[{i}] is not an object")
+        capabilities.append(
+            {
+                "name": skill.get("id"),
+                "description": skill.get("description") or "",
+                "tags": skill.get("tags") or [],
+                "version": str(card.get("version") or "0.1.0"),
+                "streaming": streams in (skill.get("outputModes") or []),
+                "path": f"/v1/invoke/{skill.get('id')}",
+            }
+        )
+    document = {
+        "apiVersion": "agentmesh.dev/v1",
+        "kind": AGENT_KIND,
+        "metadata": {"name": name, "description": str(card.get("description") or "")[:1024]},
+        "spec": {"version": str(card.get("version") or "0.1.0"), "capabilities": capabilities},
+    }
+    try:
+        return parse_agent_manifest(document)
+    except InvalidInput as exc:
+        where = exc.errors[0]["loc"] if exc.errors else ""
+        field = _card_field(str(where))
+        raise InvalidInput(
+            f"{source}: card field {field}: {exc.errors[0]['msg'] if exc.errors else exc}",
+            errors=exc.errors,
+        ) from exc
+
+
+def _card_field(loc: str) -> str:
+    """A manifest location (``spec.capabilities[2].name``) as the card field it came from."""
+    loc = re.sub(r"^spec\.capabilities\[(\d+)\]\.version$", "version", loc)
+    loc = re.sub(r"^spec\.capabilities\[(\d+)\]\.name$", r"skills[\1].id", loc)
+    loc = re.sub(r"^spec\.capabilities\[(\d+)\]", r"skills[\1]", loc)
+    return {"metadata.name": "name", "spec.version": "version"}.get(loc, loc)

@@ -27,8 +27,9 @@ from agentmesh import (
     Settings,
 )
 from agentmesh._serving import HttpServer, bind
+from agentmesh.proxy.card import fetch_card
 from agentmesh.proxy.forward import CALLER_ID_HEADER, CALLER_NAME_HEADER, AppCapability, AppClient
-from agentmesh.proxy.manifest import parse_agent_manifest
+from agentmesh.proxy.manifest import manifest_from_card, parse_agent_manifest
 from agentmesh.proxy.runner import SidecarProxy
 from agentmesh.sidecar.call import OutboundCall
 from agentmesh.sidecar.deadline import DEADLINE_HEADER
@@ -37,6 +38,24 @@ from tests.policy.conftest import ControlProcess, control, run_cli
 __all__ = ["control"]  # a fixture: `agentmesh agents` needs a control plane
 
 OBJECT = {"type": "object"}
+#: An A2A agent card as an agentmesh agent publishes one: its skills are its capabilities.
+CARD = {
+    "protocolVersion": "0.3.0",
+    "name": "Card App",
+    "description": "an app described by its card",
+    "url": "",
+    "version": "2.1.0",
+    "skills": [
+        {
+            "id": "echo",
+            "name": "echo",
+            "description": "Echo.",
+            "tags": ["t"],
+            "outputModes": ["application/json"],
+        },
+        {"id": "stream", "name": "stream", "outputModes": ["text/event-stream"]},
+    ],
+}
 
 
 class RecordingApp:
@@ -61,7 +80,10 @@ class RecordingApp:
             await _send(send, 200 if self.up else 503, b"{}")
             return
         self.seen.append((path, headers, body))
-        if path == "/echo":
+        if path == "/.well-known/agent-card.json":
+            await _send(send, 200, json.dumps(CARD).encode())
+            return
+        if path in ("/echo", "/v1/invoke/echo"):
             await _send(send, 200, json.dumps({"got": json.loads(body)}).encode())
         elif path == "/bad-output":
             await _send(send, 200, b'{"wrong": 1}')
@@ -299,3 +321,40 @@ async def test_a_busy_egress_port_is_one_clear_error(settings: Settings) -> None
         )
         with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port}.*--egress-port"):
             await sidecar.serve(handle_signals=False)
+
+
+async def test_an_a2a_card_is_enough_to_front_an_app_that_serves_the_agents_paths(
+    app: tuple[RecordingApp, HttpServer], settings: Settings, mesh: Mesh, wait_until: Any
+) -> None:
+    recording, server = app
+    url = f"http://127.0.0.1:{server.port}/.well-known/agent-card.json"
+    declared = manifest_from_card(await asyncio.to_thread(fetch_card, url), url)
+    assert declared.metadata.name == "card-app"
+    assert [(c.name, c.version, c.streaming, c.app_path) for c in declared.spec.capabilities] == [
+        ("echo", "2.1.0", False, "/v1/invoke/echo"),
+        ("stream", "2.1.0", True, "/v1/invoke/stream"),
+    ]
+    sidecar = SidecarProxy(
+        declared, settings=settings, app_url=f"http://127.0.0.1:{server.port}", egress_port=0
+    )
+    ready = asyncio.Event()
+    task = asyncio.create_task(sidecar.serve(on_ready=lambda _: ready.set(), handle_signals=False))
+    try:
+        await asyncio.wait_for(ready.wait(), 20)
+        await wait_until(lambda: bool(mesh.sidecar.index.targets("echo")))
+        assert await mesh.call("echo", {"any": ["json"]}) == {"got": {"any": ["json"]}}
+        assert recording.seen[-1][0] == "/v1/invoke/echo"
+    finally:
+        sidecar.stop()
+        await asyncio.wait_for(task, 10)
+
+
+def test_a_card_that_is_not_one_names_the_source_and_field() -> None:
+    with pytest.raises(InvalidInput, match=r"^card\.json: card field skills\[0\]\.id: "):
+        manifest_from_card({"name": "x", "skills": [{"id": "not an id"}]}, "card.json")
+    with pytest.raises(InvalidInput, match="not an A2A agent card"):
+        manifest_from_card({"name": "x"}, "card.json")
+    with pytest.raises(
+        ConfigurationError, match="cannot read the agent card at http://127.0.0.1:9/"
+    ):
+        fetch_card("http://127.0.0.1:9/card")

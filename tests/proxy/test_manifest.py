@@ -143,3 +143,25 @@ def test_the_cli_reports_a_manifest_error_in_one_line_before_joining_the_mesh(
     assert f"{path}, document 1 (line 7): Agent 'tool': spec.capabilities[0].version:" in (
         " ".join(done.stderr.split())
     )
+
+
+def test_the_cli_refuses_a_card_with_a_manifest_or_an_app_command(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentmesh",
+            "sidecar",
+            "--card",
+            "http://127.0.0.1:9/.well-known/agent-card.json",
+            "--",
+            "node",
+            "app.js",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "AGENTMESH_CONTROL_URL": "http://127.0.0.1:9"},
+    )
+    assert done.returncode == 1
+    assert "--card reads the card of a running app" in " ".join(done.stderr.split())
