@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from agentmesh import CapabilityNotFound, InvalidInput, Mesh, capability
+from agentmesh import CapabilityNotFound, InvalidInput, Mesh, MeshError, capability
 from agentmesh.sidecar.deadline import DEADLINE_HEADER
 
 
@@ -82,3 +82,31 @@ async def test_a_stream_arrives_as_server_sent_events(agent, mesh: Mesh) -> None
         assert response.headers["content-type"] == "text/event-stream"
         events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
     assert events == ["data: 1", "data: 2", "data: 3", "data: {}"]
+
+
+async def test_version_and_tag_constraints_travel_as_headers(agent, mesh: Mesh) -> None:
+    payload = {"text": "one two"}
+    fits = await mesh.http.post(
+        "/v1/invoke/summarize",
+        json=payload,
+        headers={"agentmesh-version": ">=1.2,<2", "agentmesh-tags": "nlp"},
+    )
+    assert fits.status_code == 200
+    for headers in ({"agentmesh-version": ">=2"}, {"agentmesh-tags": "nlp,fr"}):
+        refused = await mesh.http.post("/v1/invoke/summarize", json=payload, headers=headers)
+        with pytest.raises(MeshError) as error:
+            await mesh.call(
+                "summarize",
+                payload,
+                version=headers.get("agentmesh-version"),
+                tags=headers.get("agentmesh-tags", "").split(",")
+                if "agentmesh-tags" in headers
+                else None,
+            )
+        assert refused.status_code == error.value.status
+        assert refused.json()["code"] == error.value.code
+    bad = await mesh.http.post(
+        "/v1/invoke/summarize", json=payload, headers={"agentmesh-version": "one"}
+    )
+    assert bad.status_code == 422
+    assert "not a PEP 440 specifier" in bad.json()["detail"]
