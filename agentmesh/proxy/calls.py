@@ -143,12 +143,19 @@ async def sse_events(reply: Reply) -> AsyncGenerator[bytes, None]:
         yield b"event: chunk\ndata: " + reply.body + b"\n\n"
         yield b"event: end\ndata: {}\n\n"
         return
+    chunks = reply.chunks
     try:
-        async for chunk in reply.chunks:
+        async for chunk in chunks:
             yield b"event: chunk\ndata: " + chunk + b"\n\n"
     except MeshError as exc:
         yield b"event: error\ndata: " + problem_body(exc) + b"\n\n"
         return
+    finally:
+        # A reader that stops early (the app hung up) frees the upstream connection now, not
+        # whenever the garbage collector finalizes the generator.
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
     yield b"event: end\ndata: {}\n\n"
 
 

@@ -20,6 +20,7 @@ from agentmesh.proxy.calls import (
     wanted_headers,
 )
 from agentmesh.settings import Settings
+from agentmesh.sidecar.call import Reply
 from agentmesh.sidecar.sidecar import Sidecar
 
 __all__ = ["EgressApp"]
@@ -74,16 +75,13 @@ class EgressApp:
         except MeshError as exc:
             await _respond(send, exc.status, problem_body(exc), _PROBLEM)
             return
-        if not call.stream:
-            if reply.chunks is not None:  # a streaming capability called as plain JSON
-                await _respond_stream(send, reply)
-                return
+        if reply.chunks is None and not call.stream:
             await _respond(send, 200, reply.body)
-            return
-        await _respond_stream(send, reply)
+        else:  # asked for a stream, or a streaming capability called as plain JSON
+            await _respond_stream(send, reply)
 
 
-async def _respond_stream(send: Any, reply: Any) -> None:
+async def _respond_stream(send: Any, reply: Reply) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -91,9 +89,13 @@ async def _respond_stream(send: Any, reply: Any) -> None:
             "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
         }
     )
-    async for event in sse_events(reply):
-        await send({"type": "http.response.body", "body": event, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+    events = sse_events(reply)
+    try:
+        async for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await events.aclose()
 
 
 async def _respond(send: Any, status: int, body: bytes, content_type: bytes = _JSON) -> None:

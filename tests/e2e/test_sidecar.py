@@ -41,12 +41,15 @@ from .sidecar_support import (
     needs_node,
     served,
 )
-from .support import EXAMPLE_AGENTS, LEASE, SpawnAgent, instance_ids, mesh_env, terminate_all
+from .support import EXAMPLE_AGENTS, SpawnAgent, instance_ids, mesh_env, terminate_all
 
 pytestmark = needs_node
 
 WaitUntil = Callable[..., Awaitable[float]]
 StartSidecar = Callable[..., Awaitable[SidecarProcess]]
+#: An upper bound for what a heartbeat or a lease (1 s here) settles, generous for two shared
+#: cores under other test suites' load: these tests check the outcome, not how fast it came.
+SETTLE = 15.0
 TEXT = "The mesh carries every call. Agents in any language join it. Node is one of them."
 
 
@@ -196,7 +199,7 @@ async def test_python_calls_node_which_calls_python_in_one_trace(
         ("headliner", "outbound", "summarize"),  # the app's call, through the egress
         ("summarizer", "inbound", "summarize"),
     }
-    await wait_until(lambda: hops() >= expected, timeout=10)
+    await wait_until(lambda: hops() >= expected, timeout=SETTLE)
     assert served(sidecar.app_url) == {"/headline": 1}
 
 
@@ -262,7 +265,9 @@ async def test_access_policy_denies_before_the_app_sees_the_request(
             },
         ),
     )
-    await wait_until(lambda: "shout-access" in mesh.sidecar.policies.snapshot.policies)
+    await wait_until(
+        lambda: "shout-access" in mesh.sidecar.policies.snapshot.policies, timeout=SETTLE
+    )
 
     denials: list[PolicyDenied] = []
 
@@ -276,7 +281,7 @@ async def test_access_policy_denies_before_the_app_sees_the_request(
             return False  # the sidecar has not seen the policy yet (and "{}" never reaches the app)
         return False
 
-    await wait_until(refused, timeout=10)
+    await wait_until(refused, timeout=SETTLE)
     assert "rule 'only-planner-shouts'" in str(denials[0])
     assert f"at {sidecar.endpoint}" in str(denials[0])  # the receiving sidecar decided
     assert served(sidecar.app_url) == {"/shout": 1}  # only the call before the policy
@@ -326,14 +331,14 @@ async def test_app_killed_goes_out_of_rotation_and_comes_back_without_a_sidecar_
     assert (await mesh.call("shout", {"text": "a"}))["text"] == "A"
 
     app.kill()
-    await wait_until(lambda: status() == "unready", timeout=LEASE + 2)
+    await wait_until(lambda: status() == "unready", timeout=SETTLE)
     with pytest.raises(NoHealthyEndpoints, match="unready"):
         await mesh.call("shout", {"text": "b"}, timeout=2)
     assert sidecar.proc.poll() is None, f"the sidecar died with its app:\n{sidecar.tail()}"
 
     app = start_app(port, f"http://127.0.0.1:{egress}")
     await app.wait_up()
-    await wait_until(lambda: status() == "serving", timeout=LEASE + 2)
+    await wait_until(lambda: status() == "serving", timeout=SETTLE)
     assert (await mesh.call("shout", {"text": "c"}))["text"] == "C"
     assert sidecar.proc.poll() is None
 
@@ -348,7 +353,7 @@ async def test_sidecar_killed_its_record_leaves_and_the_app_keeps_running(
 
     sidecar.proc.kill()
     await sidecar.wait_exit()
-    await wait_until(lambda: sidecar.instance_id not in instance_ids(mesh), timeout=LEASE + 3)
+    await wait_until(lambda: sidecar.instance_id not in instance_ids(mesh), timeout=SETTLE)
     assert app.proc.poll() is None
     assert await asyncio.to_thread(healthy, app.url)
 
@@ -388,7 +393,7 @@ async def test_a_child_app_crash_is_restarted_and_sigterm_stops_both_in_order(
     assert app is not None
     with pytest.raises(ProcessLookupError):
         os.kill(app, 0)  # the sidecar stopped and reaped the app it started
-    await wait_until(lambda: sidecar.instance_id not in instance_ids(mesh), timeout=2)
+    await wait_until(lambda: sidecar.instance_id not in instance_ids(mesh), timeout=SETTLE)
 
 
 async def test_the_apps_calls_carry_the_apps_identity_and_policy_applies_to_them(
@@ -415,7 +420,7 @@ async def test_the_apps_calls_carry_the_apps_identity_and_policy_applies_to_them
             answer = await app.post("/v1/invoke/summarize", json={"text": TEXT})
         return answer.status_code == 403 and answer.json()["code"] == "policy_denied"
 
-    await wait_until(egress_denied, timeout=10)
+    await wait_until(egress_denied, timeout=SETTLE)
     # The app passes the problem on; its caller sees what a Python agent's nested call gives:
     # the capability failed because of that denial (403 is about the caller's own call).
     with pytest.raises(RemoteAgentError, match="raised PolicyDenied: .*headliner-may-not-summ"):

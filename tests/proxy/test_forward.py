@@ -183,7 +183,9 @@ async def proxy(
     task = asyncio.create_task(sidecar.serve(on_ready=lambda _: ready.set(), handle_signals=False))
     await asyncio.wait_for(ready.wait(), 20)
     instance = sidecar.agent.instance_id
-    await wait_until(lambda: any(r.instance_id == instance for r in mesh.sidecar.index.records()))
+    await wait_until(
+        lambda: any(r.instance_id == instance for r in mesh.sidecar.index.records()), timeout=15
+    )
     yield sidecar
     sidecar.stop()
     with contextlib.suppress(BaseException):
@@ -267,9 +269,9 @@ async def test_an_app_that_is_gone_is_out_of_rotation_until_it_is_healthy_again(
         return record.status
 
     recording.up = False  # its health check fails: out of rotation
-    await wait_until(lambda: status() == "unready", timeout=5)
+    await wait_until(lambda: status() == "unready", timeout=15)
     recording.up = True
-    await wait_until(lambda: status() == "serving", timeout=5)
+    await wait_until(lambda: status() == "serving", timeout=15)
 
 
 async def test_an_app_not_listening_refuses_calls_as_unavailable() -> None:
@@ -341,7 +343,7 @@ async def test_an_a2a_card_is_enough_to_front_an_app_that_serves_the_agents_path
     task = asyncio.create_task(sidecar.serve(on_ready=lambda _: ready.set(), handle_signals=False))
     try:
         await asyncio.wait_for(ready.wait(), 20)
-        await wait_until(lambda: bool(mesh.sidecar.index.targets("echo")))
+        await wait_until(lambda: bool(mesh.sidecar.index.targets("echo")), timeout=15)
         assert await mesh.call("echo", {"any": ["json"]}) == {"got": {"any": ["json"]}}
         assert recording.seen[-1][0] == "/v1/invoke/echo"
     finally:
