@@ -71,7 +71,7 @@ async def start_sidecar(
         )
         started.append(sidecar)
         await sidecar.wait_ready()
-        await wait_until(lambda: sidecar.instance_id in instance_ids(mesh), timeout=10)
+        await wait_until(lambda: sidecar.instance_id in instance_ids(mesh), timeout=SETTLE)
         return sidecar
 
     yield start
@@ -365,12 +365,12 @@ async def test_a_child_app_crash_is_restarted_and_sigterm_stops_both_in_order(
     first = sidecar.app_pid()
     assert first is not None
     os.kill(first, signal.SIGKILL)
-    await wait_until(lambda: sidecar.app_pid() not in (None, first), timeout=10)
+    await wait_until(lambda: sidecar.app_pid() not in (None, first), timeout=SETTLE)
     assert "exited with code -9; restarting it in" in sidecar.tail()
     # SIGHUP is the app's: passed on (Node's default for it is to exit), then restarted again.
     second = sidecar.app_pid()
     sidecar.proc.send_signal(signal.SIGHUP)
-    await wait_until(lambda: sidecar.app_pid() not in (None, second), timeout=10)
+    await wait_until(lambda: sidecar.app_pid() not in (None, second), timeout=SETTLE)
     assert "exited with code -1; restarting it in" in sidecar.tail()
     assert sidecar.proc.poll() is None
 
