@@ -40,7 +40,7 @@ from agentmesh.models import Problem
 from agentmesh.proxy.manifest import AgentCapability
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
-from agentmesh.sidecar.http1 import ConnectFailed, ConnectionPool, Disconnected, Response
+from agentmesh.sidecar.http1 import ConnectFailed, ConnectionPool, Disconnected, Limits, Response
 from agentmesh.sidecar.inbound import current_peer
 
 __all__ = ["CALLER_ID_HEADER", "CALLER_NAME_HEADER", "AppCapability", "AppClient"]
@@ -61,11 +61,13 @@ _PROBLEM = b"application/problem+json"
 class AppClient:
     """Keep-alive HTTP to the app on ``host:port`` (plaintext: loopback only)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, limits: Limits | None = None) -> None:
+        """``limits``: the same bounds as the sidecar's pool to agents (connections, waits,
+        reply sizes); default: the settings' defaults."""
         self.host = host
         self.port = port
         self.authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.pool: ConnectionPool[None] = ConnectionPool()
+        self.pool: ConnectionPool[None] = ConnectionPool(limits=limits)
 
     @property
     def url(self) -> str:

@@ -31,6 +31,7 @@ from agentmesh.proxy.process import (
     AppProcess,
 )
 from agentmesh.settings import Settings
+from agentmesh.sidecar.http1 import Limits
 
 __all__ = ["SidecarProxy"]
 
@@ -56,7 +57,7 @@ class SidecarProxy:
         self.manifest = manifest
         self.settings = settings
         app_host, app_port = _app_address(app_url, bool(command))
-        self.app = AppClient(app_host, app_port)
+        self.app = AppClient(app_host, app_port, Limits.from_settings(settings))
         self.health = AppHealth(self.app, app_health, timeout=settings.app_probe_timeout)
         self.command = list(command)
         self.host = host
