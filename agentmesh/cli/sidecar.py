@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from agentmesh.cli._common import console, parse_labels, settings_from, setup_logging
 from agentmesh.errors import ConfigurationError
-from agentmesh.proxy.card import card_origin, fetch_card
-from agentmesh.proxy.manifest import load_agent_manifest, manifest_from_card
-from agentmesh.proxy.runner import SidecarProxy
-from agentmesh.telemetry.access import setup_access_log
-from agentmesh.telemetry.tracing import setup_tracing
+
+if TYPE_CHECKING:
+    from agentmesh.proxy.runner import SidecarProxy
 
 
 def register(app: typer.Typer) -> None:
@@ -78,6 +76,14 @@ def sidecar(
 
     agentmesh sidecar --card http://127.0.0.1:8080/.well-known/agent-card.json
     """
+    # Imported here: `agentmesh run` shares this package and must not pay for the proxy's
+    # modules (JSON Schema, httpx) on its start path (tests/test_startup.py).
+    from agentmesh.proxy.card import card_origin, fetch_card
+    from agentmesh.proxy.manifest import load_agent_manifest, manifest_from_card
+    from agentmesh.proxy.runner import SidecarProxy
+    from agentmesh.telemetry.access import setup_access_log
+    from agentmesh.telemetry.tracing import setup_tracing
+
     setup_logging(log_level)
     settings = settings_from(control_url=control_url, nats_url=nats_url)
     if card is not None:
