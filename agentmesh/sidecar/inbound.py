@@ -76,12 +76,12 @@ _PROBLEM = b"application/problem+json"
 _DEADLINE = DEADLINE_HEADER.encode()
 _CHAIN = CHAIN_HEADER.encode()
 _TRACEPARENT = TRACEPARENT.encode()
-#: Errors a capability body may raise that describe this very call: they keep their status.
-#: ``AgentUnavailable`` and ``RateLimited`` let a capability refuse work it has not started
-#: (no capacity, an upstream quota), which callers may then retry elsewhere.
 #: The verified caller of the inbound call being served (None: no mesh certificate). A
 #: capability that forwards the call elsewhere (the standalone sidecar's) passes it on.
 current_peer: ContextVar[Caller | None] = ContextVar("agentmesh_peer", default=None)
+#: Errors a capability body may raise that describe this very call: they keep their status.
+#: ``AgentUnavailable`` and ``RateLimited`` let a capability refuse work it has not started
+#: (no capacity, an upstream quota), which callers may then retry elsewhere.
 _PASS_THROUGH = (
     InvalidInput,
     DeadlineExceeded,
