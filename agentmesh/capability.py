@@ -14,7 +14,6 @@ import collections.abc
 import contextlib
 import functools
 import inspect
-import json
 import math
 import re
 import types
@@ -46,6 +45,9 @@ _STREAM_TYPES = (
     collections.abc.AsyncGenerator,
 )
 _INPUT_CONFIG = ConfigDict(extra="forbid", protected_namespaces=())
+#: Failing fields named in an InvalidInput/InvalidOutput message (the ``errors`` list has all):
+#: enough for any hand-written call, while a 10,000-item payload does not make a 1 MB message.
+_MAX_LISTED = 20
 
 
 class Capability(Generic[P, R]):
@@ -213,9 +215,11 @@ class Capability(Generic[P, R]):
         try:
             values: dict[str, Any] = self._validate_input(body or b"{}").__dict__
         except ValidationError as exc:
+            items = error_items(exc, max_errors)
             raise InvalidInput(
-                f"invalid input for capability {self.name!r}: {exc.error_count()} error(s)",
-                errors=error_items(exc, max_errors),
+                f"invalid input for capability {self.name!r}: "
+                + _describe(items, exc.error_count(), "body"),
+                errors=items,
             ) from exc
         # The model instance is dropped here, so its __dict__ is handed over without a copy.
         for key, name in self._renamed:
@@ -285,10 +289,11 @@ class Capability(Generic[P, R]):
                 value = self._validate_output(value)
             return self._serialize_output(value)
         except ValidationError as exc:
+            items = error_items(exc, DEFAULT_MAX_ERRORS)
             raise InvalidOutput(
-                f"capability {self.name!r} {what}: {exc.error_count()} error(s): "
-                + "; ".join(f"{_loc(err['loc'])}: {err['msg']}" for err in exc.errors()),
-                errors=json.loads(exc.json(include_url=False, include_input=False)),
+                f"capability {self.name!r} {what}: "
+                + _describe(items, exc.error_count(), "result"),
+                errors=items,
             ) from exc
         except PydanticSerializationError as exc:
             raise InvalidOutput(
@@ -385,8 +390,18 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(map(str, loc)) or "result"
+def _describe(items: list[dict[str, Any]], total: int, root: str) -> str:
+    """Each failing field with pydantic's reason (``text: Field required; txt: ...``).
+
+    A count alone ("2 error(s)") leaves the caller guessing which field to fix. ``root`` names
+    a failure of the whole value (not JSON, not an object). ``items`` is the bounded error list
+    (``agentmesh.validation_errors``) of ``total`` errors: a list of thousands of bad items
+    names the first :data:`_MAX_LISTED` and counts the rest.
+    """
+    listed = [err for err in items if err["type"] != "too_many_errors"][:_MAX_LISTED]
+    text = "; ".join(f"{'.'.join(map(str, err['loc'])) or root}: {err['msg']}" for err in listed)
+    more = total - len(listed)
+    return text + (f"; and {more} more" if more > 0 else "")
 
 
 def _model_name(cap_name: str) -> str:

@@ -8,8 +8,9 @@ plane's own pages), except:
 - what a joining workload needs before it has any credential: ``/v1/bootstrap``,
   ``/v1/trust-bundle`` (public roots), ``/v1/certificates`` (authenticated by its own join
   token or current certificate);
-- ``/healthz`` (probes), ``/docs``, ``/redoc`` and ``/openapi.json`` (the API's shape is not a
-  secret; every operation still needs the token);
+- ``/healthz`` (probes), ``/metrics`` (counts only; a scraper holding the admin token could
+  write), ``/docs`` with its assets and ``/openapi.json`` (the API's shape is not a secret; every
+  operation still needs the token);
 - with ``AGENTMESH_PUBLIC_READ=true``, every GET (registry, policies, stats): for a trusted
   network or a read-only dashboard. Writes (tokens, revocations, rotation, policies) never.
 
@@ -52,9 +53,8 @@ OPEN_PATHS = frozenset(
         "/v1/bootstrap",
         "/v1/trust-bundle",
         "/v1/certificates",
+        "/metrics",
         "/docs",
-        "/docs/oauth2-redirect",
-        "/redoc",
         "/openapi.json",
     }
 )

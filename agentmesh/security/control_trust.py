@@ -122,7 +122,9 @@ def _local_roots(settings: Settings) -> tuple[str, str] | None:
 
 
 def _token(settings: Settings) -> str | None:
-    return settings.join_token or read_secret(settings.data_dir / JOIN_TOKEN_FILE)
+    if settings.join_token is not None and settings.join_token.get_secret_value():
+        return settings.join_token.get_secret_value()
+    return read_secret(settings.data_dir / JOIN_TOKEN_FILE)
 
 
 def _no_roots(settings: Settings) -> ConfigurationError:

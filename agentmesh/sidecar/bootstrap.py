@@ -40,7 +40,7 @@ async def bootstrap(settings: Settings) -> Bootstrap:
     from agentmesh.security.control_trust import control_error, control_verify, guard_cleartext
 
     url = f"{settings.control_url.rstrip('/')}/v1/bootstrap"
-    token = settings.token
+    token = settings.token.get_secret_value() if settings.token else None
     if token:
         guard_cleartext(settings.control_url, sends_token=True)
     headers = {"authorization": f"Bearer {token}"} if token else {}

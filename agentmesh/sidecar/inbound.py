@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -60,7 +61,7 @@ from agentmesh.telemetry.tracing import (
 )
 from agentmesh.validation_errors import DEFAULT_MAX_ERRORS
 
-__all__ = ["InboundApp"]
+__all__ = ["InboundApp", "current_peer"]
 
 _log = logging.getLogger("agentmesh.agent")
 _AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
@@ -76,6 +77,9 @@ _PROBLEM = b"application/problem+json"
 _DEADLINE = DEADLINE_HEADER.encode()
 _CHAIN = CHAIN_HEADER.encode()
 _TRACEPARENT = TRACEPARENT.encode()
+#: The verified caller of the inbound call being served (None: no mesh certificate). A
+#: capability that forwards the call elsewhere (the standalone sidecar's) passes it on.
+current_peer: ContextVar[Caller | None] = ContextVar("agentmesh_peer", default=None)
 #: Errors a capability body may raise that describe this very call: they keep their status.
 #: ``AgentUnavailable`` and ``RateLimited`` let a capability refuse work it has not started
 #: (no capacity, an upstream quota), which callers may then retry elsewhere.
@@ -207,6 +211,7 @@ class InboundApp:
             injected = _inject(cap, self._injectables)
             serving_sidecar.set(self._sidecar)
             current_chain.set(meta.chain)
+            current_peer.set(meta.peer)
             if deadline is not None:
                 current_deadline.set(deadline)
             if cap.streaming:
@@ -388,17 +393,25 @@ class _MeshHeaders:
         return asyncio.get_running_loop().time() + max(ms, 0) / 1000
 
 
+def _too_large(agent: str, size: str, limit: int) -> PayloadTooLarge:
+    """A 413 that names the setting to raise, on the agent: the caller cannot guess it."""
+    return PayloadTooLarge(
+        f"agent {agent}: request body {size + ' ' if size else ''}is larger than its limit of "
+        f"{limit} bytes (AGENTMESH_MAX_PAYLOAD_BYTES of the agent)"
+    )
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> bytes:
     for key, value in scope["headers"]:
         if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"agent {agent}: request body of {int(value)} bytes > {limit}")
+            raise _too_large(agent, f"of {int(value)} bytes", limit)
     first = await receive()
     if first["type"] == "http.disconnect":
         raise _Disconnected
     if not first.get("more_body"):
         body: bytes = first.get("body", b"")
         if len(body) > limit:
-            raise PayloadTooLarge(f"agent {agent}: request body larger than {limit} bytes")
+            raise _too_large(agent, "", limit)
         return body
     chunks = [first.get("body", b"")]
     size = len(chunks[0])
@@ -409,7 +422,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> 
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"agent {agent}: request body larger than {limit} bytes")
+            raise _too_large(agent, "", limit)
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)

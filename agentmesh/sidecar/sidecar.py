@@ -17,6 +17,7 @@ from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.breaker import BreakerState
+from agentmesh.sidecar.http1 import Limits
 from agentmesh.sidecar.retry import RetryPolicy
 from agentmesh.sidecar.stack import OutboundStack, build_outbound
 from agentmesh.sidecar.transport import HttpTransport
@@ -38,7 +39,7 @@ class Sidecar:
         self._background: set[asyncio.Task[None]] = set()
         #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations.
         self.identity = WorkloadIdentity.for_caller(settings, caller)
-        self.transport = HttpTransport(self.identity)
+        self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name
         self.stats = StatsCollector(
             name, interval=settings.stats_interval, tap_payloads=settings.tap_payloads
