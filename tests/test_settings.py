@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from agentmesh import Settings
-from agentmesh.security.files import ADMIN_TOKEN_FILE, JOIN_TOKEN_FILE, admin_token
+from agentmesh.security.files import (
+    ADMIN_TOKEN_FILE,
+    JOIN_TOKEN_FILE,
+    admin_token,
+    write_private,
+)
 from agentmesh.security.workload import WorkloadIdentity
 
 
@@ -23,8 +28,8 @@ def test_tokens_never_show_in_a_repr_or_a_dump(tmp_path: Path) -> None:
 def test_tokens_come_from_the_environment_else_the_data_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / ADMIN_TOKEN_FILE).write_text("from-file\n")
-    (tmp_path / JOIN_TOKEN_FILE).write_text("amt1.pin.file\n")
+    write_private(tmp_path / ADMIN_TOKEN_FILE, b"from-file\n")
+    write_private(tmp_path / JOIN_TOKEN_FILE, b"amt1.pin.file\n")
     monkeypatch.setenv("AGENTMESH_DATA_DIR", str(tmp_path))
     for name in ("AGENTMESH_TOKEN", "AGENTMESH_JOIN_TOKEN"):
         monkeypatch.delenv(name, raising=False)

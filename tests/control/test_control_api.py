@@ -15,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentmesh import capability
-from tests.control.control_process import arun_cli, cli_env, control_process
+from tests.control.control_process import arun_cli, cli_env, control_process, control_tls
 from tests.mesh_ca import mesh_ca
 
 
@@ -34,7 +34,10 @@ def test_starts_without_warnings_and_serves_its_docs_from_the_package(
     # Every warning is an error in this process: one at start (or at the first /openapi.json,
     # where FastAPI builds the body schemas) would stop it.
     env = {"PYTHONWARNINGS": "error"}
-    with control_process(nats_url, bucket, tmp_path, env=env) as url, httpx.Client() as http:
+    with (
+        control_process(nats_url, bucket, tmp_path, env=env) as url,
+        httpx.Client(verify=control_tls(tmp_path)) as http,
+    ):
         assert http.get(f"{url}/openapi.json").status_code == 200
         page = http.get(f"{url}/docs")
         assert page.status_code == 200
@@ -80,7 +83,9 @@ async def test_metrics_count_requests_enrolments_policy_changes_and_mesh_state(
     )
     yaml_body = {"content-type": "application/yaml"}
     with control_process(nats_url, bucket, tmp_path, env=mesh_ca().env()) as url:
-        async with httpx.AsyncClient(base_url=url, headers=_admin(tmp_path)) as http:
+        async with httpx.AsyncClient(
+            base_url=url, headers=_admin(tmp_path), verify=control_tls(tmp_path)
+        ) as http:
             assert (await http.post("/v1/policies", content=policy, headers=yaml_body)).json()[
                 "result"
             ] == "created"
@@ -102,7 +107,8 @@ async def test_metrics_count_requests_enrolments_policy_changes_and_mesh_state(
             assert called.returncode == 0, called.stderr
 
             # Open like /healthz: a scraper needs no admin token (one would let it write).
-            scraped = await httpx.AsyncClient().get(f"{url}/metrics")
+            async with httpx.AsyncClient(verify=control_tls(tmp_path)) as scraper:
+                scraped = await scraper.get(f"{url}/metrics")
             assert scraped.status_code == 200
             assert scraped.headers["content-type"].startswith("text/plain")
             openapi = (await http.get("/openapi.json")).json()
