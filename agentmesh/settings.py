@@ -28,8 +28,38 @@ class Settings(BaseSettings):
     )
     nats_url: str | None = Field(
         default=None,
-        description="NATS to use. Unset: ask the control plane (agents, CLI) or start an "
-        "embedded nats-server (control plane).",
+        description="NATS to use: one URL or comma-separated seeds of a cluster (the other "
+        "nodes are learnt from the servers). Unset: ask the control plane (agents, CLI) or start "
+        "an embedded nats-server (control plane).",
+    )
+    nats_rebootstrap_after: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds without NATS after which an agent or client that bootstrapped from "
+        "the control plane asks it again where NATS is, and follows a changed address. Longer "
+        "than a NATS restart on the same address (about a second), so that stays a plain "
+        "reconnect; short enough that a moved NATS costs seconds, not a restart.",
+    )
+    embedded_nats_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Client port of the control plane's embedded nats-server. Unset: a free "
+        "port chosen on the first start and kept in AGENTMESH_DATA_DIR/nats/port, so agents "
+        "find NATS at the same address after a control-plane restart.",
+    )
+    embedded_nats_max_restarts: int = Field(
+        default=5,
+        ge=0,
+        description="Restarts of a dying embedded nats-server allowed within "
+        "embedded_nats_restart_window; then the control plane gives up and reports it failed. "
+        "A crash or an OOM kill is survived; a server that dies on every start is not hidden.",
+    )
+    embedded_nats_restart_window: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds over which embedded_nats_max_restarts counts restarts (with the "
+        "pauses between them, 0.2 s doubling to 5 s, five restarts take about 10 s).",
     )
     token: SecretStr | None = Field(
         default=None,

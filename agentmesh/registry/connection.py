@@ -2,7 +2,11 @@
 
 The data plane must survive NATS going away, so the client reconnects forever and tells its
 users (the lease and the watch-fed index) when it is back, so that they can re-register and
-resynchronise instead of trusting whatever a consumer replays.
+resynchronise instead of trusting whatever a consumer replays. ``url`` may name several servers
+(comma-separated seeds of a cluster); nats-py then also learns the cluster's other nodes from the
+servers' INFO. When NATS has been away for ``rebootstrap_after`` seconds and a ``rebootstrap``
+source is given (the control plane), the server list is asked for again and followed
+(``agentmesh.registry.cluster``), so an address change never needs a restart.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client as NATS
 
 from agentmesh.errors import RegistryUnavailable
+from agentmesh.registry.cluster import Rebootstrap, ServerFollower, split_urls
 
 __all__ = ["NatsConnection"]
 
@@ -28,13 +33,24 @@ Listener = Callable[[], Awaitable[None]]
 class NatsConnection:
     """A reconnecting NATS client plus reconnect listeners."""
 
-    def __init__(self, url: str, *, name: str) -> None:
-        self.url = url
+    def __init__(
+        self,
+        url: str | list[str],
+        *,
+        name: str,
+        rebootstrap: Rebootstrap | None = None,
+        rebootstrap_after: float = 5.0,
+    ) -> None:
+        self.servers = split_urls(url)
+        self.url = ",".join(self.servers)
         self.name = name
         self._nc: NATS | None = None
         self._on_reconnect: list[Listener] = []
         self.connected = asyncio.Event()
         self._closing = False
+        self._follower = (
+            ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
+        )
 
     @property
     def client(self) -> NATS:
@@ -52,6 +68,8 @@ class NatsConnection:
             self.connected.clear()
             if was_connected and not self._closing:
                 _log.warning("lost NATS at %s; reconnecting", self.url)
+                if self._follower is not None:
+                    self._follower.lost()
 
         async def reconnected() -> None:
             self.connected.set()
@@ -80,10 +98,10 @@ class NatsConnection:
         }
         nc = NATS()
         try:
-            await _reachable(self.url, timeout)
+            await _reachable(self.servers, timeout)
             # nats-py retries even the first connection forever when reconnects are unlimited:
             # bound it, so a wrong URL is an error, not a hang.
-            await asyncio.wait_for(nc.connect(self.url, **options), timeout)
+            await asyncio.wait_for(nc.connect(servers=self.servers, **options), timeout)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -101,6 +119,8 @@ class NatsConnection:
 
     async def close(self) -> None:
         self._closing = True
+        if self._follower is not None:
+            await self._follower.stop()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.drain(), timeout=2.0)
@@ -110,11 +130,22 @@ class NatsConnection:
         self._nc = None
 
 
-async def _reachable(url: str, timeout: float) -> None:
-    """Fail fast on a refused port: nats-py would otherwise retry until the timeout."""
-    parsed = urlsplit(url.split(",")[0])
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+async def _reachable(servers: list[str], timeout: float) -> None:
+    """Fail fast when no seed accepts a connection: nats-py would retry until the timeout.
+
+    One answering seed is enough (a cluster with a node down is still reachable).
+    """
+    error: BaseException = OSError("no server to try")
+    for url in servers:
+        parsed = urlsplit(url)
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            error = exc
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise error
