@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         "than a NATS restart on the same address (about a second), so that stays a plain "
         "reconnect; short enough that a moved NATS costs seconds, not a restart.",
     )
+    kv_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=5,
+        description="Replicas of the mesh's KV buckets (registry, policies, security). Unset: "
+        "min(3, number of NATS servers), so a 3-node cluster keeps R3 buckets that survive the "
+        "loss of any one node. The control plane raises buckets created with fewer.",
+    )
     embedded_nats_port: int | None = Field(
         default=None,
         ge=1,

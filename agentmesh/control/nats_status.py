@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 
 from agentmesh.models import Bootstrap
-from agentmesh.registry.cluster import advertised_servers
+from agentmesh.policy.store import policy_bucket
+from agentmesh.registry.cluster import advertised_servers, raise_replicas
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.security.store import security_bucket
 
-__all__ = ["NatsView", "nats_server_status", "nats_view", "with_cluster_urls"]
+__all__ = [
+    "NatsView",
+    "keep_replicas",
+    "mesh_buckets",
+    "nats_server_status",
+    "nats_view",
+    "with_cluster_urls",
+]
+
+_log = logging.getLogger("agentmesh.control")
 
 
 def nats_server_status(app: FastAPI, conn: NatsConnection) -> dict[str, object]:
@@ -55,3 +67,21 @@ def nats_view(conn: NatsConnection, state: Any) -> NatsView:
     if restarts:
         detail += f", restarted {restarts}× (last: {server.get('last_exit')})"
     return NatsView(str(server.get("state")), detail, server.get("state") != "running")
+
+
+def mesh_buckets(registry_bucket: str) -> list[str]:
+    """The KV buckets of the mesh whose registry is ``registry_bucket``."""
+    return [registry_bucket, policy_bucket(registry_bucket), security_bucket(registry_bucket)]
+
+
+def keep_replicas(conn: NatsConnection, buckets: list[str]) -> Callable[[], Awaitable[None]]:
+    """What the control plane runs at start and after each reconnect: raise every bucket to the
+    replica count it should have (``AGENTMESH_KV_REPLICAS`` or min(3, servers))."""
+
+    async def check() -> None:
+        try:
+            await raise_replicas(conn.client, buckets, conn.replicas())
+        except Exception as exc:  # NATS away again: the next reconnect retries
+            _log.warning("bucket replicas not checked: %s", exc)
+
+    return check

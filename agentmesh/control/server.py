@@ -20,6 +20,7 @@ from agentmesh.control.app import create_app
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.health import HealthBook
 from agentmesh.control.issuer import Issuer
+from agentmesh.control.nats_status import keep_replicas, mesh_buckets
 from agentmesh.control.nats_supervisor import EmbeddedNats
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
@@ -100,6 +101,9 @@ async def _serve(
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
     security, retiring = await _security(settings, issuer, info)
+    replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
+    await replicas()
+    sidecar.conn.on_reconnect(replicas)
     health = HealthBook()
 
     async def on_breaker_event(msg: Msg) -> None:

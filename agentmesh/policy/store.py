@@ -69,6 +69,7 @@ class PolicyStore:
         try:
             self._kv = await js.create_key_value(
                 bucket=self.bucket,
+                replicas=self._conn.replicas(),
                 history=HISTORY,
                 max_value_size=MAX_RECORD_BYTES,
                 description="agentmesh policies: one AccessPolicy or TrafficPolicy per key",

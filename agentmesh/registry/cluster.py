@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agentmesh.errors import ConfigurationError, MeshError
@@ -25,7 +26,17 @@ from agentmesh.errors import ConfigurationError, MeshError
 if TYPE_CHECKING:
     from agentmesh.registry.connection import NatsConnection
 
-__all__ = ["Rebootstrap", "ServerFollower", "advertised_servers", "split_urls"]
+__all__ = [
+    "BucketReplicas",
+    "Rebootstrap",
+    "ServerFollower",
+    "advertised_servers",
+    "bucket_replicas",
+    "default_replicas",
+    "kv_stream",
+    "raise_replicas",
+    "split_urls",
+]
 
 _log = logging.getLogger("agentmesh.registry")
 
@@ -120,3 +131,68 @@ class ServerFollower:
         )
         self._conn.servers = servers
         self._conn.url = ",".join(servers)
+
+
+def default_replicas(client: Any) -> int:
+    """min(3, servers known to the client): R3 on a cluster of three or more (quorum survives
+    the loss of one node), R1 on a single server (more replicas than servers cannot be placed)."""
+    return max(1, min(3, len(advertised_servers(client))))
+
+
+@dataclass(frozen=True)
+class BucketReplicas:
+    """Where a KV bucket's stream lives: its replica count, leader and peers (``name``,
+    up to date or not); an empty leader means no leader is elected right now."""
+
+    bucket: str
+    replicas: int
+    leader: str
+    peers: tuple[tuple[str, bool], ...]
+
+
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind KV bucket ``bucket``."""
+    return f"KV_{bucket}"
+
+
+async def bucket_replicas(client: Any, bucket: str, timeout: float = 3.0) -> BucketReplicas:
+    """The stream info's cluster view of ``bucket`` (raises nats' NotFoundError if absent)."""
+    info = await client.jetstream(timeout=timeout).stream_info(kv_stream(bucket))
+    cluster = info.cluster
+    peers: list[tuple[str, bool]] = []
+    if cluster is not None:
+        peers = [(p.name or "?", bool(p.current)) for p in cluster.replicas or []]
+    return BucketReplicas(
+        bucket=bucket,
+        replicas=int(info.config.num_replicas or 1),
+        leader=(cluster.leader or "") if cluster is not None else "",
+        peers=tuple(peers),
+    )
+
+
+async def raise_replicas(client: Any, buckets: list[str], want: int) -> list[str]:
+    """Bring every bucket with fewer than ``want`` replicas up to it (a log line each).
+
+    Buckets created before the cluster grew, or by a process with another setting, keep their
+    replica count until someone raises it: the control plane does, at start and after every
+    reconnect. Never lowers a count (an operator may have chosen R5). Returns what was raised.
+    """
+    js = client.jetstream()
+    raised: list[str] = []
+    for bucket in buckets:
+        try:
+            info = await js.stream_info(kv_stream(bucket))
+        except Exception as exc:  # absent or no leader now: the next reconnect retries
+            _log.debug("bucket %s not checked for replicas: %s", bucket, exc)
+            continue
+        have = int(info.config.num_replicas or 1)
+        if have >= want:
+            continue
+        try:
+            await js.update_stream(info.config, num_replicas=want)
+        except Exception as exc:
+            _log.warning("bucket %s stays at %d replicas (wanted %d): %s", bucket, have, want, exc)
+            continue
+        _log.warning("bucket %s had %d replica(s); raised to %d", bucket, have, want)
+        raised.append(bucket)
+    return raised

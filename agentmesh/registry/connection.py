@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client as NATS
 
 from agentmesh.errors import RegistryUnavailable
-from agentmesh.registry.cluster import Rebootstrap, ServerFollower, split_urls
+from agentmesh.registry.cluster import Rebootstrap, ServerFollower, default_replicas, split_urls
 
 __all__ = ["NatsConnection"]
 
@@ -40,6 +40,7 @@ class NatsConnection:
         name: str,
         rebootstrap: Rebootstrap | None = None,
         rebootstrap_after: float = 5.0,
+        kv_replicas: int | None = None,
     ) -> None:
         self.servers = split_urls(url)
         self.url = ",".join(self.servers)
@@ -48,6 +49,7 @@ class NatsConnection:
         self._on_reconnect: list[Listener] = []
         self.connected = asyncio.Event()
         self._closing = False
+        self._kv_replicas = kv_replicas
         self._follower = (
             ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
         )
@@ -57,6 +59,11 @@ class NatsConnection:
         if self._nc is None:
             raise RegistryUnavailable(f"NATS at {self.url}: not connected")
         return self._nc
+
+    def replicas(self) -> int:
+        """Replicas of the buckets this process creates: the setting, else min(3, the number
+        of servers the cluster advertises) (``agentmesh.registry.cluster``)."""
+        return self._kv_replicas or default_replicas(self.client)
 
     def on_reconnect(self, listener: Listener) -> None:
         """Call ``listener`` each time the connection comes back after a loss."""

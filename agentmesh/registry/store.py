@@ -53,6 +53,7 @@ class RegistryStore:
         try:
             self._kv = await js.create_key_value(
                 bucket=self.bucket,
+                replicas=self._conn.replicas(),
                 history=1,
                 max_value_size=MAX_RECORD_BYTES,
                 limit_marker_ttl=_MARKER_TTL,

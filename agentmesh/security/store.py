@@ -90,6 +90,7 @@ class SecurityStore:
         try:
             self._kv = await js.create_key_value(
                 bucket=self.bucket,
+                replicas=self._conn.replicas(),
                 history=1,
                 limit_marker_ttl=1.0,
                 description="agentmesh security: trust bundle, revocations, issued certificates",

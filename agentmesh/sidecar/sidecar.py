@@ -48,6 +48,7 @@ class Sidecar:
             name=name,
             rebootstrap=_nats_servers_from(settings) if follow else None,
             rebootstrap_after=settings.nats_rebootstrap_after,
+            kv_replicas=settings.kv_replicas,
         )
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self.index = LocalIndex()
