@@ -32,6 +32,19 @@ class Settings(BaseSettings):
         "nodes are learnt from the servers). Unset: ask the control plane (agents, CLI) or start "
         "an embedded nats-server (control plane).",
     )
+    nats_monitor_url: str | None = Field(
+        default=None,
+        description="HTTP monitoring endpoints of the NATS servers (comma-separated, e.g. "
+        "http://nats-a:8222), for `agentmesh check`'s cluster view: only they report the "
+        "JetStream meta leader. Unset: check lists the advertised nodes without it.",
+    )
+    nats_ping_interval: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between a client's pings to its NATS server; two unanswered pings "
+        "make it move to another server. A killed node closes its connections at once; this "
+        "bounds how long a hung one (a stalled VM) holds its clients: about three intervals.",
+    )
     nats_rebootstrap_after: float = Field(
         default=5.0,
         gt=0,
@@ -39,6 +52,14 @@ class Settings(BaseSettings):
         "the control plane asks it again where NATS is, and follows a changed address. Longer "
         "than a NATS restart on the same address (about a second), so that stays a plain "
         "reconnect; short enough that a moved NATS costs seconds, not a restart.",
+    )
+    jetstream_wait: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a starting agent, client or CLI waits for JetStream to answer "
+        "(open buckets, first registry view, registration) before giving up. On a cluster a "
+        "node loss leaves a bucket without a leader for one election (4-9 s in nats-server); "
+        "this outlasts two.",
     )
     kv_replicas: int | None = Field(
         default=None,

@@ -504,7 +504,8 @@ async def _nats_checks(
 ) -> list[_Check]:
     import nats.js.errors
 
-    from agentmesh.cli.nats_check import embedded_note, unreachable_hint
+    from agentmesh.cli.nats_check import cluster_checks, embedded_note, unreachable_hint
+    from agentmesh.control.nats_status import mesh_buckets
     from agentmesh.registry.connection import NatsConnection
 
     url = settings.nats_url or (boot.nats_url if boot is not None else None)
@@ -520,7 +521,9 @@ async def _nats_checks(
             _Check("JetStream", None, "not checked: NATS was not reached"),
             _Check("registry", None, "not checked: NATS was not reached"),
         ]
-    conn = NatsConnection(url, name=f"agentmesh-check-{os.getpid()}")
+    conn = NatsConnection(
+        url, name=f"agentmesh-check-{os.getpid()}", kv_replicas=settings.kv_replicas
+    )
     try:
         await conn.connect(timeout=3.0)
     except MeshError as exc:
@@ -577,6 +580,9 @@ async def _nats_checks(
         results.append(
             _Check("registry", True, f"bucket {bucket!r}: {len(keys)} agent instance(s)", hint)
         )
+        monitors = [u.strip() for u in (settings.nats_monitor_url or "").split(",") if u.strip()]
+        for row in await cluster_checks(nc, mesh_buckets(bucket), conn.replicas(), monitors):
+            results.append(_Check(*row))
     except Exception as exc:  # NATS went away mid-check
         results.append(_Check("NATS", False, f"{url}: {exc or type(exc).__name__}"))
     finally:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agentmesh.errors import ConfigurationError, MeshError
 
@@ -36,9 +36,12 @@ __all__ = [
     "kv_stream",
     "raise_replicas",
     "split_urls",
+    "through_election",
 ]
 
 _log = logging.getLogger("agentmesh.registry")
+
+T = TypeVar("T")
 
 Rebootstrap = Callable[[], Awaitable[list[str]]]
 """Where the NATS servers are now (normally: ask the control plane for its bootstrap)."""
@@ -196,3 +199,39 @@ async def raise_replicas(client: Any, buckets: list[str], want: int) -> list[str
         _log.warning("bucket %s had %d replica(s); raised to %d", bucket, have, want)
         raised.append(bucket)
     return raised
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """JetStream did not answer (a timeout, no responders, 503): nobody leads right now, as
+    during a leader election after a node loss (4-9 s in nats-server), or we are reconnecting."""
+    import nats.errors
+    import nats.js.errors
+
+    return isinstance(
+        exc,
+        nats.errors.TimeoutError
+        | nats.errors.NoRespondersError
+        | nats.errors.ConnectionReconnectingError
+        | nats.js.errors.NoStreamResponseError
+        | nats.js.errors.ServiceUnavailableError,
+    )
+
+
+async def through_election(op: Callable[[], Awaitable[T]], *, wait: float, what: str) -> T:
+    """``op()``, retried while JetStream does not answer, for up to ``wait`` seconds.
+
+    Only for operations that are safe to repeat (opening a bucket, reading) or that check their
+    own outcome (a registration compares what it finds with what it wrote).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    pause = 0.2
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not _unanswered(exc) or loop.time() + pause > deadline:
+                raise
+            _log.info("%s: JetStream did not answer (%s); retrying", what, exc)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)

@@ -15,19 +15,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
 
 from agentmesh.errors import RegistryUnavailable
-from agentmesh.registry.cluster import Rebootstrap, ServerFollower, default_replicas, split_urls
+from agentmesh.registry.cluster import (
+    Rebootstrap,
+    ServerFollower,
+    default_replicas,
+    split_urls,
+    through_election,
+)
 
 __all__ = ["NatsConnection"]
 
 _log = logging.getLogger("agentmesh.registry")
 
 Listener = Callable[[], Awaitable[None]]
+T = TypeVar("T")
+
+_PER_SERVER_TIMEOUT = 2.0
+"""Seconds one server gets to answer a new connection before the next seed is tried."""
 
 
 class NatsConnection:
@@ -41,6 +51,8 @@ class NatsConnection:
         rebootstrap: Rebootstrap | None = None,
         rebootstrap_after: float = 5.0,
         kv_replicas: int | None = None,
+        jetstream_wait: float = 20.0,
+        ping_interval: float = 2.0,
     ) -> None:
         self.servers = split_urls(url)
         self.url = ",".join(self.servers)
@@ -50,6 +62,9 @@ class NatsConnection:
         self.connected = asyncio.Event()
         self._closing = False
         self._kv_replicas = kv_replicas
+        #: How long start-up steps wait for JetStream to answer (through a leader election).
+        self.jetstream_wait = jetstream_wait
+        self.ping_interval = ping_interval
         self._follower = (
             ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
         )
@@ -64,6 +79,10 @@ class NatsConnection:
         """Replicas of the buckets this process creates: the setting, else min(3, the number
         of servers the cluster advertises) (``agentmesh.registry.cluster``)."""
         return self._kv_replicas or default_replicas(self.client)
+
+    async def through_election(self, op: Callable[[], Awaitable[T]], what: str) -> T:
+        """``op()`` retried while JetStream does not answer, up to ``jetstream_wait`` seconds."""
+        return await through_election(op, wait=self.jetstream_wait, what=what)
 
     def on_reconnect(self, listener: Listener) -> None:
         """Call ``listener`` each time the connection comes back after a loss."""
@@ -93,11 +112,15 @@ class NatsConnection:
         # nats-py annotates some of these as int, but takes seconds as floats.
         options: dict[str, Any] = {
             "name": self.name,
-            "connect_timeout": timeout,
+            # Per server: a stalled node (it accepts TCP, never answers) must not use up the
+            # whole budget before the next seed is tried.
+            "connect_timeout": min(timeout, _PER_SERVER_TIMEOUT),
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
-            "ping_interval": 5,
+            # Two unanswered pings mark the server stale: a hung node (a stalled VM) is left
+            # for another within about three intervals.
+            "ping_interval": self.ping_interval,
             "max_outstanding_pings": 2,
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
@@ -108,7 +131,8 @@ class NatsConnection:
             await _reachable(self.servers, timeout)
             # nats-py retries even the first connection forever when reconnects are unlimited:
             # bound it, so a wrong URL is an error, not a hang.
-            await asyncio.wait_for(nc.connect(servers=self.servers, **options), timeout)
+            budget = timeout + _PER_SERVER_TIMEOUT * (len(self.servers) - 1)
+            await asyncio.wait_for(nc.connect(servers=self.servers, **options), budget)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await nc.close()

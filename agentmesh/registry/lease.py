@@ -53,8 +53,11 @@ class Lease:
         self.record = record
         await self._write()
 
-    async def release(self, timeout: float = 2.0) -> bool:
+    async def release(self, timeout: float = 10.0) -> bool:
         """Stop renewing and delete the record, so watchers drop it immediately.
+
+        ``timeout`` outlasts a leader election on a cluster (4-9 s in nats-server), so an agent
+        stopping during one still deregisters; with NATS gone it returns at once.
 
         Returns False if the registry could not be reached within ``timeout``: the record then
         expires on its own within the lease TTL, so stopping never waits on NATS.

@@ -51,16 +51,21 @@ class RegistryStore:
         """Create the bucket if it does not exist yet (idempotent across processes)."""
         js = self._conn.client.jetstream()
         try:
-            self._kv = await js.create_key_value(
-                bucket=self.bucket,
-                replicas=self._conn.replicas(),
-                history=1,
-                max_value_size=MAX_RECORD_BYTES,
-                limit_marker_ttl=_MARKER_TTL,
-                description="agentmesh registry: one record per agent instance",
+            self._kv = await self._conn.through_election(
+                lambda: js.create_key_value(
+                    bucket=self.bucket,
+                    replicas=self._conn.replicas(),
+                    history=1,
+                    max_value_size=MAX_RECORD_BYTES,
+                    limit_marker_ttl=_MARKER_TTL,
+                    description="agentmesh registry: one record per agent instance",
+                ),
+                f"opening registry bucket {self.bucket!r}",
             )
         except nats.js.errors.BadRequestError:
-            self._kv = await js.key_value(self.bucket)
+            self._kv = await self._conn.through_election(
+                lambda: js.key_value(self.bucket), f"opening registry bucket {self.bucket!r}"
+            )
         except Exception as exc:
             raise RegistryUnavailable(
                 f"registry bucket {self.bucket!r} on NATS at {self._conn.url}: {exc}"
@@ -79,17 +84,30 @@ class RegistryStore:
     async def create(self, record: AgentRecord, ttl: int) -> int:
         """Write a new record; refuse if a live record already holds the key."""
         data = self.encode(record)
+        tries = 0
+
+        async def attempt() -> int:
+            nonlocal tries
+            tries += 1
+            try:
+                return int(await self.kv.create(record.instance_id, data, msg_ttl=ttl))
+            except nats.js.errors.KeyWrongLastSequenceError as exc:
+                if tries > 1:  # an attempt that timed out (no leader yet) may have landed later
+                    current = await self.get(record.instance_id)
+                    if current is not None and current[0] == data:
+                        return current[1]
+                # The last message may be the server's marker for an expired record, which
+                # nats-py does not recognise as a deletion: then the key is free, take it over.
+                marker = await self._marker_revision(record.instance_id)
+                if marker is None:
+                    raise RecordConflict(
+                        f"agent instance {record.instance_id} is already registered by another "
+                        "process"
+                    ) from exc
+                return await self.renew(record, marker, ttl)
+
         try:
-            return int(await self.kv.create(record.instance_id, data, msg_ttl=ttl))
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            # The last message may be the server's marker for an expired record, which
-            # nats-py does not recognise as a deletion: then the key is free, take it over.
-            marker = await self._marker_revision(record.instance_id)
-            if marker is None:
-                raise RecordConflict(
-                    f"agent instance {record.instance_id} is already registered by another process"
-                ) from exc
-            return await self.renew(record, marker, ttl)
+            return await self._conn.through_election(attempt, f"registering {record.instance_id}")
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"registering {record.instance_id}: {exc}") from exc
 
@@ -127,7 +145,9 @@ class RegistryStore:
 
     async def delete(self, instance_id: str, revision: int | None = None) -> None:
         try:
-            await self.kv.delete(instance_id, last=revision)
+            await self._conn.through_election(
+                lambda: self.kv.delete(instance_id, last=revision), f"deregistering {instance_id}"
+            )
         except nats.js.errors.APIError as exc:
             if _wrong_sequence(exc):
                 raise RecordConflict(

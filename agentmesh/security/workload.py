@@ -166,10 +166,11 @@ class WorkloadIdentity:
         self.view.start(self.store, conn)
         await self._obtain(first=True)
         try:
-            await asyncio.wait_for(self.view.synced.wait(), 5.0)
+            await asyncio.wait_for(self.view.synced.wait(), conn.jetstream_wait)
         except TimeoutError as exc:
             raise RegistryUnavailable(
-                f"the revocation list did not arrive within 5s from NATS at {conn.url}"
+                f"the revocation list did not arrive within {conn.jetstream_wait:g}s from NATS "
+                f"at {conn.url}"
             ) from exc
         if self._cached is not None and not self._cache_fits_mesh():
             from agentmesh.security import client_cache

@@ -49,6 +49,8 @@ class Sidecar:
             rebootstrap=_nats_servers_from(settings) if follow else None,
             rebootstrap_after=settings.nats_rebootstrap_after,
             kv_replicas=settings.kv_replicas,
+            jetstream_wait=settings.jetstream_wait,
+            ping_interval=settings.nats_ping_interval,
         )
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self.index = LocalIndex()
@@ -97,8 +99,11 @@ class Sidecar:
         except Exception as exc:
             _log.debug("breaker event not published: %s", exc)
 
-    async def start(self, *, sync_timeout: float = 5.0) -> None:
-        """Connect, open the registry and wait for the index's first full view."""
+    async def start(self, *, sync_timeout: float | None = None) -> None:
+        """Connect, open the registry and wait for the index's first full view (for up to
+        ``sync_timeout`` seconds, by default AGENTMESH_JETSTREAM_WAIT)."""
+        if sync_timeout is None:
+            sync_timeout = self.conn.jetstream_wait
         await self.conn.connect()
         try:
             await self.store.open()
