@@ -24,7 +24,9 @@ class Settings(BaseSettings):
 
     control_url: str = Field(
         default=f"http://127.0.0.1:{DEFAULT_CONTROL_PORT}",
-        description="Where the control plane listens; agents and the CLI bootstrap from it.",
+        description="Where the control plane listens; agents and the CLI bootstrap from it. "
+        "Several control planes serving one mesh: comma-separated, the first that accepts a "
+        "connection is used.",
     )
     nats_url: str | None = Field(
         default=None,

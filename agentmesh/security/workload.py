@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from agentmesh.control_planes import live_control
 from agentmesh.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -244,7 +245,7 @@ class WorkloadIdentity:
         token = None if renew else self._token()
         if not renew and token is None:
             raise self._no_source()
-        remote = RemoteIssuer(self._settings.control_url, token)
+        remote = RemoteIssuer(await live_control(self._settings.control_url), token)
         self._remote = True
         pinned: list[x509.Certificate] | None = None
         if not renew:
