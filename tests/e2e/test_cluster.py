@@ -17,7 +17,12 @@ import httpx
 import pytest
 
 from agentmesh import Mesh, Settings, connect
+from agentmesh.control.nats_status import mesh_buckets
+from agentmesh.policy.store import PolicyStore
+from agentmesh.registry import NatsConnection, RegistryStore
 from agentmesh.registry.cluster import bucket_replicas
+from agentmesh.security.store import SecurityStore
+from tests.control.control_process import arun_cli
 from tests.mesh_ca import mesh_ca
 from tests.nats_cluster import NODES, NatsCluster
 
@@ -290,3 +295,52 @@ async def test_bootstrap_hands_out_every_node_and_check_shows_the_cluster(
     async with httpx.AsyncClient(headers=mesh3.plane.headers()) as http:
         boot = (await http.get(f"{mesh3.plane.url}/v1/bootstrap", timeout=10)).json()
     assert sorted(boot["nats_url"].split(",")) == sorted(mesh3.cluster.urls)
+
+
+async def test_buckets_with_fewer_replicas_are_reported_and_raised(
+    cluster: NatsCluster,
+    bucket: str,
+    tmp_path: Path,
+    wait_until: Callable[..., Awaitable[float]],
+) -> None:
+    # Buckets made with one replica, as by a process with AGENTMESH_KV_REPLICAS=1 (or before the
+    # cluster grew).
+    conn = NatsConnection(cluster.seeds, name="r1-creator", kv_replicas=1)
+    await conn.connect()
+    plane: Plane | None = None
+    try:
+        buckets = mesh_buckets(bucket)
+        await RegistryStore(conn, buckets[0]).open()
+        await PolicyStore(conn, buckets[1]).open()
+        await SecurityStore(conn, buckets[2]).open()
+        env = clean_env(
+            {
+                "AGENTMESH_NATS_URL": cluster.seeds,
+                "AGENTMESH_REGISTRY_BUCKET": bucket,
+                "AGENTMESH_CONTROL_URL": "http://127.0.0.1:9",
+                "AGENTMESH_DATA_DIR": str(tmp_path),
+            }
+        )
+        before = await arun_cli("check", "-o", "json", env=env)
+        row = {c["check"]: c for c in json.loads(before.stdout)}["buckets"]
+        assert row["ok"] is False, row
+        assert f"{bucket}: R1, leader nats-" in row["detail"], row
+        assert "3 replica(s)" in row["hint"], row
+
+        plane = Plane(cluster, bucket, tmp_path / "control")
+
+        async def raised() -> bool:
+            infos = [await bucket_replicas(conn.client, b) for b in buckets]
+            return all(i.replicas == 3 for i in infos)
+
+        await wait_until(raised, timeout=VISIBLE_TIMEOUT, interval=0.2)
+        log = plane.log.read_text()
+        for name in buckets:
+            assert f"bucket {name} had 1 replica(s); raised to 3" in log, log
+        after = await arun_cli("check", "-o", "json", env=plane.env())
+        row = {c["check"]: c for c in json.loads(after.stdout)}["buckets"]
+        assert row["ok"] is True, row
+    finally:
+        await conn.close()
+        if plane is not None:
+            terminate_all([plane.proc])
