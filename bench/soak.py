@@ -34,8 +34,9 @@ from uuid import uuid4
 if __package__ in (None, ""):  # run as a script: make ``bench`` and ``tests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentmesh import Settings, connect
+from agentmesh import Agent, Settings, capability, connect
 from agentmesh.control.ca import write_root_ca
+from agentmesh.registry import RecordConflict
 from agentmesh.registry.cluster import bucket_replicas
 from tests.nats_cluster import NatsCluster
 
@@ -91,28 +92,45 @@ async def _calls(mesh: Any, rate: float, stop: asyncio.Event, run: Run) -> None:
         await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
 
 
-async def _probe(mesh: Any, bucket: str, stop: asyncio.Event, run: Run) -> None:
-    """A write + read every 0.5 s on an R3 bucket beside the registry: the longest gap between
-    successful writes is what a node loss costs registrations and renewals."""
-    js = mesh.sidecar.conn.client.jetstream()
-    kv = await js.create_key_value(bucket=f"{bucket}_probe", replicas=3, history=1)
+@capability
+async def soak_probe() -> None:
+    """Never called: the probe record's capability."""
+
+
+async def _probe(
+    mesh: Any, ttl: int, stop: asyncio.Event, run: Run, registered: asyncio.Event
+) -> None:
+    """A registration renewed every 0.5 s in the registry bucket (a record with a capability
+    nobody calls): the longest gap between successful renewals is what a node loss costs
+    registrations, renewals and deregistrations."""
+    store = mesh.sidecar.store
+    record = Agent("soak-probe", capabilities=[soak_probe]).record("http://127.0.0.1:9")
+    revision = await store.create(record, ttl)
+    registered.set()
     last_ok = time.monotonic()
-    n = 0
     while not stop.is_set():
-        n += 1
-        try:
-            await asyncio.wait_for(kv.put("soak-probe", str(n).encode()), 5.0)
-            await asyncio.wait_for(kv.get("soak-probe"), 5.0)
-            now = time.monotonic()
-            run.longest_write_stall = max(run.longest_write_stall, now - last_ok)
-            last_ok = now
-        except Exception:
-            pass
         await asyncio.sleep(0.5)
+        try:
+            revision = await asyncio.wait_for(store.renew(record, revision, ttl), 5.0)
+        except RecordConflict:  # a renewal that timed out landed after all
+            current = await store.get(record.instance_id)
+            if current is not None:
+                revision = current[1]
+            continue
+        except Exception:
+            continue
+        now = time.monotonic()
+        run.longest_write_stall = max(run.longest_write_stall, now - last_ok)
+        last_ok = now
+    await store.delete(record.instance_id)
 
 
-async def _view(mesh: Any, expected: int, stop: asyncio.Event, run: Run) -> None:
+async def _view(
+    mesh: Any, expected: int, stop: asyncio.Event, run: Run, registered: asyncio.Event
+) -> None:
     """Seconds during which the caller's index held fewer instances than registered."""
+    await registered.wait()
+    await asyncio.sleep(1.0)  # the probe's record reaches the caller's index
     while not stop.is_set():
         if len(mesh.sidecar.index.records()) < expected:
             run.view_short_seconds += 0.25
@@ -166,10 +184,11 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
         )
         async with connect(settings) as mesh:
             stop = asyncio.Event()
+            registered = asyncio.Event()
             tasks = [
                 asyncio.create_task(_calls(mesh, args.rate, stop, run)),
-                asyncio.create_task(_probe(mesh, bucket, stop, run)),
-                asyncio.create_task(_view(mesh, expected, stop, run)),
+                asyncio.create_task(_probe(mesh, args.lease, stop, run, registered)),
+                asyncio.create_task(_view(mesh, expected + 1, stop, run, registered)),
             ]
             total = args.minutes * 60
             await asyncio.sleep(min(10.0, total / 4))
@@ -237,7 +256,12 @@ def _report(
     print(f"  calls: {run.calls} sent, {len(run.failures)} failed ({rate:.4%})")
     for failure in run.failures[:5]:
         print(f"    {failure}")
-    print(f"  longest time without a registry write: {run.longest_write_stall:.1f}s")
+    print(
+        f"  longest time without a registry write (a record renewed every 0.5 s): "
+        f"{run.longest_write_stall:.1f}s"
+    )
+    failed = sum(log.read_text(errors="replace").count("lease renewal failed") for log in logs)
+    print(f"  failed lease renewals in the workers (retried at the next heartbeat): {failed}")
     print(f"  caller's view short of an instance: {run.view_short_seconds:.2f}s in total")
     print(
         f"  ghost records after the workers stopped: {live_now} (after a lease more: {live_later})"
