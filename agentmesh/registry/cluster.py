@@ -207,13 +207,16 @@ def _unanswered(exc: BaseException) -> bool:
     import nats.errors
     import nats.js.errors
 
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        # With an error code: "JetStream system temporarily unavailable" (no meta leader yet).
+        # Without one: nobody answers the JetStream API on this server at all, i.e. JetStream
+        # is off there, which no wait cures.
+        return exc.err_code is not None
     return isinstance(
         exc,
         nats.errors.TimeoutError
-        | nats.errors.NoRespondersError
         | nats.errors.ConnectionReconnectingError
-        | nats.js.errors.NoStreamResponseError
-        | nats.js.errors.ServiceUnavailableError,
+        | nats.js.errors.NoStreamResponseError,
     )
 
 

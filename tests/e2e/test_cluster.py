@@ -219,6 +219,10 @@ async def _while_a_node_is_gone(
         lambda: joining.instance_id in {r.instance_id for r in mesh.sidecar.index.records()},
         timeout=VISIBLE_TIMEOUT,
     )
+    # Callable: the steady caller's balancer sends it calls.
+    await wait_until(
+        lambda: '"direction":"inbound"' in joining.log.read_text(), timeout=VISIBLE_TIMEOUT
+    )
     leaving.terminate()  # drains, then deletes its record
     assert await leaving.wait_exit(30) == 0, leaving.tail()
 
