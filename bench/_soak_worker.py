@@ -14,6 +14,7 @@ timing, ``AGENTMESH_MTLS``); it imports only ``agentmesh``.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import signal
 import sys
@@ -69,13 +70,16 @@ async def main(instances: int, report: float) -> None:
             await asyncio.wait_for(stop.wait(), report)
         except TimeoutError:
             say(event="rss", rss_kib=rss_kib(), renewals=sum(lease.renewals for lease in leases))
+    say(event="stopping", leases=len(leases))
     released = await asyncio.gather(*(lease.release() for lease in leases))
+    say(event="released", released=sum(released))
     agent.stop()
     await agent_task
     say(event="stopped", released=sum(released), of=len(leases), rss_kib=rss_kib())
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1)  # bench/soak.py asks for stacks if a stop hangs
     count = int(sys.argv[1])
     every = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
     asyncio.run(main(count, every))

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,8 @@ from agentmesh.registry.cluster import bucket_replicas
 from tests.nats_cluster import NatsCluster
 
 WORKER = Path(__file__).resolve().parent / "_soak_worker.py"
+STOP_TIMEOUT = 120.0
+"""Seconds a worker gets to deregister its instances and drain (generous: loaded machines)."""
 
 
 @dataclass
@@ -208,11 +211,24 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
             await asyncio.sleep(max(0.0, total / 2 - args.down))
             stop.set()
             await asyncio.gather(*tasks)
+            print(
+                f"  (before stopping the workers: {run.calls} calls, {len(run.failures)} failed, "
+                f"longest registry write gap {run.longest_write_stall:.1f}s)",
+                flush=True,
+            )
             rss_caller = (rss_start, _rss_kib())
             for worker in workers:
                 worker.terminate()
-            for worker in workers:
-                await asyncio.to_thread(worker.wait, 60)
+            for worker, log in zip(workers, logs, strict=True):
+                try:
+                    await asyncio.to_thread(worker.wait, STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    worker.send_signal(signal.SIGUSR1)  # its stacks, into its log
+                    await asyncio.sleep(1.0)
+                    print(
+                        f"worker did not stop within {STOP_TIMEOUT:g}s:\n{log.read_text()[-6000:]}"
+                    )
+                    raise
             await asyncio.sleep(1.0)
             live_now = await _live_keys(mesh, bucket)
             await asyncio.sleep(args.lease + 2)

@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue
 
 from agentmesh.errors import RegistrationError, RegistryUnavailable
 from agentmesh.models import MAX_RECORD_BYTES, AgentRecord
+from agentmesh.registry.cluster import kv_stream
 from agentmesh.registry.connection import NatsConnection
 
 __all__ = ["RecordConflict", "RegistryStore"]
@@ -158,16 +159,23 @@ class RegistryStore:
             raise RegistryUnavailable(f"deregistering {instance_id}: {exc}") from exc
 
     async def get(self, instance_id: str) -> tuple[bytes, int] | None:
-        """The live value and revision under ``instance_id``, or None if absent or deleted."""
+        """The live value and revision under ``instance_id``, or None if absent or deleted.
+
+        Read from the stream's leader, not with a direct get that any replica may answer: on a
+        cluster a lagging follower would hand back an old revision, and the compare-and-set
+        that follows (a renewal, a deregistration) would fail again.
+        """
         try:
-            entry = await self.kv.get(instance_id)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            msg = await self._conn.client.jetstream().get_msg(
+                kv_stream(self.bucket), subject=f"$KV.{self.bucket}.{instance_id}"
+            )
+        except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"reading {instance_id}: {exc}") from exc
-        if not entry.value:
-            return None  # the server's marker of an expired record: no record (never empty)
-        return entry.value, int(entry.revision or 0)
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+            return None  # deleted, or the server's marker of an expired record (never empty)
+        return msg.data, int(msg.seq or 0)
 
     async def watch(self) -> Any:
         """A watcher over every key: initial values, then ``None``, then live changes."""

@@ -12,8 +12,9 @@ import pytest
 from agentmesh.control_planes import control_urls, live_control, live_control_sync
 from agentmesh.errors import ConfigurationError, RegistryUnavailable
 from agentmesh.nats_server import NatsServer
-from agentmesh.registry import NatsConnection, RegistryStore
+from agentmesh.registry import Lease, NatsConnection, RegistryStore
 from agentmesh.registry.cluster import advertised_servers, default_replicas, split_urls
+from tests.registry.test_registry import record
 
 
 def test_seeds_are_split_deduplicated_and_given_a_scheme() -> None:
@@ -83,3 +84,25 @@ async def test_the_first_control_plane_that_accepts_a_connection_is_used() -> No
         assert await live_control(down) == down  # one URL: its own request names the problem
         with pytest.raises(RegistryUnavailable, match="no control plane answers"):
             await live_control(f"{down},{down}/x")
+
+
+async def test_release_deletes_a_record_whose_renewal_landed_late(
+    nats_url: str, bucket: str
+) -> None:
+    """A renewal that timed out during a leader election may be written after all: the lease's
+    revision is then stale, and release must still delete the record (no ghost)."""
+    conn = NatsConnection(nats_url, name="t")
+    await conn.connect()
+    try:
+        store = RegistryStore(conn, bucket)
+        await store.open()
+        mine = record("late-1")
+        lease = Lease(store, mine, interval=60, ttl=30)
+        await lease.acquire()
+        current = await store.get(mine.instance_id)
+        assert current is not None
+        await store.renew(mine, current[1], 30)  # the late renewal: same record, new revision
+        assert await lease.release()
+        assert await store.get(mine.instance_id) is None
+    finally:
+        await conn.close()
