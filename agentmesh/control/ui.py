@@ -42,6 +42,7 @@ from starlette.types import ASGIApp
 from agentmesh._version import __version__
 from agentmesh.control.health import HealthBook
 from agentmesh.control.layout import GraphLayout, layered_layout
+from agentmesh.control.nats_status import NatsView, nats_view
 from agentmesh.control.security import AdminAuth
 from agentmesh.control.sessions import SESSION_COOKIE, same_origin
 from agentmesh.control.stats import StatsBook
@@ -329,6 +330,10 @@ class DashboardData:
         if not offers:
             return None
         return CapabilityView(name, offers, self.capability_golden().get(name))
+
+    def nats(self) -> NatsView:
+        """The overview's NATS card: the embedded server's supervisor state, else the link."""
+        return nats_view(self.sidecar.conn, getattr(self.api, "state", None))
 
     def summary(self) -> Summary:
         instances = self.instances()

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from agentmesh.control_planes import live_control
 from agentmesh.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -166,10 +167,11 @@ class WorkloadIdentity:
         self.view.start(self.store, conn)
         await self._obtain(first=True)
         try:
-            await asyncio.wait_for(self.view.synced.wait(), 5.0)
+            await asyncio.wait_for(self.view.synced.wait(), conn.jetstream_wait)
         except TimeoutError as exc:
             raise RegistryUnavailable(
-                f"the revocation list did not arrive within 5s from NATS at {conn.url}"
+                f"the revocation list did not arrive within {conn.jetstream_wait:g}s from NATS "
+                f"at {conn.url}"
             ) from exc
         if self._cached is not None and not self._cache_fits_mesh():
             from agentmesh.security import client_cache
@@ -243,7 +245,8 @@ class WorkloadIdentity:
         token = None if renew else self._token()
         if not renew and token is None:
             raise self._no_source()
-        remote = RemoteIssuer(self._settings.control_url, token, verify=await self._verify(renew))
+        live = await live_control(self._settings.control_url)
+        remote = RemoteIssuer(live, token, verify=await self._verify(renew, live))
         self._remote = True
         pinned: list[x509.Certificate] | None = None
         if not renew:
@@ -256,16 +259,16 @@ class WorkloadIdentity:
 
         return request, pinned
 
-    async def _verify(self, renew: bool) -> ssl.SSLContext | bool:
-        """What the control plane's certificate must chain to: on renewal the roots of the
-        trust bundle this sidecar holds (kept current through rotations); at enrolment what
-        ``control_trust`` finds (the operator's file, the data dir, the token's pin)."""
+    async def _verify(self, renew: bool, control_url: str) -> ssl.SSLContext | bool:
+        """What the control plane at ``control_url`` must prove with its certificate: on renewal
+        the roots of the trust bundle this sidecar holds (kept current through rotations); at
+        enrolment what ``control_trust`` finds (the operator's file, the data dir, the pin)."""
         from agentmesh.security.control_trust import control_verify, roots_context
         from agentmesh.security.pki import pem
 
-        if renew and self._roots and self._settings.control_url.startswith("https:"):
+        if renew and self._roots and control_url.startswith("https:"):
             return roots_context("".join(pem(r) for r in self._roots))
-        return await control_verify(self._settings)
+        return await control_verify(self._settings.model_copy(update={"control_url": control_url}))
 
     def _cache_file(self) -> Path | None:
         """Where this client keeps its certificate between runs (agents always enrol afresh)."""

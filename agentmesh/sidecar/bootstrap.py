@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from agentmesh._version import __version__
+from agentmesh.control_planes import live_control
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import Bootstrap
 from agentmesh.settings import Settings
@@ -39,18 +40,19 @@ async def bootstrap(settings: Settings) -> Bootstrap:
 
     from agentmesh.security.control_trust import control_error, control_verify, guard_cleartext
 
-    url = f"{settings.control_url.rstrip('/')}/v1/bootstrap"
+    control = await live_control(settings.control_url)  # the first of several that answers
+    url = f"{control}/v1/bootstrap"
     token = settings.token.get_secret_value() if settings.token else None
     if token:
-        guard_cleartext(settings.control_url, sends_token=True)
+        guard_cleartext(control, sends_token=True)
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    verify = await control_verify(settings)
+    verify = await control_verify(settings.model_copy(update={"control_url": control}))
     try:
         async with httpx.AsyncClient(verify=verify, timeout=5.0) as client:
             resp = await client.get(url, headers=headers)
             resp.raise_for_status()
     except httpx.HTTPError as exc:
-        raise control_error(exc, settings.control_url) from exc
+        raise control_error(exc, control) from exc
     body = resp.content
     try:
         return Bootstrap.model_validate_json(body)
