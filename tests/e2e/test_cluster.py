@@ -22,7 +22,7 @@ from agentmesh.policy.store import PolicyStore
 from agentmesh.registry import NatsConnection, RegistryStore
 from agentmesh.registry.cluster import bucket_replicas
 from agentmesh.security.store import SecurityStore
-from tests.control.control_process import arun_cli
+from tests.control.control_process import arun_cli, control_tls
 from tests.mesh_ca import mesh_ca
 from tests.nats_cluster import NODES, NatsCluster
 
@@ -296,7 +296,9 @@ async def test_bootstrap_hands_out_every_node_and_check_shows_the_cluster(
     buckets = checks["buckets"]
     assert buckets["ok"] is True, buckets
     assert f"{mesh3.bucket}: R3, leader nats-" in buckets["detail"], buckets
-    async with httpx.AsyncClient(headers=mesh3.plane.headers()) as http:
+    async with httpx.AsyncClient(
+        headers=mesh3.plane.headers(), verify=control_tls(mesh3.plane.workdir)
+    ) as http:
         boot = (await http.get(f"{mesh3.plane.url}/v1/bootstrap", timeout=10)).json()
     assert sorted(boot["nats_url"].split(",")) == sorted(mesh3.cluster.urls)
 

@@ -88,6 +88,9 @@ def _env(planes: list[Plane], tmp_path: Path, join_token: str | None = None) -> 
         "AGENTMESH_CONTROL_URL": ",".join(p.url for p in planes),
         "AGENTMESH_TOKEN": ADMIN,
         "AGENTMESH_DATA_DIR": str(tmp_path / "elsewhere"),
+        # The operator's root: what both control planes' HTTPS certificates chain to (a join
+        # token's pin would do for agents; the admin CLI has none).
+        "AGENTMESH_CONTROL_CA_FILE": str(tmp_path / "operator-ca" / "root.pem"),
     }
     if join_token is not None:
         env["AGENTMESH_JOIN_TOKEN"] = join_token

@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.control.control_process import control_tls
+
 from .support import (
     EXAMPLE_AGENTS,
     HEARTBEAT,
@@ -46,7 +48,7 @@ class Control:
     def __init__(self, workdir: Path, bucket: str) -> None:
         self.workdir = workdir
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"
         self.bucket = bucket
         self.proc: Any = None
         self.info: dict[str, Any] = {}
@@ -151,7 +153,9 @@ async def _start_agents(control: Control, agents: list[AgentProcess], tmp_path: 
 
 
 async def _listed(control: Control, agents: list[AgentProcess]) -> bool:
-    async with httpx.AsyncClient(base_url=control.url, headers=control.headers()) as http:
+    async with httpx.AsyncClient(
+        base_url=control.url, headers=control.headers(), verify=control_tls(control.workdir)
+    ) as http:
         try:
             resp = await http.get("/v1/agents", timeout=5)
         except httpx.HTTPError:
@@ -219,7 +223,9 @@ async def test_a_killed_embedded_nats_is_restarted_and_agents_recover(
 ) -> None:
     control.start()
     await _start_agents(control, agents, tmp_path)
-    async with httpx.AsyncClient(base_url=control.url, headers=control.headers()) as http:
+    async with httpx.AsyncClient(
+        base_url=control.url, headers=control.headers(), verify=control_tls(control.workdir)
+    ) as http:
         before = (await http.get("/healthz")).json()["nats_server"]
         assert before["mode"] == "embedded"
         assert before["state"] == "running"
