@@ -14,7 +14,7 @@ import logging
 
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord
-from agentmesh.registry.store import RecordConflict, RegistryStore
+from agentmesh.registry.store import RecordConflict, RegistryStore, record_part
 from agentmesh.telemetry.metrics import LEASE_RENEWALS
 
 __all__ = ["Lease"]
@@ -114,7 +114,7 @@ class Lease:
             _log.info("record of %s had expired; registering again", self.record.instance_id)
             return await self._store.create(self.record, self.ttl)
         value, revision = current
-        if value == self._store.encode(self.record):
+        if record_part(value) == record_part(self._store.encode(self.record)):
             return revision
         raise RecordConflict(
             f"record of {self.record.instance_id} was overwritten by another writer"

@@ -34,10 +34,12 @@ class Sidecar:
         self.boot = boot
         self.conn = NatsConnection(boot.nats_url, name=name)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
-        self.index = LocalIndex()
         self._background: set[asyncio.Task[None]] = set()
         #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations.
         self.identity = WorkloadIdentity.for_caller(settings, caller)
+        #: What this sidecar takes from NATS (signed records and policies); None with mTLS off.
+        trust = self.identity.state_trust()
+        self.index = LocalIndex(trust)
         self.transport = HttpTransport(self.identity)
         self.name = name
         self.stats = StatsCollector(
@@ -49,6 +51,7 @@ class Sidecar:
             self.index,
             default=settings.access_default,
             retry=RetryPolicy(attempts=settings.retry_attempts),
+            trust=trust,
         )
         self.outbound: OutboundStack = build_outbound(
             self.index,
@@ -86,6 +89,8 @@ class Sidecar:
         try:
             await self.store.open()
             await self.identity.start(self.conn, self.boot.registry_bucket)
+            if self.identity.enabled:
+                self.store.seal = self.identity.seal_record
             self.index.start(self.store, self.conn)
             await self.policies.open_store()
             self.policies.start(self.conn)
