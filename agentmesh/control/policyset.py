@@ -13,6 +13,7 @@ change is refused rather than signed blind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from agentmesh.control.ca import CertificateAuthority
@@ -101,20 +102,61 @@ class PolicySigner:
             return
         raise RegistryUnavailable("the signed policy set kept changing while it was written")
 
+    async def adopt(self) -> None:
+        """Sign the stored policies if there has never been a policy set (an upgrade from a
+        version that did not sign them). A set deleted from NATS leaves a marker: never again."""
+        if await self.store.latest(SET_KEY) is not None:
+            return
+        stored = await self.store.all()
+        if not stored:
+            return
+        _log.warning(
+            "signing the %d policies found without a signed policy set (stored by a version "
+            "that did not sign them): %s",
+            len(stored),
+            ", ".join(e.name for e in stored),
+        )
+        document = PolicySet(policies={e.name: policy_digest(e.value) for e in stored})
+        state = self._ca.sign_state("policies", next_version(0), document)
+        with contextlib.suppress(PolicyConflict):
+            await self.store.put(SET_KEY, state.model_dump_json().encode(), last=0)
+            self._last, self._last_set = state, document
+
     async def guard(self) -> None:
-        """Write the last good set back if NATS lost, forged or rolled it back (for sidecars
-        that start later: those running keep enforcing it anyway)."""
+        """Write back what NATS lost or was given forged: the last good set, and each listed
+        policy whose bytes are not the signed ones (found again in the key's history). Running
+        sidecars keep enforcing their last good copy anyway; this is for those that start later.
+        """
         state = self._last
-        await self.current()
-        if state is None or self._last is not state:
-            return
-        entry = await self.store.latest(SET_KEY)
-        if entry is not None and entry.value == state.model_dump_json().encode():
-            return
-        _log.warning("restoring policy set v%d in NATS", state.version)
-        try:
-            await self.store.put(
-                SET_KEY, state.model_dump_json().encode(), last=entry.revision if entry else 0
+        policy_set, _ = await self.current()
+        if state is not None and self._last is state:
+            entry = await self.store.latest(SET_KEY)
+            if entry is None or entry.value != state.model_dump_json().encode():
+                _log.warning("restoring policy set v%d in NATS", state.version)
+                try:
+                    await self.store.put(
+                        SET_KEY,
+                        state.model_dump_json().encode(),
+                        last=entry.revision if entry is not None else 0,
+                    )
+                except PolicyConflict:
+                    return
+        stored = {e.name: policy_digest(e.value) for e in await self.store.all()}
+        for name, digest in policy_set.policies.items():
+            if stored.get(name) != digest:
+                await self._restore(name, digest)
+
+    async def _restore(self, name: str, digest: str) -> None:
+        history = await self.store.history(name)
+        signed = [e for e in history if e.operation == "put" and policy_digest(e.value) == digest]
+        if not signed:
+            _log.error(
+                "policy %r is in the signed set, but neither NATS nor its history holds its "
+                "signed content: apply it again",
+                name,
             )
-        except PolicyConflict:
             return
+        _log.warning("restoring policy %r in NATS (it was deleted or altered)", name)
+        last = history[-1].revision if history else 0
+        with contextlib.suppress(PolicyConflict):
+            await self.store.put(name, signed[-1].value, last=last)

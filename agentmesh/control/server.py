@@ -139,6 +139,7 @@ async def _security(
     await issuer.store.open()
     await issuer.publish_bundle()
     await issuer.guard()
+    await signer.adopt()
     await signer.guard()
     join_file = await issuer.local_token(settings.data_dir)
     token = ensure_admin_token(settings)

@@ -15,7 +15,8 @@ a stored policy counts only if its bytes have the hash that set lists. A key add
 deleted around the control plane is logged and changes nothing (the last signed copy of each
 policy is kept); an unsigned or older set is logged and ignored. A listed policy whose signed
 bytes this sidecar never saw (deleted from NATS before it started) fails closed until the
-control plane writes it back. With mTLS off there are no roots to check a signature with, and
+control plane writes it back, and so does everything when policies are stored but no signed set
+is, at a (re)synchronisation. With mTLS off there are no roots to check a signature with, and
 every stored policy is taken as read (see docs/security.md).
 """
 
@@ -188,6 +189,9 @@ class PolicyCache:
         #: Per listed policy: (the digest the set lists, the bytes seen with it).
         self._signed: dict[str, tuple[str, bytes]] = {}
         self._enforced: tuple[dict[str, bytes], tuple[str, ...]] | None = None
+        #: Policies were stored but no signed set was, when this sidecar (re)synchronised:
+        #: it fails closed rather than enforce nothing (the set was deleted before it started).
+        self._unsigned = False
         self._index = index
         self.default: DefaultAction = default
         self._retry = retry
@@ -278,6 +282,7 @@ class PolicyCache:
         self._raw = dict(snapshot)
         if self._trust is not None:
             self._take_set(snapshot.get(SET_KEY))
+            self._unsigned = self.policy_set is None and any(k != SET_KEY for k in snapshot)
         self._rebuild(quiet=False)
 
     def _take_set(self, value: bytes | None) -> None:
@@ -309,6 +314,14 @@ class PolicyCache:
         """(name → bytes to enforce, names in force whose content is unknown)."""
         if self._trust is None:
             return {k: v for k, v in self._raw.items() if k != SET_KEY}, ()
+        if self.policy_set is None and self._unsigned:
+            stored = tuple(sorted(k for k in self._raw if k != SET_KEY))
+            _log.error(
+                "NATS holds %d policies but no signed policy set: every call fails closed until "
+                "the control plane signs them",
+                len(stored),
+            )
+            return {}, stored
         listed = self.policy_set.policies if self.policy_set is not None else {}
         log = _log.info if quiet else _log.warning
         out: dict[str, bytes] = {}
