@@ -62,7 +62,7 @@ _STATE_CONTEXT = b"agentmesh signed state v1\n"
 _RECORD_CONTEXT = b"agentmesh registry record v1\n"
 #: Verified record certificates remembered (a record re-signed with the same certificate, for
 #: a status change, is then one signature check); cleared when full or when the roots change.
-_CERT_CACHE = 4096
+_CERT_CACHE = 256
 
 
 class Refused(ValueError):
