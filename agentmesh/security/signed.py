@@ -125,6 +125,7 @@ class StateTrust:
         self._trust_domain = trust_domain
         self._certs: dict[str, tuple[x509.Certificate, SpiffeId]] = {}
         self._certs_for: Sequence[x509.Certificate] | None = None
+        self._issuers: list[x509.Certificate] = []
 
     # ---- control-plane state -------------------------------------------------------------------
 
@@ -206,6 +207,7 @@ class StateTrust:
         roots = self._roots()
         if roots is not self._certs_for:
             self._certs, self._certs_for = {}, roots
+            self._issuers = [r for r in roots if _is_ca(r)]
         cached = self._certs.get(pems[0])
         now = datetime.now(UTC)
         if cached is not None:
@@ -214,10 +216,13 @@ class StateTrust:
             return cached
         leaf, *chain = [c for text in pems for c in load_certs(text)]
         try:
-            identity = check_leaf(leaf, self._trust_domain()).id
+            identity = check_leaf(leaf, self._trust_domain()).id  # its validity period too
         except LeafRefused as exc:
             raise ValueError(str(exc)) from None
-        check_chain(leaf, chain, roots, signer_is_ca=False, now=now)
+        if not chain and any(_issued_by(leaf, root) for root in self._issuers):
+            pass  # the common case, a leaf straight under a root: one signature check
+        else:
+            check_chain(leaf, chain, roots, signer_is_ca=False, now=now)
         if len(self._certs) >= _CERT_CACHE:
             self._certs.clear()
         self._certs[pems[0]] = (leaf, identity)
@@ -229,3 +234,21 @@ def _parse(model: type[_M], payload: str, what: str) -> _M:
         return model.model_validate_json(payload)
     except ValidationError as exc:
         raise Refused(f"a signed but malformed {what}: {exc}") from None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        check_chain(cert, (), (cert,), signer_is_ca=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if leaf.issuer != issuer.subject:
+        return False
+    try:
+        leaf.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
