@@ -33,8 +33,8 @@ from agentmesh.control.ui import (
 )
 from agentmesh.models import BreakerEvent, StatsEntry, StatsReport
 from agentmesh.telemetry.stats import LATENCY_SCHEME, bucket_of
-from tests.mesh_ca import mesh_ca
 from tests.conftest import StartAgent, WaitUntil
+from tests.mesh_ca import mesh_ca
 
 DEMO_EDGES = [
     ("client", "planner"),

@@ -78,6 +78,8 @@ async def test_policies_written_around_the_control_plane_change_nothing_enforced
             await intruder.call("summarize")
 
     await enforced()
+    signed_set, _ = await signer.current()
+    assert set(signed_set.policies) == {"warmup", "summarize-access"}
     sidecar = server.agent.mesh.sidecar
     signed_version = sidecar.policies.set_version
     wide_open = json.loads(json.dumps(policy))
@@ -129,6 +131,8 @@ async def test_policies_written_around_the_control_plane_change_nothing_enforced
         await enforced()
         assert sidecar.policies.set_version == signed_version
         assert "intruder-allow" not in sidecar.policies.snapshot.policies
+        # The control plane reads the set the same way before it signs the next one.
+        assert (await signer.current())[0] == signed_set
 
     # A sidecar that starts now never saw the deleted policy's signed bytes: it fails closed.
     async with connect(settings, client_name="planner") as newcomer:

@@ -130,6 +130,9 @@ async def test_forged_unsigned_and_rolled_back_revocation_lists_are_ignored_and_
         await wait_until(lambda reason=reason: logged(caplog, reason))
         assert identity.revoked == in_force, reason
         assert identity.view.version == current.version
+        # The control plane reads it the same way (before renewing or enrolling anyone).
+        listed = {r.serial for r in (await issuer.revocation_list()).revoked}
+        assert listed == {"1a2b3c", "4d5e6f"}, reason
 
     # After a reconnection the watch starts again from a snapshot without the list: kept.
     caplog.clear()
@@ -322,6 +325,7 @@ async def test_a_record_signed_by_another_agent_is_ignored_by_the_index(
         assert logged(caplog, f"but is signed by spiffe://{TD}/agent/mallory")
         ids = {t.instance_id for t in mesh.sidecar.index.targets("echo")}
         assert ids == {real.instance_id}
+
         # Logged once per index (the client's and the agent's, in this process), not at every
         # renewal of the same bytes.
         def times() -> int:
