@@ -45,6 +45,9 @@ _STREAM_TYPES = (
     collections.abc.AsyncGenerator,
 )
 _INPUT_CONFIG = ConfigDict(extra="forbid", protected_namespaces=())
+#: Failing fields named in an InvalidInput/InvalidOutput message (the ``errors`` list has all):
+#: enough for any hand-written call, while a 10,000-item payload does not make a 1 MB message.
+_MAX_LISTED = 20
 
 
 class Capability(Generic[P, R]):
@@ -212,7 +215,7 @@ class Capability(Generic[P, R]):
             values: dict[str, Any] = self._validate_input(body or b"{}").__dict__
         except ValidationError as exc:
             raise InvalidInput(
-                f"invalid input for capability {self.name!r}: {exc.error_count()} error(s)",
+                f"invalid input for capability {self.name!r}: {_describe(exc, 'body')}",
                 errors=json.loads(exc.json(include_url=False)),
             ) from exc
         # The model instance is dropped here, so its __dict__ is handed over without a copy.
@@ -284,8 +287,7 @@ class Capability(Generic[P, R]):
             return self._serialize_output(value)
         except ValidationError as exc:
             raise InvalidOutput(
-                f"capability {self.name!r} {what}: {exc.error_count()} error(s): "
-                + "; ".join(f"{_loc(err['loc'])}: {err['msg']}" for err in exc.errors()),
+                f"capability {self.name!r} {what}: {_describe(exc, 'result')}",
                 errors=json.loads(exc.json(include_url=False, include_input=False)),
             ) from exc
         except PydanticSerializationError as exc:
@@ -383,8 +385,19 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(map(str, loc)) or "result"
+def _describe(exc: ValidationError, root: str) -> str:
+    """Each failing field with pydantic's reason (``text: Field required; txt: ...``).
+
+    A count alone ("2 error(s)") leaves the caller guessing which field to fix. ``root`` names
+    a failure of the whole value (not JSON, not an object). A list of thousands of bad items
+    names the first :data:`_MAX_LISTED`; the error list carries them all.
+    """
+    errors = exc.errors(include_url=False, include_input=False)
+    text = "; ".join(
+        f"{'.'.join(map(str, err['loc'])) or root}: {err['msg']}" for err in errors[:_MAX_LISTED]
+    )
+    more = len(errors) - _MAX_LISTED
+    return text + (f"; and {more} more (see the error list)" if more > 0 else "")
 
 
 def _model_name(cap_name: str) -> str:

@@ -89,6 +89,17 @@ class _Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
+class _RequestBody(_Wire):
+    """A request body of the control plane's API, built at import (no defer_build).
+
+    FastAPI wraps a body parameter's model in ``Annotated[Model, Field(alias=...)]``; for a model
+    whose schema is deferred, pydantic then builds it with the alias where it means nothing and
+    warns (``UnsupportedFieldAttributeWarning``) at every control plane start.
+    """
+
+    model_config = ConfigDict(defer_build=False)
+
+
 class CapabilitySpec(_Wire):
     """What one capability offers: enough for a caller in any language to use it."""
 
@@ -687,7 +698,7 @@ class RenewalProof(_Wire):
     )
 
 
-class CertificateRequest(_Wire):
+class CertificateRequest(_RequestBody):
     """``POST /v1/certificates``: a CSR plus either a join token or a renewal proof."""
 
     csr: str = Field(max_length=16384, description="PEM CSR with one URI SAN: the SPIFFE ID")
@@ -706,7 +717,7 @@ class IssuedCertificate(_Wire):
     trust_bundle: TrustBundle
 
 
-class JoinTokenRequest(_Wire):
+class JoinTokenRequest(_RequestBody):
     """``POST /v1/tokens``: a token that lets one agent (or client) name enrol."""
 
     agent: str | None = Field(default=None, pattern=AGENT_NAME_PATTERN)
@@ -773,7 +784,7 @@ class IdentityBlock(_Wire):
     at: datetime
 
 
-class RevocationRequest(_Wire):
+class RevocationRequest(_RequestBody):
     """``POST /v1/revocations``: a certificate serial (hex), an agent name, or a SPIFFE ID.
 
     ``kind`` says which ``target`` is; ``auto`` reads it from its syntax (``spiffe://…`` is a

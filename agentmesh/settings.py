@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_CONTROL_PORT", "Settings"]
@@ -31,7 +31,11 @@ class Settings(BaseSettings):
         description="NATS to use. Unset: ask the control plane (agents, CLI) or start an "
         "embedded nats-server (control plane).",
     )
-    token: str | None = Field(default=None, description="Admin token for the control plane.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Admin token for the control plane. A SecretStr, so that it never shows in a "
+        "repr, a log line or an error (read it with get_secret_value()).",
+    )
     data_dir: Path = Field(
         default=Path.home() / ".agentmesh",
         description="State of the control plane and the embedded NATS (JetStream store).",
@@ -68,7 +72,67 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Default total time of one mesh call, in seconds."
     )
     max_payload_bytes: int = Field(
-        default=8 * 1024 * 1024, gt=0, description="Largest request body an agent accepts."
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Largest request body an agent accepts (413 above it): room for a long "
+        "document or a batch of them, while bounding what one request may hold in memory.",
+    )
+    max_response_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Largest reply body a caller reads into memory: max_payload_bytes's twin "
+        "for the other direction, so a call can bring back what one can send.",
+    )
+    max_response_head_bytes: int = Field(
+        default=16 * 1024,
+        gt=0,
+        description="Largest status line plus header (and trailer) fields of a reply. An agent's "
+        "reply head is a few hundred bytes; 16 KiB is h11's and Node's limit.",
+    )
+    max_response_headers: int = Field(
+        default=100,
+        gt=0,
+        description="Most header fields in a reply (Envoy's max_headers_count); an agent sends "
+        "about five.",
+    )
+    max_event_line_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Longest line of a streamed reply (one chunk is one line): a stream is "
+        "many small increments, and this bounds what one unfinished line may hold.",
+    )
+    stream_buffer_bytes: int = Field(
+        default=64 * 1024,
+        gt=0,
+        description="Unread bytes of a streamed reply held before the caller stops reading the "
+        "socket until its consumer catches up (TCP then slows the agent down); asyncio's "
+        "stream readers hold as much.",
+    )
+    connect_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds for a TCP connect plus TLS handshake, and for a request's wait "
+        "for a free connection. A frozen agent's kernel still accepts TCP, but its handshake "
+        "never ends: this bound turns it into a connection failure, which is retried on "
+        "another replica (Envoy's connect_timeout).",
+    )
+    pool_max_connections: int = Field(
+        default=256,
+        gt=0,
+        description="Open connections per endpoint (one call each at a time): bounds the "
+        "sockets one caller holds against one agent, well below the usual 1024 descriptors.",
+    )
+    pool_max_waiting: int = Field(
+        default=1024,
+        ge=0,
+        description="Calls waiting for a connection to an endpoint at its connection limit; "
+        "one more is refused at once as a connection failure (Envoy's max_pending_requests).",
+    )
+    pool_idle_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an idle pooled connection may be reused; shorter than an agent's "
+        "keep-alive (75 s), so the agent is never the one closing a connection in use.",
     )
     retry_attempts: int = Field(
         default=3, ge=1, le=10, description="Attempts per call, the first included (see retry.py)."
@@ -128,7 +192,7 @@ class Settings(BaseSettings):
         description="Lifetime in seconds of the certificates the CA issues; sidecars renew at "
         "about half of it.",
     )
-    join_token: str | None = Field(
+    join_token: SecretStr | None = Field(
         default=None,
         description="Join token (`agentmesh token create`) for enrolling with the control plane. "
         "Unset: the token file of the control plane in AGENTMESH_DATA_DIR, if readable.",

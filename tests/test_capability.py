@@ -321,23 +321,33 @@ def test_empty_body_means_no_arguments() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "error_type", "loc"),
+    ("body", "error_type", "loc", "message"),
     [
-        (b'{"text": ', "json_invalid", []),
-        (b'{"max_words": 3}', "missing", ["text"]),
-        (b'{"text": "a", "max_words": "many"}', "int_parsing", ["max_words"]),
-        (b'{"text": "a", "style": "terse"}', "extra_forbidden", ["style"]),
-        (b'["a", "b"]', "model_type", []),
+        (b'{"text": ', "json_invalid", [], "body: Invalid JSON: EOF while parsing"),
+        (b'{"max_words": 3}', "missing", ["text"], "text: Field required"),
+        (
+            b'{"text": "a", "max_words": "many"}',
+            "int_parsing",
+            ["max_words"],
+            "max_words: Input should be a valid integer",
+        ),
+        (
+            b'{"text": "a", "style": "terse"}',
+            "extra_forbidden",
+            ["style"],
+            "style: Extra inputs are not permitted",
+        ),
+        (b'["a", "b"]', "model_type", [], "body: Input should be an object"),
     ],
     ids=["bad-json", "missing", "wrong-type", "unknown-field", "not-an-object"],
 )
 def test_invalid_input_carries_pydantic_errors(
-    body: bytes, error_type: str, loc: list[str]
+    body: bytes, error_type: str, loc: list[str], message: str
 ) -> None:
     with pytest.raises(InvalidInput) as caught:
         summarize.parse_input(body)
     error = caught.value
-    assert str(error) == "invalid input for capability 'summarize': 1 error(s)"
+    assert str(error).startswith(f"invalid input for capability 'summarize': {message}")
     assert error.status == 422
     assert error.errors is not None
     assert len(error.errors) == 1
@@ -348,10 +358,31 @@ def test_invalid_input_carries_pydantic_errors(
     assert error.to_problem().errors == error.errors
 
 
-def test_invalid_input_counts_every_error() -> None:
+def test_invalid_input_names_the_first_twenty_fields_of_many() -> None:
+    @capability
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    body = json.dumps({"values": ["x"] * 500}).encode()
+    with pytest.raises(InvalidInput) as caught:
+        total.parse_input(body)
+    message = str(caught.value)
+    assert "values.0: Input should be a valid integer" in message
+    assert "values.19:" in message
+    assert "values.20:" not in message
+    assert message.endswith("; and 480 more (see the error list)"), message
+    assert caught.value.errors is not None
+    assert len(caught.value.errors) == 500
+
+
+def test_invalid_input_names_every_failing_field() -> None:
     with pytest.raises(InvalidInput) as caught:
         summarize.parse_input(b'{"max_words": "x", "style": 1}')
-    assert str(caught.value) == "invalid input for capability 'summarize': 3 error(s)"
+    assert str(caught.value) == (
+        "invalid input for capability 'summarize': text: Field required; "
+        "max_words: Input should be a valid integer, unable to parse string as an integer; "
+        "style: Extra inputs are not permitted"
+    )
     assert caught.value.errors is not None
     assert {e["type"] for e in caught.value.errors} == {
         "missing",
@@ -471,7 +502,7 @@ def test_invalid_output() -> None:
     with pytest.raises(InvalidOutput) as caught:
         summarize.dump_output({"text": "a"})
     error = caught.value
-    assert str(error).startswith("capability 'summarize' returned invalid output: 1 error(s)")
+    assert str(error) == "capability 'summarize' returned invalid output: words: Field required"
     assert "words" in str(error)
     assert error.code == "invalid_output"
     assert error.errors is not None

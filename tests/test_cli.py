@@ -85,6 +85,31 @@ async def greet(who, times: int = 1) -> str:
 '''
 
 
+BROKEN_SYNTAX = '''"""A typo a newcomer makes."""
+from agentmesh import capability
+
+
+@capability
+async def echo(text: str) -> str
+    return text
+'''
+
+MISSING_IMPORT = '''"""An agent whose dependency is not installed."""
+from agentmesh import capability
+import agentmesh_no_such_module_anywhere
+
+
+@capability
+async def echo(text: str) -> str:
+    return text
+'''
+
+FAILS_AT_IMPORT = '''"""An agent whose module-level code raises."""
+SETTINGS = {}
+TIMEOUT = SETTINGS["timeout"]
+'''
+
+
 VALID = '''"""A fine agent; only the NATS it is pointed at is missing."""
 from agentmesh import capability
 
@@ -209,3 +234,39 @@ def test_user_error_is_one_line_and_exit_code_1(user_errors: dict[str, Outcome],
     for expected in seen.expected:
         assert expected in lines[0], lines[0]
     assert seen.stdout == "", seen.stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (BROKEN_SYNTAX, ["line 6: syntax error"]),
+        (
+            MISSING_IMPORT,
+            ["line 3: ModuleNotFoundError", "agentmesh_no_such_module_anywhere"],
+        ),
+        (FAILS_AT_IMPORT, ["line 3: KeyError: 'timeout'"]),
+    ],
+    ids=["syntax-error", "missing-import", "fails-at-import"],
+)
+def test_an_agent_file_that_does_not_load_is_one_line_naming_file_and_line(
+    tmp_path: Path, source: str, expected: list[str]
+) -> None:
+    """Not the 47-line traceback of importlib's frames: the file, the line, the reason."""
+    agent = tmp_path / "broken_agent.py"
+    agent.write_text(source)
+    done = subprocess.run(
+        [sys.executable, "-m", "agentmesh", "run", str(agent)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"one line, not {len(lines)}: {lines}"
+    assert lines[0].startswith(f"error: {agent}, "), lines[0]
+    for part in expected:
+        assert part in lines[0], lines[0]
+    assert done.stdout == ""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
+from agentmesh._version import __version__
 from agentmesh.cli import bench, control, demo, observe, policies, query, run, security
 from agentmesh.cli._common import err_console
 from agentmesh.errors import MeshError
@@ -21,6 +23,29 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"agentmesh {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """A service mesh for AI agents: discovery, reliable calls, identity and telemetry."""
+
+
 control.register(app)
 run.register(app)
 query.register(app)

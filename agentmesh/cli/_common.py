@@ -64,3 +64,15 @@ def setup_logging(level: str) -> None:
 
 def data_dir_option_help() -> str:
     return f"State directory (default {Path.home() / '.agentmesh'}; env AGENTMESH_DATA_DIR)."
+
+
+def certificate_count(items: list[Any]) -> str:
+    """``N certificate(s) of M identit(y/ies)``, as ``identity list`` and ``check`` both say it.
+
+    Certificates and identities differ (each renewal is a new certificate of the same identity):
+    one number under two names read as a disagreement.
+    """
+    names = {str(i.get("spiffe_id")) for i in items if isinstance(i, dict)}
+    revoked = sum(1 for i in items if isinstance(i, dict) and i.get("revoked"))
+    text = f"{len(items)} certificate(s) of {len(names)} identit{'y' if len(names) == 1 else 'ies'}"
+    return text + (f", {revoked} revoked" if revoked else "")

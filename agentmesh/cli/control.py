@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from agentmesh.cli._common import console, settings_from, setup_logging
-from agentmesh.settings import DEFAULT_CONTROL_PORT
+from agentmesh.settings import DEFAULT_CONTROL_PORT, Settings
 from agentmesh.telemetry.tracing import setup_tracing
 
 if TYPE_CHECKING:
@@ -17,6 +18,18 @@ if TYPE_CHECKING:
 
 def register(app: typer.Typer) -> None:
     app.command("control")(control)
+
+
+def run_hint(control_url: str, settings: Settings) -> str:
+    """The command that starts an agent of this mesh, to copy and paste.
+
+    It names the data dir when it is not the default one: agents enrol with the join token in it,
+    so a hint without it fails with "no way to get a mesh certificate".
+    """
+    env = f"AGENTMESH_CONTROL_URL={control_url}"
+    if settings.data_dir != Settings.model_fields["data_dir"].default:
+        env += f" AGENTMESH_DATA_DIR={shlex.quote(str(settings.data_dir))}"
+    return f"{env} agentmesh run my_agent.py"
 
 
 def control(
@@ -60,9 +73,7 @@ def control(
                 highlight=False,
             )
             console.print(f"  admin token {sec['admin_token_file']}", highlight=False)
-        console.print(
-            f"  run agents  AGENTMESH_CONTROL_URL={info.control_url} agentmesh run my_agent.py"
-        )
+        console.print(f"  run agents  {run_hint(info.control_url, settings)}", highlight=False)
         console.print("  stop        Ctrl-C")
         if ready_file is not None:
             tmp = ready_file.with_suffix(".tmp")

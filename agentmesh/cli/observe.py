@@ -23,7 +23,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from agentmesh.cli._common import Output, console, err_console, print_json, settings_from
+from agentmesh.cli._common import (
+    Output,
+    certificate_count,
+    console,
+    err_console,
+    print_json,
+    settings_from,
+)
 from agentmesh.cli.query import _get
 from agentmesh.errors import MeshError
 from agentmesh.models import AgentRecord, Bootstrap, StatRow, TapAck, TapEvent, TapRequest
@@ -648,8 +655,9 @@ def _identities(body: Any) -> _Check:
         expiries.append((at if at.tzinfo else at.replace(tzinfo=UTC), name))
     if not items:
         return _Check("identities", True, "enabled; no identities issued yet")
+    counted = certificate_count(items)  # the words and numbers of `agentmesh identity list`
     if not expiries:
-        return _Check("identities", True, f"{len(items)} identit(y/ies); expiries not reported")
+        return _Check("identities", True, f"{counted}; expiries not reported")
     expiries.sort()
     expired = [n for at, n in expiries if at <= now]
     if expired:
@@ -661,7 +669,7 @@ def _identities(body: Any) -> _Check:
         )
     listing = "; ".join(f"{n} in {_until(at - now)}" for at, n in expiries[:5])
     more = f" (+{len(expiries) - 5} more)" if len(expiries) > 5 else ""
-    return _Check("identities", True, f"{len(items)} identit(y/ies), next expiry: {listing}{more}")
+    return _Check("identities", True, f"{counted}, next expiry: {listing}{more}")
 
 
 def _until(delta: Any) -> str:

@@ -193,10 +193,11 @@ def apply(
                 InvalidInput(f"{manifest.where}: policy {name!r} is also defined in {seen[name]}")
             )
         seen.setdefault(name, manifest.where)
-    if problems:
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more problem(s); nothing was applied)"
-        raise InvalidInput(first.message + (more if len(problems) > 1 else "; nothing applied"))
+    if len(problems) == 1:
+        raise InvalidInput(f"{problems[0].message}; nothing applied")
+    if problems:  # every invalid document on a line of its own, so one edit fixes them all
+        listing = "".join(f"\n  {p.message}" for p in problems)
+        raise InvalidInput(f"{len(problems)} invalid documents; nothing applied:{listing}")
     changes: list[PolicyChange] = []
     for manifest in manifests:
         try:

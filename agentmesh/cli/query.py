@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 
 import typer
 from pydantic import TypeAdapter
@@ -22,6 +24,11 @@ ControlUrl = Annotated[
     str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
 ]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+
+
+class ResultFormat(enum.StrEnum):
+    json = "json"
+    yaml = "yaml"
 
 
 def register(app: typer.Typer) -> None:
@@ -77,6 +84,35 @@ def _with_health(item: AgentRecord | CapabilityOffer, health: EndpointHealth | N
     return data
 
 
+@dataclass(frozen=True)
+class _Find:
+    capability: str | None
+    version: str | None
+    tags: list[str]
+    labels: dict[str, str]
+
+
+@overload
+async def _from_nats(settings: Settings, query: None) -> list[AgentRecord]: ...
+@overload
+async def _from_nats(settings: Settings, query: _Find) -> list[CapabilityOffer]: ...
+async def _from_nats(
+    settings: Settings, query: _Find | None
+) -> list[AgentRecord] | list[CapabilityOffer]:
+    """Agents (``query`` None) or offers, read from AGENTMESH_NATS_URL's registry itself.
+
+    With a NATS URL given, ``call`` never asks the control plane; a listing that did could show
+    another mesh than the one its calls reach. Breaker health is the control plane's, so it is
+    left out here.
+    """
+    async with agentmesh.mesh.connect(settings) as mesh:
+        if query is None:
+            return await mesh.registry.agents()
+        return await mesh.registry.find(
+            query.capability, version=query.version, tags=query.tags, labels=query.labels
+        )
+
+
 def _age(started: datetime) -> str:
     seconds = int((datetime.now(UTC) - started).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -92,9 +128,13 @@ def agents(
 ) -> None:
     """List live agent instances."""
     settings = settings_from(control_url=control_url)
-    body = _get(settings, "/v1/agents", {"name": name} if name else None)
-    records = TypeAdapter(list[AgentRecord]).validate_json(body)
-    health = _health(settings)
+    if settings.nats_url is not None:  # the mesh `call` uses too, not the control plane's
+        records = [r for r in asyncio.run(_from_nats(settings, None)) if r.name == name or not name]
+        health: dict[str, EndpointHealth] = {}
+    else:
+        body = _get(settings, "/v1/agents", {"name": name} if name else None)
+        records = TypeAdapter(list[AgentRecord]).validate_json(body)
+        health = _health(settings)
     if output is Output.json:
         print_json([_with_health(r, health.get(r.instance_id)) for r in records])
         return
@@ -133,11 +173,16 @@ def find(
         params["name"] = capability
     if version:
         params["version"] = version
-    parse_labels(label)
-    offers = TypeAdapter(list[CapabilityOffer]).validate_json(
-        _get(settings, "/v1/capabilities", params)
-    )
-    health = _health(settings)
+    labels = parse_labels(label)
+    if settings.nats_url is not None:  # the mesh `call` uses too, not the control plane's
+        query = _Find(capability, version, tag or [], labels)
+        offers = asyncio.run(_from_nats(settings, query))
+        health: dict[str, EndpointHealth] = {}
+    else:
+        offers = TypeAdapter(list[CapabilityOffer]).validate_json(
+            _get(settings, "/v1/capabilities", params)
+        )
+        health = _health(settings)
     if output is Output.json:
         print_json([_with_health(o, health.get(o.instance_id)) for o in offers])
         return
@@ -166,16 +211,34 @@ def call(
     timeout: Annotated[float | None, typer.Option(help="Total budget in seconds.")] = None,
     version: Annotated[str | None, typer.Option(help="PEP 440 specifier, e.g. '>=1.0'.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Required tag.")] = None,
+    output: Annotated[
+        ResultFormat, typer.Option("--output", "-o", help="json or yaml.")
+    ] = ResultFormat.json,
     control_url: ControlUrl = None,
 ) -> None:
-    """Call a capability through the mesh and print its JSON result (streams print per chunk)."""
+    """Call a capability through the mesh and print its result (streams print per chunk)."""
     settings = settings_from(control_url=control_url)
     text = sys.stdin.read() if payload == "-" else payload
     try:
         arguments = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"payload is not JSON: {exc}") from exc
-    asyncio.run(_call(settings, capability, arguments, timeout, version, tag))
+    asyncio.run(_call(settings, capability, arguments, timeout, version, tag, output))
+
+
+def _print_result(value: Any, output: ResultFormat, *, chunk: bool) -> None:
+    """A result as JSON (a stream: one compact line per chunk) or YAML (one document each)."""
+    if output is ResultFormat.yaml:
+        import yaml
+
+        sys.stdout.write(
+            yaml.safe_dump(value, sort_keys=False, allow_unicode=True, explicit_start=chunk)
+        )
+        sys.stdout.flush()
+    elif chunk:
+        print(json.dumps(value), flush=True)
+    else:
+        print(json.dumps(value, indent=2))
 
 
 async def _call(
@@ -185,6 +248,7 @@ async def _call(
     timeout: float | None,
     version: str | None,
     tags: list[str] | None,
+    output: ResultFormat,
 ) -> None:
     async with agentmesh.mesh.connect(settings) as mesh:
         targets = mesh.sidecar.index.targets(capability)
@@ -192,7 +256,7 @@ async def _call(
             async for chunk in mesh.stream(
                 capability, arguments, timeout=timeout, version=version, tags=tags
             ):
-                print(json.dumps(chunk), flush=True)
+                _print_result(chunk, output, chunk=True)
             return
         result = await mesh.call(capability, arguments, timeout=timeout, version=version, tags=tags)
-        print(json.dumps(result, indent=2))
+        _print_result(result, output, chunk=False)

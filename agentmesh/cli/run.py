@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,7 @@ import typer
 from agentmesh.agent import Agent
 from agentmesh.capability import is_capability
 from agentmesh.cli._common import console, parse_labels, settings_from, setup_logging
-from agentmesh.errors import ConfigurationError
+from agentmesh.errors import ConfigurationError, MeshError
 from agentmesh.telemetry.access import setup_access_log
 from agentmesh.telemetry.tracing import setup_tracing
 
@@ -35,7 +36,18 @@ def load_agent(path: Path, name: str | None = None) -> Agent:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     sys.path.insert(0, str(path.parent))
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except MeshError:
+        raise  # a @capability mistake: its message names the function and parameter already
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        where = Path(exc.filename).resolve() if exc.filename else path
+        line = f", line {exc.lineno}" if exc.lineno else ""
+        raise ConfigurationError(f"{where}{line}: syntax error: {exc.msg}") from exc
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigurationError(f"{_failing_line(path, exc)}: {_one_line(exc)}") from exc
     agents = [v for v in vars(module).values() if isinstance(v, Agent)]
     if len(agents) > 1:
         raise ConfigurationError(f"{path}: defines {len(agents)} Agent objects; keep one")
@@ -52,6 +64,21 @@ def load_agent(path: Path, name: str | None = None) -> Agent:
             "@agentmesh.capability"
         )
     return Agent(name or path.stem.lower().replace("_", "-"), capabilities=caps)
+
+
+def _failing_line(path: Path, exc: BaseException) -> str:
+    """``FILE, line N`` of the agent file's statement that failed (an import, a call).
+
+    The deepest frame in the user's file is what they can change; frames below it are in the
+    libraries it imported. A traceback of those is noise for "pip install X" or a typo.
+    """
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path]
+    return f"{path}, line {frames[-1].lineno}" if frames else str(path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def run(

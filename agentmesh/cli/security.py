@@ -13,7 +13,7 @@ import typer
 from pydantic import TypeAdapter
 from rich.table import Table
 
-from agentmesh.cli._common import Output, console, print_json, settings_from
+from agentmesh.cli._common import Output, certificate_count, console, print_json, settings_from
 from agentmesh.errors import InvalidInput, RegistryUnavailable, error_from_problem
 from agentmesh.models import (
     IdentityRecord,
@@ -141,7 +141,8 @@ def identity_list(
     if output is Output.json:
         print_json(records)
         return
-    table = Table(title=f"{len(records)} certificate(s)", title_justify="left")
+    counted = certificate_count([r.model_dump(mode="json") for r in records])
+    table = Table(title=counted, title_justify="left")
     for column in ("IDENTITY", "SERIAL", "EXPIRES", "VIA", "STATE"):
         table.add_column(column)
     for r in records:

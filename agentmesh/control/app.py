@@ -13,7 +13,9 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from agentmesh._version import __version__
+from agentmesh.control.docs import mount_docs
 from agentmesh.control.health import HealthBook
+from agentmesh.control.metrics import ControlMetrics
 from agentmesh.control.policies import policy_router
 from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import ControlSecurity, security_router
@@ -55,7 +57,11 @@ def create_app(
         description="Identities, policies and registry queries for an agentmesh service mesh.",
         responses={400: _PROBLEM, 401: _PROBLEM, 422: _PROBLEM, 503: _PROBLEM},
         dependencies=[Depends(security.auth)] if security is not None else [],
+        docs_url=None,  # mount_docs: served from the package, not a CDN
+        redoc_url=None,
     )
+    mount_docs(app)
+    ControlMetrics(sidecar).install(app)
     if security is not None:
         app.include_router(security_router(security.issuer))
     index = sidecar.index

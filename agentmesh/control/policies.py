@@ -29,7 +29,7 @@ from agentmesh.models import (
     Problem,
     TrafficPolicy,
 )
-from agentmesh.policy.manifest import describe_errors, parse_policy, validate_manifest
+from agentmesh.policy.manifest import error_listing, parse_policy, validate_manifest
 from agentmesh.policy.store import PolicyConflict, PolicyEntry, PolicyStore
 from agentmesh.sidecar.sidecar import Sidecar
 
@@ -68,8 +68,7 @@ def _revision(entry: PolicyEntry) -> PolicyRevision:
         policy: AnyPolicy | None = _decode(entry)
         error = None
     except ValidationError as exc:
-        policy, first = None, describe_errors(exc)[0]
-        error = f"{first['loc']}: {first['msg']}"
+        policy, error = None, error_listing(exc)
     except ValueError as exc:
         policy, error = None, f"not JSON: {exc}"
     return PolicyRevision(

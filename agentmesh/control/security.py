@@ -6,8 +6,9 @@ Every route needs the admin token (``Authorization: Bearer <token>``, or the
 - what a joining workload needs before it has any credential: ``/v1/bootstrap``,
   ``/v1/trust-bundle`` (public roots), ``/v1/certificates`` (authenticated by its own join
   token or current certificate);
-- ``/healthz`` (probes), ``/docs``, ``/redoc`` and ``/openapi.json`` (the API's shape is not a
-  secret; every operation still needs the token);
+- ``/healthz`` (probes), ``/metrics`` (counts only; a scraper holding the admin token could
+  write), ``/docs`` with its assets and ``/openapi.json`` (the API's shape is not a secret; every
+  operation still needs the token);
 - with ``AGENTMESH_PUBLIC_READ=true``, every GET (registry, policies, stats): for a trusted
   network or a read-only dashboard. Writes (tokens, revocations, rotation, policies) never.
 
@@ -45,9 +46,8 @@ OPEN_PATHS = frozenset(
         "/v1/bootstrap",
         "/v1/trust-bundle",
         "/v1/certificates",
+        "/metrics",
         "/docs",
-        "/docs/oauth2-redirect",
-        "/redoc",
         "/openapi.json",
     }
 )

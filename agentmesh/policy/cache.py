@@ -41,7 +41,7 @@ from agentmesh.policy.access import (
     InvalidPolicy,
     Subject,
 )
-from agentmesh.policy.manifest import describe_errors, parse_policy
+from agentmesh.policy.manifest import error_listing, parse_policy
 from agentmesh.policy.store import SET_KEY, PolicyStore, policy_digest
 from agentmesh.policy.traffic import TrafficRule, compile_traffic
 from agentmesh.registry.connection import NatsConnection
@@ -133,10 +133,7 @@ def compile_snapshot(
         try:
             policy = parse_policy(data)
         except ValidationError as exc:
-            first = describe_errors(exc)[0]
-            invalid.append(
-                InvalidPolicy(key, kind, _covers(data), f"{first['loc']}: {first['msg']}")
-            )
+            invalid.append(InvalidPolicy(key, kind, _covers(data), error_listing(exc)))
             continue
         if policy.metadata.name != key:
             problem = f"stored under {key!r} but named {policy.metadata.name!r}"

@@ -27,6 +27,7 @@ __all__ = [
     "POLICY_ADAPTER",
     "Manifest",
     "describe_errors",
+    "error_listing",
     "load_manifests",
     "parse_policy",
     "validate_manifest",
@@ -69,6 +70,11 @@ def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def error_listing(exc: ValidationError) -> str:
+    """Every problem on one line (``loc: msg; loc: msg``): one round of fixes, not one per error."""
+    return "; ".join(f"{e['loc']}: {e['msg']}" for e in describe_errors(exc))
+
+
 def _dotted(loc: Sequence[Any]) -> str:
     text = ""
     for part in loc:
@@ -93,9 +99,7 @@ def validate_manifest(data: Any) -> AccessPolicy | TrafficPolicy:
         name = meta.get("name") if isinstance(meta, dict) else None
         kind = data.get("kind") if isinstance(data.get("kind"), str) else "policy"
         what = f"{kind} {name!r}" if isinstance(name, str) else str(kind)
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise InvalidInput(f"{what}: {first['loc']}: {first['msg']}{more}", errors=errors) from exc
+        raise InvalidInput(f"{what}: {error_listing(exc)}", errors=errors) from exc
     if isinstance(policy, TrafficPolicy):
         try:
             compile_traffic(policy)

@@ -1,4 +1,4 @@
-"""TLS through memory BIOs: the read loop the outbound pool and the agent's protocol share.
+"""TLS through memory BIOs: the read loop and the close the outbound pool and the agent share.
 
 Both ends of a mesh call run TLS on ``ssl.SSLObject`` over ``ssl.MemoryBIO`` rather than
 asyncio's TLS transport (see ``agentmesh/sidecar/http1.py`` and ``agentmesh/security/inbound.py``
@@ -7,9 +7,10 @@ for why); what they do with the plaintext, and with a broken stream, differs.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 
-__all__ = ["read_plaintext"]
+__all__ = ["close_notify", "read_plaintext"]
 
 
 def read_plaintext(tls: ssl.SSLObject, incoming: ssl.MemoryBIO) -> tuple[bytes, bool]:
@@ -34,3 +35,15 @@ def read_plaintext(tls: ssl.SSLObject, incoming: ssl.MemoryBIO) -> tuple[bytes, 
             break
         chunks.append(chunk)
     return b"".join(chunks), closed
+
+
+def close_notify(tls: ssl.SSLObject, outgoing: ssl.MemoryBIO) -> bytes:
+    """The bytes to write before closing: anything pending, then our ``close_notify`` alert.
+
+    Without the alert the peer cannot tell a close from a truncation (RFC 8446 §6.1).
+    ``unwrap`` then waits for the peer's alert (``SSLWantReadError``), which nobody needs: the
+    connection is being closed.
+    """
+    with contextlib.suppress(ssl.SSLError):
+        tls.unwrap()
+    return outgoing.read()

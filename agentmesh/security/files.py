@@ -58,7 +58,9 @@ def read_secret(path: Path) -> str | None:
 
 def admin_token(settings: Settings) -> str | None:
     """``AGENTMESH_TOKEN``, else the control plane's token file in the data dir."""
-    return settings.token or read_secret(settings.data_dir / ADMIN_TOKEN_FILE)
+    if settings.token is not None and settings.token.get_secret_value():
+        return settings.token.get_secret_value()
+    return read_secret(settings.data_dir / ADMIN_TOKEN_FILE)
 
 
 def ensure_admin_token(settings: Settings) -> str:

@@ -22,7 +22,6 @@ itself, per connection:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agentmesh.errors import AuthenticationFailed
-from agentmesh.security.bio import read_plaintext
+from agentmesh.security.bio import close_notify, read_plaintext
 from agentmesh.security.identity import Caller, LeafRefused, check_leaf
 
 __all__ = ["PEER_KEY", "MeshHttpProtocol", "ServerTLS", "caller_identity", "protocol_for"]
@@ -386,9 +385,7 @@ class _TlsTransport(_Transport):
     def close(self) -> None:
         self._send_pending()
         if not self.raw.is_closing():
-            with contextlib.suppress(ssl.SSLError):
-                self.ssl_object.unwrap()  # close_notify
-            self.flush()
+            self.raw.write(close_notify(self.ssl_object, self._outgoing))
             self.raw.close()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:

@@ -269,6 +269,8 @@ class SecurityView:
         self.version = 0
         #: Its raw bytes, so that a re-delivery of the same document is no news.
         self._list: bytes | None = None
+        #: The last list read from NATS, taken or not.
+        self._seen: bytes | None = None
         self.synced = asyncio.Event()
         self._trust: StateTrust | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -309,8 +311,14 @@ class SecurityView:
         if notify:
             self._notify()
 
+    def recheck(self) -> None:
+        """Check the last list read again (the trust roots changed: it may verify now)."""
+        self._take_revocations(self._seen)
+        self._notify()
+
     def _take_revocations(self, value: bytes | None) -> None:
         """The one place a sidecar decides whether a revocation list came from the CA."""
+        self._seen = value if value is not None else self._seen
         if value is None:
             if self.version:
                 _log.warning(

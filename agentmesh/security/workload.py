@@ -37,6 +37,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from agentmesh.errors import (
@@ -106,6 +107,8 @@ class WorkloadIdentity:
         self._revoked_seen: frozenset[int] = frozenset()
         self._on_revoked: list[Callable[[frozenset[int]], None]] = []
         self._trust: StateTrust | None = None
+        #: The cache file this client's current certificate is kept in (None: not cached).
+        self._cached: Path | None = None
 
     @classmethod
     def for_caller(cls, settings: Settings, caller: str) -> WorkloadIdentity:
@@ -193,6 +196,14 @@ class WorkloadIdentity:
             raise RegistryUnavailable(
                 f"the revocation list did not arrive within 5s from NATS at {conn.url}"
             ) from exc
+        if self._cached is not None and not self._cache_fits_mesh():
+            from agentmesh.security import client_cache
+
+            client_cache.discard(self._cached)
+            self._cached = None
+            self._roots, self.bundle_version = [], 0  # the new CA's bundle starts anew
+            await self._obtain(first=True, reuse=False)
+            self.view.recheck()  # signed by the new CA: it verifies against the new roots
         self._renewal = asyncio.create_task(self._renew_loop(), name="identity-renewal")
 
     async def close(self) -> None:
@@ -222,7 +233,10 @@ class WorkloadIdentity:
         return self._issuer
 
     def _token(self) -> str | None:
-        return self._settings.join_token or read_secret(self._settings.data_dir / JOIN_TOKEN_FILE)
+        given = self._settings.join_token
+        if given is not None and given.get_secret_value():
+            return given.get_secret_value()
+        return read_secret(self._settings.data_dir / JOIN_TOKEN_FILE)
 
     def _no_source(self) -> ConfigurationError:
         return ConfigurationError(
@@ -268,12 +282,67 @@ class WorkloadIdentity:
 
         return request, pinned
 
-    async def _obtain(self, *, first: bool) -> None:
+    def _cache_file(self) -> Path | None:
+        """Where this client keeps its certificate between runs (agents always enrol afresh)."""
+        if self._kind != "client":
+            return None
+        from agentmesh.security import client_cache
+
+        return client_cache.cache_path(self._settings, self._name)
+
+    def _reuse_cached(self) -> bool:
+        """Take the cached certificate of an earlier run of this client, if it is still good."""
+        from agentmesh.security import client_cache
+
+        path = self._cache_file()
+        cached = client_cache.load(path, self._name) if path is not None else None
+        if path is None or cached is None:
+            return False
+        self._trust_domain = cached.bundle.trust_domain
+        self._adopt_bundle(cached.bundle, [])  # verified against the pin when it was issued
+        self.id = SpiffeId(self._trust_domain, self._kind, self._name)
+        self._key, self._certs = cached.key, cached.certs
+        self._issued_at = cached.issued_at
+        self.not_after = cached.certs[0].not_valid_after_utc.timestamp()
+        self._rebuild()
+        self._cached = path
+        _log.info("%s: reusing certificate %x from %s", self.owner, self.serial, path)
+        return True
+
+    def _cache_fits_mesh(self) -> bool:
+        """Whether the reused certificate is neither revoked nor from a CA this mesh dropped.
+
+        The KV view decides only against reuse (then the client enrols as if nothing were
+        cached), never for trust: the roots stay those the certificate was issued with.
+        """
+        from agentmesh.security.pki import fingerprint, load_certs
+
+        if self.serial in self.view.revoked:
+            return False
+        issuer = self._local_issuer()  # this process holds the CA: its roots are the truth
+        if issuer is not None:
+            from agentmesh.control.issuer import Issuer
+
+            assert isinstance(issuer, Issuer)
+            domain, roots = issuer.trust_domain, list(issuer.ca.roots)
+        elif self.view.bundle is not None:
+            bundle = self.view.bundle
+            domain, roots = bundle.trust_domain, [c for t in bundle.roots for c in load_certs(t)]
+        else:
+            return True
+        current = {fingerprint(c) for c in roots}
+        return domain == self._trust_domain and bool(
+            current & {fingerprint(c) for c in self._roots}
+        )
+
+    async def _obtain(self, *, first: bool, reuse: bool = True) -> None:
         from cryptography.hazmat.primitives import serialization
 
         from agentmesh.security.enrol import renewal_proof
         from agentmesh.security.pki import load_certs, new_csr, new_key, same_public_key
 
+        if first and reuse and self._reuse_cached():
+            return
         source, pinned = await self._source(renew=not first)
         key = new_key()
         try:
@@ -306,6 +375,14 @@ class WorkloadIdentity:
         self._issued_at = time.time()
         self.not_after = leaf.not_valid_after_utc.timestamp()
         self._rebuild()
+        cache = self._cache_file()
+        if cache is not None:
+            from agentmesh.security import client_cache
+
+            try:
+                client_cache.save(cache, key, issued, self._issued_at)
+            except OSError as exc:  # a read-only data dir costs an enrolment per run, no more
+                _log.warning("%s: cannot keep the certificate in %s: %s", self.owner, cache, exc)
         _log.info(
             "%s: certificate %x for %s, valid until %s",
             self.owner,
@@ -345,7 +422,7 @@ class WorkloadIdentity:
                     if self._remote and self._token() is not None:
                         _log.warning("%s: renewal refused (%s); enrolling again", self.owner, exc)
                         with contextlib.suppress(MeshError, OSError, ValueError):
-                            await self._obtain(first=True)
+                            await self._obtain(first=True, reuse=False)
                             self.renewals += 1
                             break
                     failures += 1

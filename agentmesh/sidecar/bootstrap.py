@@ -38,7 +38,8 @@ async def bootstrap(settings: Settings) -> Bootstrap:
     import aiohttp
 
     url = f"{settings.control_url.rstrip('/')}/v1/bootstrap"
-    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    token = settings.token.get_secret_value() if settings.token else None
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as client,

@@ -11,23 +11,32 @@ idle ones are pooled per (host, port, TLS context, server name), so a connection
 one identity is never reused for another and a renewed certificate (a new context) is used by
 new connections while open ones finish their work.
 
-Only what the transport needs: no redirects, cookies, proxies, compression or 1xx handling.
-Failures are this module's two exceptions, split by whether the request can have left:
-:class:`ConnectFailed` (it cannot) and :class:`Disconnected` (it may have).
+Only what the transport needs: no redirects, cookies, proxies or compression. As strict as h11
+where it matters, because the peer is another process we do not control: a byte after a
+complete reply (or on an idle connection) is a protocol error and the connection is dropped,
+never read as the next answer; 1xx replies are skipped and a 101 nobody asked for is refused;
+reply heads, bodies and stream lines are bounded, and a stream's slow consumer pauses the socket.
+Every bound is a setting (:class:`Limits`). Failures are this module's exceptions, split by
+whether the request can have left: :class:`ConnectFailed` (it cannot) and :class:`Disconnected`
+(it may have; :class:`TooLarge` is the reply that was too big).
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
+from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import httptools
 
-from agentmesh.security.bio import read_plaintext
+from agentmesh.security.bio import close_notify, read_plaintext
+from agentmesh.settings import Settings
 
-__all__ = ["ConnectFailed", "ConnectionPool", "Disconnected", "Response"]
+__all__ = ["ConnectFailed", "ConnectionPool", "Disconnected", "Limits", "Response", "TooLarge"]
 
 _Peer = TypeVar("_Peer")
 _Key = tuple[str, int, ssl.SSLContext | None, str | None]
@@ -44,6 +53,42 @@ class ConnectFailed(Exception):
 
 class Disconnected(Exception):
     """The connection ended (or broke the protocol) before the response was complete."""
+
+
+class TooLarge(Disconnected):
+    """The reply's body, or one line of a stream, is over its limit (the connection is dropped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The pool's bounds, each one setting (``agentmesh/settings.py`` says why each number)."""
+
+    connect_timeout: float
+    idle_timeout: float
+    max_connections: int
+    max_waiting: int
+    max_head_bytes: int
+    max_headers: int
+    max_body_bytes: int
+    max_line_bytes: int
+    stream_buffer_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.pool_idle_timeout,
+            max_connections=settings.pool_max_connections,
+            max_waiting=settings.pool_max_waiting,
+            max_head_bytes=settings.max_response_head_bytes,
+            max_headers=settings.max_response_headers,
+            max_body_bytes=settings.max_response_bytes,
+            max_line_bytes=settings.max_event_line_bytes,
+            stream_buffer_bytes=settings.stream_buffer_bytes,
+        )
+
+
+_DEFAULT_LIMITS = Limits.from_settings(Settings.model_construct())  # defaults, no environment
 
 
 class Response(Generic[_Peer]):
@@ -67,6 +112,7 @@ class Response(Generic[_Peer]):
     def __init__(self, conn: _Connection[_Peer]) -> None:
         self._conn = conn
         self.status = 0
+        """0 until the final (non-1xx) head has arrived."""
         self.headers: dict[bytes, bytes] = {}
         """Lower-cased names; a repeated header keeps its last value."""
         self.keep_alive = False
@@ -89,6 +135,8 @@ class Response(Generic[_Peer]):
         """The whole body; then the connection goes back to the pool."""
         while not self._complete:
             await self._wait()
+        if self._error is not None:  # complete, then more bytes than this reply
+            raise self._error
         body = bytes(self._buffer)
         self._buffer.clear()
         self.release()
@@ -96,15 +144,24 @@ class Response(Generic[_Peer]):
 
     async def readline(self) -> bytes:
         """The next line including ``\\n``; ``b""`` when the body has ended."""
+        limit = self._conn.limits.max_line_bytes
         while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[: end + 1])
-                del self._buffer[: end + 1]
+            buffer = self._buffer
+            end = buffer.find(b"\n")
+            if 0 <= end < limit:
+                line = bytes(buffer[: end + 1])
+                del buffer[: end + 1]
                 return line
+            if end >= limit or len(buffer) >= limit:
+                self.close()
+                raise TooLarge(
+                    f"a line of the stream is over {limit} bytes (AGENTMESH_MAX_EVENT_LINE_BYTES)"
+                )
+            if self._error is not None:
+                raise self._error
             if self._complete:
-                line = bytes(self._buffer)
-                self._buffer.clear()
+                line = bytes(buffer)
+                buffer.clear()
                 return line
             await self._wait()
 
@@ -123,6 +180,9 @@ class Response(Generic[_Peer]):
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
+        conn = self._conn
+        if conn.paused:
+            conn.resume()  # the consumer caught up
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
@@ -141,10 +201,16 @@ class Response(Generic[_Peer]):
 
 
 class _Connection(asyncio.Protocol, Generic[_Peer]):
-    """One keep-alive connection and its response parser (httptools calls the ``on_*``)."""
+    """One keep-alive connection and its response parser (httptools calls the ``on_*``).
+
+    A callback that finds the reply breaking a rule raises (:meth:`_refuse`): httptools stops
+    parsing and raises its own error, which :meth:`data_received` turns into a dropped
+    connection, failing the reply with the rule's error.
+    """
 
     def __init__(self, pool: ConnectionPool[_Peer], key: _Key) -> None:
         self._pool = pool
+        self.limits = pool.limits
         self.generation = pool.generation
         self.key = key
         self.transport: asyncio.Transport | None = None
@@ -152,19 +218,39 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         self.response: Response[_Peer] | None = None
         self._head: asyncio.Future[None] | None = None
         self.closed = False
+        self.counted = False
+        """It holds one of its endpoint's connection slots (given back by ``forget``)."""
         self.retire = False
         """Close after the current response instead of pooling it (the peer was revoked, or
         sent its TLS close_notify)."""
         self.idle_since = 0.0
+        self.paused = False
+        """Reading is paused: a stream's consumer is behind (``stream_buffer_bytes``)."""
         self.peer: _Peer | None = None
         self.tls: ssl.SSLObject | None = None
+        self._secure = False
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._handshake: asyncio.Future[None] | None = None
+        self._refused: Disconnected | None = None
+        self._poll: select.poll | None = None
+        # Per reply: bytes the parser holds without handing anything over (a field still being
+        # read), and the header fields (and their bytes) seen so far.
+        self._held = 0
+        self._fields = 0
+        self._field_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+
+    def readable(self) -> bool:
+        """Bytes or an EOF wait in the socket that the loop has not read yet (one ``poll``)."""
+        return self._poll is not None and bool(self._poll.poll(0))
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """TLS on this connection, through memory BIOs: asyncio's TLS transport would put a
@@ -190,6 +276,7 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
             self._handshake.set_exception(exc)
             return
         self._flush_tls()
+        self._secure = True
         self._handshake.set_result(None)
 
     def _flush_tls(self) -> None:
@@ -208,7 +295,7 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
         try:
             plain, closed = read_plaintext(self.tls, self._incoming)
         except ssl.SSLError as exc:
-            self._broken(f"TLS error ({exc.reason or exc})")
+            self._broken(Disconnected(f"TLS error ({exc.reason or exc})"))
             return None
         if closed:
             # close_notify: the agent sends nothing more, so no request may go out here; its TCP
@@ -224,12 +311,16 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
                 return
             data = plain
         if self.response is None:
-            self._broken("the agent sent data nobody asked for")
+            self._broken(Disconnected("the agent sent data nobody asked for"))
             return
+        self._held += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._broken(f"invalid HTTP response ({exc})")
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._broken(self._refused or Disconnected(f"invalid HTTP response ({exc})"))
+            return
+        if self._held > self.limits.max_head_bytes:  # one field that never ends
+            self._broken(self._head_too_large())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -252,33 +343,98 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
             )
             self._fail(Disconnected(f"{reason}: {exc}" if exc else reason))
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.headers[name.lower()] = value
+    def _refuse(self, error: Disconnected) -> Disconnected:
+        """Keep why a callback stops the parser: httptools raises an error of its own."""
+        self._refused = error
+        return error
 
-    def on_headers_complete(self) -> None:
+    def _head_too_large(self) -> Disconnected:
+        limit = self.limits.max_head_bytes
+        return Disconnected(f"reply head over {limit} bytes (AGENTMESH_MAX_RESPONSE_HEAD_BYTES)")
+
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response._complete:
+            raise self._refuse(
+                Disconnected("the agent sent bytes after its response (a protocol error)")
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._held = 0
+        self._fields += 1
+        self._field_bytes += len(name) + len(value)
+        if self._fields > self.limits.max_headers:
+            raise self._refuse(
+                Disconnected(
+                    f"reply head with over {self.limits.max_headers} header fields "
+                    "(AGENTMESH_MAX_RESPONSE_HEADERS)"
+                )
+            )
+        if self._field_bytes > self.limits.max_head_bytes:
+            raise self._refuse(self._head_too_large())
         response = self.response
         assert response is not None
-        response.status = self._parser.get_status_code()
+        if not response.status:  # trailers (after the body) are bounded, never kept
+            response.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self._held = 0
+        response = self.response
+        assert response is not None
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise self._refuse(
+                    Disconnected("the agent switched protocols (101), which nobody asked for")
+                )
+            response.headers.clear()  # an interim reply (100, 103): the final one follows
+            return
+        response.status = status
         response.keep_alive = self._parser.should_keep_alive()
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        assert self.response is not None
-        self.response._buffer += body
-        self.response._wake()
+        self._held = 0
+        response = self.response
+        assert response is not None
+        buffer = response._buffer
+        buffer += body
+        if len(buffer) > self.limits.max_body_bytes:
+            raise self._refuse(
+                TooLarge(
+                    f"the reply is over {self.limits.max_body_bytes} bytes "
+                    "(AGENTMESH_MAX_RESPONSE_BYTES)"
+                )
+            )
+        if response._waiter is not None:
+            response._wake()
+        elif len(buffer) >= self.limits.stream_buffer_bytes and not self.paused:
+            # Nobody is reading: hold off until the consumer asks for more (Response._wait).
+            assert self.transport is not None
+            self.paused = True
+            self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        assert self.response is not None
-        self.response._complete = True
-        self.response._wake()
+        self._held = 0
+        response = self.response
+        assert response is not None
+        if not response.status:
+            return  # the end of an interim reply
+        response._complete = True
+        response._wake()
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     async def send(self, data: bytes) -> Response[_Peer]:
         """Write one request and wait for the head of its response."""
         assert self.transport is not None
         response = self.response = Response(self)
+        self._held = self._fields = self._field_bytes = 0
         head = self._head = asyncio.get_running_loop().create_future()
         if self.tls is not None:
             self.tls.write(data)
@@ -298,6 +454,8 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
             return
         self.response = None
         if reusable and not self.retire and not self.closed:
+            if self.paused:
+                self.resume()  # idle, it must see the agent's EOF (or stray bytes) at once
             self._pool.checkin(self)
         else:
             self.close()
@@ -308,15 +466,22 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
             self.close()
 
     def close(self) -> None:
-        if not self.closed and self.transport is not None:
+        transport = self.transport
+        if not self.closed and transport is not None:
             self.closed = True
-            self.transport.close()
+            if self._secure and not transport.is_closing():
+                assert self.tls is not None
+                transport.write(close_notify(self.tls, self._outgoing))
+            transport.close()
         self._pool.forget(self)
 
-    def _broken(self, reason: str) -> None:
-        self._fail(Disconnected(reason))
+    def _broken(self, error: Disconnected) -> None:
+        """A protocol error: fail the reply in progress and drop the connection at once."""
+        self._fail(error)
+        self.closed = True
         if self.transport is not None:
             self.transport.abort()
+        self._pool.forget(self)
 
     def _fail(self, error: Disconnected) -> None:
         head = self._head
@@ -330,21 +495,28 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
 class ConnectionPool(Generic[_Peer]):
     """Keep-alive connections by (host, port, TLS context, server name).
 
-    ``verify``, for TLS connections, runs once the handshake is done and before a byte of a
-    request is written: it returns what the connection knows of its peer (kept as
-    ``connection.peer``) or raises to refuse it.
+    At most ``limits.max_connections`` per key (one endpoint as one identity); a request beyond
+    waits for one to be given back or closed, up to ``limits.connect_timeout``, with at most
+    ``limits.max_waiting`` waiting. ``verify``, for TLS connections, runs once the handshake is
+    done and before a byte of a request is written: it returns what the connection knows of its
+    peer (kept as ``connection.peer``) or raises to refuse it.
     """
 
     def __init__(
         self,
         *,
-        keepalive: float = 30.0,
+        limits: Limits | None = None,
         verify: Callable[[ssl.SSLObject | None, str | None], _Peer] | None = None,
     ) -> None:
-        self.keepalive = keepalive
+        self.limits = limits or _DEFAULT_LIMITS
         self._verify = verify
         self._idle: dict[_Key, list[_Connection[_Peer]]] = {}
         self._open: set[_Connection[_Peer]] = set()
+        self._counts: dict[_Key, int] = {}
+        """Connections per key, open or opening."""
+        self._waiting: dict[_Key, deque[asyncio.Future[_Connection[_Peer] | None]]] = {}
+        """Per key, the requests waiting for a connection: each gets one given back, or None
+        (a slot became free: open one)."""
         self.generation = 0
         """Bumped by :meth:`close`: a connection from before (one that was still connecting
         then) serves its request and closes instead of joining the pool."""
@@ -367,72 +539,151 @@ class ConnectionPool(Generic[_Peer]):
         key: _Key = (host, port, ssl_context, server_hostname)
         conn = self._checkout(key)
         if conn is None:
-            conn = await self._connect(key)
+            conn = await self._acquire(key)
         return await conn.send(data)
 
     def _checkout(self, key: _Key) -> _Connection[_Peer] | None:
         idle = self._idle.get(key)
         if not idle:
             return None
-        oldest = asyncio.get_running_loop().time() - self.keepalive
+        oldest = asyncio.get_running_loop().time() - self.limits.idle_timeout
         while idle:
             conn = idle.pop()
             if not idle:
                 del self._idle[key]  # no empty lists: keys (and old TLS contexts) never pile up
-            # A closing transport (the agent's EOF arrived; connection_lost runs a turn later)
-            # would drop the request, then report it as a disconnect: "it may have run".
-            transport = conn.transport
-            if (
-                not conn.closed
-                and transport is not None
-                and not transport.is_closing()
-                and conn.idle_since > oldest
-            ):
+            if conn.idle_since > oldest and _usable(conn):
                 return conn
             conn.close()
         return None
 
+    async def _acquire(self, key: _Key) -> _Connection[_Peer]:
+        """A new connection or, at the key's limit, one another request gives back."""
+        deadline = None
+        while True:
+            if self._counts.get(key, 0) < self.limits.max_connections:
+                return await self._connect(key)
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.limits.connect_timeout
+            conn = await self._wait_turn(key, deadline)
+            if conn is not None:
+                if _usable(conn):
+                    return conn
+                conn.close()
+
+    async def _wait_turn(self, key: _Key, deadline: float) -> _Connection[_Peer] | None:
+        limits = self.limits
+        queue = self._waiting.get(key)
+        if queue is None:
+            queue = self._waiting[key] = deque()
+        if len(queue) >= limits.max_waiting:
+            if not queue:
+                del self._waiting[key]
+            raise ConnectFailed(
+                f"{limits.max_connections} connections busy and {len(queue)} requests waiting "
+                "(AGENTMESH_POOL_MAX_CONNECTIONS, AGENTMESH_POOL_MAX_WAITING)"
+            )
+        turn: asyncio.Future[_Connection[_Peer] | None]
+        turn = asyncio.get_running_loop().create_future()
+        queue.append(turn)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await turn
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():
+                self._pass_on(key, turn.result())  # given to us just as we gave up
+            if isinstance(exc, TimeoutError):
+                raise ConnectFailed(
+                    f"no connection free within {limits.connect_timeout:g}s: "
+                    f"{limits.max_connections} busy (AGENTMESH_POOL_MAX_CONNECTIONS)"
+                ) from exc
+            raise
+        finally:
+            if turn.cancelled() and turn in queue:
+                queue.remove(turn)
+            if not queue and self._waiting.get(key) is queue:
+                del self._waiting[key]
+
+    def _pass_on(self, key: _Key, conn: _Connection[_Peer] | None) -> None:
+        if conn is not None:
+            self.checkin(conn)
+        else:
+            self._hand_over(key, None)
+
+    def _hand_over(self, key: _Key, conn: _Connection[_Peer] | None) -> bool:
+        """Give ``conn`` (or a free slot: None) to the first request waiting on ``key``."""
+        queue = self._waiting.get(key)
+        while queue:
+            turn = queue.popleft()
+            if not turn.done():
+                turn.set_result(conn)
+                return True
+        return False
+
     def checkin(self, conn: _Connection[_Peer]) -> None:
         if conn.generation != self.generation:
             conn.close()
+            return
+        if self._waiting and self._hand_over(conn.key, conn):
             return
         conn.idle_since = asyncio.get_running_loop().time()
         self._idle.setdefault(conn.key, []).append(conn)
 
     def forget(self, conn: _Connection[_Peer]) -> None:
         self._open.discard(conn)
-        idle = self._idle.get(conn.key)
+        key = conn.key
+        if conn.counted:
+            conn.counted = False
+            left = self._counts[key] - 1
+            if left:
+                self._counts[key] = left
+            else:
+                del self._counts[key]
+            if self._waiting:
+                self._hand_over(key, None)
+        idle = self._idle.get(key)
         if idle is not None and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self._idle[conn.key]
+                del self._idle[key]
 
     async def _connect(self, key: _Key) -> _Connection[_Peer]:
-        host, port, context, server_hostname = key
-        loop = asyncio.get_running_loop()
         conn = _Connection(self, key)
+        conn.counted = True
+        self._counts[key] = self._counts.get(key, 0) + 1
+        timeout = self.limits.connect_timeout
         try:
-            await loop.create_connection(lambda: conn, host, port)
+            async with asyncio.timeout(timeout):
+                await self._establish(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, TimeoutError):
+                raise ConnectFailed(
+                    f"no connection within {timeout:g}s (TCP connect and TLS handshake, "
+                    "AGENTMESH_CONNECT_TIMEOUT)"
+                ) from exc
+            raise
+        self._open.add(conn)
+        return conn
+
+    async def _establish(self, conn: _Connection[_Peer]) -> None:
+        host, port, context, server_hostname = conn.key
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: conn, host, port)
         except ConnectionRefusedError as exc:
             raise ConnectFailed(f"connection refused ({exc.strerror or exc})") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect ({exc.strerror or exc})") from exc
-        try:
-            if context is not None:
+        if context is not None:
+            try:
                 await conn.start_tls(context, server_hostname)
-                if self._verify is not None:
-                    conn.peer = self._verify(conn.tls, server_hostname)
-        except BaseException as exc:
-            conn.close()
-            if isinstance(exc, ssl.SSLCertVerificationError):
+            except ssl.SSLCertVerificationError as exc:
                 raise ConnectFailed(exc.verify_message or str(exc), certificate=True) from exc
-            if isinstance(exc, ssl.SSLError):
+            except ssl.SSLError as exc:
                 raise ConnectFailed(f"TLS handshake failed: {exc.reason or exc}") from exc
-            raise
+            if self._verify is not None:
+                conn.peer = self._verify(conn.tls, server_hostname)
         if conn.closed:
             raise ConnectFailed("connection closed by the agent right after it was opened")
-        self._open.add(conn)
-        return conn
 
     def close_where(self, doomed: Callable[[_Peer | None], bool]) -> int:
         """Stop using connections whose peer is ``doomed``; returns how many.
@@ -455,3 +706,19 @@ class ConnectionPool(Generic[_Peer]):
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+
+def _usable(conn: _Connection[Any]) -> bool:
+    """Whether a request may go out on ``conn``, which carries none now.
+
+    Not if its transport is closing (the agent's EOF arrived; ``connection_lost`` runs a turn
+    later), nor if the socket holds bytes the loop has not read (a reply to nobody, an EOF):
+    the request would be lost and reported as "may have run", or answered by a stale reply.
+    """
+    transport = conn.transport
+    return (
+        not conn.closed
+        and transport is not None
+        and not transport.is_closing()
+        and not conn.readable()
+    )

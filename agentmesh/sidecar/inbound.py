@@ -384,17 +384,25 @@ class _MeshHeaders:
         return asyncio.get_running_loop().time() + max(ms, 0) / 1000
 
 
+def _too_large(agent: str, size: str, limit: int) -> PayloadTooLarge:
+    """A 413 that names the setting to raise, on the agent: the caller cannot guess it."""
+    return PayloadTooLarge(
+        f"agent {agent}: request body {size + ' ' if size else ''}is larger than its limit of "
+        f"{limit} bytes (AGENTMESH_MAX_PAYLOAD_BYTES of the agent)"
+    )
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> bytes:
     for key, value in scope["headers"]:
         if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"agent {agent}: request body of {int(value)} bytes > {limit}")
+            raise _too_large(agent, f"of {int(value)} bytes", limit)
     first = await receive()
     if first["type"] == "http.disconnect":
         raise _Disconnected
     if not first.get("more_body"):
         body: bytes = first.get("body", b"")
         if len(body) > limit:
-            raise PayloadTooLarge(f"agent {agent}: request body larger than {limit} bytes")
+            raise _too_large(agent, "", limit)
         return body
     chunks = [first.get("body", b"")]
     size = len(chunks[0])
@@ -405,7 +413,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> 
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"agent {agent}: request body larger than {limit} bytes")
+            raise _too_large(agent, "", limit)
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)

@@ -17,6 +17,7 @@ from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.breaker import BreakerState
+from agentmesh.sidecar.http1 import Limits
 from agentmesh.sidecar.retry import RetryPolicy
 from agentmesh.sidecar.stack import OutboundStack, build_outbound
 from agentmesh.sidecar.transport import HttpTransport
@@ -40,7 +41,7 @@ class Sidecar:
         #: What this sidecar takes from NATS (signed records and policies); None with mTLS off.
         trust = self.identity.state_trust()
         self.index = LocalIndex(trust)
-        self.transport = HttpTransport(self.identity)
+        self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name
         self.stats = StatsCollector(
             name, interval=settings.stats_interval, tap_payloads=settings.tap_payloads

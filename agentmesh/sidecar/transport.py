@@ -24,6 +24,7 @@ from agentmesh.errors import (
     IdentityMismatch,
     InvalidInput,
     MeshError,
+    PayloadTooLarge,
     UntrustedPeer,
     error_for_status,
     error_from_problem,
@@ -35,7 +36,14 @@ from agentmesh.security.outbound import PeerVerifier
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.deadline import DEADLINE_HEADER
-from agentmesh.sidecar.http1 import ConnectFailed, ConnectionPool, Disconnected, Response
+from agentmesh.sidecar.http1 import (
+    ConnectFailed,
+    ConnectionPool,
+    Disconnected,
+    Limits,
+    Response,
+    TooLarge,
+)
 
 __all__ = ["HttpTransport"]
 
@@ -59,14 +67,17 @@ class _Route:
 class HttpTransport:
     """Keep-alive HTTP client for every endpoint this sidecar talks to."""
 
-    def __init__(self, identity: WorkloadIdentity | None = None) -> None:
+    def __init__(
+        self, identity: WorkloadIdentity | None = None, *, limits: Limits | None = None
+    ) -> None:
         """``identity``: call ``https://`` agents with mutual TLS as this identity (unless its
         mode is ``off``: then ``https://`` endpoints are called in plaintext, which only
-        ``permissive`` agents accept)."""
+        ``permissive`` agents accept). ``limits``: the connection pool's bounds (default: the
+        settings' defaults)."""
         self._routes: dict[tuple[str, str], _Route] = {}
         self._tls = identity if identity is not None and identity.enabled else None
         self._verifier = PeerVerifier(self._tls) if self._tls is not None else None
-        self.pool: ConnectionPool[Caller] = ConnectionPool(verify=self._verifier)
+        self.pool: ConnectionPool[Caller] = ConnectionPool(limits=limits, verify=self._verifier)
         self._names: dict[tuple[str, str, str | None], str] = {}
         if self._tls is not None:
             self._tls.on_revoked(self._drop_revoked)
@@ -168,6 +179,8 @@ class HttpTransport:
             return Reply(target, chunks=_events(resp, call, _where(target)))
         try:
             body = await resp.read()
+        except TooLarge as exc:
+            raise PayloadTooLarge(f"{_where(target)}: {exc}") from exc
         except Disconnected as exc:
             raise ConnectionLost(f"{_where(target)}: {exc}") from exc
         return Reply(target, body=body)
@@ -229,6 +242,8 @@ async def _events(resp: Response[Caller], call: OutboundCall, where: str) -> Asy
                 raise DeadlineExceeded(
                     f"capability {call.capability!r} at {where}: {what}"
                 ) from exc
+            except TooLarge as exc:
+                raise PayloadTooLarge(f"{where}: {exc}") from exc
             except Disconnected as exc:
                 raise ConnectionLost(f"{where}: stream interrupted: {exc}") from exc
             if not line:

@@ -279,6 +279,7 @@ async def test_the_try_it_form_makes_a_real_call(
     assert problem["status"] == 422
     assert problem["code"] == "invalid_input"
     assert {tuple(e["loc"]) for e in problem["errors"]} == {("text",), ("repeat",)}
+    assert "text: Field required; repeat: Input should be a valid integer" in problem["detail"]
     await expect(result).to_contain_text("application/problem+json")
     await _shot(page, "try-it-problem")
 
@@ -350,3 +351,27 @@ async def test_signing_in_with_the_admin_token(control_url: str, admin_token: st
     await expect(page).to_have_url(f"{control_url}/ui/login")
     await page.goto(f"{control_url}/ui/topology")
     await expect(page).to_have_url(re.compile(r"/ui/login"))
+
+
+async def test_api_docs_render_without_the_internet(browser: Any, control_url: str) -> None:
+    """``/docs`` draws the API with every request answered by the control plane itself."""
+    from playwright.async_api import expect
+
+    requested: list[str] = []
+
+    async def only_local(route: Any) -> None:
+        requested.append(route.request.url)
+        if route.request.url.startswith(control_url):
+            await route.continue_()
+        else:
+            await route.abort()
+
+    tab = await browser.new_page()
+    await tab.route("**/*", only_local)
+    await tab.goto(f"{control_url}/docs")
+    paths = tab.locator(".opblock-summary-path")
+    await expect(paths.filter(has_text="/v1/capabilities").first).to_be_visible()
+    await expect(tab.locator(".information-container")).to_contain_text("agentmesh control plane")
+    await _shot(tab, "api-docs")
+    foreign = [url for url in requested if not url.startswith(control_url)]
+    assert foreign == [], foreign

@@ -129,6 +129,9 @@ class TestTwoResearchers:
         with pytest.raises(agentmesh.InvalidInput) as info:
             await mesh.call("research", {"topic": 5, "bogus": 1})
         assert info.value.errors, "the pydantic error list travels back to the caller"
+        message = str(info.value)
+        assert "topic: Input should be a valid string" in message, message
+        assert "bogus: Extra inputs are not permitted" in message, message
 
     async def test_unknown_capability_suggests_a_close_one(
         self, mesh: Mesh, researchers: list[AgentProcess]

@@ -150,6 +150,32 @@ async def test_apply_reports_the_file_document_and_field_and_applies_nothing(
     code, out, _ = await run_cli("get", "policies", "-o", "json", control=control)
     assert json.loads(out) == []
 
+    # Every problem of every document is printed, not the first and a count.
+    many = tmp_path / "many.yaml"
+    bad_rule = {"name": "r", "action": "permit", "sources": [{"agent": "Planner"}], "targets": []}
+    many.write_text(
+        yaml.safe_dump(access_policy("third", bad_rule))
+        + "---\n"
+        + yaml.safe_dump(traffic_policy("fourth", "summarize", timeout=-1, balance="fastest"))
+    )
+    code, out, err = await run_cli("apply", "-f", str(many), control=control)
+    assert code == 1
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert lines[0] == "error: 2 invalid documents; nothing applied:", err
+    assert len(lines) == 3, err
+    assert lines[1].strip().startswith(f"{many}, document 1 (line "), err
+    assert lines[2].strip().startswith(f"{many}, document 2 (line "), err
+    for field in (
+        "spec.rules[0].action:",
+        "spec.rules[0].sources[0].agent: agent 'Planner' must be lowercase",
+        "spec.rules[0].targets:",
+    ):
+        assert field in lines[1], lines[1]
+    for field in ("spec.timeout:", "spec.balance:"):
+        assert field in lines[2], lines[2]
+    assert "more" not in err
+
     # The control plane's own checks come back with the same location.
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump(traffic_policy("t1", "summarize", timeout=1)))

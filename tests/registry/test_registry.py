@@ -212,6 +212,9 @@ async def test_a_lease_that_lapsed_is_taken_back_over_the_servers_expiry_marker(
     conflict: right after expiry, the key's last message is the server's marker."""
     lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
     await lease.acquire()
+    # Seen first: "not in the index" holds before the watch delivers the write, so waiting for
+    # the absence alone can end before the record ever expired.
+    await wait_until(lambda: ids(registry.index) == {"sum-a"})
     assert lease._task is not None
     lease._task.cancel()  # stalls: no renewals
     with contextlib.suppress(asyncio.CancelledError):

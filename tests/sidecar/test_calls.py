@@ -22,6 +22,7 @@ from agentmesh import (
     PayloadTooLarge,
     RemoteAgentError,
     capability,
+    connect,
 )
 from agentmesh.errors import ConnectionFailed
 from agentmesh.models import AgentRecord
@@ -73,6 +74,11 @@ async def failing_stream(n: int) -> AsyncIterator[int]:
     for i in range(n):
         yield i
     raise ValueError("ran dry")
+
+
+@capability
+async def echo_stream(tag: str) -> AsyncIterator[str]:
+    yield tag
 
 
 async def test_call_returns_the_validated_output(start_agent, mesh: Mesh):
@@ -217,8 +223,27 @@ async def test_large_payloads_cross_tls_both_ways(start_agent, settings, mesh: M
 async def test_oversized_payload_is_refused_with_413(start_agent, settings, mesh: Mesh):
     await start_agent([summarize], name="summarizer")
     huge = "x" * (settings.max_payload_bytes + 1)
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(PayloadTooLarge) as caught:
         await mesh.call("summarize", {"text": huge})
+    message = str(caught.value)
+    assert f"larger than its limit of {settings.max_payload_bytes} bytes" in message, message
+    assert "AGENTMESH_MAX_PAYLOAD_BYTES" in message, message
+
+
+async def test_a_reply_or_a_chunk_over_the_callers_limits_is_payload_too_large(
+    start_agent, settings, mesh: Mesh, wait_until
+):
+    await start_agent([whoami, echo_stream], name="mirror")
+    async with connect(settings, max_response_bytes=1000, max_event_line_bytes=1000) as small:
+        await wait_until(lambda: bool(small.sidecar.index.targets("echo_stream")))
+        with pytest.raises(PayloadTooLarge, match="over 1000 bytes.*AGENTMESH_MAX_RESPONSE_BYTES"):
+            await small.call("whoami", {"tag": "x" * 1000})
+        with pytest.raises(PayloadTooLarge, match="AGENTMESH_MAX_EVENT_LINE_BYTES"):
+            async for _ in small.stream("echo_stream", {"tag": "x" * 1000}):
+                pass
+        assert await small.call("whoami", {"tag": "fits"}) == "fits"
+        assert [c async for c in small.stream("echo_stream", {"tag": "fits"})] == ["fits"]
+    assert await mesh.call("whoami", {"tag": "x" * 1000}) == "x" * 1000  # the default limit
 
 
 async def test_a_dead_endpoint_is_a_connection_failure_naming_it(mesh: Mesh, wait_until):
@@ -241,6 +266,33 @@ async def test_a_dead_endpoint_is_a_connection_failure_naming_it(mesh: Mesh, wai
     ):
         await mesh.call("whoami")
     await lease.release()
+
+
+async def test_a_frozen_replica_is_never_reached_and_calls_move_to_another(
+    start_agent, settings, wait_until
+):
+    # A stopped process's kernel still completes TCP handshakes on its listening socket; its
+    # TLS handshake never ends. The connect timeout makes that "never reached" (ConnectionFailed),
+    # which even a non-idempotent call retries on another replica.
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(64)
+        await start_agent([whoami], name="mirror")
+        async with connect(settings, connect_timeout=0.5, balance="round_robin") as quick:
+            ghost = AgentRecord(
+                instance_id="mirror-frozen",
+                name="mirror",
+                endpoint=f"https://127.0.0.1:{frozen.getsockname()[1]}",
+                capabilities=[whoami.spec],
+            )
+            lease = Lease(quick.sidecar.store, ghost, interval=0.25, ttl=1)
+            await lease.acquire()
+            await wait_until(lambda: len(quick.sidecar.index.targets("whoami")) == 2)
+            for tag in "abcd":
+                assert await quick.call("whoami", {"tag": tag}) == tag
+            await lease.release()
+        frozen.setblocking(False)
+        frozen.accept()[0].close()  # the frozen replica was tried (else: BlockingIOError)
 
 
 async def test_agent_serves_probes_metrics_and_card(start_agent, mesh: Mesh):
