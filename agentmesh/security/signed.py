@@ -24,6 +24,7 @@ cryptography is imported by this module: only workloads with mTLS on import it.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from typing import Literal, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from pydantic import BaseModel, ValidationError
 
 from agentmesh.models import (
@@ -63,6 +65,11 @@ _RECORD_CONTEXT = b"agentmesh registry record v1\n"
 #: Verified record certificates remembered (a record re-signed with the same certificate, for
 #: a status change, is then one signature check); cleared when full or when the roots change.
 _CERT_CACHE = 256
+#: Registry values this process has proven (SHA-256 of roots, trust domain and bytes → the signing
+#: certificate's expiry), shared by every index in it: several sidecars in one process (an
+#: agent and its callers, the demo, benchmarks) check a value once. Cleared when full.
+_PROVEN: dict[bytes, float] = {}
+_PROVEN_MEMORY = 16_384
 
 
 class Refused(ValueError):
@@ -126,6 +133,7 @@ class StateTrust:
         self._certs: dict[str, tuple[x509.Certificate, SpiffeId]] = {}
         self._certs_for: Sequence[x509.Certificate] | None = None
         self._issuers: list[x509.Certificate] = []
+        self._roots_key = b""
 
     # ---- control-plane state -------------------------------------------------------------------
 
@@ -186,6 +194,12 @@ class StateTrust:
                     "registers unsigned"
                 )
             return record
+        self._refresh_roots()
+        domain = self._trust_domain().encode()
+        proven = hashlib.sha256(self._roots_key + domain + b"\n" + value).digest()
+        until = _PROVEN.get(proven)
+        if until is not None and time.time() <= until:
+            return record  # this process checked these very bytes against these roots
         try:
             proof = RecordProof.model_validate_json(value[len(body) + 1 :])
             leaf, identity = self._certificate(proof.certificate)
@@ -201,13 +215,21 @@ class StateTrust:
                 f"record {key!r} claims agent {record.name!r} (identity {record.identity}) but is "
                 f"signed by {identity}"
             )
+        if len(_PROVEN) >= _PROVEN_MEMORY:
+            _PROVEN.clear()
+        _PROVEN[proven] = leaf.not_valid_after_utc.timestamp()
         return record
 
-    def _certificate(self, pems: Sequence[str]) -> tuple[x509.Certificate, SpiffeId]:
+    def _refresh_roots(self) -> None:
         roots = self._roots()
         if roots is not self._certs_for:
             self._certs, self._certs_for = {}, roots
             self._issuers = [r for r in roots if _is_ca(r)]
+            self._roots_key = b"".join(sorted(r.fingerprint(hashes.SHA256()) for r in roots))
+
+    def _certificate(self, pems: Sequence[str]) -> tuple[x509.Certificate, SpiffeId]:
+        self._refresh_roots()
+        roots = self._certs_for or ()
         cached = self._certs.get(pems[0])
         now = datetime.now(UTC)
         if cached is not None:
