@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from agentmesh.control.ca import NOT_BEFORE_SKEW, CertificateAuthority
+from agentmesh.control.kept import keep, kept
 from agentmesh.errors import (
     AuthenticationFailed,
     InvalidInput,
@@ -95,6 +96,20 @@ class Issuer:
         #: written back by ``guard``) when NATS loses, forges or rolls back the one it holds.
         self._revocations: tuple[RevocationList, SignedState | None] = (RevocationList(), None)
         self._token_versions: dict[str, int] = {}
+        self._kept: Path | None = None
+
+    def keep_in(self, directory: Path) -> None:
+        """Keep the revocation list in ``directory`` too, and start from the copy kept there."""
+        self._kept = directory / "revocations.json"
+        value = kept(self._kept)
+        if value is None:
+            return
+        try:
+            _, document = self.trust.revocations(value)
+        except ValueError as exc:
+            _log.warning("ignoring the revocation list kept in %s: %s", self._kept, exc)
+            return
+        self._revocations = (document, SignedState.model_validate_json(value))
 
     @property
     def trust_domain(self) -> str:
@@ -391,6 +406,7 @@ class Issuer:
             return current, revision
         if state is None or version > state.version:
             self._revocations = (document, SignedState.model_validate_json(value))
+            keep(self._kept, self._revocations[1])
         return document, revision
 
     async def _change_revocations(self, change: Callable[[RevocationList], RevocationList]) -> None:
@@ -412,6 +428,7 @@ class Issuer:
             except StateConflict:
                 continue
             self._revocations = (document, state)
+            keep(self._kept, state)
             return
         raise RegistryUnavailable("the revocation list kept changing while it was written")
 

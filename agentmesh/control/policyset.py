@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 from agentmesh.control.ca import CertificateAuthority
+from agentmesh.control.kept import keep, kept
 from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import PolicySet, SignedState
 from agentmesh.policy.store import SET_KEY, PolicyConflict, PolicyStore, policy_digest
@@ -33,13 +35,24 @@ _CAS_ATTEMPTS = 8
 class PolicySigner:
     """Keeps the signed policy set in step with the policies the control plane writes."""
 
-    def __init__(self, store: PolicyStore, ca: CertificateAuthority) -> None:
+    def __init__(
+        self, store: PolicyStore, ca: CertificateAuthority, *, kept_in: Path | None = None
+    ) -> None:
         self.store = store
         self._ca = ca
         self._trust = StateTrust(lambda: ca.roots, lambda: ca.trust_domain)
-        #: The last set verified or written: kept (and written back) if NATS loses it.
+        #: The last set verified or written: kept (and written back) if NATS loses it, also
+        #: on disk in ``kept_in`` (control/kept.py), where a restart starts from.
         self._last: SignedState | None = None
         self._last_set = PolicySet()
+        self._kept = kept_in / "policyset.json" if kept_in is not None else None
+        value = kept(self._kept)
+        if value is not None:
+            try:
+                _, self._last_set = self._trust.policies(value)
+                self._last = SignedState.model_validate_json(value)
+            except ValueError as exc:
+                _log.warning("ignoring the policy set kept in %s: %s", self._kept, exc)
 
     async def current(self) -> tuple[PolicySet, int]:
         """(the set in force, the KV revision of ``SET_KEY`` to compare-and-set against, 0 if
@@ -67,6 +80,7 @@ class PolicySigner:
         if self._last is None or version > self._last.version:
             self._last = SignedState.model_validate_json(entry.value)
             self._last_set = policy_set
+            keep(self._kept, self._last)
         return policy_set, entry.revision
 
     async def sign(self, name: str, revision: int, value: bytes | None) -> None:
@@ -99,6 +113,7 @@ class PolicySigner:
             except PolicyConflict:
                 continue
             self._last, self._last_set = state, document
+            keep(self._kept, state)
             return
         raise RegistryUnavailable("the signed policy set kept changing while it was written")
 
@@ -121,6 +136,7 @@ class PolicySigner:
         with contextlib.suppress(PolicyConflict):
             await self.store.put(SET_KEY, state.model_dump_json().encode(), last=0)
             self._last, self._last_set = state, document
+            keep(self._kept, state)
 
     async def guard(self) -> None:
         """Write back what NATS lost or was given forged: the last good set, and each listed

@@ -101,7 +101,8 @@ async def _serve(
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
-    signer = PolicySigner(sidecar.policies.store, ca)
+    signer = PolicySigner(sidecar.policies.store, ca, kept_in=settings.data_dir / "state")
+    issuer.keep_in(settings.data_dir / "state")
     security, retiring = await _security(settings, issuer, signer, info)
     health = HealthBook()
 

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from agentmesh import AuthenticationFailed, Mesh, Settings, capability, connect
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.issuer import Issuer
+from agentmesh.control.policies import apply_policy
+from agentmesh.control.policyset import PolicySigner
 from agentmesh.errors import InvalidInput
 from agentmesh.models import (
     AgentRecord,
@@ -35,6 +37,7 @@ from agentmesh.models import (
     TrustBundle,
 )
 from agentmesh.nats_server import NatsServer
+from agentmesh.policy.store import SET_KEY
 from agentmesh.registry import Lease
 from agentmesh.security.enrol import parse_token, token_digest
 from agentmesh.security.pki import new_csr, new_key, pem, sign_bundle, verify_bundle
@@ -379,3 +382,39 @@ def test_a_revocation_names_what_it_could_be() -> None:
             issuer._target(RevocationRequest(target=ambiguous))
     with pytest.raises(InvalidInput, match="is not a certificate serial"):
         issuer._target(RevocationRequest(target="summarizer", kind="serial"))
+
+
+async def test_a_restarted_control_plane_starts_from_the_state_it_kept(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """State deleted while the control plane was down is not lost at its next write."""
+    store = mesh.sidecar.identity.store
+    assert store is not None
+    kept = tmp_path / "state"
+    before = Issuer(mesh_ca().ca, store)
+    before.keep_in(kept)
+    await before.revoke(RevocationRequest(target="0xabc"))
+    await store.kv.delete(REVOCATIONS_KEY)  # meanwhile, in NATS
+    after = Issuer(mesh_ca().ca, store)  # a restart: nothing in memory
+    after.keep_in(kept)
+    await after.revoke(RevocationRequest(target="0xdef"))
+    assert {r.serial for r in (await after.revocation_list()).revoked} == {"abc", "def"}
+
+    policies = mesh.sidecar.policies.store
+
+    def manifest(name: str) -> dict[str, object]:
+        rule = {"name": "r", "action": "deny", "sources": [{"agent": "x"}]}
+        return {
+            "apiVersion": "agentmesh.dev/v1",
+            "kind": "AccessPolicy",
+            "metadata": {"name": name},
+            "spec": {"rules": [{**rule, "targets": [{"capability": "c"}]}]},
+        }
+
+    await apply_policy(PolicySigner(policies, mesh_ca().ca, kept_in=kept), manifest("first"))
+    latest = await policies.latest(SET_KEY)
+    assert latest is not None
+    await policies.delete(SET_KEY, last=latest.revision)  # meanwhile, in NATS
+    restarted = PolicySigner(policies, mesh_ca().ca, kept_in=kept)
+    await apply_policy(restarted, manifest("second"))
+    assert set((await restarted.current())[0].policies) == {"first", "second"}
