@@ -151,3 +151,35 @@ async def test_policies_written_around_the_control_plane_change_nothing_enforced
         await wait_until(lambda: "summarize-access" in newcomer.sidecar.policies.snapshot.policies)
         assert await newcomer.call("summarize", {"text": "again"}) == "again"
     await enforced()
+
+
+async def test_policies_stored_before_signing_are_adopted_once(
+    mesh: Mesh, settings, wait_until
+) -> None:
+    """An upgrade from a version that did not sign: the first start signs what it finds; a
+    set deleted later is never replaced by signing whatever is stored."""
+    store = mesh.sidecar.policies.store
+    old = access_policy(
+        "from-before",
+        {
+            "name": "r",
+            "action": "deny",
+            "sources": [{"agent": "x"}],
+            "targets": [{"capability": "c"}],
+        },
+    )
+    await store.put("from-before", json.dumps(old).encode(), last=0)
+    # A sidecar that (re)synchronises now sees policies but no signed set: it fails closed.
+    async with connect(settings, client_name="early") as early:
+        assert [bad.name for bad in early.sidecar.policies.snapshot.invalid] == ["from-before"]
+    signer = mesh_ca().policy_signer(store)
+    await signer.adopt()
+    await wait_until(lambda: "from-before" in mesh.sidecar.policies.snapshot.policies)
+    latest = await store.latest(SET_KEY)
+    assert latest is not None
+    await store.delete(SET_KEY, last=latest.revision)
+    await store.put("planted", json.dumps(old).encode(), last=0)
+    await mesh_ca().policy_signer(store).adopt()  # a restart: a deleted set is no upgrade
+    entry = await store.latest(SET_KEY)
+    assert entry is not None
+    assert entry.operation == "delete"
