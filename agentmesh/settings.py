@@ -215,6 +215,38 @@ class Settings(BaseSettings):
         default=False,
         description="Let the control plane's read endpoints answer without the admin token.",
     )
+    # The standalone sidecar (`agentmesh sidecar`, docs/sidecar.md).
+    egress_port: int = Field(
+        default=15001,
+        ge=0,
+        le=65535,
+        description="Loopback port of a standalone sidecar's egress (0: any free port); 15001 "
+        "as Istio's outbound capture port, so it is easy to recognise.",
+    )
+    app_probe_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds a standalone sidecar waits for its app's health answer: a loopback "
+        "probe that takes longer means an app too busy to take calls.",
+    )
+    app_start_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a standalone sidecar waits for its app to answer before it "
+        "registers the agent anyway, as unready (slow runtimes such as the JVM need ~10 s).",
+    )
+    app_restart_backoff: float = Field(
+        default=0.5,
+        gt=0,
+        description="First pause before a standalone sidecar restarts an app it started that "
+        "exited; doubled after each exit in a row.",
+    )
+    app_restart_backoff_max: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest pause between restarts of a crash-looping app (as Kubernetes caps "
+        "CrashLoopBackOff, but shorter: an agent should come back fast).",
+    )
 
     @property
     def access_default(self) -> Literal["allow", "deny"]:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from agentmesh._version import __version__
-from agentmesh.cli import bench, control, demo, observe, policies, query, run, security
+from agentmesh.cli import bench, control, demo, observe, policies, query, run, security, sidecar
 from agentmesh.cli._common import err_console
 from agentmesh.errors import MeshError
 
@@ -54,6 +54,7 @@ observe.register(app)
 policies.register(app)
 security.register(app)
 bench.register(app)
+sidecar.register(app)
 
 
 def main() -> None:
