@@ -1,7 +1,8 @@
 """Running the control plane: an embedded NATS unless one is configured, then the API.
 
 The embedded nats-server is started from the main thread before the event loop (its
-parent-death signal is tied to the thread that spawns it) and stopped after the API is down.
+parent-death signal is tied to the thread that spawns it), supervised while the API runs (the
+loop runs in the main thread too, so restarts keep that tie) and stopped after the API is down.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from agentmesh.control.app import create_app
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.health import HealthBook
 from agentmesh.control.issuer import Issuer
+from agentmesh.control.nats_status import keep_replicas, mesh_buckets
+from agentmesh.control.nats_supervisor import EmbeddedNats
 from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
 from agentmesh.errors import MeshError
-from agentmesh.nats_server import NatsServer
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token
 from agentmesh.security.store import SecurityStore, security_bucket
 from agentmesh.settings import Settings
@@ -67,22 +69,20 @@ def run_control(
 ) -> None:
     """Serve until SIGTERM/SIGINT. Blocking; call from the main thread."""
     sock = bind(host, port)
-    nats: NatsServer | None = None
+    nats: EmbeddedNats | None = None
     try:
         nats_url = settings.nats_url
         if not nats_url:
-            store = settings.data_dir / "nats"
-            store.mkdir(parents=True, exist_ok=True)
-            nats = NatsServer(store)
+            nats = EmbeddedNats(settings)
             nats.start()
             nats_url = nats.url
         display_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         info = ControlInfo(
             f"http://{display_host}:{sock.getsockname()[1]}",
             nats_url,
-            settings.data_dir / "nats" if nats else None,
+            nats.store if nats else None,
         )
-        asyncio.run(_serve(settings, sock, info, on_ready))
+        asyncio.run(_serve(settings, sock, info, on_ready, nats))
     finally:
         sock.close()
         if nats is not None:
@@ -94,16 +94,23 @@ async def _serve(
     sock: socket.socket,
     info: ControlInfo,
     on_ready: Callable[[ControlInfo], None] | None,
+    nats: EmbeddedNats | None,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
     ca = CertificateAuthority.open(settings)
-    sidecar = Sidecar(boot, settings, name="agentmesh-control", caller="control")
+    sidecar = Sidecar(
+        boot, settings, name="agentmesh-control", caller="control", follow_control=False
+    )
+    supervising = asyncio.create_task(nats.supervise()) if nats else None
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
     signer = PolicySigner(sidecar.policies.store, ca, kept_in=settings.data_dir / "state")
     issuer.keep_in(settings.data_dir / "state")
     security, retiring = await _security(settings, issuer, signer, info)
+    replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
+    await replicas()
+    sidecar.conn.on_reconnect(replicas)
     health = HealthBook()
 
     async def on_breaker_event(msg: Msg) -> None:
@@ -116,7 +123,9 @@ async def _serve(
         stats.apply(msg.data)
 
     await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
-    server = HttpServer(create_app(sidecar, boot, health, stats, security, signer), sock)
+    app = create_app(sidecar, boot, health, stats, security, signer)
+    app.state.nats_server = nats.status if nats else None
+    server = HttpServer(app, sock)
     stop = asyncio.Event()
     try:
         await server.start()
@@ -129,6 +138,8 @@ async def _serve(
     finally:
         await server.stop()
         retiring.cancel()
+        if supervising is not None:
+            supervising.cancel()
         await sidecar.close()
 
 

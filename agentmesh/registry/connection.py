@@ -2,7 +2,11 @@
 
 The data plane must survive NATS going away, so the client reconnects forever and tells its
 users (the lease and the watch-fed index) when it is back, so that they can re-register and
-resynchronise instead of trusting whatever a consumer replays.
+resynchronise instead of trusting whatever a consumer replays. ``url`` may name several servers
+(comma-separated seeds of a cluster); nats-py then also learns the cluster's other nodes from the
+servers' INFO. When NATS has been away for ``rebootstrap_after`` seconds and a ``rebootstrap``
+source is given (the control plane), the server list is asked for again and followed
+(``agentmesh.registry.cluster``), so an address change never needs a restart.
 """
 
 from __future__ import annotations
@@ -11,36 +15,74 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
 
 from agentmesh.errors import RegistryUnavailable
+from agentmesh.registry.cluster import (
+    Rebootstrap,
+    ServerFollower,
+    default_replicas,
+    split_urls,
+    through_election,
+)
 
 __all__ = ["NatsConnection"]
 
 _log = logging.getLogger("agentmesh.registry")
 
 Listener = Callable[[], Awaitable[None]]
+T = TypeVar("T")
+
+_PER_SERVER_TIMEOUT = 2.0
+"""Seconds one server gets to answer a new connection before the next seed is tried."""
 
 
 class NatsConnection:
     """A reconnecting NATS client plus reconnect listeners."""
 
-    def __init__(self, url: str, *, name: str) -> None:
-        self.url = url
+    def __init__(
+        self,
+        url: str | list[str],
+        *,
+        name: str,
+        rebootstrap: Rebootstrap | None = None,
+        rebootstrap_after: float = 5.0,
+        kv_replicas: int | None = None,
+        jetstream_wait: float = 20.0,
+        ping_interval: float = 2.0,
+    ) -> None:
+        self.servers = split_urls(url)
+        self.url = ",".join(self.servers)
         self.name = name
         self._nc: NATS | None = None
         self._on_reconnect: list[Listener] = []
         self.connected = asyncio.Event()
         self._closing = False
+        self._kv_replicas = kv_replicas
+        #: How long start-up steps wait for JetStream to answer (through a leader election).
+        self.jetstream_wait = jetstream_wait
+        self.ping_interval = ping_interval
+        self._follower = (
+            ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
+        )
 
     @property
     def client(self) -> NATS:
         if self._nc is None:
             raise RegistryUnavailable(f"NATS at {self.url}: not connected")
         return self._nc
+
+    def replicas(self) -> int:
+        """Replicas of the buckets this process creates: the setting, else min(3, the number
+        of servers the cluster advertises) (``agentmesh.registry.cluster``)."""
+        return self._kv_replicas or default_replicas(self.client)
+
+    async def through_election(self, op: Callable[[], Awaitable[T]], what: str) -> T:
+        """``op()`` retried while JetStream does not answer, up to ``jetstream_wait`` seconds."""
+        return await through_election(op, wait=self.jetstream_wait, what=what)
 
     def on_reconnect(self, listener: Listener) -> None:
         """Call ``listener`` each time the connection comes back after a loss."""
@@ -52,6 +94,8 @@ class NatsConnection:
             self.connected.clear()
             if was_connected and not self._closing:
                 _log.warning("lost NATS at %s; reconnecting", self.url)
+                if self._follower is not None:
+                    self._follower.lost()
 
         async def reconnected() -> None:
             self.connected.set()
@@ -68,11 +112,15 @@ class NatsConnection:
         # nats-py annotates some of these as int, but takes seconds as floats.
         options: dict[str, Any] = {
             "name": self.name,
-            "connect_timeout": timeout,
+            # Per server: a stalled node (it accepts TCP, never answers) must not use up the
+            # whole budget before the next seed is tried.
+            "connect_timeout": min(timeout, _PER_SERVER_TIMEOUT),
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
-            "ping_interval": 5,
+            # Two unanswered pings mark the server stale: a hung node (a stalled VM) is left
+            # for another within about three intervals.
+            "ping_interval": self.ping_interval,
             "max_outstanding_pings": 2,
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
@@ -80,10 +128,11 @@ class NatsConnection:
         }
         nc = NATS()
         try:
-            await _reachable(self.url, timeout)
+            await _reachable(self.servers, timeout)
             # nats-py retries even the first connection forever when reconnects are unlimited:
             # bound it, so a wrong URL is an error, not a hang.
-            await asyncio.wait_for(nc.connect(self.url, **options), timeout)
+            budget = timeout + _PER_SERVER_TIMEOUT * (len(self.servers) - 1)
+            await asyncio.wait_for(nc.connect(servers=self.servers, **options), budget)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -101,6 +150,8 @@ class NatsConnection:
 
     async def close(self) -> None:
         self._closing = True
+        if self._follower is not None:
+            await self._follower.stop()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.drain(), timeout=2.0)
@@ -110,11 +161,22 @@ class NatsConnection:
         self._nc = None
 
 
-async def _reachable(url: str, timeout: float) -> None:
-    """Fail fast on a refused port: nats-py would otherwise retry until the timeout."""
-    parsed = urlsplit(url.split(",")[0])
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+async def _reachable(servers: list[str], timeout: float) -> None:
+    """Fail fast when no seed accepts a connection: nats-py would retry until the timeout.
+
+    One answering seed is enough (a cluster with a node down is still reachable).
+    """
+    error: BaseException = OSError("no server to try")
+    for url in servers:
+        parsed = urlsplit(url)
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            error = exc
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise error

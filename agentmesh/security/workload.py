@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from agentmesh.control_planes import live_control
 from agentmesh.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -191,10 +192,11 @@ class WorkloadIdentity:
         self.view.on_change(self._view_changed)
         self.view.start(self.store, conn, trust)
         try:
-            await asyncio.wait_for(self.view.synced.wait(), 5.0)
+            await asyncio.wait_for(self.view.synced.wait(), conn.jetstream_wait)
         except TimeoutError as exc:
             raise RegistryUnavailable(
-                f"the revocation list did not arrive within 5s from NATS at {conn.url}"
+                f"the revocation list did not arrive within {conn.jetstream_wait:g}s from NATS "
+                f"at {conn.url}"
             ) from exc
         if self._cached is not None and not self._cache_fits_mesh():
             from agentmesh.security import client_cache
@@ -269,7 +271,7 @@ class WorkloadIdentity:
         token = None if renew else self._token()
         if not renew and token is None:
             raise self._no_source()
-        remote = RemoteIssuer(self._settings.control_url, token)
+        remote = RemoteIssuer(await live_control(self._settings.control_url), token)
         self._remote = True
         pinned: list[x509.Certificate] | None = None
         if not renew:
