@@ -96,7 +96,8 @@ class Lease:
 
     async def _release_current(self) -> None:
         current = await self._store.get(self.record.instance_id)
-        if current is not None and current[0] == self._store.encode(self.record):
+        ours = record_part(self._store.encode(self.record))  # signed by whichever certificate
+        if current is not None and record_part(current[0]) == ours:
             await self._store.delete(self.record.instance_id, current[1])
 
     async def _heartbeat(self) -> None:
