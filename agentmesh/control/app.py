@@ -22,6 +22,7 @@ from agentmesh.control.limits import BodyLimit, body_problem, truncated, validat
 from agentmesh.control.metrics import ControlMetrics
 from agentmesh.control.nats_status import nats_server_status, with_cluster_urls
 from agentmesh.control.policies import policy_router
+from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import ControlSecurity, security_router
 from agentmesh.control.sessions import BrowserHeaders
 from agentmesh.control.stats import StatsBook, stats_router
@@ -65,10 +66,12 @@ def create_app(
     health: HealthBook,
     stats: StatsBook | None = None,
     security: ControlSecurity | None = None,
+    policies: PolicySigner | None = None,
     settings: Settings | None = None,
 ) -> FastAPI:
     """The API; with ``security``, the identity routes and admin authentication on every route
-    but the few a joining workload or a probe needs (``agentmesh.control.security``).
+    but the few a joining workload or a probe needs (``agentmesh.control.security``); with
+    ``policies``, the policy routes (writes are signed into the policy set).
 
     Inputs are bounded (``agentmesh.control.limits``: body size, 422 size) and browsers get
     hardening headers (``agentmesh.control.sessions.BrowserHeaders``)."""
@@ -93,7 +96,8 @@ def create_app(
     app.mount(
         "/ui", dashboard_app(sidecar, health, stats=stats, api=app, auth=auth, settings=settings)
     )
-    app.include_router(policy_router(sidecar))
+    if policies is not None:  # writing policies needs the CA, which signs the policy set
+        app.include_router(policy_router(sidecar, policies))
     app.add_middleware(BodyLimit, max_bytes=settings.max_control_body_bytes)
     app.add_middleware(BrowserHeaders)
 

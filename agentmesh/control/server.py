@@ -24,8 +24,10 @@ from agentmesh.control.https import PLAINTEXT_REFUSAL, ControlTLS, control_hosts
 from agentmesh.control.issuer import Issuer
 from agentmesh.control.nats_status import keep_replicas, mesh_buckets
 from agentmesh.control.nats_supervisor import EmbeddedNats
+from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
+from agentmesh.errors import MeshError
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token, ensure_private_dir
 from agentmesh.security.inbound import InboundLimits
 from agentmesh.security.store import SecurityStore, security_bucket
@@ -112,7 +114,9 @@ async def _serve(
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
-    security, retiring = await _security(settings, issuer, info)
+    signer = PolicySigner(sidecar.policies.store, ca, kept_in=settings.data_dir / "state")
+    issuer.keep_in(settings.data_dir / "state")
+    security, retiring = await _security(settings, issuer, signer, info)
     if tls.mode != "off":
         info.security["roots_file"] = str(tls.roots_file)
     replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
@@ -130,7 +134,7 @@ async def _serve(
         stats.apply(msg.data)
 
     await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
-    app = create_app(sidecar, boot, health, stats, security, settings)
+    app = create_app(sidecar, boot, health, stats, security, signer, settings)
     app.state.nats_server = nats.status if nats else None
     server = HttpServer(
         app,
@@ -170,11 +174,15 @@ def _https(settings: Settings, host: str, insecure_http: bool) -> ControlTLS:
 
 
 async def _security(
-    settings: Settings, issuer: Issuer, info: ControlInfo
+    settings: Settings, issuer: Issuer, signer: PolicySigner, info: ControlInfo
 ) -> tuple[ControlSecurity, asyncio.Task[None]]:
-    """Publish the trust bundle, write the local join token and the admin token (0600)."""
+    """Publish the trust bundle, write the local join token and the admin token (0600); keep
+    the signed state (revocation list, policy set) in NATS."""
     await issuer.store.open()
     await issuer.publish_bundle()
+    await issuer.guard()
+    await signer.adopt()
+    await signer.guard()
     join_file = await issuer.local_token(settings.data_dir)
     token = ensure_admin_token(settings)
     info.security = {
@@ -185,7 +193,9 @@ async def _security(
         if settings.token
         else str(settings.data_dir / ADMIN_TOKEN_FILE),
     }
-    retiring = asyncio.create_task(issuer.retire_loop(), name="ca-retire")
+    retiring = asyncio.create_task(
+        _keep_state(issuer, signer, settings.state_guard_interval), name="ca-retire"
+    )
     auth = AdminAuth(
         token,
         public_read=settings.public_read,
@@ -193,3 +203,18 @@ async def _security(
         failures_per_minute=settings.auth_failures_per_minute,
     )
     return ControlSecurity(issuer, auth), retiring
+
+
+async def _keep_state(issuer: Issuer, signer: PolicySigner, interval: float) -> None:
+    """Retire old roots when due, and write back signed state NATS lost or was given forged."""
+    retire = asyncio.create_task(issuer.retire_loop(), name="ca-retire-roots")
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await issuer.guard()
+                await signer.guard()
+            except MeshError as exc:
+                _log.warning("could not check the signed state in NATS (%s); retrying", exc)
+    finally:
+        retire.cancel()

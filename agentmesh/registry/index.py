@@ -13,6 +13,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
@@ -22,12 +23,17 @@ from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.follow import BucketFollower
-from agentmesh.registry.store import RegistryStore
+from agentmesh.registry.store import RegistryStore, record_part
 from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
+
+if TYPE_CHECKING:
+    from agentmesh.security.signed import StateTrust
 
 __all__ = ["LocalIndex", "Target", "parse_specifier"]
 
 _log = logging.getLogger("agentmesh.registry")
+#: Refused values remembered per key (cleared when full): bounds what a flood of them costs.
+_REFUSED_MEMORY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +118,14 @@ def matches(
 class LocalIndex:
     """capability name → live targets, kept current by a watch on the registry bucket."""
 
-    def __init__(self) -> None:
+    def __init__(self, trust: StateTrust | None = None) -> None:
+        #: Decides which records are taken (signed by the agent they name); None with mTLS
+        #: off, where records are taken as read (see docs/security.md).
+        self.trust = trust
         self._records: dict[str, AgentRecord] = {}
         self._raw: dict[str, bytes] = {}
+        #: Values refused (and logged) once, so a renewal of the same bytes is not logged again.
+        self._refused: dict[str, bytes] = {}
         self._by_capability: dict[str, tuple[Target, ...]] = {}
         self.synced = asyncio.Event()
         self.revision = 0
@@ -166,16 +177,21 @@ class LocalIndex:
     def apply(self, key: str, value: bytes | None) -> None:
         """One watch event: a value (put) or None (delete, purge, expiry)."""
         if value is None:
+            self._refused.pop(key, None)
             gone = self._records.pop(key, None)
             if gone is not None:
                 self._raw.pop(key, None)
                 self._update(key, gone, None)
             return
-        if self._raw.get(key) == value:
+        if self._raw.get(key) == value or self._refused.get(key) == value:
             return
         record = self._decode(key, value)
         if record is None:
+            if len(self._refused) >= _REFUSED_MEMORY:
+                self._refused.clear()
+            self._refused[key] = value  # logged once, not at every lease renewal
             return
+        self._refused.pop(key, None)
         self._raw[key] = value
         old = self._records.get(key)
         self._records[key] = record
@@ -185,21 +201,34 @@ class LocalIndex:
         """Swap the whole index for a fresh snapshot (after a (re)connection)."""
         records: dict[str, AgentRecord] = {}
         raw: dict[str, bytes] = {}
+        refused: dict[str, bytes] = {}
         for key, value in snapshot.items():
+            if self._refused.get(key) == value:
+                refused[key] = value
+                continue
             record = self._records.get(key) if self._raw.get(key) == value else None
             record = record or self._decode(key, value)
             if record is not None:
                 records[key], raw[key] = record, value
-        self._records, self._raw = records, raw
+            else:
+                refused[key] = value
+        self._records, self._raw, self._refused = records, raw, refused
         self._rebuild()
 
-    @staticmethod
-    def _decode(key: str, value: bytes) -> AgentRecord | None:
-        try:
-            record = AgentRecord.model_validate_json(value)
-        except ValidationError as exc:
-            _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
-            return None
+    def _decode(self, key: str, value: bytes) -> AgentRecord | None:
+        """The record under ``key``, or None (logged) if it is malformed or not to be trusted."""
+        if self.trust is not None:
+            try:
+                record = self.trust.record(key, value)
+            except ValueError as exc:
+                _log.warning("ignoring registry record %r: %s", key, exc)
+                return None
+        else:
+            try:
+                record = AgentRecord.model_validate_json(record_part(value))
+            except ValidationError as exc:
+                _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
+                return None
         if record.instance_id != key:
             _log.warning("ignoring record under %r claiming instance %r", key, record.instance_id)
             return None

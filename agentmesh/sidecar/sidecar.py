@@ -53,10 +53,12 @@ class Sidecar:
             ping_interval=settings.nats_ping_interval,
         )
         self.store = RegistryStore(self.conn, boot.registry_bucket)
-        self.index = LocalIndex()
         self._background: set[asyncio.Task[None]] = set()
         #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations.
         self.identity = WorkloadIdentity.for_caller(settings, caller)
+        #: What this sidecar takes from NATS (signed records and policies); None with mTLS off.
+        trust = self.identity.state_trust()
+        self.index = LocalIndex(trust)
         self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name
         self.stats = StatsCollector(
@@ -68,6 +70,7 @@ class Sidecar:
             self.index,
             default=settings.access_default,
             retry=RetryPolicy(attempts=settings.retry_attempts),
+            trust=trust,
         )
         self.outbound: OutboundStack = build_outbound(
             self.index,
@@ -108,6 +111,8 @@ class Sidecar:
         try:
             await self.store.open()
             await self.identity.start(self.conn, self.boot.registry_bucket)
+            if self.identity.enabled:
+                self.store.seal = self.identity.seal_record
             self.index.start(self.store, self.conn)
             await self.policies.open_store()
             self.policies.start(self.conn)
