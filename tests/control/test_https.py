@@ -1,7 +1,8 @@
 """The control plane's edge (docs/security.md): HTTPS, sessions and CSRF, bounded inputs, files.
 
-Each test runs ``python -m agentmesh control`` as a real process with its own self-managed CA
-(not the suite's test CA), and attacks it as issue 12's table did, over real TLS.
+Each test runs ``python -m agentmesh control`` as a real process (on the suite's test CA, or its
+own self-managed CA where the test needs one: a rotation, a foreign root) and attacks it as issue
+12's table did, over real TLS.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ async def test_clients_refuse_a_control_plane_outside_their_trust(
     (foreign / "roots.pem").write_text("".join(pem(r) for r in mesh_ca().ca.roots))
     data = tmp_path / "control"
     data.mkdir()
-    with control_process(nats_url, bucket, data) as url:
+    with control_process(nats_url, bucket, data, own_ca=True) as url:
         # The CLI: its data dir's roots are another mesh's.
         done = await arun_cli(
             "agents",
@@ -386,11 +387,11 @@ def test_insecure_http_is_explicit_and_warns(nats_url: str, bucket: str, tmp_pat
 async def test_the_https_certificate_outlives_a_root_rotation(
     nats_url: str, bucket: str, tmp_path: Path
 ):
-    with control_process(nats_url, bucket, tmp_path) as url:
+    with control_process(nats_url, bucket, tmp_path, own_ca=True) as url:
         before = control_tls(tmp_path)  # a client that read roots.pem before the rotation
         async with httpx.AsyncClient(base_url=url, verify=before, timeout=30) as http:
             rotated = await http.post("/v1/ca/rotate", headers=_admin(tmp_path))
-            assert rotated.status_code == 200
+            assert rotated.status_code == 200, rotated.text
             assert len(rotated.json()["roots"]) == 2
         async with httpx.AsyncClient(base_url=url, verify=before, timeout=10) as http:
             assert (await http.get("/healthz")).status_code == 200
