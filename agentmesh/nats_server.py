@@ -16,6 +16,7 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -159,8 +160,13 @@ class NatsServer:
         port: int = 0,
         binary: Path | None = None,
         jetstream: bool = True,
+        config: Path | None = None,
+        tls: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
+        #: A configuration file (TLS, accounts: see nats_config.py); flags win over it.
+        self.config = config
+        self._tls = tls
         self.host = host
         self._port = port
         self._binary = binary
@@ -180,7 +186,7 @@ class NatsServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nats://{host}:{self._port}"
+        return f"{'tls' if self._tls else 'nats'}://{host}:{self._port}"
 
     @property
     def running(self) -> bool:
@@ -193,7 +199,10 @@ class NatsServer:
 
     def _command(self, binary: Path) -> list[str]:
         port = str(self._port) if self._port else "-1"
-        command = [str(binary), "-a", self.host, "-p", port]
+        command = [str(binary)]
+        if self.config is not None:
+            command += ["-c", str(self.config)]
+        command += ["-a", self.host, "-p", port]
         if self._jetstream:
             command += ["-js", "-sd", str(self.store_dir)]
         return command
@@ -274,6 +283,12 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def reload(self) -> None:
+        """Re-read the configuration file (SIGHUP): a renewed TLS certificate, for example."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGHUP)
 
     def restart(self, timeout: float = 10.0) -> None:
         """Stop, then start on the same port and store directory (a NATS restart)."""

@@ -21,8 +21,10 @@ from agentmesh.control.health import HealthBook
 from agentmesh.control.issuer import Issuer
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
+from agentmesh.nats_config import embedded_nats, keep_server_tls, warn_if_open
 from agentmesh.nats_server import NatsServer
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token
+from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.store import SecurityStore, security_bucket
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import local_bootstrap
@@ -64,11 +66,12 @@ def run_control(
     sock = bind(host, port)
     nats: NatsServer | None = None
     try:
+        ca = CertificateAuthority.open(settings)
         nats_url = settings.nats_url
         if not nats_url:
             store = settings.data_dir / "nats"
             store.mkdir(parents=True, exist_ok=True)
-            nats = NatsServer(store)
+            nats = embedded_nats(settings, store, ca)
             nats.start()
             nats_url = nats.url
         display_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -77,7 +80,7 @@ def run_control(
             nats_url,
             settings.data_dir / "nats" if nats else None,
         )
-        asyncio.run(_serve(settings, sock, info, on_ready))
+        asyncio.run(_serve(settings, sock, info, on_ready, ca, nats))
     finally:
         sock.close()
         if nats is not None:
@@ -89,14 +92,21 @@ async def _serve(
     sock: socket.socket,
     info: ControlInfo,
     on_ready: Callable[[ControlInfo], None] | None,
+    ca: CertificateAuthority,
+    nats: NatsServer | None,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
-    ca = CertificateAuthority.open(settings)
     sidecar = Sidecar(boot, settings, name="agentmesh-control", caller="control")
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
+    issuer.use_nats(NatsAuthority.open(settings.data_dir), boot.registry_bucket)
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
+    warn_if_open(sidecar.conn)
     security, retiring = await _security(settings, issuer, info)
+    info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
+    background = [retiring]
+    if nats is not None and nats.config is not None:
+        background.append(asyncio.create_task(keep_server_tls(nats, ca), name="nats-tls"))
     health = HealthBook()
 
     async def on_breaker_event(msg: Msg) -> None:
@@ -121,7 +131,8 @@ async def _serve(
             stopped.cancel()
     finally:
         await server.stop()
-        retiring.cancel()
+        for task in background:
+            task.cancel()
         await sidecar.close()
 
 

@@ -722,6 +722,7 @@ def _routes(
             window=window_label,
             data=data,
             signed_in=signed_in and TOKEN_COOKIE in request.cookies,
+            nats_open=sidecar.conn.unauthenticated,
             **context,
         )
         return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,19 +23,42 @@ __all__ = ["NatsConnection"]
 
 _log = logging.getLogger("agentmesh.registry")
 
+
+def _not_eof_noise(record: logging.LogRecord) -> bool:
+    """asyncio warns at every close of a TLS stream connection (nats-py's transport): noise."""
+    return not record.getMessage().startswith("returning true from eof_received()")
+
+
+logging.getLogger("asyncio").addFilter(_not_eof_noise)
+
 Listener = Callable[[], Awaitable[None]]
+#: nats-py connect options naming this process and how it checks the server (TLS, JWT, ...):
+#: called at each connect, so renewed credentials are used (see security/nats_client.py).
+Credentials = Callable[[], dict[str, Any]]
+#: The server's first line (INFO) is a few hundred bytes; more is not a NATS server.
+_MAX_INFO = 64 * 1024
 
 
 class NatsConnection:
     """A reconnecting NATS client plus reconnect listeners."""
 
-    def __init__(self, url: str, *, name: str) -> None:
+    def __init__(self, url: str, *, name: str, credentials: Credentials | None = None) -> None:
         self.url = url
         self.name = name
+        self._credentials = credentials
+        #: The server's INFO at the last connect: ``auth_required``/``tls_required`` say whether
+        #: the substrate is open (the control plane and ``agentmesh check`` warn if it is).
+        self.server_info: dict[str, Any] = {}
         self._nc: NATS | None = None
         self._on_reconnect: list[Listener] = []
         self.connected = asyncio.Event()
         self._closing = False
+
+    @property
+    def unauthenticated(self) -> bool:
+        """The server admits connections without credentials (its INFO at our last connect):
+        anyone who can reach it can rewrite policies, revocations and registry records."""
+        return bool(self.server_info) and not self.server_info.get("auth_required", False)
 
     @property
     def client(self) -> NATS:
@@ -80,7 +104,9 @@ class NatsConnection:
         }
         nc = NATS()
         try:
-            await _reachable(self.url, timeout)
+            self.server_info = await _server_info(self.url, timeout)
+            if self._credentials is not None:
+                options.update(self._credentials())
             # nats-py retries even the first connection forever when reconnects are unlimited:
             # bound it, so a wrong URL is an error, not a hang.
             await asyncio.wait_for(nc.connect(self.url, **options), timeout)
@@ -93,8 +119,15 @@ class NatsConnection:
                 reason = f"no answer within {timeout:g}s"
             else:
                 reason = str(exc) or type(exc).__name__
+            hint = "is nats-server running?"
+            if "authorization" in reason.lower() or "ssl" in reason.lower():
+                hint = (
+                    "it refuses us or we refuse it: mesh credentials come with enrolment "
+                    "(AGENTMESH_MTLS must not be off), or set AGENTMESH_NATS_CREDS_FILE / "
+                    "AGENTMESH_NATS_TLS_CA_FILE for an operator-run NATS"
+                )
             raise RegistryUnavailable(
-                f"NATS at {self.url}: cannot connect ({reason}); is nats-server running?"
+                f"NATS at {self.url}: cannot connect ({reason}); {hint}"
             ) from exc
         self._nc = nc
         self.connected.set()
@@ -110,11 +143,27 @@ class NatsConnection:
         self._nc = None
 
 
-async def _reachable(url: str, timeout: float) -> None:
-    """Fail fast on a refused port: nats-py would otherwise retry until the timeout."""
+async def _server_info(url: str, timeout: float) -> dict[str, Any]:
+    """The server's INFO (sent in plain text before any TLS or authentication).
+
+    Also fails fast on a refused port: nats-py would otherwise retry until the timeout.
+    """
     parsed = urlsplit(url.split(",")[0])
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, limit=_MAX_INFO), timeout
+    )
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (ValueError, OSError, TimeoutError):  # a TLS-first server says nothing: no INFO
+        line = b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    head, _, body = line.partition(b" ")
+    try:
+        info = json.loads(body) if head == b"INFO" else {}
+    except ValueError:
+        info = {}
+    return info if isinstance(info, dict) else {}

@@ -22,7 +22,7 @@ from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.follow import BucketFollower
-from agentmesh.registry.store import RegistryStore
+from agentmesh.registry.store import RegistryStore, instance_of, record_key
 from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
 
 __all__ = ["LocalIndex", "Target", "parse_specifier"]
@@ -164,32 +164,52 @@ class LocalIndex:
     # ---- feeding -------------------------------------------------------------------------------
 
     def apply(self, key: str, value: bytes | None) -> None:
-        """One watch event: a value (put) or None (delete, purge, expiry)."""
-        if value is None:
-            gone = self._records.pop(key, None)
-            if gone is not None:
-                self._raw.pop(key, None)
-                self._update(key, gone, None)
+        """One watch event under a registry key: a value (put) or None (delete, purge, expiry).
+
+        Kept by instance id (the key is ``<name>.<instance>``, see ``registry/store.py``).
+        """
+        instance = instance_of(key)
+        if instance is None:
+            _log.warning("ignoring registry key %r (not <agent name>.<instance id>)", key)
             return
-        if self._raw.get(key) == value:
+        self._apply(instance, key, value)
+
+    def _apply(self, instance: str, key: str, value: bytes | None) -> None:
+        current = self._records.get(instance)
+        if current is not None and record_key(current) != key:
+            # Another agent's key claiming a live instance id: never lets it take that over.
+            _log.warning(
+                "ignoring %r: instance %r is registered by %s", key, instance, current.name
+            )
+            return
+        if value is None:
+            gone = self._records.pop(instance, None)
+            if gone is not None:
+                self._raw.pop(instance, None)
+                self._update(instance, gone, None)
+            return
+        if self._raw.get(instance) == value:
             return
         record = self._decode(key, value)
         if record is None:
             return
-        self._raw[key] = value
-        old = self._records.get(key)
-        self._records[key] = record
-        self._update(key, old, record)
+        self._raw[instance] = value
+        old = self._records.get(instance)
+        self._records[instance] = record
+        self._update(instance, old, record)
 
     def replace(self, snapshot: dict[str, bytes]) -> None:
         """Swap the whole index for a fresh snapshot (after a (re)connection)."""
         records: dict[str, AgentRecord] = {}
         raw: dict[str, bytes] = {}
         for key, value in snapshot.items():
-            record = self._records.get(key) if self._raw.get(key) == value else None
+            instance = instance_of(key)
+            if instance is None or instance in records:
+                continue
+            record = self._records.get(instance) if self._raw.get(instance) == value else None
             record = record or self._decode(key, value)
             if record is not None:
-                records[key], raw[key] = record, value
+                records[instance], raw[instance] = record, value
         self._records, self._raw = records, raw
         self._rebuild()
 
@@ -200,8 +220,13 @@ class LocalIndex:
         except ValidationError as exc:
             _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
             return None
-        if record.instance_id != key:
-            _log.warning("ignoring record under %r claiming instance %r", key, record.instance_id)
+        if record_key(record) != key:
+            _log.warning(
+                "ignoring record under %r claiming %s instance %r",
+                key,
+                record.name,
+                record.instance_id,
+            )
             return None
         return record
 

@@ -14,7 +14,7 @@ import logging
 
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord
-from agentmesh.registry.store import RecordConflict, RegistryStore
+from agentmesh.registry.store import RecordConflict, RegistryStore, record_key
 from agentmesh.telemetry.metrics import LEASE_RENEWALS
 
 __all__ = ["Lease"]
@@ -72,7 +72,7 @@ class Lease:
                 if not self._store.connected:
                     raise RegistryUnavailable("NATS is not connected")
                 await asyncio.wait_for(
-                    self._store.delete(self.record.instance_id, revision), timeout
+                    self._store.delete(record_key(self.record), revision), timeout
                 )
             except RecordConflict:
                 _log.warning("record of %s changed before release", self.record.instance_id)
@@ -109,7 +109,7 @@ class Lease:
 
     async def _recover(self) -> int:
         """The revision moved: recreate our record if it is gone, else someone else owns it."""
-        current = await self._store.get(self.record.instance_id)
+        current = await self._store.get(record_key(self.record))
         if current is None:
             _log.info("record of %s had expired; registering again", self.record.instance_id)
             return await self._store.create(self.record, self.ttl)

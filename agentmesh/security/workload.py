@@ -54,6 +54,7 @@ from agentmesh.settings import Settings
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from agentmesh.security.natsjwt import NKey
     from agentmesh.security.pki import PrivateKey
 
 __all__ = ["WorkloadIdentity", "default_client_name"]
@@ -105,6 +106,10 @@ class WorkloadIdentity:
         self._on_revoked: list[Callable[[frozenset[int]], None]] = []
         #: The cache file this client's current certificate is kept in (None: not cached).
         self._cached: Path | None = None
+        #: NATS: this process's user key, the JWT the CA signed for it, its inbox prefix.
+        self._nats_key: NKey | None = None
+        self._nats_jwt: str | None = None
+        self._inbox = ""
 
     @classmethod
     def for_caller(cls, settings: Settings, caller: str) -> WorkloadIdentity:
@@ -141,6 +146,19 @@ class WorkloadIdentity:
     def client_context(self) -> ssl.SSLContext | None:
         return self._client
 
+    @property
+    def nats_user(self) -> tuple[str, NKey, str] | None:
+        """(user JWT, its key, inbox prefix) for NATS, once enrolment has handed them out."""
+        if self._nats_jwt is None or self._nats_key is None:
+            return None
+        return self._nats_jwt, self._nats_key, self._inbox
+
+    def roots_pem(self) -> str:
+        """The trusted roots (PEM): what the NATS server's certificate must chain to."""
+        from agentmesh.security.pki import pem
+
+        return "".join(pem(c) for c in self._roots)
+
     def on_revoked(self, listener: Callable[[frozenset[int]], None]) -> None:
         """Call ``listener(revoked serials)`` whenever the revocation list changes."""
         self._on_revoked.append(listener)
@@ -150,6 +168,43 @@ class WorkloadIdentity:
         self._issuer = issuer
 
     # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def prepare(self, registry_bucket: str) -> None:
+        """Before NATS: get what connecting to it takes, i.e. enrol (the NATS user JWT comes
+        with the certificate), or mint our own JWT where this process holds the NATS keys."""
+        if not self.enabled or self._certs:
+            return
+        if self._issuer is not None or self._settings.ca_cert_file is not None:
+            self._own_nats_user(registry_bucket)
+            return
+        await self._obtain(first=True)
+
+    def _own_nats_user(self, registry_bucket: str) -> None:
+        from agentmesh.control.ca import CertificateAuthority
+        from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
+        from agentmesh.security.pki import load_certs
+
+        authority = getattr(self._issuer, "nats", None)
+        if not isinstance(authority, NatsAuthority):
+            authority = NatsAuthority.existing(self._settings.data_dir)
+        if authority is None:
+            return  # an operator-run NATS: its settings say how to connect
+        ca = getattr(self._issuer, "ca", None)
+        if isinstance(ca, CertificateAuthority):
+            self._trust_domain, roots = ca.trust_domain, list(ca.roots)
+        else:
+            assert self._settings.ca_cert_file is not None
+            try:
+                certs = load_certs(self._settings.ca_cert_file.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"cannot load {self._settings.ca_cert_file}: {exc}"
+                ) from exc
+            roots = [c for c in certs if c.issuer == c.subject]
+        identity = SpiffeId(self._trust_domain, self._kind, self._name)
+        self._nats_jwt, self._nats_key = authority.own_user(identity, bucket=registry_bucket)
+        self._inbox = inbox_prefix(identity)
+        self._roots = roots
 
     async def start(self, conn: NatsConnection, registry_bucket: str) -> None:
         """Get a certificate and the revocation list; then keep both current."""
@@ -164,7 +219,8 @@ class WorkloadIdentity:
         await self.store.open()
         self.view.on_change(self._view_changed)
         self.view.start(self.store, conn)
-        await self._obtain(first=True)
+        if not self._certs:
+            await self._obtain(first=True)
         try:
             await asyncio.wait_for(self.view.synced.wait(), 5.0)
         except TimeoutError as exc:
@@ -251,8 +307,14 @@ class WorkloadIdentity:
             self._trust_domain = bundle.trust_domain
             pinned = [c for text in bundle.roots for c in load_certs(text)]
 
+        if self._nats_key is None:
+            from agentmesh.security.natsjwt import USER, NKey
+
+            self._nats_key = NKey.generate(USER)
+        nats_key = self._nats_key.public
+
         async def request(csr: str, proof: RenewalProof | None) -> IssuedCertificate:
-            return await remote.issue(CertificateRequest(csr=csr, renewal=proof))
+            return await remote.issue(CertificateRequest(csr=csr, renewal=proof, nats_key=nats_key))
 
         return request, pinned
 
@@ -344,6 +406,10 @@ class WorkloadIdentity:
         if got != identity:
             raise AuthenticationFailed(f"{self.owner}: asked for {identity}, the CA issued {got}")
         self._adopt_bundle(issued.trust_bundle, pinned if pinned is not None else self._roots)
+        if issued.nats_jwt is not None:
+            from agentmesh.security.nats_auth import inbox_prefix
+
+            self._nats_jwt, self._inbox = issued.nats_jwt, inbox_prefix(identity)
         self.id = identity
         self._key, self._certs = key, [leaf, *chain]
         self._issued_at = time.time()

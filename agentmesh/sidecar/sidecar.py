@@ -14,6 +14,7 @@ from agentmesh.models import Bootstrap, BreakerEvent
 from agentmesh.policy.cache import PolicyCache
 from agentmesh.policy.store import PolicyStore, policy_bucket
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
+from agentmesh.security.nats_client import nats_credentials
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.breaker import BreakerState
@@ -33,12 +34,18 @@ class Sidecar:
         self, boot: Bootstrap, settings: Settings, *, name: str, caller: str = "client"
     ) -> None:
         self.boot = boot
-        self.conn = NatsConnection(boot.nats_url, name=name)
+        #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations; and
+        #: the NATS user JWT that came with the certificate.
+        self.identity = WorkloadIdentity.for_caller(settings, caller)
+        self.conn = NatsConnection(
+            boot.nats_url, name=name, credentials=nats_credentials(settings, self.identity)
+        )
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self.index = LocalIndex()
         self._background: set[asyncio.Task[None]] = set()
-        #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations.
-        self.identity = WorkloadIdentity.for_caller(settings, caller)
+        #: The last token of our stats and breaker subjects: the agent's name, ``client`` or
+        #: ``control``, the only one NATS lets us publish on (security/nats_auth.py).
+        self._publisher = caller
         self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name
         self.stats = StatsCollector(
@@ -70,7 +77,7 @@ class Sidecar:
     def _publish_breaker(self, instance_id: str, old: BreakerState, new: BreakerState) -> None:
         """Tell the control plane, so that ``agentmesh agents`` can show who ejects whom."""
         event = BreakerEvent(observer=self.name, instance_id=instance_id, state=new)
-        subject = breaker_subject(self.boot.registry_bucket)
+        subject = breaker_subject(self.boot.registry_bucket, self._publisher)
         try:
             client = self.conn.client
             task = asyncio.get_running_loop().create_task(
@@ -82,7 +89,12 @@ class Sidecar:
             _log.debug("breaker event not published: %s", exc)
 
     async def start(self, *, sync_timeout: float = 5.0) -> None:
-        """Connect, open the registry and wait for the index's first full view."""
+        """Enrol, connect, open the registry and wait for the index's first full view."""
+        try:
+            await self.identity.prepare(self.boot.registry_bucket)
+        except BaseException:
+            await self.identity.close()
+            raise
         await self.conn.connect()
         try:
             await self.store.open()
@@ -93,7 +105,7 @@ class Sidecar:
             await self.index.wait_synced(sync_timeout)
             # Never serve or call before the policies are known (a deny rule may be among them).
             await self.policies.wait_synced(sync_timeout)
-            await self.stats.start(self.conn, self.boot.registry_bucket)
+            await self.stats.start(self.conn, self.boot.registry_bucket, self._publisher)
         except BaseException:
             await self.close()
             raise
@@ -112,6 +124,10 @@ class Sidecar:
 serving_sidecar: ContextVar[Sidecar | None] = ContextVar("agentmesh_sidecar", default=None)
 
 
-def breaker_subject(bucket: str) -> str:
-    """The NATS subject of breaker events for the mesh whose registry is ``bucket``."""
-    return f"agentmesh.breaker.{bucket}"
+def breaker_subject(bucket: str, who: str = "*") -> str:
+    """The NATS subject of breaker events ``who`` observes, in the mesh of ``bucket``.
+
+    ``who`` is the observer's agent name (or ``client``/``control``), so that NATS permissions
+    let each agent publish its own events only; ``*`` subscribes to all.
+    """
+    return f"agentmesh.breaker.{bucket}.{who}"
