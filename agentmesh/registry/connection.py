@@ -102,35 +102,46 @@ class NatsConnection:
             "reconnected_cb": reconnected,
             "error_cb": error,
         }
+        if not self.server_info:  # else probed just before (Sidecar.start)
+            await self.probe(timeout)
+        if self._credentials is not None:
+            options.update(self._credentials())
         nc = NATS()
         try:
-            self.server_info = await _server_info(self.url, timeout)
-            if self._credentials is not None:
-                options.update(self._credentials())
             # nats-py retries even the first connection forever when reconnects are unlimited:
             # bound it, so a wrong URL is an error, not a hang.
             await asyncio.wait_for(nc.connect(self.url, **options), timeout)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
-            if isinstance(exc, ConnectionRefusedError):
-                reason = "connection refused"
-            elif isinstance(exc, TimeoutError):
-                reason = f"no answer within {timeout:g}s"
-            else:
-                reason = str(exc) or type(exc).__name__
-            hint = "is nats-server running?"
-            if "authorization" in reason.lower() or "ssl" in reason.lower():
-                hint = (
-                    "it refuses us or we refuse it: mesh credentials come with enrolment "
-                    "(AGENTMESH_MTLS must not be off), or set AGENTMESH_NATS_CREDS_FILE / "
-                    "AGENTMESH_NATS_TLS_CA_FILE for an operator-run NATS"
-                )
-            raise RegistryUnavailable(
-                f"NATS at {self.url}: cannot connect ({reason}); {hint}"
-            ) from exc
+            raise self._unavailable(exc, timeout) from exc
         self._nc = nc
         self.connected.set()
+
+    async def probe(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Read the server's INFO (into :attr:`server_info`) without connecting as a client:
+        whether it wants credentials decides whether a sidecar enrols before connecting."""
+        try:
+            self.server_info = await _server_info(self.url, timeout)
+        except Exception as exc:
+            raise self._unavailable(exc, timeout) from exc
+        return self.server_info
+
+    def _unavailable(self, exc: Exception, timeout: float) -> RegistryUnavailable:
+        if isinstance(exc, ConnectionRefusedError):
+            reason = "connection refused"
+        elif isinstance(exc, TimeoutError):
+            reason = f"no answer within {timeout:g}s"
+        else:
+            reason = str(exc) or type(exc).__name__
+        hint = "is nats-server running?"
+        if "authorization" in reason.lower() or "ssl" in reason.lower():
+            hint = (
+                "it refuses us or we refuse it: mesh credentials come with enrolment "
+                "(AGENTMESH_MTLS must not be off), or set AGENTMESH_NATS_CREDS_FILE / "
+                "AGENTMESH_NATS_TLS_CA_FILE for an operator-run NATS"
+            )
+        return RegistryUnavailable(f"NATS at {self.url}: cannot connect ({reason}); {hint}")
 
     async def close(self) -> None:
         self._closing = True

@@ -89,12 +89,14 @@ class Sidecar:
             _log.debug("breaker event not published: %s", exc)
 
     async def start(self, *, sync_timeout: float = 5.0) -> None:
-        """Enrol, connect, open the registry and wait for the index's first full view."""
-        try:
-            await self.identity.prepare(self.boot.registry_bucket)
-        except BaseException:
-            await self.identity.close()
-            raise
+        """Connect (enrolling first if NATS wants credentials: they come with the certificate),
+        open the registry and wait for the index's first full view."""
+        if (await self.conn.probe()).get("auth_required"):
+            try:
+                await self.identity.prepare(self.boot.registry_bucket)
+            except BaseException:
+                await self.identity.close()
+                raise
         await self.conn.connect()
         try:
             await self.store.open()
