@@ -39,6 +39,8 @@ from agentmesh.settings import Settings
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
+    from agentmesh.registry.connection import NatsConnection
+
 ControlUrl = Annotated[
     str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
 ]
@@ -232,14 +234,15 @@ async def _tap(
     duration: float | None,
     output: Output,
 ) -> None:
-    from agentmesh.registry.connection import NatsConnection
+    from agentmesh.security.nats_client import client_connection
     from agentmesh.sidecar.bootstrap import bootstrap
     from agentmesh.telemetry.stats import tap_control_subject, tap_subject
 
     boot = await bootstrap(settings)
     tapper = f"tap-{socket.gethostname()}-{os.getpid()}"
-    conn = NatsConnection(boot.nats_url, name=f"agentmesh-{tapper}")
-    await conn.connect()
+    conn = await client_connection(
+        settings, boot.nats_url, boot.registry_bucket, name=f"agentmesh-{tapper}"
+    )
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[bytes] = asyncio.Queue()
     acks: dict[str, TapAck] = {}
@@ -502,7 +505,7 @@ def _reason(exc: BaseException) -> str:
 async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Check]:
     import nats.js.errors
 
-    from agentmesh.registry.connection import NatsConnection
+    from agentmesh.security.nats_client import client_connection
 
     url = settings.nats_url or (boot.nats_url if boot is not None else None)
     bucket = boot.registry_bucket if boot is not None else settings.registry_bucket
@@ -517,9 +520,10 @@ async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Chec
             _Check("JetStream", None, "not checked: NATS was not reached"),
             _Check("registry", None, "not checked: NATS was not reached"),
         ]
-    conn = NatsConnection(url, name=f"agentmesh-check-{os.getpid()}")
     try:
-        await conn.connect(timeout=3.0)
+        conn = await client_connection(
+            settings, url, bucket, name=f"agentmesh-check-{os.getpid()}", timeout=3.0
+        )
     except MeshError as exc:
         return [
             _Check(
@@ -538,6 +542,7 @@ async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Chec
         server = nc.connected_server_version
         version = f"{server.major}.{server.minor}.{server.patch}"
         results.append(_Check("NATS", True, f"{url} reachable (nats-server {version})"))
+        results.append(_nats_auth_check(conn))
         js = nc.jetstream()
         try:
             info = await asyncio.wait_for(js.account_info(), 3.0)
@@ -579,6 +584,19 @@ async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Chec
     finally:
         await conn.close()
     return results
+
+
+def _nats_auth_check(conn: NatsConnection) -> _Check:
+    if conn.unauthenticated:
+        return _Check(
+            "NATS auth",
+            False,
+            "OPEN: NATS accepts connections without credentials; anyone who can reach it can "
+            "rewrite policies, revocations and registry records",
+            "run NATS with the mesh's accounts (agentmesh nats-config, docs/security.md)",
+        )
+    tls = "TLS, " if conn.server_info.get("tls_required") else "no TLS, "
+    return _Check("NATS auth", True, f"{tls}credentials required, permissions per subject")
 
 
 def _clock_check(health: dict[str, Any] | None, sent: float, received: float) -> _Check:

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentmesh.errors import ConfigurationError
-from agentmesh.registry.connection import Credentials
+from agentmesh.registry.connection import Credentials, NatsConnection
 from agentmesh.settings import Settings
 
 if TYPE_CHECKING:
     from agentmesh.security.natsjwt import NKey
     from agentmesh.security.workload import WorkloadIdentity
 
-__all__ = ["nats_credentials", "signed_by"]
+__all__ = ["client_connection", "nats_credentials", "signed_by"]
 
 
 def signed_by(user_jwt: str, key: NKey) -> dict[str, Any]:
@@ -124,3 +124,18 @@ def nats_credentials(settings: Settings, identity: WorkloadIdentity | None) -> C
         return found
 
     return options
+
+
+async def client_connection(
+    settings: Settings, url: str, bucket: str, *, name: str, timeout: float = 5.0
+) -> NatsConnection:
+    """A NATS connection as a mesh *client* (CLI commands that speak NATS directly): enrols
+    first when the server wants credentials, exactly as a sidecar does."""
+    from agentmesh.security.workload import WorkloadIdentity
+
+    identity = WorkloadIdentity.for_caller(settings, "client")
+    conn = NatsConnection(url, name=name, credentials=nats_credentials(settings, identity))
+    if (await conn.probe(timeout)).get("auth_required"):
+        await identity.prepare(bucket)
+    await conn.connect(timeout)
+    return conn
