@@ -147,7 +147,8 @@ async def test_members_read_what_they_need_and_not_others_replies(control: Contr
             await watcher.stop()
         view = await (await js.key_value(security)).watch("pub.>")
         bundle = await asyncio.wait_for(view.updates(), VERDICT)
-        assert bundle is not None and bundle.key == "pub.bundle"
+        assert bundle is not None
+        assert bundle.key == "pub.bundle"
         await view.stop()
         # Subscribing to others' reply subjects (the control plane's included) is refused.
         await carol.nc.subscribe("_INBOX.>")
