@@ -169,3 +169,14 @@ class Connection:
 
 async def connect(url: str, user: NatsUser) -> Connection:
     return await Connection().connect(url, **user.options())
+
+
+async def dashboard_says_open(control_url: str, data_dir: Path) -> bool:
+    """Whether the dashboard's pages carry the "NATS is open" alarm (signed in as admin)."""
+    import httpx
+
+    token = (data_dir / "admin-token").read_text().strip()
+    async with httpx.AsyncClient(cookies={"agentmesh_token": token}, timeout=VERDICT) as http:
+        page = await http.get(f"{control_url}/ui/")
+    assert page.status_code == 200, page.text
+    return "NATS is open" in page.text

@@ -28,6 +28,7 @@ from tests.nats.support import (
     NatsUser,
     connect,
     control_user,
+    dashboard_says_open,
     embedded_control,
     enrol,
     mesh_tls,
@@ -216,3 +217,4 @@ async def test_check_says_the_embedded_nats_requires_credentials(control: Contro
     assert "✔ NATS auth" in done.stdout, done.stdout
     assert "TLS, credentials required" in done.stdout, done.stdout
     assert "OPEN" not in done.stdout
+    assert not await dashboard_says_open(control.url, control.data_dir)

@@ -17,7 +17,7 @@ from agentmesh.nats_server import NatsServer
 from agentmesh.security.identity import SpiffeId
 from tests.control.control_process import arun_cli, cli_env, control_process, run_cli
 from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
-from tests.nats.support import Connection, ControlPlane, connect, enrol
+from tests.nats.support import Connection, ControlPlane, connect, dashboard_says_open, enrol
 
 TD = "agentmesh.local"
 
@@ -106,6 +106,9 @@ async def test_an_open_nats_works_and_the_control_plane_says_so(
             await agent.wait_ready()
             called = await arun_cli("call", "summarize", '{"text": "one two"}', env=env)
             assert called.returncode == 0, called.stderr
+            checked = await arun_cli("check", env=env)
+            assert "✖ NATS auth" in checked.stdout, checked.stdout
+            assert await dashboard_says_open(control_url, tmp_path)
         finally:
             terminate_all([agent.proc])
     log = (tmp_path / "control.log").read_text()
