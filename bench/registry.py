@@ -36,12 +36,18 @@ from pathlib import Path
 
 from agentmesh import AgentRecord, CapabilitySpec, Mesh, Settings, connect
 from agentmesh.errors import MeshError
-from agentmesh.nats_server import NatsServer
 from agentmesh.registry import Lease, LocalIndex, NatsConnection, RegistryStore
+from agentmesh.registry.store import record_key
+from agentmesh.security.nats_client import nats_credentials
 from agentmesh.sidecar.balance import BalanceLayer
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.endpoints import Endpoints
 from agentmesh.sidecar.resolve import ResolveLayer
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._nats import BenchNats, agent, client
 
 AGENT_FILE = Path(__file__).with_name("_echo_agent.py")
 
@@ -62,7 +68,7 @@ def _records(n: int, capabilities: int) -> dict[str, bytes]:
             endpoint=f"http://10.0.{i // 250}.{i % 250}:8000",
             capabilities=(spec,),
         )
-        snapshot[record.instance_id] = record.model_dump_json().encode()
+        snapshot[record_key(record)] = record.model_dump_json().encode()
     return snapshot
 
 
@@ -165,16 +171,19 @@ def s4(records: int, samples: int) -> dict[str, object]:
 
 async def s7(starts: int) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="agentmesh-bench-s7-"))
-    nats = NatsServer(workdir / "nats")
+    nats = BenchNats(workdir)
     nats.start()
+    bucket = Settings().registry_bucket
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
     env.update(AGENTMESH_NATS_URL=nats.url, AGENTMESH_MTLS="off", AGENTMESH_DATA_DIR=str(workdir))
     results = []
     cpu: list[float] = []
     try:
-        async with connect(Settings(nats_url=nats.url, mtls="off", data_dir=workdir)) as mesh:
+        settings = nats.settings(client(), bucket, mtls="off", data_dir=workdir)
+        async with connect(settings) as mesh:
             for i in range(starts):
                 name = f"s7-{i}"
+                env.update(nats.env(agent(name), bucket))
                 args = [sys.executable, "-m", "agentmesh", "run", str(AGENT_FILE), "--name", name]
                 started = time.perf_counter()
                 proc = await asyncio.create_subprocess_exec(
@@ -236,13 +245,14 @@ async def _until_gone(mesh: Mesh, name: str) -> None:
 async def s5(watchers: int, rounds: int) -> dict[str, object]:
     """A registration, then a deregistration, seen by every one of ``watchers`` sidecars."""
     workdir = Path(tempfile.mkdtemp(prefix="agentmesh-bench-s5-"))
-    nats = NatsServer(workdir / "nats")
+    nats = BenchNats(workdir)
     nats.start()
     bucket = "bench_s5"
     views: list[tuple[NatsConnection, LocalIndex]] = []
+    watching = nats.credentials(client("watcher"), bucket)
     try:
         for i in range(watchers):
-            conn = NatsConnection(nats.url, name=f"watcher-{i}")
+            conn = NatsConnection(nats.url, name=f"watcher-{i}", credentials=watching)
             await conn.connect()
             store = RegistryStore(conn, bucket)
             await store.open()
@@ -250,7 +260,9 @@ async def s5(watchers: int, rounds: int) -> dict[str, object]:
             index.start(store, conn)
             await index.wait_synced(10)
             views.append((conn, index))
-        writer_conn = NatsConnection(nats.url, name="writer")
+        writer_conn = NatsConnection(
+            nats.url, name="writer", credentials=nats.credentials(agent("agent"), bucket)
+        )
         await writer_conn.connect()
         writer = RegistryStore(writer_conn, bucket)
         await writer.open()
@@ -309,11 +321,13 @@ async def _seen(
 async def s6(records: int) -> dict[str, object]:
     """A new sidecar's initial sync of ``records`` records: time to the full view, and its RSS."""
     workdir = Path(tempfile.mkdtemp(prefix="agentmesh-bench-s6-"))
-    nats = NatsServer(workdir / "nats")
+    nats = BenchNats(workdir)
     nats.start()
     bucket = "bench_s6"
     try:
-        conn = NatsConnection(nats.url, name="writer")
+        conn = NatsConnection(
+            nats.url, name="writer", credentials=nats.credentials(agent("agent"), bucket)
+        )
         await conn.connect()
         store = RegistryStore(conn, bucket)
         await store.open()
@@ -334,6 +348,7 @@ async def s6(records: int) -> dict[str, object]:
             nats.url,
             bucket,
             stdout=subprocess.PIPE,
+            env={**os.environ, **nats.env(client("s6"), bucket)},
         )
         out, _ = await asyncio.wait_for(child.communicate(), 120)
     finally:
@@ -356,7 +371,8 @@ def _peak_rss_mb() -> float:
 async def _s6_child(url: str, bucket: str) -> None:
     """Run in a fresh process: connect, watch, wait for the full view; print time and RSS."""
     started = time.perf_counter()
-    conn = NatsConnection(url, name="s6-new-sidecar")
+    credentials = nats_credentials(Settings(), None)  # the parent's .creds and CA, if secure
+    conn = NatsConnection(url, name="s6-new-sidecar", credentials=credentials)
     await conn.connect()
     store = RegistryStore(conn, bucket)
     await store.open()

@@ -17,6 +17,7 @@ Whether TLS is used at all is the server's call (its INFO says ``tls_required``)
 from __future__ import annotations
 
 import base64
+import contextlib
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,13 +66,21 @@ def _enrolled(identity: WorkloadIdentity) -> dict[str, Any]:
 
 
 def _creds_file(path: Path) -> dict[str, Any]:
-    from agentmesh.security.natsjwt import parse_creds
+    """The file's JWT and key; a JWT the mesh signed names a SPIFFE ID, whose reply subjects
+    are the only ones its permissions allow, so the inbox prefix follows from it."""
+    from agentmesh.security.identity import SpiffeId
+    from agentmesh.security.nats_auth import inbox_prefix
+    from agentmesh.security.natsjwt import decode_jwt_claims, parse_creds
 
     try:
         user_jwt, key = parse_creds(path.read_text())
+        name = decode_jwt_claims(user_jwt).get("name", "")
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"AGENTMESH_NATS_CREDS_FILE {path}: {exc}") from exc
-    return signed_by(user_jwt, key)
+    options = signed_by(user_jwt, key)
+    with contextlib.suppress(ValueError):  # else an operator's own user: the default inbox
+        options["inbox_prefix"] = inbox_prefix(SpiffeId.parse(str(name)))
+    return options
 
 
 def _nkey_seed(path: Path) -> dict[str, Any]:
