@@ -103,9 +103,12 @@ def _tls(settings: Settings, identity: WorkloadIdentity | None) -> ssl.SSLContex
             ctx = ssl.create_default_context(cafile=str(ca))
         else:
             roots = identity.roots_pem() if identity is not None else ""
-            if not roots:
+            if not roots or identity is None:
                 return None
             ctx = ssl.create_default_context(cadata=roots)
+            # nats-py reconnects with this same context: a root added by a rotation is added
+            # here too, so a server certificate under the new root is trusted on reconnect.
+            identity.on_roots(lambda pem: ctx.load_verify_locations(cadata=pem))
         if settings.nats_tls_cert_file is not None and settings.nats_tls_key_file is not None:
             ctx.load_cert_chain(str(settings.nats_tls_cert_file), str(settings.nats_tls_key_file))
     except (OSError, ssl.SSLError) as exc:

@@ -110,6 +110,7 @@ class WorkloadIdentity:
         self._nats_key: NKey | None = None
         self._nats_jwt: str | None = None
         self._inbox = ""
+        self._on_roots: list[Callable[[str], None]] = []
 
     @classmethod
     def for_caller(cls, settings: Settings, caller: str) -> WorkloadIdentity:
@@ -158,6 +159,10 @@ class WorkloadIdentity:
         from agentmesh.security.pki import pem
 
         return "".join(pem(c) for c in self._roots)
+
+    def on_roots(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(roots PEM)`` whenever the trusted roots may have changed."""
+        self._on_roots.append(listener)
 
     def on_revoked(self, listener: Callable[[frozenset[int]], None]) -> None:
         """Call ``listener(revoked serials)`` whenever the revocation list changes."""
@@ -448,6 +453,8 @@ class WorkloadIdentity:
         assert self._key is not None
         self._server = server_context(self._key, self._certs, self._roots)
         self._client = client_context(self._key, self._certs, self._roots)
+        for trust in list(self._on_roots):
+            trust(self.roots_pem())
 
     async def _renew_loop(self) -> None:
         while True:
