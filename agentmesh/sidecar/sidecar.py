@@ -40,6 +40,7 @@ class Sidecar:
         self.conn = NatsConnection(
             boot.nats_url, name=name, credentials=nats_credentials(settings, self.identity)
         )
+        self.identity.on_nats_renewed(self.conn.credentials_renewed)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self.index = LocalIndex()
         self._background: set[asyncio.Task[None]] = set()

@@ -46,11 +46,16 @@ class ControlPlane:
 
 
 @contextlib.contextmanager
-def embedded_control(tmp_path: Path, bucket: str) -> Iterator[ControlPlane]:
-    """``agentmesh control`` with its embedded NATS and nothing configured but the data dir."""
+def embedded_control(
+    tmp_path: Path, bucket: str, env: dict[str, str] | None = None
+) -> Iterator[ControlPlane]:
+    """``agentmesh control`` with its embedded NATS and nothing configured but the data dir
+    (and ``env``)."""
     ready = tmp_path / "control.json"
     log = tmp_path / "control.log"
-    env = cli_env({"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path)})
+    env = cli_env(
+        {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path), **(env or {})}
+    )
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [

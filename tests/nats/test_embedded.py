@@ -20,6 +20,7 @@ from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.natsjwt import USER, NKey
 from tests.control.control_process import arun_cli, cli_env
+from tests.e2e.support import EXAMPLE_AGENTS, AgentProcess, terminate_all
 from tests.mesh_ca import mesh_ca
 from tests.nats.support import (
     VERDICT,
@@ -218,3 +219,38 @@ async def test_check_says_the_embedded_nats_requires_credentials(control: Contro
     assert "TLS, credentials required" in done.stdout, done.stdout
     assert "OPEN" not in done.stdout
     assert not await dashboard_says_open(control.url, control.data_dir)
+
+
+async def test_credentials_and_the_server_certificate_renew_without_losing_the_mesh(
+    tmp_path: Path,
+):
+    """6-second certificates: an agent's JWT expires with each one (the server would close its
+    connection, and nats-py would give up), so the agent reconnects with the JWT of each renewed
+    certificate; the embedded server's own certificate is renewed and reloaded every 3 s. The
+    agent stays registered and callable throughout, with zero configuration."""
+    bucket = f"t_{uuid4().hex[:12]}"
+    with embedded_control(tmp_path, bucket, {"AGENTMESH_CERT_TTL": "6"}) as control:
+        env = cli_env(
+            {
+                "AGENTMESH_CONTROL_URL": control.url,
+                "AGENTMESH_DATA_DIR": str(control.data_dir),
+                "AGENTMESH_REGISTRY_BUCKET": bucket,
+            }
+        )
+        agent = AgentProcess(
+            EXAMPLE_AGENTS / "summarizer.py", ["--log-level", "info"], env, tmp_path / "agent.log"
+        )
+        try:
+            await agent.wait_ready()
+            for _ in range(3):  # spans two certificate (and JWT) lifetimes
+                await asyncio.sleep(4)
+                called = await arun_cli("call", "summarize", '{"text": "a b"}', env=env)
+                assert called.returncode == 0, called.stderr + agent.tail()
+            assert agent.returncode is None, agent.tail()
+        finally:
+            terminate_all([agent.proc])
+        log = agent.tail(1000)
+        assert log.count("reconnected to NATS") >= 2, log
+        assert "closed this connection for good" not in log, log
+        server_log = (control.data_dir / "nats" / "nats-server.log").read_text()
+        assert server_log.count("Reloaded server configuration") >= 2, server_log[-2000:]
