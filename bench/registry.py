@@ -13,6 +13,8 @@
   from another process (this one), median of K starts; plaintext (``AGENTMESH_MTLS=off``).
   Goal: median ≤ 250 ms. Also the agent's CPU time (user + system) at that moment, read from
   ``/proc``: on a busy machine the wall time mostly measures the wait for a core, this does not.
+- S5-S7 run on NATS as ``agentmesh control`` embeds it (TLS, a user JWT per connection);
+  ``BENCH_NATS=plain`` runs them on an open, plaintext NATS, to see what that costs.
 
 These are not comparisons with baselines, so they stay out of ``run.py``'s rounds: ``run.py``
 runs them as scenarios s4–s7 of ``agentmesh bench`` (after its targets are stopped), calling these
@@ -35,24 +37,100 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 from agentmesh import AgentRecord, CapabilitySpec, Mesh, Settings, connect
+from agentmesh.control.ca import CertificateAuthority
 from agentmesh.errors import MeshError
+from agentmesh.nats_config import server_hosts, write_server_config, write_server_tls
+from agentmesh.nats_server import NatsServer
 from agentmesh.registry import Lease, LocalIndex, NatsConnection, RegistryStore
+from agentmesh.registry.connection import Credentials
 from agentmesh.registry.store import record_key
+from agentmesh.security.files import write_private
+from agentmesh.security.identity import SpiffeId
+from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.nats_client import nats_credentials
+from agentmesh.security.natsjwt import format_creds
+from agentmesh.security.pki import pem
 from agentmesh.sidecar.balance import BalanceLayer
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.endpoints import Endpoints
 from agentmesh.sidecar.resolve import ResolveLayer
 
-if __package__ in (None, ""):  # run as a script: make ``bench`` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._nats import BenchNats, agent, client
-
 AGENT_FILE = Path(__file__).with_name("_echo_agent.py")
 
 #: An outbound layer as S4 drives it: a coroutine function, run without an event loop.
 Layer = Callable[[OutboundCall], Coroutine[object, None, Reply]]
+
+
+# ---- the NATS S5-S7 run on ---------------------------------------------------------------------
+# As ``agentmesh control`` embeds it: TLS with a certificate from a mesh CA, and JWT accounts, so
+# every connection presents a user JWT with its identity's permissions (watchers are clients,
+# writers and agents are agents). ``BENCH_NATS=plain`` runs an open, plaintext NATS instead, to
+# measure what TLS and authentication cost.
+
+TD = "agentmesh.local"
+
+
+def agent(name: str) -> SpiffeId:
+    return SpiffeId.agent(TD, name)
+
+
+def client(name: str = "bench") -> SpiffeId:
+    return SpiffeId.client(TD, name)
+
+
+class BenchNats:
+    """A nats-server in ``workdir``, and credentials for identities on it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.secure = os.environ.get("BENCH_NATS", "secure") != "plain"
+        store = workdir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        self._authority: NatsAuthority | None = None
+        if not self.secure:
+            self.server = NatsServer(store)
+            return
+        ca = CertificateAuthority.in_directory(workdir / "ca", TD, 3600.0)
+        self._authority = NatsAuthority.open(workdir)
+        write_server_tls(store, ca, server_hosts("127.0.0.1"))
+        config = write_server_config(store, self._authority)
+        self.server = NatsServer(store, config=config, tls=True)
+        self.ca_file = workdir / "nats-ca.pem"
+        self.ca_file.write_text("".join(pem(r) for r in ca.roots))
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def env(self, identity: SpiffeId, bucket: str) -> dict[str, str]:
+        """``AGENTMESH_NATS_*`` settings that connect as ``identity`` (a .creds file)."""
+        if self._authority is None:
+            return {}
+        jwt, key = self._authority.own_user(identity, bucket=bucket)
+        path = self.workdir / "creds" / f"{identity.kind}-{identity.name}.creds"
+        write_private(path, format_creds(jwt, key).encode())
+        return {
+            "AGENTMESH_NATS_CREDS_FILE": str(path),
+            "AGENTMESH_NATS_TLS_CA_FILE": str(self.ca_file),
+        }
+
+    def settings(self, identity: SpiffeId, bucket: str, **more: object) -> Settings:
+        names = {
+            k.removeprefix("AGENTMESH_").lower(): v for k, v in self.env(identity, bucket).items()
+        }
+        return Settings(nats_url=self.url, registry_bucket=bucket, **names, **more)  # type: ignore[arg-type]
+
+    def credentials(self, identity: SpiffeId, bucket: str) -> Credentials | None:
+        """Connect options for a bare ``NatsConnection`` as ``identity``."""
+        if not self.secure:
+            return None
+        return nats_credentials(self.settings(identity, bucket), None)
 
 
 def _records(n: int, capabilities: int) -> dict[str, bytes]:
