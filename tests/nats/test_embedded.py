@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -254,3 +255,44 @@ async def test_credentials_and_the_server_certificate_renew_without_losing_the_m
         assert "closed this connection for good" not in log, log
         server_log = (control.data_dir / "nats" / "nats-server.log").read_text()
         assert server_log.count("Reloaded server configuration") >= 2, server_log[-2000:]
+
+
+async def test_tap_works_through_the_permissions(control: ControlPlane, tmp_path: Path):
+    """``agentmesh tap`` (a client) announces, the agent answers once and publishes its calls:
+    each a permission of its own, on the embedded NATS."""
+    env = cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
+    agent = AgentProcess(EXAMPLE_AGENTS / "summarizer.py", [], env, tmp_path / "agent.log")
+    tap: asyncio.subprocess.Process | None = None
+    try:
+        await agent.wait_ready()
+        err = tmp_path / "tap.err"
+        with err.open("wb") as stderr:
+            tap = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "agentmesh", "tap", "summarize", "--max", "1"),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+            )
+        banner = f"tapping 'summarize' on 1 instance(s): {agent.instance_id}"
+        for _ in range(400):
+            if banner in err.read_text() or tap.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert banner in err.read_text(), err.read_text()
+        called = await arun_cli("call", "summarize", '{"text": "tapped"}', env=env)
+        assert called.returncode == 0, called.stderr
+        out, _ = await asyncio.wait_for(tap.communicate(), 20)
+        assert tap.returncode == 0, err.read_text()
+        assert f"client -> {agent.instance_id}  200" in out.decode(), out
+    finally:
+        if tap is not None and tap.returncode is None:
+            tap.kill()
+            await tap.wait()
+        terminate_all([agent.proc])
