@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,8 +91,12 @@ class NatsConnection:
                 except Exception:
                     _log.exception("reconnect listener failed")
 
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
         async def error(exc: Exception) -> None:
             _log.debug("NATS %s: %s", self.url, exc)
+            if not refused.done() and _is_refusal(exc):
+                refused.set_result(exc)  # the first connect: a refusal ends it at once
 
         async def closed() -> None:
             self.connected.clear()
@@ -122,14 +127,27 @@ class NatsConnection:
         if self._credentials is not None:
             options.update(self._credentials())
         nc = NATS()
+        # nats-py retries even the first connection forever when reconnects are unlimited:
+        # bound it, so a wrong URL is an error, not a hang, and refused credentials or a
+        # refused certificate are that error at once.
+        connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(self.url, **options))
+        racing: set[asyncio.Future[Any]] = {connecting, refused}
         try:
-            # nats-py retries even the first connection forever when reconnects are unlimited:
-            # bound it, so a wrong URL is an error, not a hang.
-            await asyncio.wait_for(nc.connect(self.url, **options), timeout)
+            await asyncio.wait(racing, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if refused.done():
+                raise refused.result()
+            if not connecting.done():
+                raise TimeoutError
+            connecting.result()
         except Exception as exc:
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
             with contextlib.suppress(Exception):
                 await nc.close()
             raise self._unavailable(exc, timeout) from exc
+        finally:
+            refused.cancel()
         self._nc = nc
         self.connected.set()
 
@@ -179,6 +197,12 @@ class NatsConnection:
                 with contextlib.suppress(Exception):
                     await self._nc.close()
         self._nc = None
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The server refused our credentials, or TLS refused the server (or us): no retry helps."""
+    text = str(exc).lower()
+    return isinstance(exc, ssl.SSLError) or "authorization" in text or "authentication" in text
 
 
 async def _server_info(url: str, timeout: float) -> dict[str, Any]:

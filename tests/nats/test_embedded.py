@@ -296,3 +296,22 @@ async def test_tap_works_through_the_permissions(control: ControlPlane, tmp_path
             tap.kill()
             await tap.wait()
         terminate_all([agent.proc])
+
+
+async def test_a_workload_without_mesh_credentials_gets_one_clear_error(control: ControlPlane):
+    """``AGENTMESH_MTLS=off`` opts out of identities, and so of NATS credentials: refused at
+    once (not after a timeout), with what to do."""
+    env = cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+            "AGENTMESH_MTLS": "off",
+        }
+    )
+    done = await arun_cli("call", "summarize", "{}", env=env)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"NATS at {control.nats_url}: cannot connect" in lines[0]
+    assert "AGENTMESH_MTLS must not be off" in lines[0]
