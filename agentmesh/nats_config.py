@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,22 +55,23 @@ def embedded_nats(settings: Settings, store: Path, ca: CertificateAuthority) -> 
     ``AGENTMESH_MTLS=off`` opts out of identities, and with them of NATS credentials: the
     server is then open, and the control plane says so loudly (:func:`warn_if_open`).
     """
-    server = NatsServer(store)
     if settings.mtls == "off":
-        return server
-    write_server_tls(store, ca, server_hosts(server.host))
-    config = write_server_config(store, NatsAuthority.open(settings.data_dir))
-    return NatsServer(store, config=config, tls=True)
+        return NatsServer(store)
+    server = NatsServer(store, config=store / CONFIG_NAME, tls=True)
+    write_server_tls(store, ca, server_hosts(server.host, settings.advertise_host))
+    write_server_config(store, NatsAuthority.open(settings.data_dir))
+    return server
 
 
-async def keep_server_tls(server: NatsServer, ca: CertificateAuthority) -> None:
+async def keep_server_tls(server: NatsServer, ca: CertificateAuthority, settings: Settings) -> None:
     """Renew the embedded server's certificate at half its life, and have it reload."""
     from agentmesh.security.pki import load_certs
 
     while True:
         cert = load_certs((server.store_dir / "server.pem").read_bytes())[0]
         await asyncio.sleep(max((cert.not_valid_after_utc.timestamp() - time.time()) / 2, 1.0))
-        write_server_tls(server.store_dir, ca, server_hosts(server.host))
+        hosts = server_hosts(server.host, settings.advertise_host)
+        write_server_tls(server.store_dir, ca, hosts)
         server.reload()
         _log.info("embedded NATS: TLS certificate renewed")
 
@@ -85,10 +87,16 @@ def warn_if_open(conn: NatsConnection) -> None:
         )
 
 
-def server_hosts(host: str) -> list[str]:
-    """The names a client may dial the embedded server by: its address, and loopback names."""
-    names = [host] if host not in ("0.0.0.0", "::", "") else []
-    return [*names, *(n for n in ("127.0.0.1", "localhost", "::1") if n not in names)]
+def server_hosts(host: str, advertised: str | None = None) -> list[str]:
+    """The names a client may dial the server by: its address (on a wildcard address, this
+    machine's names), the advertised host if any, and the loopback names."""
+    names = (
+        [host] if host not in ("0.0.0.0", "::", "") else [socket.gethostname(), socket.getfqdn()]
+    )
+    if advertised:
+        names.append(advertised)
+    names += ["127.0.0.1", "localhost", "::1"]
+    return list(dict.fromkeys(n for n in names if n))
 
 
 def write_server_tls(directory: Path, ca: CertificateAuthority, hosts: list[str]) -> float:

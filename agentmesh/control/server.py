@@ -106,7 +106,7 @@ async def _serve(
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
     background = [retiring]
     if nats is not None and nats.config is not None:
-        background.append(asyncio.create_task(keep_server_tls(nats, ca), name="nats-tls"))
+        background.append(asyncio.create_task(keep_server_tls(nats, ca, settings), name="nats-tls"))
     health = HealthBook()
 
     async def on_breaker_event(msg: Msg) -> None:
