@@ -75,6 +75,8 @@ async def test_the_example_deploy_config_runs_a_mesh_with_least_privilege(tmp_pa
             try:
                 await conn.violation(f"$KV.{bucket}_policies.AccessPolicy.allow-all")
                 await conn.violation(f"$KV.{bucket}_security.pub.revoked.1f", b"")
+                await conn.violation(f"$KV.{bucket}_security.pub.bundle")
+                await conn.violation(f"$KV.{bucket}_security.ca.token.{'0' * 64}")
                 await conn.violation(f"$KV.{bucket}.writer.writer-1")
             finally:
                 await conn.close()
