@@ -30,11 +30,11 @@ Only the control plane's user has no restriction: it alone writes policies, the 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentmesh.errors import ConfigurationError
 from agentmesh.security.files import read_secret, write_private
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.natsjwt import ACCOUNT, OPERATOR, USER, NKey, encode_jwt
@@ -46,12 +46,11 @@ __all__ = [
     "user_permissions",
 ]
 
-_log = logging.getLogger("agentmesh.security")
-
 AUTH_DIR = "nats-auth"
 """Directory of the NATS keys in the control plane's data dir (0700, files 0600)."""
 
 _NO_LIMIT = -1
+#: NATS limits stay off: the buckets bound their own sizes (values, history, TTLs).
 _USER_LIMITS = {"subs": _NO_LIMIT, "data": _NO_LIMIT, "payload": _NO_LIMIT}
 _ACCOUNT_LIMITS = {
     **_USER_LIMITS,
@@ -61,8 +60,13 @@ _ACCOUNT_LIMITS = {
     "conn": _NO_LIMIT,
     "leaf": _NO_LIMIT,
 }
-_JETSTREAM = {"mem_storage": _NO_LIMIT, "disk_storage": _NO_LIMIT, "streams": _NO_LIMIT}
-_JETSTREAM["consumer"] = _NO_LIMIT
+#: Non-zero storage turns JetStream on for the mesh's account.
+_JETSTREAM = {
+    "mem_storage": _NO_LIMIT,
+    "disk_storage": _NO_LIMIT,
+    "streams": _NO_LIMIT,
+    "consumer": _NO_LIMIT,
+}
 
 
 def _buckets(bucket: str) -> tuple[str, str, str]:
@@ -161,8 +165,6 @@ class NatsAuthority:
                 system=_key(directory, "system", ACCOUNT),
             )
         except (OSError, ValueError) as exc:
-            from agentmesh.errors import ConfigurationError
-
             raise ConfigurationError(f"NATS keys in {directory}: {exc}") from exc
 
     @classmethod
