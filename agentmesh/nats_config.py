@@ -76,8 +76,9 @@ async def keep_server_tls(server: NatsServer, ca: CertificateAuthority, settings
         _log.info("embedded NATS: TLS certificate renewed")
 
 
-def warn_if_open(conn: NatsConnection) -> None:
-    """Log, loudly, that NATS takes connections without credentials."""
+async def warn_if_open(conn: NatsConnection) -> None:
+    """Log, loudly, if NATS takes connections without credentials (its INFO says so)."""
+    await conn.probe()
     if conn.unauthenticated:
         _log.warning(
             "NATS at %s is OPEN: it accepts connections without credentials, so anyone who can "

@@ -101,7 +101,7 @@ async def _serve(
     issuer.use_nats(NatsAuthority.open(settings.data_dir), boot.registry_bucket)
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
-    warn_if_open(sidecar.conn)
+    await warn_if_open(sidecar.conn)
     security, retiring = await _security(settings, issuer, info)
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
     background = [retiring]

@@ -55,6 +55,7 @@ class NatsConnection:
         self.connected = asyncio.Event()
         self._closing = False
         self._renewing: asyncio.Task[None] | None = None
+        self._jwt_presented = False
 
     @property
     def unauthenticated(self) -> bool:
@@ -95,13 +96,13 @@ class NatsConnection:
 
         async def error(exc: Exception) -> None:
             _log.debug("NATS %s: %s", self.url, exc)
-            if not refused.done() and _is_refusal(exc):
+            if not refused.done() and _is_refusal(exc, seeds=len(self.url.split(","))):
                 refused.set_result(exc)  # the first connect: a refusal ends it at once
 
         async def closed() -> None:
             self.connected.clear()
-            if not self._closing:
-                reason = self._nc.last_error if self._nc is not None else None
+            if self._nc is not None and not self._closing:  # not a first connect that failed
+                reason = self._nc.last_error
                 _log.error(
                     "NATS at %s closed this connection for good (%s); restart this process",
                     self.url,
@@ -122,10 +123,17 @@ class NatsConnection:
             "error_cb": error,
             "closed_cb": closed,
         }
-        if not self.server_info:  # else probed just before (Sidecar.start)
-            await self.probe(timeout)
         if self._credentials is not None:
             options.update(self._credentials())
+        jwt_cb = options.get("user_jwt_cb")
+        if jwt_cb is not None:
+
+            def presented() -> Any:
+                # nats-py asks only when the server wants credentials (its INFO has a nonce).
+                self._jwt_presented = True
+                return jwt_cb()
+
+            options["user_jwt_cb"] = presented
         nc = NATS()
         # nats-py retries even the first connection forever when reconnects are unlimited:
         # bound it, so a wrong URL is an error, not a hang, and refused credentials or a
@@ -158,14 +166,14 @@ class NatsConnection:
         good; reconnecting at renewal (half the certificate's life) means that never happens.
         """
         nc = self._nc
-        if nc is None or not nc.is_connected:
-            return
+        if nc is None or not nc.is_connected or not self._jwt_presented:
+            return  # an open NATS never saw the JWT: nothing expires there
         task = asyncio.get_running_loop().create_task(nc.force_reconnect())
         self._renewing = task  # held: the loop keeps only weak references to tasks
 
     async def probe(self, timeout: float = 5.0) -> dict[str, Any]:
         """Read the server's INFO (into :attr:`server_info`) without connecting as a client:
-        whether it wants credentials decides whether a sidecar enrols before connecting."""
+        whether it wants credentials (``agentmesh check``, the control plane's warning)."""
         try:
             self.server_info = await _server_info(self.url, timeout)
         except Exception as exc:
@@ -199,17 +207,17 @@ class NatsConnection:
         self._nc = None
 
 
-def _is_refusal(exc: BaseException) -> bool:
-    """The server refused our credentials, or TLS refused the server (or us): no retry helps."""
+def _is_refusal(exc: BaseException, *, seeds: int) -> bool:
+    """No retry of a first connect helps: the server refused our credentials, TLS refused the
+    server (or us), or the only server there is refused the connection."""
     text = str(exc).lower()
+    if isinstance(exc, ConnectionRefusedError):
+        return seeds == 1
     return isinstance(exc, ssl.SSLError) or "authorization" in text or "authentication" in text
 
 
 async def _server_info(url: str, timeout: float) -> dict[str, Any]:
-    """The server's INFO (sent in plain text before any TLS or authentication).
-
-    Also fails fast on a refused port: nats-py would otherwise retry until the timeout.
-    """
+    """The server's INFO (sent in plain text before any TLS or authentication)."""
     parsed = urlsplit(url.split(",")[0])
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
     reader, writer = await asyncio.wait_for(

@@ -90,14 +90,13 @@ class Sidecar:
             _log.debug("breaker event not published: %s", exc)
 
     async def start(self, *, sync_timeout: float = 5.0) -> None:
-        """Connect (enrolling first if NATS wants credentials: they come with the certificate),
-        open the registry and wait for the index's first full view."""
-        if (await self.conn.probe()).get("auth_required"):
-            try:
-                await self.identity.prepare(self.boot.registry_bucket)
-            except BaseException:
-                await self.identity.close()
-                raise
+        """Enrol (NATS credentials come with the certificate), connect, open the registry and
+        wait for the index's first full view."""
+        try:
+            await self.identity.prepare(self.boot.registry_bucket)
+        except BaseException:
+            await self.identity.close()
+            raise
         await self.conn.connect()
         try:
             await self.store.open()
