@@ -55,12 +55,31 @@ def embedded_nats(settings: Settings, store: Path, ca: CertificateAuthority) -> 
     ``AGENTMESH_MTLS=off`` opts out of identities, and with them of NATS credentials: the
     server is then open, and the control plane says so loudly (:func:`warn_if_open`).
     """
-    if settings.mtls == "off":
+    authority = NatsAuthority.open(settings.data_dir)
+    secure = settings.mtls != "off"
+    _move_streams(store, authority, secure=secure)
+    if not secure:
         return NatsServer(store)
     server = NatsServer(store, config=store / CONFIG_NAME, tls=True)
     write_server_tls(store, ca, server_hosts(server.host, settings.advertise_host))
-    write_server_config(store, NatsAuthority.open(settings.data_dir))
+    write_server_config(store, authority)
     return server
+
+
+def _move_streams(store: Path, authority: NatsAuthority, *, secure: bool) -> None:
+    """Keep the mesh's buckets (policies!) across a switch between an open and a secured server.
+
+    JetStream keeps an account's streams in ``jetstream/<account>``: the open server's account
+    is ``$G``, the secured one's the mesh account's public key. A store made before NATS
+    authentication (or with mTLS off) is moved over once, and back if mTLS is turned off.
+    """
+    accounts = store / "jetstream"
+    source, target = accounts / "$G", accounts / authority.account.public
+    if not secure:
+        source, target = target, source
+    if source.is_dir() and not target.exists():
+        source.rename(target)
+        _log.warning("embedded NATS: moved the mesh's JetStream data from %s to %s", source, target)
 
 
 async def keep_server_tls(server: NatsServer, ca: CertificateAuthority, settings: Settings) -> None:

@@ -52,6 +52,7 @@ def embedded_control(
     """``agentmesh control`` with its embedded NATS and nothing configured but the data dir
     (and ``env``)."""
     ready = tmp_path / "control.json"
+    ready.unlink(missing_ok=True)  # a control plane that ran here before
     log = tmp_path / "control.log"
     env = cli_env(
         {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path), **(env or {})}

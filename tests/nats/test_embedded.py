@@ -21,7 +21,7 @@ from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.natsjwt import USER, NKey
 from tests.control.control_process import arun_cli, cli_env
-from tests.e2e.support import EXAMPLE_AGENTS, AgentProcess, terminate_all
+from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
 from tests.mesh_ca import mesh_ca
 from tests.nats.support import (
     VERDICT,
@@ -315,3 +315,24 @@ async def test_a_workload_without_mesh_credentials_gets_one_clear_error(control:
     assert len(lines) == 1, done.stderr
     assert f"NATS at {control.nats_url}: cannot connect" in lines[0]
     assert "AGENTMESH_MTLS must not be off" in lines[0]
+
+
+async def test_policies_survive_the_switch_to_an_authenticated_nats(tmp_path: Path):
+    """Data dirs from before NATS authentication: JetStream kept the buckets under the open
+    server's account; the secured server finds them under the mesh's (moved once)."""
+    bucket = f"t_{uuid4().hex[:12]}"
+    env = cli_env({"AGENTMESH_DATA_DIR": str(tmp_path), "AGENTMESH_REGISTRY_BUCKET": bucket})
+    policy = EXAMPLES / "policies" / "access.yaml"
+    with embedded_control(tmp_path, bucket, {"AGENTMESH_MTLS": "off"}) as before:
+        assert before.nats_url.startswith("nats://")  # the open server, as before
+        applied = await arun_cli(
+            "apply", "-f", str(policy), env={**env, "AGENTMESH_CONTROL_URL": before.url}
+        )
+        assert applied.returncode == 0, applied.stderr
+    with embedded_control(tmp_path, bucket) as after:
+        assert after.nats_url.startswith("tls://")
+        listed = await arun_cli(
+            "get", "policies", "-o", "json", env={**env, "AGENTMESH_CONTROL_URL": after.url}
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert "summarize-access" in listed.stdout, listed.stdout
