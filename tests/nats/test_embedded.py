@@ -225,12 +225,12 @@ async def test_check_says_the_embedded_nats_requires_credentials(control: Contro
 async def test_credentials_and_the_server_certificate_renew_without_losing_the_mesh(
     tmp_path: Path,
 ):
-    """6-second certificates: an agent's JWT expires with each one (the server would close its
+    """8-second certificates: an agent's JWT expires with each one (the server would close its
     connection, and nats-py would give up), so the agent reconnects with the JWT of each renewed
-    certificate; the embedded server's own certificate is renewed and reloaded every 3 s. The
+    certificate; the embedded server's own certificate is renewed and reloaded every 4 s. The
     agent stays registered and callable throughout, with zero configuration."""
     bucket = f"t_{uuid4().hex[:12]}"
-    with embedded_control(tmp_path, bucket, {"AGENTMESH_CERT_TTL": "6"}) as control:
+    with embedded_control(tmp_path, bucket, {"AGENTMESH_CERT_TTL": "8"}) as control:
         env = cli_env(
             {
                 "AGENTMESH_CONTROL_URL": control.url,
@@ -244,7 +244,7 @@ async def test_credentials_and_the_server_certificate_renew_without_losing_the_m
         try:
             await agent.wait_ready()
             for _ in range(3):  # spans two certificate (and JWT) lifetimes
-                await asyncio.sleep(4)
+                await asyncio.sleep(5)
                 called = await arun_cli("call", "summarize", '{"text": "a b"}', env=env)
                 assert called.returncode == 0, called.stderr + agent.tail()
             assert agent.returncode is None, agent.tail()
