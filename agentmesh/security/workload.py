@@ -352,6 +352,12 @@ class WorkloadIdentity:
         self._key, self._certs = cached.key, cached.certs
         self._issued_at = cached.issued_at
         self.not_after = cached.certs[0].not_valid_after_utc.timestamp()
+        if cached.issued.nats_jwt is not None and cached.nats_seed is not None:
+            from agentmesh.security.nats_auth import inbox_prefix
+            from agentmesh.security.natsjwt import NKey
+
+            self._nats_key = NKey.from_seed(cached.nats_seed)
+            self._nats_jwt, self._inbox = cached.issued.nats_jwt, inbox_prefix(self.id)
         self._rebuild()
         self._cached = path
         _log.info("%s: reusing certificate %x from %s", self.owner, self.serial, path)
@@ -433,7 +439,8 @@ class WorkloadIdentity:
             from agentmesh.security import client_cache
 
             try:
-                client_cache.save(cache, key, issued, self._issued_at)
+                seed = self._nats_key.seed if self._nats_key is not None else None
+                client_cache.save(cache, key, issued, self._issued_at, seed)
             except OSError as exc:  # a read-only data dir costs an enrolment per run, no more
                 _log.warning("%s: cannot keep the certificate in %s: %s", self.owner, cache, exc)
         if renewed_nats:

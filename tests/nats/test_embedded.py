@@ -8,6 +8,7 @@ each test enrols the identities it needs, as a workload would, and attacks with 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import sys
 from collections.abc import Iterator
@@ -291,6 +292,10 @@ async def test_tap_works_through_the_permissions(control: ControlPlane, tmp_path
         out, _ = await asyncio.wait_for(tap.communicate(), 20)
         assert tap.returncode == 0, err.read_text()
         assert f"client -> {agent.instance_id}  200" in out.decode(), out
+        # `call` reused the certificate `tap` got, and with it the NATS key its JWT is for.
+        cached = [json.loads(p.read_text()) for p in (control.data_dir / "client-certs").iterdir()]
+        assert cached
+        assert all(c["issued"]["nats_jwt"] and c["nats_seed"] for c in cached)
     finally:
         if tap is not None and tap.returncode is None:
             tap.kill()
