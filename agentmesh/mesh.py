@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 from pydantic import BaseModel
@@ -27,6 +27,9 @@ from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.deadline import current_deadline
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["CallResult", "Mesh", "connect"]
 
@@ -55,6 +58,7 @@ class Mesh:
         self._index = sidecar.index
         self._loop_time = asyncio.get_running_loop().time
         self.registry = RegistryView(sidecar.index, sync_timeout=5.0)
+        self._http: httpx.AsyncClient | None = None
 
     @property
     def sidecar(self) -> Sidecar:
@@ -188,8 +192,28 @@ class Mesh:
             call.idempotent = True
         return call
 
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """An httpx transport that calls capabilities through this mesh (docs/sidecar.md):
+        ``POST http://<capability>.mesh/`` or ``POST /v1/invoke/<capability>``."""
+        from agentmesh.proxy.transport import MeshTransport
+
+        return MeshTransport(self._sidecar, self._settings)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` on :meth:`transport` with base URL ``http://mesh``, so
+        ``await mesh.http.post("/v1/invoke/summarize", json=...)`` is a mesh call."""
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(transport=self.transport(), base_url="http://mesh")
+        return self._http
+
     async def close(self) -> None:
         """Close the sidecar if this handle owns it (a handle inside an agent does not)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         if self._owner:
             await self._sidecar.close()
 

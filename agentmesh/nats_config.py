@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agentmesh.nats_server import NatsServer
 from agentmesh.security.files import write_private
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_NAME",
-    "embedded_nats",
     "keep_server_tls",
+    "secure_embedded",
     "server_hosts",
     "warn_if_open",
     "write_server_config",
@@ -44,26 +44,29 @@ __all__ = [
 _log = logging.getLogger("agentmesh.control")
 
 CONFIG_NAME = "nats.conf"
+#: Where the embedded server listens (NatsServer's default).
+EMBEDDED_HOST = "127.0.0.1"
 #: A client may take this long for its TLS handshake (the server's default, 2 s, is short for a
 #: loaded machine running a whole mesh).
 _TLS_TIMEOUT = 5
 
 
-def embedded_nats(settings: Settings, store: Path, ca: CertificateAuthority) -> NatsServer:
-    """The control plane's own nats-server: TLS and mesh accounts, unless mTLS is off.
+def secure_embedded(settings: Settings, ca: CertificateAuthority) -> dict[str, Any]:
+    """What the control plane's own nats-server runs with: TLS and the mesh's accounts (the
+    :class:`NatsServer` arguments), written into its store; nothing if mTLS is off.
 
     ``AGENTMESH_MTLS=off`` opts out of identities, and with them of NATS credentials: the
     server is then open, and the control plane says so loudly (:func:`warn_if_open`).
     """
+    store = settings.data_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
     authority = NatsAuthority.open(settings.data_dir)
     secure = settings.mtls != "off"
     _move_streams(store, authority, secure=secure)
     if not secure:
-        return NatsServer(store)
-    server = NatsServer(store, config=store / CONFIG_NAME, tls=True)
-    write_server_tls(store, ca, server_hosts(server.host, settings.advertise_host))
-    write_server_config(store, authority)
-    return server
+        return {}
+    write_server_tls(store, ca, server_hosts(EMBEDDED_HOST, settings.advertise_host))
+    return {"extra_config": write_server_config(store, authority), "tls": True}
 
 
 def _move_streams(store: Path, authority: NatsAuthority, *, secure: bool) -> None:

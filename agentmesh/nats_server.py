@@ -12,6 +12,7 @@ the server), and that file is also how we learn the port and readiness.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import re
@@ -142,7 +143,9 @@ def find_nats_server(explicit: Path | None = None) -> Path:
 class NatsServer:
     """One ``nats-server`` child process with JetStream storing into ``store_dir``.
 
-    ``port=0`` lets the server pick a free port; the port it picked is kept, so
+    With ``config``, the server runs ``-c config`` alone (a cluster node's file, as an operator
+    would run it); ``store_dir`` then only holds the log. Otherwise ``port=0`` lets the server
+    pick a free port; the port it picked is kept, so
     :meth:`restart` (and a later :meth:`start`) comes back on the same address, as a real
     NATS restart would. The log is ``store_dir/nats-server.log``, appended across runs.
 
@@ -161,16 +164,19 @@ class NatsServer:
         binary: Path | None = None,
         jetstream: bool = True,
         config: Path | None = None,
+        extra_config: Path | None = None,
         tls: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
-        #: A configuration file (TLS, accounts: see nats_config.py); flags win over it.
-        self.config = config
+        #: A configuration file for what flags cannot say (TLS, accounts: see nats_config.py)
+        #: of a server whose address, port and store are flags (they win over the file).
+        self.extra_config = extra_config
         self._tls = tls
         self.host = host
         self._port = port
         self._binary = binary
         self._jetstream = jetstream
+        self._config = config
         self._resolved: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -197,11 +203,22 @@ class NatsServer:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
+    @property
+    def exit_code(self) -> int | None:
+        """How the last started server ended (reaping it); None while it runs or if never
+        started. A negative code is the signal that killed it."""
+        proc = self._proc
+        return proc.poll() if proc is not None else None
+
     def _command(self, binary: Path) -> list[str]:
+        if self._config is not None:
+            # The configuration file says everything (listen, cluster, JetStream store); the
+            # port is only known once the server says where it listens.
+            return [str(binary), "-c", str(self._config)]
         port = str(self._port) if self._port else "-1"
         command = [str(binary)]
-        if self.config is not None:
-            command += ["-c", str(self.config)]
+        if self.extra_config is not None:
+            command += ["-c", str(self.extra_config)]
         command += ["-a", self.host, "-p", port]
         if self._jetstream:
             command += ["-js", "-sd", str(self.store_dir)]
@@ -216,6 +233,18 @@ class NatsServer:
         """
         if self.running:
             return
+        proc, offset, where = self._spawn()
+        self._port = self._wait_ready(proc, offset, where, timeout)
+
+    async def start_async(self, timeout: float = 10.0) -> None:
+        """:meth:`start` for code on an event loop: spawns from the calling thread (keep it the
+        main thread, for the parent-death signal) and waits for readiness without blocking it."""
+        if self.running:
+            return
+        proc, offset, where = self._spawn()
+        self._port = await asyncio.to_thread(self._wait_ready, proc, offset, where, timeout)
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int, str]:
         if self._resolved is None:
             self._resolved = find_nats_server(self._binary)
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +266,7 @@ class NatsServer:
                 ) from exc
         self._proc = proc
         _RUNNING.add(self)
-        self._port = self._wait_ready(proc, offset, where, timeout)
+        return proc, offset, where
 
     def _wait_ready(
         self, proc: subprocess.Popen[bytes], offset: int, where: str, timeout: float

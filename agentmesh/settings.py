@@ -24,12 +24,73 @@ class Settings(BaseSettings):
 
     control_url: str = Field(
         default=f"http://127.0.0.1:{DEFAULT_CONTROL_PORT}",
-        description="Where the control plane listens; agents and the CLI bootstrap from it.",
+        description="Where the control plane listens; agents and the CLI bootstrap from it. "
+        "Several control planes serving one mesh: comma-separated, the first that accepts a "
+        "connection is used.",
     )
     nats_url: str | None = Field(
         default=None,
-        description="NATS to use. Unset: ask the control plane (agents, CLI) or start an "
-        "embedded nats-server (control plane).",
+        description="NATS to use: one URL or comma-separated seeds of a cluster (the other "
+        "nodes are learnt from the servers). Unset: ask the control plane (agents, CLI) or start "
+        "an embedded nats-server (control plane).",
+    )
+    nats_monitor_url: str | None = Field(
+        default=None,
+        description="HTTP monitoring endpoints of the NATS servers (comma-separated, e.g. "
+        "http://nats-a:8222), for `agentmesh check`'s cluster view: only they report the "
+        "JetStream meta leader. Unset: check lists the advertised nodes without it.",
+    )
+    nats_ping_interval: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between a client's pings to its NATS server; two unanswered pings "
+        "make it move to another server. A killed node closes its connections at once; this "
+        "bounds how long a hung one (a stalled VM) holds its clients: about three intervals.",
+    )
+    nats_rebootstrap_after: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds without NATS after which an agent or client that bootstrapped from "
+        "the control plane asks it again where NATS is, and follows a changed address. Longer "
+        "than a NATS restart on the same address (about a second), so that stays a plain "
+        "reconnect; short enough that a moved NATS costs seconds, not a restart.",
+    )
+    jetstream_wait: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a starting agent, client or CLI waits for JetStream to answer "
+        "(open buckets, first registry view, registration) before giving up. On a cluster a "
+        "node loss leaves a bucket without a leader for one election (4-9 s in nats-server); "
+        "this outlasts two.",
+    )
+    kv_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=5,
+        description="Replicas of the mesh's KV buckets (registry, policies, security). Unset: "
+        "min(3, number of NATS servers), so a 3-node cluster keeps R3 buckets that survive the "
+        "loss of any one node. The control plane raises buckets created with fewer.",
+    )
+    embedded_nats_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Client port of the control plane's embedded nats-server. Unset: a free "
+        "port chosen on the first start and kept in AGENTMESH_DATA_DIR/nats/port, so agents "
+        "find NATS at the same address after a control-plane restart.",
+    )
+    embedded_nats_max_restarts: int = Field(
+        default=5,
+        ge=0,
+        description="Restarts of a dying embedded nats-server allowed within "
+        "embedded_nats_restart_window; then the control plane gives up and reports it failed. "
+        "A crash or an OOM kill is survived; a server that dies on every start is not hidden.",
+    )
+    embedded_nats_restart_window: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds over which embedded_nats_max_restarts counts restarts (with the "
+        "pauses between them, 0.2 s doubling to 5 s, five restarts take about 10 s).",
     )
     token: SecretStr | None = Field(
         default=None,
@@ -231,6 +292,38 @@ class Settings(BaseSettings):
     public_read: bool = Field(
         default=False,
         description="Let the control plane's read endpoints answer without the admin token.",
+    )
+    # The standalone sidecar (`agentmesh sidecar`, docs/sidecar.md).
+    egress_port: int = Field(
+        default=15001,
+        ge=0,
+        le=65535,
+        description="Loopback port of a standalone sidecar's egress (0: any free port); 15001 "
+        "as Istio's outbound capture port, so it is easy to recognise.",
+    )
+    app_probe_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds a standalone sidecar waits for its app's health answer: a loopback "
+        "probe that takes longer means an app too busy to take calls.",
+    )
+    app_start_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a standalone sidecar waits for its app to answer before it "
+        "registers the agent anyway, as unready (slow runtimes such as the JVM need ~10 s).",
+    )
+    app_restart_backoff: float = Field(
+        default=0.5,
+        gt=0,
+        description="First pause before a standalone sidecar restarts an app it started that "
+        "exited; doubled after each exit in a row.",
+    )
+    app_restart_backoff_max: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest pause between restarts of a crash-looping app (as Kubernetes caps "
+        "CrashLoopBackOff, but shorter: an agent should come back fast).",
     )
 
     @property

@@ -612,6 +612,11 @@ class Goal:
     limit: float
     reference: str | None = None
     loop: Literal["closed", "open"] | None = None
+    in_flight: int | None = None
+    """Which closed loop, when a scenario has several (None: its first)."""
+    added: bool = False
+    """The goal bounds the difference ``target − reference`` (in the metric's unit), not the
+    ratio: what a hop adds, e.g. ``M4 p50 − M1 p50 ≤ 0.5 ms``."""
 
     @property
     def text(self) -> str:
@@ -619,7 +624,13 @@ class Goal:
         words, unit = metric_label(self.metric)
         if self.reference is None:
             return f"{self.target} {words} {self.op} {self.limit:g} {unit}".rstrip()
-        text = f"{self.target} {words} {self.op} {self.limit:g} × {self.reference} {words}"
+        if self.added:
+            text = f"{self.target} {words} − {self.reference} {words} {self.op} {self.limit:g}"
+            text += f" {unit}".rstrip()
+        else:
+            text = f"{self.target} {words} {self.op} {self.limit:g} × {self.reference} {words}"
+        if self.in_flight is not None:
+            return text + f" ({self.in_flight} in flight)"
         return text + (f" ({self.loop} loop)" if self.loop else "")
 
     def met(self, value: float) -> bool:
@@ -1370,7 +1381,18 @@ def check_workload_goals(sc: Scenario, results: Sequence[WorkloadResult]) -> lis
     checks = []
     for goal in sc.goals:
         kind = OpenLoop if goal.loop == "open" else ClosedLoop
-        res = next((r for r in results if isinstance(r.workload, kind)), None)
+        res = next(
+            (
+                r
+                for r in results
+                if isinstance(r.workload, kind)
+                and (
+                    goal.in_flight is None
+                    or getattr(r.workload, "concurrency", None) == goal.in_flight
+                )
+            ),
+            None,
+        )
         wanted = [n for n in (goal.target, goal.reference) if n is not None]
         absent = [n for n in wanted if res is None or n not in res.summaries]
         if res is None or absent:
@@ -1382,9 +1404,13 @@ def check_workload_goals(sc: Scenario, results: Sequence[WorkloadResult]) -> lis
             checks.append(GoalCheck(sc.name, goal, value))
             continue
         base = res.summaries[goal.reference].median[goal.metric]
-        ratio = value / base if base and not math.isnan(base) else math.nan
         unit = metric_label(goal.metric)[1]
         digits = 3 if goal.metric.endswith("_ms") else 0
+        if goal.added:
+            detail = f"{_fmt(value, digits)} − {_fmt(base, digits)} {unit}".rstrip()
+            checks.append(GoalCheck(sc.name, goal, value - base, detail))
+            continue
+        ratio = value / base if base and not math.isnan(base) else math.nan
         detail = f"{_fmt(value, digits)} / {_fmt(base, digits)} {unit}".rstrip()
         checks.append(GoalCheck(sc.name, goal, ratio, detail))
     return checks
@@ -1435,6 +1461,9 @@ def render_goals(console: Console, scenario: str, checks: Sequence[GoalCheck]) -
         else:
             if goal.reference is None:
                 measured = f"{_fmt_auto(check.value)} {metric_label(goal.metric)[1]}".rstrip()
+            elif goal.added:
+                unit = metric_label(goal.metric)[1]
+                measured = f"{check.value:+.3f} {unit} ({check.detail})"
             else:
                 measured = f"{check.value:.2f}× ({check.detail})"
             verdict = "[green]✓ met[/green]" if check.met else "[red]✗ missed[/red]"

@@ -136,24 +136,7 @@ class MeshCall(ProcessTarget):
             **security,
             **self.agent_env,
         )
-        procs = [
-            self.spawn(
-                f"agent-{i}",
-                [
-                    sys.executable,
-                    "-m",
-                    "agentmesh",
-                    "run",
-                    str(AGENT_FILE),
-                    "--name",
-                    AGENT_NAME,
-                    "--port",
-                    "0",
-                ],
-                env,
-            )
-            for i in range(self.replicas)
-        ]
+        procs = [self.spawn(f"agent-{i}", self.agent_argv(), env) for i in range(self.replicas)]
         lines = await asyncio.gather(*(p.read_line(_READY_LINE, _START_TIMEOUT_S) for p in procs))
         self.agents = [AgentProcess(p, m[1], m[3]) for p, m in zip(procs, lines, strict=True)]
         client: dict[str, Any] = {
@@ -172,6 +155,20 @@ class MeshCall(ProcessTarget):
             replicas=str(self.replicas),
             nats=url,
         )
+
+    def agent_argv(self) -> list[str]:
+        """The command of one agent process (a subclass may serve ``echo`` another way)."""
+        return [
+            sys.executable,
+            "-m",
+            "agentmesh",
+            "run",
+            str(AGENT_FILE),
+            "--name",
+            AGENT_NAME,
+            "--port",
+            "0",
+        ]
 
     async def _index_sees_every_agent(self) -> None:
         """Raise until the client's local index lists every agent as serving."""

@@ -94,7 +94,7 @@ class BenchNats:
         self._authority = NatsAuthority.open(workdir)
         write_server_tls(store, ca, server_hosts("127.0.0.1"))
         config = write_server_config(store, self._authority)
-        self.server = NatsServer(store, config=config, tls=True)
+        self.server = NatsServer(store, extra_config=config, tls=True)
         self.ca_file = workdir / "nats-ca.pem"
         self.ca_file.write_text("".join(pem(r) for r in ca.roots))
 

@@ -4,9 +4,10 @@ Also ``python bench/run.py ...`` in a checkout (same options). The registries be
 place to extend: a mesh target is one ``TARGETS`` entry (a zero-argument factory returning a
 :class:`bench.harness.Target`), and every scenario whose ``targets`` name it then measures it
 next to the baselines in the same interleaved run. ``SCENARIOS`` holds every scenario of the
-issue with its goals: s1–s3 compare targets (ratios of medians measured in the same run), s4–s7
-measure the registry and agent start-up (``registry.py``'s functions). :func:`run_benchmarks`
-is what ``agentmesh bench`` calls; :func:`main` parses the same options for the script.
+issue with its goals: s1–s3 and s8 compare targets (ratios or differences of medians measured in
+the same run), s4–s7 measure the registry and agent start-up (``registry.py``'s functions).
+:func:`run_benchmarks` is what ``agentmesh bench`` calls; :func:`main` parses the same options
+for the script.
 
 This module imports its siblings relatively so that the suite works as ``bench`` in a checkout
 and as ``agentmesh._bench`` in an installed wheel.
@@ -52,6 +53,7 @@ from .harness import (
     run_suite,
 )
 from .mesh_targets import MeshCall, TracedMeshCall, tracing_unavailable
+from .sidecar_targets import HttpxMeshCall, SidecarMeshCall
 
 __all__ = ["OPEN_LOOP_RATE", "SCENARIOS", "TARGETS", "main", "run_benchmarks", "scenario_help"]
 
@@ -62,6 +64,8 @@ TARGETS: dict[str, TargetFactory] = {
     "M1": MeshCall,
     "M2": functools.partial(MeshCall, mtls=True),
     "M3": TracedMeshCall,
+    "M4": SidecarMeshCall,
+    "M5": HttpxMeshCall,
 }
 """Every target, in table order. Add a mesh target with one line, e.g.
 ``TARGETS["M1"] = MeshCall`` (a :class:`bench.harness.Target` subclass)."""
@@ -69,7 +73,9 @@ TARGETS: dict[str, TargetFactory] = {
 TARGET_SUMMARY = (
     "B0 aiohttp → raw ASGI echo on uvicorn (floor for HTTP); B1 httpx → FastAPI + pydantic (no "
     "mesh); B2 nats-py request/reply (floor for NATS); M1 Mesh.call → agent, mTLS off; M2 M1 with "
-    "mTLS; M3 M1 with every call traced (100 % sampling, spans exported over OTLP)"
+    "mTLS; M3 M1 with every call traced (100 % sampling, spans exported over OTLP); M4 Mesh.call → "
+    "`agentmesh sidecar` → app process (the out-of-process hop); M5 M1 through the httpx face "
+    "(mesh.http)"
 )
 """One line per target for ``--help`` (the tables' legend has the full descriptions)."""
 
@@ -165,6 +171,21 @@ SCENARIOS: dict[str, Scenario | Measurement] = {
         title="agent process start → first successful call from another process",
         run=_s7,
         goals=(Goal("start → first call", "median_ms", "≤", 250),),
+    ),
+    "s8": Scenario(
+        name="s8",
+        title="the standalone sidecar's out-of-process hop (M4) and the httpx face (M5) against "
+        "the in-process agent (M1)",
+        workloads=(
+            ClosedLoop(concurrency=1, primary="p50_ms"),
+            ClosedLoop(concurrency=32, primary="calls_per_s"),
+        ),
+        baselines=("M1",),
+        targets=("M1", "M4", "M5"),
+        goals=(
+            Goal("M4", "p50_ms", "≤", 0.5, "M1", "closed", in_flight=1, added=True),
+            Goal("M4", "calls_per_s", "≥", 0.5, "M1", "closed", in_flight=32),
+        ),
     ),
 }
 """Every scenario of the issue with its goals, in run order: the target comparisons first

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from agentmesh.cli import app
 
-COMMANDS = ("control", "run", "demo", "agents", "find", "call")
+COMMANDS = ("control", "run", "sidecar", "demo", "agents", "find", "call")
 TIMEOUT = 30
 #: How long a CLI command may take to report that NATS is unreachable (interpreter start
 #: included; the sidecar's own connect timeout is 5 s).

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("s1", "s2", "s3", "s4", "s5", "s6", "s7")
+SCENARIOS = ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8")
 TIMEOUT = 60
 
 
@@ -51,12 +51,13 @@ def test_help_lists_every_scenario_with_its_goals(tmp_path: Path) -> None:
     assert "--quick" in done.stdout
     assert "M1 p50 ≤ 0.6 × B1 p50" in done.stdout
     assert "p99 < 5 µs" in done.stdout
+    assert "M4 p50 − M1 p50 ≤ 0.5 ms (1 in flight)" in done.stdout
 
 
 def test_unknown_scenario_exits_2_naming_the_known_ones(tmp_path: Path) -> None:
     done = bench("s1", "s9", tmp=tmp_path)
     assert done.returncode == 2
-    assert "unknown scenario(s) s9; known: s1, s2, s3, s4, s5, s6, s7" in done.stderr
+    assert "unknown scenario(s) s9; known: s1, s2, s3, s4, s5, s6, s7, s8" in done.stderr
     assert "Traceback" not in done.stderr
 
 

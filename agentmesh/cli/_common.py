@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -12,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from agentmesh.errors import ConfigurationError
+from agentmesh.control_planes import live_control_sync
+from agentmesh.errors import ConfigurationError, RegistryUnavailable
 from agentmesh.settings import Settings
 
 #: Wide when piped, so tables in logs and CI output are not truncated to 80 columns.
@@ -29,11 +31,16 @@ def settings_from(**flags: Any) -> Settings:
     """Environment settings with the command-line flags that were given on top."""
     given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"]))
         raise ConfigurationError(f"setting {where}: {first['msg']}") from exc
+    if "," in settings.control_url:  # several control planes: this command uses one that answers
+        with contextlib.suppress(RegistryUnavailable):  # none: the command names the problem
+            live = live_control_sync(settings.control_url)
+            settings = settings.model_copy(update={"control_url": live})
+    return settings
 
 
 def parse_labels(pairs: list[str] | None) -> dict[str, str]:

@@ -76,7 +76,7 @@ def bench(
         list[str] | None,
         typer.Argument(
             metavar="SCENARIO",
-            help="Scenarios to run, s1 to s7 (listed below); default: all.",
+            help="Scenarios to run, s1 to s8 (listed below); default: all.",
             show_default=False,
         ),
     ] = None,

@@ -135,8 +135,12 @@ def demo(
                     )
                 )
                 expected += 1
+        polyglot = _start_polyglot(examples, workdir, env, processes)
+        expected += polyglot
         settings = Settings(control_url=control_url, nats_url=nats_url, data_dir=workdir)
-        asyncio.run(_run(settings, examples, expected, processes, topic, keep, control_url))
+        asyncio.run(
+            _run(settings, examples, expected, processes, topic, keep, control_url, bool(polyglot))
+        )
         ok = True
     finally:
         unclean = _stop_all(processes)
@@ -148,6 +152,43 @@ def demo(
             console.print(f"logs kept in {workdir}")
     if unclean:
         raise MeshUnavailable(f"the demo worked, but {', '.join(unclean)} did not stop cleanly")
+
+
+def _start_polyglot(
+    examples: Path, workdir: Path, env: dict[str, str], processes: list[_Process]
+) -> int:
+    """The Node.js agent of examples/polyglot behind `agentmesh sidecar`, if node is installed.
+
+    Returns how many agent instances it adds (0 or 1)."""
+    node = shutil.which("node")
+    app = examples / "polyglot" / "app.js"
+    if node is None or not app.is_file():
+        why = "`node` is not installed" if node is None else f"{app} is missing"
+        console.print(f"[yellow]–[/] skipped the Node.js agent (examples/polyglot): {why}")
+        return 0
+    processes.append(
+        _Process(
+            "agent headliner (Node.js, agentmesh sidecar)",
+            [
+                sys.executable,
+                "-m",
+                "agentmesh",
+                "sidecar",
+                "--manifest",
+                str(examples / "polyglot" / "agent.yaml"),
+                "--app-health",
+                "/healthz",
+                "--egress-port",
+                "0",
+                "--",
+                node,
+                str(app),
+            ],
+            workdir / "headliner.log",
+            env,
+        )
+    )
+    return 1
 
 
 def _start_control(
@@ -180,6 +221,7 @@ async def _run(
     topic: str,
     keep: bool,
     control_url: str,
+    polyglot: bool,
 ) -> None:
     async with connect(settings) as mesh:
         with console.status(f"waiting for {expected} agent instances to register…"):
@@ -189,6 +231,8 @@ async def _run(
         with console.status("running examples/orchestrate.py through the mesh…"):
             account: dict[str, Any] = await orchestrate.orchestrate(mesh, topic)
         _show_account(account)
+        if polyglot:
+            await _show_polyglot(mesh)
         await _show_zero_trust(mesh, settings, control_url)
         if keep:
             console.rule("[bold]the mesh keeps running")
@@ -206,6 +250,32 @@ async def _run(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
+
+
+async def _show_polyglot(mesh: Mesh) -> None:
+    """The Node.js agent: called like any agent, streaming, and calling Python back."""
+    console.rule("[bold]any language: a Node.js agent behind `agentmesh sidecar`")
+    [offer] = await mesh.registry.find("shout")
+    shout = await mesh.call("shout", {"text": "hello from python"})
+    console.print(
+        f"[green]✔[/] shout (Node.js, {offer.instance_id} at {offer.endpoint}): "
+        f"{shout['text']!r}; the app saw the caller as {shout['caller']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    counted = [chunk["n"] async for chunk in mesh.stream("countdown", {"start": 3})]
+    console.print(f"[green]✔[/] countdown streamed through the sidecar: {counted}")
+    text = (
+        "Agents written in any language join the mesh through a sidecar. "
+        "The sidecar checks every input against the manifest. Calls carry one trace."
+    )
+    headline = await mesh.call("headline", {"text": text, "max_words": 8})
+    console.print(
+        f"[green]✔[/] headline: Node.js called summarize (Python) through its egress: "
+        f"{headline['headline']!r}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 async def _show_zero_trust(mesh: Mesh, settings: Settings, control_url: str) -> None:

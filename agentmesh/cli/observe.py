@@ -453,7 +453,7 @@ async def _run_checks(settings: Settings) -> list[_Check]:
             note = "" if health.get("nats", True) else "; it has lost NATS too"
             detail = f"{control} answers (agentmesh {health.get('version')}{note})"
             results.append(_Check("control plane", True, detail))
-        results.extend(await _nats_checks(settings, boot))
+        results.extend(await _nats_checks(settings, boot, health))
         results.append(_clock_check(health, sent, received if health is not None else sent))
         results.append(await _identity_check(http, control, health is not None))
         results.append(await _mtls_check(http, control, health is not None))
@@ -502,9 +502,13 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Check]:
+async def _nats_checks(
+    settings: Settings, boot: Bootstrap | None, health: dict[str, Any] | None
+) -> list[_Check]:
     import nats.js.errors
 
+    from agentmesh.cli.nats_check import cluster_checks, embedded_note, unreachable_hint
+    from agentmesh.control.nats_status import mesh_buckets
     from agentmesh.security.nats_client import client_connection
 
     url = settings.nats_url or (boot.nats_url if boot is not None else None)
@@ -522,7 +526,12 @@ async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Chec
         ]
     try:
         conn = await client_connection(
-            settings, url, bucket, name=f"agentmesh-check-{os.getpid()}", timeout=3.0
+            settings,
+            url,
+            bucket,
+            name=f"agentmesh-check-{os.getpid()}",
+            timeout=3.0,
+            kv_replicas=settings.kv_replicas,
         )
     except MeshError as exc:
         return [
@@ -530,8 +539,7 @@ async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Chec
                 "NATS",
                 False,
                 str(exc).removesuffix("; is nats-server running?"),
-                "start nats-server (`agentmesh control` runs an embedded one), or fix "
-                "AGENTMESH_NATS_URL",
+                unreachable_hint(health),
             ),
             _Check("JetStream", None, "not checked: NATS was not reached"),
             _Check("registry", None, "not checked: NATS was not reached"),
@@ -541,7 +549,8 @@ async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Chec
         nc = conn.client
         server = nc.connected_server_version
         version = f"{server.major}.{server.minor}.{server.patch}"
-        results.append(_Check("NATS", True, f"{url} reachable (nats-server {version})"))
+        detail = f"{url} reachable (nats-server {version}){embedded_note(health)}"
+        results.append(_Check("NATS", True, detail))
         results.append(_nats_auth_check(conn))
         js = nc.jetstream()
         try:
@@ -579,6 +588,9 @@ async def _nats_checks(settings: Settings, boot: Bootstrap | None) -> list[_Chec
         results.append(
             _Check("registry", True, f"bucket {bucket!r}: {len(keys)} agent instance(s)", hint)
         )
+        monitors = [u.strip() for u in (settings.nats_monitor_url or "").split(",") if u.strip()]
+        for row in await cluster_checks(nc, mesh_buckets(bucket), conn.replicas(), monitors):
+            results.append(_Check(*row))
     except Exception as exc:  # NATS went away mid-check
         results.append(_Check("NATS", False, f"{url}: {exc or type(exc).__name__}"))
     finally:

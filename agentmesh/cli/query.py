@@ -18,6 +18,7 @@ import agentmesh.mesh
 from agentmesh.cli._common import Output, console, parse_labels, print_json, settings_from
 from agentmesh.errors import InvalidInput, RegistryUnavailable, error_from_problem
 from agentmesh.models import AgentRecord, CapabilityOffer, EndpointHealth, Problem
+from agentmesh.proxy import SIDECAR_LABEL
 from agentmesh.settings import Settings
 
 ControlUrl = Annotated[
@@ -144,7 +145,7 @@ def agents(
     for r in records:
         table.add_row(
             r.instance_id,
-            r.name,
+            r.name + (" (sidecar)" if r.labels.get(SIDECAR_LABEL) == "true" else ""),
             r.version,
             r.endpoint,
             _health_cell(r.status, health.get(r.instance_id)),

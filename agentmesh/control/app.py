@@ -16,6 +16,7 @@ from agentmesh._version import __version__
 from agentmesh.control.docs import mount_docs
 from agentmesh.control.health import HealthBook
 from agentmesh.control.metrics import ControlMetrics
+from agentmesh.control.nats_status import nats_server_status, with_cluster_urls
 from agentmesh.control.policies import policy_router
 from agentmesh.control.security import ControlSecurity, security_router
 from agentmesh.control.stats import StatsBook, stats_router
@@ -84,14 +85,16 @@ def create_app(
             "status": "ok",
             "version": __version__,
             "nats": sidecar.conn.connected.is_set(),
+            "nats_server": nats_server_status(app, sidecar.conn),
             "agents": len(index.records()),
             "time": time.time(),
         }
 
     @app.get("/v1/bootstrap", tags=["mesh"])
     async def get_bootstrap() -> Bootstrap:
-        """Everything an agent or CLI needs to join, from one URL."""
-        return boot
+        """Everything an agent or CLI needs to join, from one URL (NATS: every client URL the
+        cluster advertises, so agents reconnect to any node)."""
+        return with_cluster_urls(boot, sidecar.conn)
 
     @app.get("/v1/agents", tags=["registry"])
     async def list_agents(

@@ -1,7 +1,8 @@
 """Running the control plane: an embedded NATS unless one is configured, then the API.
 
 The embedded nats-server is started from the main thread before the event loop (its
-parent-death signal is tied to the thread that spawns it) and stopped after the API is down.
+parent-death signal is tied to the thread that spawns it), supervised while the API runs (the
+loop runs in the main thread too, so restarts keep that tie) and stopped after the API is down.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from agentmesh.control.app import create_app
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.health import HealthBook
 from agentmesh.control.issuer import Issuer
+from agentmesh.control.nats_status import keep_replicas, mesh_buckets
+from agentmesh.control.nats_supervisor import EmbeddedNats
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
-from agentmesh.nats_config import embedded_nats, keep_server_tls, warn_if_open
-from agentmesh.nats_server import NatsServer
+from agentmesh.nats_config import keep_server_tls, secure_embedded, warn_if_open
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.store import SecurityStore, security_bucket
@@ -64,21 +66,19 @@ def run_control(
 ) -> None:
     """Serve until SIGTERM/SIGINT. Blocking; call from the main thread."""
     sock = bind(host, port)
-    nats: NatsServer | None = None
+    nats: EmbeddedNats | None = None
     try:
         ca = CertificateAuthority.open(settings)
         nats_url = settings.nats_url
         if not nats_url:
-            store = settings.data_dir / "nats"
-            store.mkdir(parents=True, exist_ok=True)
-            nats = embedded_nats(settings, store, ca)
+            nats = EmbeddedNats(settings, **secure_embedded(settings, ca))
             nats.start()
             nats_url = nats.url
         display_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         info = ControlInfo(
             f"http://{display_host}:{sock.getsockname()[1]}",
             nats_url,
-            settings.data_dir / "nats" if nats else None,
+            nats.store if nats else None,
         )
         asyncio.run(_serve(settings, sock, info, on_ready, ca, nats))
     finally:
@@ -93,10 +93,13 @@ async def _serve(
     info: ControlInfo,
     on_ready: Callable[[ControlInfo], None] | None,
     ca: CertificateAuthority,
-    nats: NatsServer | None,
+    nats: EmbeddedNats | None,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
-    sidecar = Sidecar(boot, settings, name="agentmesh-control", caller="control")
+    sidecar = Sidecar(
+        boot, settings, name="agentmesh-control", caller="control", follow_control=False
+    )
+    supervising = asyncio.create_task(nats.supervise()) if nats else None
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
     issuer.use_nats(NatsAuthority.open(settings.data_dir), boot.registry_bucket)
     sidecar.identity.use_issuer(issuer)
@@ -105,8 +108,12 @@ async def _serve(
     security, retiring = await _security(settings, issuer, info)
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
     background = [retiring]
-    if nats is not None and nats.config is not None:
-        background.append(asyncio.create_task(keep_server_tls(nats, ca, settings), name="nats-tls"))
+    if nats is not None and nats.server.extra_config is not None:
+        renewing = keep_server_tls(nats.server, ca, settings)
+        background.append(asyncio.create_task(renewing, name="nats-tls"))
+    replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
+    await replicas()
+    sidecar.conn.on_reconnect(replicas)
     health = HealthBook()
 
     async def on_breaker_event(msg: Msg) -> None:
@@ -119,7 +126,9 @@ async def _serve(
         stats.apply(msg.data)
 
     await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
-    server = HttpServer(create_app(sidecar, boot, health, stats, security), sock)
+    app = create_app(sidecar, boot, health, stats, security)
+    app.state.nats_server = nats.status if nats else None
+    server = HttpServer(app, sock)
     stop = asyncio.Event()
     try:
         await server.start()
@@ -133,6 +142,8 @@ async def _serve(
         await server.stop()
         for task in background:
             task.cancel()
+        if supervising is not None:
+            supervising.cancel()
         await sidecar.close()
 
 

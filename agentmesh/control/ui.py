@@ -41,6 +41,7 @@ from starlette.types import ASGIApp
 from agentmesh._version import __version__
 from agentmesh.control.health import HealthBook
 from agentmesh.control.layout import GraphLayout, layered_layout
+from agentmesh.control.nats_status import NatsView, nats_view
 from agentmesh.control.stats import StatsBook
 from agentmesh.errors import AuthenticationFailed, InvalidInput, MeshError
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec, StatGroup, StatRow
@@ -328,6 +329,10 @@ class DashboardData:
         if not offers:
             return None
         return CapabilityView(name, offers, self.capability_golden().get(name))
+
+    def nats(self) -> NatsView:
+        """The overview's NATS card: the embedded server's supervisor state, else the link."""
+        return nats_view(self.sidecar.conn, getattr(self.api, "state", None))
 
     def summary(self) -> Summary:
         instances = self.instances()

@@ -67,14 +67,20 @@ class PolicyStore:
         """Create the bucket if it does not exist yet (idempotent across processes)."""
         js = self._conn.client.jetstream()
         try:
-            self._kv = await js.create_key_value(
-                bucket=self.bucket,
-                history=HISTORY,
-                max_value_size=MAX_RECORD_BYTES,
-                description="agentmesh policies: one AccessPolicy or TrafficPolicy per key",
+            self._kv = await self._conn.through_election(
+                lambda: js.create_key_value(
+                    bucket=self.bucket,
+                    replicas=self._conn.replicas(),
+                    history=HISTORY,
+                    max_value_size=MAX_RECORD_BYTES,
+                    description="agentmesh policies: one AccessPolicy or TrafficPolicy per key",
+                ),
+                f"opening policy bucket {self.bucket!r}",
             )
         except nats.js.errors.BadRequestError:
-            self._kv = await js.key_value(self.bucket)
+            self._kv = await self._conn.through_election(
+                lambda: js.key_value(self.bucket), f"opening policy bucket {self.bucket!r}"
+            )
         except Exception as exc:
             raise RegistryUnavailable(
                 f"policy bucket {self.bucket!r} on NATS at {self._conn.url}: {exc}"

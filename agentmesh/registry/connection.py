@@ -2,7 +2,11 @@
 
 The data plane must survive NATS going away, so the client reconnects forever and tells its
 users (the lease and the watch-fed index) when it is back, so that they can re-register and
-resynchronise instead of trusting whatever a consumer replays.
+resynchronise instead of trusting whatever a consumer replays. ``url`` may name several servers
+(comma-separated seeds of a cluster); nats-py then also learns the cluster's other nodes from the
+servers' INFO. When NATS has been away for ``rebootstrap_after`` seconds and a ``rebootstrap``
+source is given (the control plane), the server list is asked for again and followed
+(``agentmesh.registry.cluster``), so an address change never needs a restart.
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
 
 from agentmesh.errors import RegistryUnavailable
+from agentmesh.registry.cluster import (
+    Rebootstrap,
+    ServerFollower,
+    default_replicas,
+    split_urls,
+    through_election,
+)
 
 __all__ = ["NatsConnection"]
 
@@ -33,22 +44,38 @@ def _not_eof_noise(record: logging.LogRecord) -> bool:
 logging.getLogger("asyncio").addFilter(_not_eof_noise)
 
 Listener = Callable[[], Awaitable[None]]
+T = TypeVar("T")
 #: nats-py connect options naming this process and how it checks the server (TLS, JWT, ...):
 #: called at each connect, so renewed credentials are used (see security/nats_client.py).
 Credentials = Callable[[], dict[str, Any]]
-#: The server's first line (INFO) is a few hundred bytes; more is not a NATS server.
+
+_PER_SERVER_TIMEOUT = 2.0
+"""Seconds one server gets to answer a new connection before the next seed is tried."""
 _MAX_INFO = 64 * 1024
+"""The server's first line (INFO) is a few hundred bytes; more is not a NATS server."""
 
 
 class NatsConnection:
     """A reconnecting NATS client plus reconnect listeners."""
 
-    def __init__(self, url: str, *, name: str, credentials: Credentials | None = None) -> None:
-        self.url = url
+    def __init__(
+        self,
+        url: str | list[str],
+        *,
+        name: str,
+        rebootstrap: Rebootstrap | None = None,
+        rebootstrap_after: float = 5.0,
+        kv_replicas: int | None = None,
+        jetstream_wait: float = 20.0,
+        ping_interval: float = 2.0,
+        credentials: Credentials | None = None,
+    ) -> None:
+        self.servers = split_urls(url)
+        self.url = ",".join(self.servers)
         self.name = name
         self._credentials = credentials
-        #: The server's INFO at the last connect: ``auth_required``/``tls_required`` say whether
-        #: the substrate is open (the control plane and ``agentmesh check`` warn if it is).
+        #: The server's INFO at the last :meth:`probe`: ``auth_required``/``tls_required`` say
+        #: whether the substrate is open (the control plane and ``agentmesh check`` warn if so).
         self.server_info: dict[str, Any] = {}
         self._nc: NATS | None = None
         self._on_reconnect: list[Listener] = []
@@ -56,10 +83,17 @@ class NatsConnection:
         self._closing = False
         self._renewing: asyncio.Task[None] | None = None
         self._jwt_presented = False
+        self._kv_replicas = kv_replicas
+        #: How long start-up steps wait for JetStream to answer (through a leader election).
+        self.jetstream_wait = jetstream_wait
+        self.ping_interval = ping_interval
+        self._follower = (
+            ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
+        )
 
     @property
     def unauthenticated(self) -> bool:
-        """The server admits connections without credentials (its INFO at our last connect):
+        """The server admits connections without credentials (its INFO at our last probe):
         anyone who can reach it can rewrite policies, revocations and registry records."""
         return bool(self.server_info) and not self.server_info.get("auth_required", False)
 
@@ -68,6 +102,15 @@ class NatsConnection:
         if self._nc is None:
             raise RegistryUnavailable(f"NATS at {self.url}: not connected")
         return self._nc
+
+    def replicas(self) -> int:
+        """Replicas of the buckets this process creates: the setting, else min(3, the number
+        of servers the cluster advertises) (``agentmesh.registry.cluster``)."""
+        return self._kv_replicas or default_replicas(self.client)
+
+    async def through_election(self, op: Callable[[], Awaitable[T]], what: str) -> T:
+        """``op()`` retried while JetStream does not answer, up to ``jetstream_wait`` seconds."""
+        return await through_election(op, wait=self.jetstream_wait, what=what)
 
     def on_reconnect(self, listener: Listener) -> None:
         """Call ``listener`` each time the connection comes back after a loss."""
@@ -81,6 +124,8 @@ class NatsConnection:
                 _log.info("reconnecting to NATS at %s with renewed credentials", self.url)
             elif was_connected and not self._closing:
                 _log.warning("lost NATS at %s; reconnecting", self.url)
+                if self._follower is not None:
+                    self._follower.lost()
 
         async def reconnected() -> None:
             self.connected.set()
@@ -96,27 +141,30 @@ class NatsConnection:
 
         async def error(exc: Exception) -> None:
             _log.debug("NATS %s: %s", self.url, exc)
-            if not refused.done() and _is_refusal(exc, seeds=len(self.url.split(","))):
+            if not refused.done() and _is_refusal(exc):
                 refused.set_result(exc)  # the first connect: a refusal ends it at once
 
         async def closed() -> None:
             self.connected.clear()
             if self._nc is not None and not self._closing:  # not a first connect that failed
-                reason = self._nc.last_error
                 _log.error(
                     "NATS at %s closed this connection for good (%s); restart this process",
                     self.url,
-                    reason or "no reason given",
+                    self._nc.last_error or "no reason given",
                 )
 
         # nats-py annotates some of these as int, but takes seconds as floats.
         options: dict[str, Any] = {
             "name": self.name,
-            "connect_timeout": timeout,
+            # Per server: a stalled node (it accepts TCP, never answers) must not use up the
+            # whole budget before the next seed is tried.
+            "connect_timeout": min(timeout, _PER_SERVER_TIMEOUT),
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
-            "ping_interval": 5,
+            # Two unanswered pings mark the server stale: a hung node (a stalled VM) is left
+            # for another within about three intervals.
+            "ping_interval": self.ping_interval,
             "max_outstanding_pings": 2,
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
@@ -135,22 +183,26 @@ class NatsConnection:
 
             options["user_jwt_cb"] = presented
         nc = NATS()
-        # nats-py retries even the first connection forever when reconnects are unlimited:
-        # bound it, so a wrong URL is an error, not a hang, and refused credentials or a
-        # refused certificate are that error at once.
-        connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(self.url, **options))
-        racing: set[asyncio.Future[Any]] = {connecting, refused}
+        connecting: asyncio.Future[Any] | None = None
         try:
-            await asyncio.wait(racing, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await _reachable(self.servers, timeout)
+            # nats-py retries even the first connection forever when reconnects are unlimited:
+            # bound it, so a wrong URL is an error, not a hang, and refused credentials or a
+            # refused certificate are that error at once.
+            budget = timeout + _PER_SERVER_TIMEOUT * (len(self.servers) - 1)
+            connecting = asyncio.ensure_future(nc.connect(servers=self.servers, **options))
+            racing: set[asyncio.Future[Any]] = {connecting, refused}
+            await asyncio.wait(racing, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
             if refused.done():
                 raise refused.result()
             if not connecting.done():
                 raise TimeoutError
             connecting.result()
         except Exception as exc:
-            connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await connecting
+            if connecting is not None:
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
             with contextlib.suppress(Exception):
                 await nc.close()
             raise self._unavailable(exc, timeout) from exc
@@ -172,10 +224,10 @@ class NatsConnection:
         self._renewing = task  # held: the loop keeps only weak references to tasks
 
     async def probe(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Read the server's INFO (into :attr:`server_info`) without connecting as a client:
-        whether it wants credentials (``agentmesh check``, the control plane's warning)."""
+        """Read the first server's INFO (into :attr:`server_info`) without connecting as a
+        client: whether it wants credentials (``agentmesh check``, the control plane's warning)."""
         try:
-            self.server_info = await _server_info(self.url, timeout)
+            self.server_info = await _server_info(self.servers[0], timeout)
         except Exception as exc:
             raise self._unavailable(exc, timeout) from exc
         return self.server_info
@@ -188,7 +240,7 @@ class NatsConnection:
         else:
             reason = str(exc) or type(exc).__name__
         hint = "is nats-server running?"
-        if "authorization" in reason.lower() or "ssl" in reason.lower():
+        if _is_refusal(exc):
             hint = (
                 "it refuses us or we refuse it: mesh credentials come with enrolment "
                 "(AGENTMESH_MTLS must not be off), or set AGENTMESH_NATS_CREDS_FILE / "
@@ -198,6 +250,8 @@ class NatsConnection:
 
     async def close(self) -> None:
         self._closing = True
+        if self._follower is not None:
+            await self._follower.stop()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.drain(), timeout=2.0)
@@ -207,18 +261,37 @@ class NatsConnection:
         self._nc = None
 
 
-def _is_refusal(exc: BaseException, *, seeds: int) -> bool:
-    """No retry of a first connect helps: the server refused our credentials, TLS refused the
-    server (or us), or the only server there is refused the connection."""
+async def _reachable(servers: list[str], timeout: float) -> None:
+    """Fail fast when no seed accepts a connection: nats-py would retry until the timeout.
+
+    One answering seed is enough (a cluster with a node down is still reachable).
+    """
+    error: BaseException = OSError("no server to try")
+    for url in servers:
+        parsed = urlsplit(url)
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            error = exc
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise error
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """No retry of a first connect helps: the server refused our credentials, or TLS refused
+    the server (or us)."""
     text = str(exc).lower()
-    if isinstance(exc, ConnectionRefusedError):
-        return seeds == 1
     return isinstance(exc, ssl.SSLError) or "authorization" in text or "authentication" in text
 
 
 async def _server_info(url: str, timeout: float) -> dict[str, Any]:
     """The server's INFO (sent in plain text before any TLS or authentication)."""
-    parsed = urlsplit(url.split(",")[0])
+    parsed = urlsplit(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(host, port, limit=_MAX_INFO), timeout

@@ -53,8 +53,11 @@ class Lease:
         self.record = record
         await self._write()
 
-    async def release(self, timeout: float = 2.0) -> bool:
+    async def release(self, timeout: float = 10.0) -> bool:
         """Stop renewing and delete the record, so watchers drop it immediately.
+
+        ``timeout`` outlasts a leader election on a cluster (4-9 s in nats-server), so an agent
+        stopping during one still deregisters; with NATS gone it returns at once.
 
         Returns False if the registry could not be reached within ``timeout``: the record then
         expires on its own within the lease TTL, so stopping never waits on NATS.
@@ -75,7 +78,12 @@ class Lease:
                     self._store.delete(record_key(self.record), revision), timeout
                 )
             except RecordConflict:
-                _log.warning("record of %s changed before release", self.record.instance_id)
+                # A renewal that timed out (a leader election) may have landed after all: then
+                # the record is still ours under a newer revision.
+                try:
+                    await asyncio.wait_for(self._release_current(), timeout)
+                except (RecordConflict, RegistryUnavailable, TimeoutError):
+                    _log.warning("record of %s changed before release", self.record.instance_id)
             except (RegistryUnavailable, TimeoutError) as exc:
                 _log.warning(
                     "could not deregister %s (%s); its record expires within %ds",
@@ -85,6 +93,11 @@ class Lease:
                 )
                 return False
             return True
+
+    async def _release_current(self) -> None:
+        current = await self._store.get(record_key(self.record))
+        if current is not None and current[0] == self._store.encode(self.record):
+            await self._store.delete(record_key(self.record), current[1])
 
     async def _heartbeat(self) -> None:
         while True:

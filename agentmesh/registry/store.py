@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 
 from agentmesh.errors import RegistrationError, RegistryUnavailable
 from agentmesh.models import MAX_RECORD_BYTES, AgentRecord
+from agentmesh.registry.cluster import kv_stream
 from agentmesh.registry.connection import NatsConnection
 
 __all__ = ["RecordConflict", "RegistryStore", "instance_of", "record_key"]
@@ -66,15 +67,21 @@ class RegistryStore:
         """Create the bucket if it does not exist yet (idempotent across processes)."""
         js = self._conn.client.jetstream()
         try:
-            self._kv = await js.create_key_value(
-                bucket=self.bucket,
-                history=1,
-                max_value_size=MAX_RECORD_BYTES,
-                limit_marker_ttl=_MARKER_TTL,
-                description="agentmesh registry: one record per agent instance",
+            self._kv = await self._conn.through_election(
+                lambda: js.create_key_value(
+                    bucket=self.bucket,
+                    replicas=self._conn.replicas(),
+                    history=1,
+                    max_value_size=MAX_RECORD_BYTES,
+                    limit_marker_ttl=_MARKER_TTL,
+                    description="agentmesh registry: one record per agent instance",
+                ),
+                f"opening registry bucket {self.bucket!r}",
             )
         except nats.js.errors.BadRequestError:
-            self._kv = await js.key_value(self.bucket)
+            self._kv = await self._conn.through_election(
+                lambda: js.key_value(self.bucket), f"opening registry bucket {self.bucket!r}"
+            )
         except Exception as exc:
             raise RegistryUnavailable(
                 f"registry bucket {self.bucket!r} on NATS at {self._conn.url}: {exc}"
@@ -94,17 +101,30 @@ class RegistryStore:
         """Write a new record; refuse if a live record already holds the key."""
         data = self.encode(record)
         key = record_key(record)
+        tries = 0
+
+        async def attempt() -> int:
+            nonlocal tries
+            tries += 1
+            try:
+                return int(await self.kv.create(key, data, msg_ttl=ttl))
+            except nats.js.errors.KeyWrongLastSequenceError as exc:
+                if tries > 1:  # an attempt that timed out (no leader yet) may have landed later
+                    current = await self.get(key)
+                    if current is not None and current[0] == data:
+                        return current[1]
+                # The last message may be the server's marker for an expired record, which
+                # nats-py does not recognise as a deletion: then the key is free, take it over.
+                marker = await self._marker_revision(key)
+                if marker is None:
+                    raise RecordConflict(
+                        f"agent instance {record.instance_id} is already registered by another "
+                        "process"
+                    ) from exc
+                return await self.renew(record, marker, ttl)
+
         try:
-            return int(await self.kv.create(key, data, msg_ttl=ttl))
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            # The last message may be the server's marker for an expired record, which
-            # nats-py does not recognise as a deletion: then the key is free, take it over.
-            marker = await self._marker_revision(key)
-            if marker is None:
-                raise RecordConflict(
-                    f"agent instance {record.instance_id} is already registered by another process"
-                ) from exc
-            return await self.renew(record, marker, ttl)
+            return await self._conn.through_election(attempt, f"registering {record.instance_id}")
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"registering {record.instance_id}: {exc}") from exc
 
@@ -143,25 +163,34 @@ class RegistryStore:
     async def delete(self, key: str, revision: int | None = None) -> None:
         """Delete the record under ``key`` (:func:`record_key`), if still at ``revision``."""
         try:
-            await self.kv.delete(key, last=revision)
+            await self._conn.through_election(
+                lambda: self.kv.delete(key, last=revision), f"deregistering {key}"
+            )
         except nats.js.errors.APIError as exc:
             if _wrong_sequence(exc):
-                raise RecordConflict(f"record {key} changed before deregistration") from exc
+                raise RecordConflict(f"record of {key} changed before deregistration") from exc
             raise RegistryUnavailable(f"deregistering {key}: {exc}") from exc
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"deregistering {key}: {exc}") from exc
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
-        """The live value and revision under ``key``, or None if absent or deleted."""
+        """The live value and revision under ``key``, or None if absent or deleted.
+
+        Read from the stream's leader, not with a direct get that any replica may answer: on a
+        cluster a lagging follower would hand back an old revision, and the compare-and-set
+        that follows (a renewal, a deregistration) would fail again.
+        """
         try:
-            entry = await self.kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            msg = await self._conn.client.jetstream().get_msg(
+                kv_stream(self.bucket), subject=f"$KV.{self.bucket}.{key}"
+            )
+        except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"reading {key}: {exc}") from exc
-        if not entry.value:
-            return None  # the server's marker of an expired record: no record (never empty)
-        return entry.value, int(entry.revision or 0)
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+            return None  # deleted, or the server's marker of an expired record (never empty)
+        return msg.data, int(msg.seq or 0)
 
     async def watch(self) -> Any:
         """A watcher over every key: initial values, then ``None``, then live changes."""

@@ -139,14 +139,22 @@ def nats_credentials(settings: Settings, identity: WorkloadIdentity | None) -> C
 
 
 async def client_connection(
-    settings: Settings, url: str, bucket: str, *, name: str, timeout: float = 5.0
+    settings: Settings,
+    url: str,
+    bucket: str,
+    *,
+    name: str,
+    timeout: float = 5.0,
+    **connection: Any,
 ) -> NatsConnection:
     """A NATS connection as a mesh *client* (CLI commands that speak NATS directly): enrols
-    first when the server wants credentials, exactly as a sidecar does."""
+    first when the server wants credentials, as a sidecar does; ``connection``: more
+    :class:`NatsConnection` arguments."""
     from agentmesh.security.workload import WorkloadIdentity
 
     identity = WorkloadIdentity.for_caller(settings, "client")
-    conn = NatsConnection(url, name=name, credentials=nats_credentials(settings, identity))
+    credentials = nats_credentials(settings, identity)
+    conn = NatsConnection(url, name=name, credentials=credentials, **connection)
     if (await conn.probe(timeout)).get("auth_required"):
         await identity.prepare(bucket)
     await conn.connect(timeout)

@@ -88,21 +88,28 @@ class SecurityStore:
             return
         js = self._conn.client.jetstream()
         try:
-            self._kv = await js.create_key_value(
-                bucket=self.bucket,
-                history=1,
-                limit_marker_ttl=1.0,
-                description="agentmesh security: trust bundle, revocations, issued certificates",
+            self._kv = await self._conn.through_election(
+                lambda: js.create_key_value(
+                    bucket=self.bucket,
+                    replicas=self._conn.replicas(),
+                    history=1,
+                    limit_marker_ttl=1.0,
+                    description="agentmesh security: trust bundle, revocations, issued "
+                    "certificates",
+                ),
+                f"opening security bucket {self.bucket!r}",
             )
         except nats.js.errors.BadRequestError:
-            self._kv = await js.key_value(self.bucket)
+            self._kv = await self._conn.through_election(
+                lambda: js.key_value(self.bucket), f"opening security bucket {self.bucket!r}"
+            )
         except Exception as exc:
             raise RegistryUnavailable(
                 f"security bucket {self.bucket!r} on NATS at {self._conn.url}: {exc}"
             ) from exc
 
     async def _put(self, key: str, data: bytes, ttl: float | None = None) -> int:
-        try:
+        async def put() -> int:  # a plain put: repeating it after a timeout is harmless
             if ttl is None:
                 return int(await self.kv.put(key, data))
             # A per-message TTL needs a plain publish (KV put has no TTL parameter).
@@ -110,6 +117,9 @@ class SecurityStore:
                 f"$KV.{self.bucket}.{key}", data, msg_ttl=max(int(ttl + 0.999), 1)
             )
             return int(ack.seq)
+
+        try:
+            return await self._conn.through_election(put, f"writing {key}")
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"writing {key} to {self.bucket!r}: {exc}") from exc
 

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from agentmesh.control_planes import live_control
 from agentmesh.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -234,10 +235,11 @@ class WorkloadIdentity:
         if not self._certs:
             await self._obtain(first=True)
         try:
-            await asyncio.wait_for(self.view.synced.wait(), 5.0)
+            await asyncio.wait_for(self.view.synced.wait(), conn.jetstream_wait)
         except TimeoutError as exc:
             raise RegistryUnavailable(
-                f"the revocation list did not arrive within 5s from NATS at {conn.url}"
+                f"the revocation list did not arrive within {conn.jetstream_wait:g}s from NATS "
+                f"at {conn.url}"
             ) from exc
         if self._cached is not None and not self._cache_fits_mesh():
             from agentmesh.security import client_cache
@@ -311,7 +313,7 @@ class WorkloadIdentity:
         token = None if renew else self._token()
         if not renew and token is None:
             raise self._no_source()
-        remote = RemoteIssuer(self._settings.control_url, token)
+        remote = RemoteIssuer(await live_control(self._settings.control_url), token)
         self._remote = True
         pinned: list[x509.Certificate] | None = None
         if not renew:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from agentmesh._version import __version__
+from agentmesh.control_planes import live_control
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import Bootstrap
 from agentmesh.settings import Settings
@@ -37,7 +38,8 @@ async def bootstrap(settings: Settings) -> Bootstrap:
         )
     import aiohttp
 
-    url = f"{settings.control_url.rstrip('/')}/v1/bootstrap"
+    control = await live_control(settings.control_url)  # the first of several that answers
+    url = f"{control}/v1/bootstrap"
     token = settings.token.get_secret_value() if settings.token else None
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -59,7 +60,7 @@ from agentmesh.telemetry.tracing import (
     unsampled_child,
 )
 
-__all__ = ["InboundApp"]
+__all__ = ["InboundApp", "current_peer"]
 
 _log = logging.getLogger("agentmesh.agent")
 _AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
@@ -75,6 +76,9 @@ _PROBLEM = b"application/problem+json"
 _DEADLINE = DEADLINE_HEADER.encode()
 _CHAIN = CHAIN_HEADER.encode()
 _TRACEPARENT = TRACEPARENT.encode()
+#: The verified caller of the inbound call being served (None: no mesh certificate). A
+#: capability that forwards the call elsewhere (the standalone sidecar's) passes it on.
+current_peer: ContextVar[Caller | None] = ContextVar("agentmesh_peer", default=None)
 #: Errors a capability body may raise that describe this very call: they keep their status.
 #: ``AgentUnavailable`` and ``RateLimited`` let a capability refuse work it has not started
 #: (no capacity, an upstream quota), which callers may then retry elsewhere.
@@ -203,6 +207,7 @@ class InboundApp:
             injected = _inject(cap, self._injectables)
             serving_sidecar.set(self._sidecar)
             current_chain.set(meta.chain)
+            current_peer.set(meta.peer)
             if deadline is not None:
                 current_deadline.set(deadline)
             if cap.streaming:

@@ -14,9 +14,11 @@ from agentmesh.models import Bootstrap, BreakerEvent
 from agentmesh.policy.cache import PolicyCache
 from agentmesh.policy.store import PolicyStore, policy_bucket
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
+from agentmesh.registry.cluster import Rebootstrap, split_urls
 from agentmesh.security.nats_client import nats_credentials
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
+from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.breaker import BreakerState
 from agentmesh.sidecar.http1 import Limits
 from agentmesh.sidecar.retry import RetryPolicy
@@ -31,14 +33,29 @@ _log = logging.getLogger("agentmesh.sidecar")
 
 class Sidecar:
     def __init__(
-        self, boot: Bootstrap, settings: Settings, *, name: str, caller: str = "client"
+        self,
+        boot: Bootstrap,
+        settings: Settings,
+        *,
+        name: str,
+        caller: str = "client",
+        follow_control: bool = True,
     ) -> None:
         self.boot = boot
         #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations; and
         #: the NATS user JWT that came with the certificate.
         self.identity = WorkloadIdentity.for_caller(settings, caller)
+        #: Bootstrapped from the control plane (no AGENTMESH_NATS_URL): follow NATS if it moves.
+        follow = follow_control and not settings.nats_url
         self.conn = NatsConnection(
-            boot.nats_url, name=name, credentials=nats_credentials(settings, self.identity)
+            boot.nats_url,
+            name=name,
+            rebootstrap=_nats_servers_from(settings) if follow else None,
+            rebootstrap_after=settings.nats_rebootstrap_after,
+            kv_replicas=settings.kv_replicas,
+            jetstream_wait=settings.jetstream_wait,
+            ping_interval=settings.nats_ping_interval,
+            credentials=nats_credentials(settings, self.identity),
         )
         self.identity.on_nats_renewed(self.conn.credentials_renewed)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
@@ -89,9 +106,12 @@ class Sidecar:
         except Exception as exc:
             _log.debug("breaker event not published: %s", exc)
 
-    async def start(self, *, sync_timeout: float = 5.0) -> None:
+    async def start(self, *, sync_timeout: float | None = None) -> None:
         """Enrol (NATS credentials come with the certificate), connect, open the registry and
-        wait for the index's first full view."""
+        wait for the index's first full view (for up to ``sync_timeout`` seconds, by default
+        AGENTMESH_JETSTREAM_WAIT)."""
+        if sync_timeout is None:
+            sync_timeout = self.conn.jetstream_wait
         try:
             await self.identity.prepare(self.boot.registry_bucket)
         except BaseException:
@@ -124,6 +144,15 @@ class Sidecar:
 #: The sidecar of the agent serving the current inbound call: ``connect()`` inside a
 #: capability reuses it instead of opening a second connection.
 serving_sidecar: ContextVar[Sidecar | None] = ContextVar("agentmesh_sidecar", default=None)
+
+
+def _nats_servers_from(settings: Settings) -> Rebootstrap:
+    """Where the control plane says NATS is now (asked again when NATS is lost for long)."""
+
+    async def servers() -> list[str]:
+        return split_urls((await bootstrap(settings)).nats_url)
+
+    return servers
 
 
 def breaker_subject(bucket: str, who: str = "*") -> str:

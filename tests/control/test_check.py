@@ -43,6 +43,8 @@ async def test_a_healthy_mesh_on_an_open_nats_fails_only_the_nats_auth_check(
             "NATS auth": "✖",
             "JetStream": "✔",
             "registry": "✔",
+            "NATS cluster": "·",  # a single server: nothing to say about a cluster
+            "buckets": "✔",
             "clock": "✔",
             "identities": "✔",
             "mTLS": "✔",
@@ -58,6 +60,8 @@ async def test_a_healthy_mesh_on_an_open_nats_fails_only_the_nats_auth_check(
         assert checks["NATS"]["detail"].startswith(nats_url)
         assert checks["identities"]["ok"] is True
         assert checks["mTLS"]["detail"] == "all 1 instance(s) strict"
+        assert checks["NATS cluster"]["detail"] == f"a single server ({nats_url})"
+        assert f"{bucket}: R1, leader " in checks["buckets"]["detail"]
 
 
 async def test_a_stopped_nats_fails_the_check(tmp_path: Path, bucket: str):

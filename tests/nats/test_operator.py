@@ -42,7 +42,7 @@ async def test_the_example_deploy_config_runs_a_mesh_with_least_privilege(tmp_pa
     operator_ca = CertificateAuthority.from_files(ca_cert, ca_key, "nats.example", 3600.0)
     write_server_tls(deploy, operator_ca, ["127.0.0.1", "localhost"])
     server = NatsServer(
-        tmp_path / "log", config=deploy / "nats-auth.conf", tls=True, jetstream=False
+        tmp_path / "log", extra_config=deploy / "nats-auth.conf", tls=True, jetstream=False
     )
     server.start()  # on 127.0.0.1 and a free port: the flags win over the file's `listen`
     bucket = f"t_{uuid4().hex[:12]}"

@@ -23,7 +23,7 @@ def password_nats(tmp_path: Path):
     """A nats-server whose only user is ``mesh`` / ``s3cret`` (the operator's own users)."""
     config = tmp_path / "users.conf"
     config.write_text('authorization { users = [ { user: mesh, password: "s3cret" } ] }\n')
-    server = NatsServer(tmp_path / "nats", config=config)
+    server = NatsServer(tmp_path / "nats", extra_config=config)
     server.start()
     yield server
     server.stop()
@@ -59,7 +59,7 @@ async def test_a_creds_file_and_a_tls_ca_file(tmp_path: Path):
     store_dir = tmp_path / "nats"
     store_dir.mkdir()
     write_server_tls(store_dir, ca, server_hosts("127.0.0.1"))
-    server = NatsServer(store_dir, config=write_server_config(store_dir, authority), tls=True)
+    server = NatsServer(store_dir, extra_config=write_server_config(store_dir, authority), tls=True)
     server.start()
     bucket = f"t_{uuid4().hex[:12]}"
     try:

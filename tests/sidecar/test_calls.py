@@ -27,6 +27,7 @@ from agentmesh import (
 from agentmesh.errors import ConnectionFailed
 from agentmesh.models import AgentRecord
 from agentmesh.registry import Lease
+from agentmesh.settings import Settings
 from tests.mesh_ca import mesh_ca
 
 
@@ -92,14 +93,17 @@ async def test_call_returns_the_validated_output(start_agent, mesh: Mesh):
     assert await mesh.call("summarize", Args(text="x y", max_words=1)) == {"text": "x", "words": 1}
 
 
-async def test_calls_spread_over_two_replicas(start_agent, mesh: Mesh):
+async def test_calls_spread_over_two_replicas(start_agent, settings: Settings):
+    # Serial calls under P2C follow measured latency, which a loaded machine skews at will
+    # (P2C's preferences are tested with an injected clock in test_balance.py); round robin
+    # shows, independent of timing, that both replicas are live targets of one capability.
     a = await start_agent([whoami], name="who")
     b = await start_agent([whoami], name="who")
-    served = collections.Counter(
-        [(await mesh.invoke("whoami", {"tag": str(i)})).instance_id for i in range(40)]
-    )
-    assert set(served) == {a.instance_id, b.instance_id}
-    assert min(served.values()) >= 8
+    async with connect(settings.model_copy(update={"balance": "round_robin"})) as rr:
+        served = collections.Counter(
+            [(await rr.invoke("whoami", {"tag": str(i)})).instance_id for i in range(40)]
+        )
+    assert served == {a.instance_id: 20, b.instance_id: 20}
 
 
 async def test_concurrent_calls_go_to_the_less_busy_replica(start_agent, mesh: Mesh):

@@ -1,0 +1,249 @@
+"""Infrastructure restarts never need an agent restart: the control plane with its embedded NATS
+restarted, its NATS moved to another port, its nats-server killed (real processes throughout)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .support import (
+    EXAMPLE_AGENTS,
+    HEARTBEAT,
+    LEASE,
+    READY_TIMEOUT,
+    AgentProcess,
+    clean_env,
+    popen_logged,
+    tail,
+    terminate_all,
+)
+
+CLI_TIMEOUT = 30.0
+RECOVERY_TIMEOUT = 30.0  # generous: shared cores; the recovery itself takes about a second
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Control:
+    """``agentmesh control`` on a fixed port and data dir, restartable as an operator would."""
+
+    def __init__(self, workdir: Path, bucket: str) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.proc: Any = None
+        self.info: dict[str, Any] = {}
+        self.runs = 0
+
+    def start(self, **env: str) -> None:
+        self.runs += 1
+        ready = self.workdir / f"control-{self.runs}.json"
+        self.proc = popen_logged(
+            [
+                sys.executable,
+                "-m",
+                "agentmesh",
+                "control",
+                "--port",
+                str(self.port),
+                "--ready-file",
+                str(ready),
+            ],
+            self.workdir / "control.log",
+            clean_env(
+                {
+                    "AGENTMESH_REGISTRY_BUCKET": self.bucket,
+                    "AGENTMESH_DATA_DIR": str(self.workdir),
+                    "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+                    "AGENTMESH_LEASE_TTL": str(LEASE),
+                    **env,
+                }
+            ),
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"control plane not ready:\n{tail(self.workdir / 'control.log')}"
+                )
+            time.sleep(0.02)
+        self.info = json.loads(ready.read_text())
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(15) == 0, tail(self.workdir / "control.log")
+
+    def headers(self) -> dict[str, str]:
+        token = Path(self.info["admin_token_file"]).read_text().strip()
+        return {"authorization": f"Bearer {token}"}
+
+    def agent_env(self) -> dict[str, str]:
+        """Only the control plane's URL and data dir (its join token), as on its machine; the
+        agents re-ask it for NATS after 1 s without NATS."""
+        return clean_env(
+            {
+                "AGENTMESH_CONTROL_URL": self.url,
+                "AGENTMESH_DATA_DIR": str(self.workdir),
+                "AGENTMESH_NATS_REBOOTSTRAP_AFTER": "1",
+            }
+        )
+
+
+@pytest.fixture
+def control(tmp_path: Path, bucket: str) -> Iterator[Control]:
+    plane = Control(tmp_path / "control", bucket)
+    plane.workdir.mkdir()
+    yield plane
+    if plane.proc is not None:
+        terminate_all([plane.proc])
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    terminate_all(a.proc for a in started)
+
+
+async def _cli(control: Control, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentmesh",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=control.agent_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _start_agents(control: Control, agents: list[AgentProcess], tmp_path: Path) -> None:
+    for n, file in enumerate(("researcher.py", "summarizer.py")):
+        log = tmp_path / "logs" / f"{file}-{n}.log"
+        agents.append(AgentProcess(EXAMPLE_AGENTS / file, [], control.agent_env(), log))
+    await asyncio.gather(*(a.wait_ready() for a in agents))
+
+
+async def _listed(control: Control, agents: list[AgentProcess]) -> bool:
+    async with httpx.AsyncClient(base_url=control.url, headers=control.headers()) as http:
+        try:
+            resp = await http.get("/v1/agents", timeout=5)
+        except httpx.HTTPError:
+            return False
+    if resp.status_code != 200:
+        return False
+    return {a.instance_id for a in agents} <= {r["instance_id"] for r in resp.json()}
+
+
+async def _recovered(
+    control: Control,
+    agents: list[AgentProcess],
+    wait_until: Callable[..., Awaitable[float]],
+) -> float:
+    """Seconds until every agent is listed again; then a CLI call through the mesh works."""
+    took = await wait_until(lambda: _listed(control, agents), timeout=RECOVERY_TIMEOUT)
+    code, out, err = await _cli(control, "call", "research", '{"topic":"restart"}')
+    assert code == 0, err
+    assert json.loads(out)["topic"] == "restart"
+    assert all(a.returncode is None for a in agents), "an agent exited"
+    return took
+
+
+async def test_restarting_control_with_its_embedded_nats_needs_no_agent_restart(
+    control: Control,
+    agents: list[AgentProcess],
+    tmp_path: Path,
+    wait_until: Callable[..., Awaitable[float]],
+) -> None:
+    control.start()
+    nats_url = control.info["nats_url"]
+    await _start_agents(control, agents, tmp_path)
+    assert await _listed(control, agents)
+
+    control.stop()
+    control.start()
+    assert control.info["nats_url"] == nats_url, "the embedded NATS came back elsewhere"
+    took = await _recovered(control, agents, wait_until)
+    print(f"agents listed again {took:.2f}s after the control plane was back")
+
+
+async def test_agents_follow_the_embedded_nats_to_a_new_port(
+    control: Control,
+    agents: list[AgentProcess],
+    tmp_path: Path,
+    wait_until: Callable[..., Awaitable[float]],
+) -> None:
+    control.start()
+    old_url = control.info["nats_url"]
+    await _start_agents(control, agents, tmp_path)
+
+    control.stop()
+    control.start(AGENTMESH_EMBEDDED_NATS_PORT=str(_free_port()))
+    assert control.info["nats_url"] != old_url
+    await _recovered(control, agents, wait_until)
+    for agent in agents:
+        assert "NATS moved: following the control plane" in agent.log.read_text(), agent.tail()
+
+
+async def test_a_killed_embedded_nats_is_restarted_and_agents_recover(
+    control: Control,
+    agents: list[AgentProcess],
+    tmp_path: Path,
+    wait_until: Callable[..., Awaitable[float]],
+) -> None:
+    control.start()
+    await _start_agents(control, agents, tmp_path)
+    async with httpx.AsyncClient(base_url=control.url, headers=control.headers()) as http:
+        before = (await http.get("/healthz")).json()["nats_server"]
+        assert before["mode"] == "embedded"
+        assert before["state"] == "running"
+        assert before["restarts"] == 0
+
+        os.kill(before["pid"], signal.SIGKILL)
+
+        async def restarted() -> bool:
+            now = (await http.get("/healthz")).json()["nats_server"]
+            return bool(now["state"] == "running" and now["restarts"] == 1)
+
+        await wait_until(restarted, timeout=RECOVERY_TIMEOUT)
+        after = (await http.get("/healthz")).json()
+        dashboard = (await http.get("/ui/_/summary", headers={"hx-request": "true"})).text
+    assert 'data-stat="nats">running<' in dashboard, dashboard
+    assert "restarted 1× (last: signal 9)" in dashboard, dashboard
+    assert after["nats_server"]["pid"] != before["pid"]
+    assert after["nats_server"]["last_exit"] == "signal 9"
+    assert after["nats_server"]["url"] == before["url"]
+    await _recovered(control, agents, wait_until)
+    log = (control.workdir / "control.log").read_text()
+    assert "died (signal 9); restart 1 of at most" in log, log
+
+    _, out, _ = await _cli(control, "check", "-o", "json")
+    checks = {c["check"]: c for c in json.loads(out)}
+    assert checks["NATS"]["ok"] is True, checks
+    assert "embedded, running, restarted 1 time" in checks["NATS"]["detail"], checks["NATS"]
