@@ -41,12 +41,16 @@ __all__ = [
     "PolicyKind",
     "PolicyMetadata",
     "PolicyRevision",
+    "PolicySet",
     "Problem",
+    "RecordProof",
     "RenewalProof",
     "RetrySettings",
     "Revocation",
+    "RevocationList",
     "RevocationRequest",
     "RevocationResult",
+    "SignedState",
     "SourceSelector",
     "StatGroup",
     "StatRow",
@@ -751,6 +755,7 @@ class JoinToken(_Wire):
 class StoredToken(_Wire):
     """A join token as the control plane keeps it in KV, under the hash of its secret."""
 
+    digest: str = Field(description="SHA-256 of the secret: the key it is stored under")
     identity: str
     created_at: datetime
     expires_at: datetime | None = None
@@ -773,8 +778,10 @@ class Revocation(_Wire):
     """A revoked certificate: every sidecar refuses it within about a second."""
 
     serial: str
-    spiffe_id: str
-    not_after: datetime
+    spiffe_id: str | None = Field(
+        default=None, description="Whose it was; None when revoked by serial with no record of it"
+    )
+    not_after: datetime = Field(description="Kept in the list until then (plus clock slack)")
     revoked_at: datetime
     reason: str = ""
 
@@ -787,10 +794,63 @@ class IdentityBlock(_Wire):
 
 
 class RevocationRequest(_RequestBody):
-    """``POST /v1/revocations``: an agent name, a SPIFFE ID, or a certificate serial (hex)."""
+    """``POST /v1/revocations``: a certificate serial (hex), an agent name, or a SPIFFE ID.
+
+    ``kind`` says which ``target`` is; ``auto`` reads it from its syntax (``spiffe://…`` is a
+    SPIFFE ID, ``0x…`` a serial, a name with a letter beyond ``f`` or a ``-`` a name) and refuses
+    what could be either (``cafe``), so a serial is never taken for a name or the reverse.
+    """
 
     target: str = Field(min_length=1, max_length=256)
+    kind: Literal["auto", "serial", "name", "spiffe-id"] = "auto"
     reason: str = Field(default="", max_length=256)
+
+
+class RevocationList(_Wire):
+    """Every revocation in force, as one document the control plane signs (``SignedState``).
+
+    One document rather than a key per serial: deleting it, or an entry of it, from NATS changes
+    nothing a sidecar enforces (it keeps the last list it verified).
+    """
+
+    revoked: list[Revocation] = Field(default_factory=list)
+    blocked: list[IdentityBlock] = Field(default_factory=list)
+
+
+class PolicySet(_Wire):
+    """The policies in force: name → SHA-256 (hex) of the bytes stored under that name.
+
+    Signed by the control plane (``SignedState``); a sidecar enforces a stored policy only if
+    its bytes have the hash listed here, so an altered, added or deleted key changes nothing.
+    """
+
+    policies: dict[str, str] = Field(default_factory=dict)
+
+
+class SignedState(_Wire):
+    """Mesh state the control plane vouches for: a document, its version, a CA's signature.
+
+    The signature covers ``kind``, ``version`` and the exact ``payload`` bytes (JSON text), so
+    a document of one kind can never pass for another. ``version`` only grows: a reader refuses
+    one lower than the last it took (a replayed old document).
+    """
+
+    kind: Literal["revocations", "policies", "token"]
+    version: int = Field(ge=1)
+    payload: str = Field(description="The document (RevocationList, PolicySet, StoredToken), JSON")
+    signer: str = Field(description="PEM certificate of the signing CA")
+    chain: list[str] = Field(default_factory=list, description="PEM certificates up to a root")
+    signature: str = Field(description="Base64 signature (ECDSA or RSA, SHA-256)")
+
+
+class RecordProof(_Wire):
+    """The registering workload's signature over its registry record, and its certificate.
+
+    Stored after the record's JSON, on a line of its own, under the record's key.
+    """
+
+    certificate: list[str] = Field(min_length=1, description="PEM: the leaf, then intermediates")
+    signature: str = Field(description="Base64 signature by the leaf's key over the record bytes")
 
 
 class RevocationResult(_Wire):

@@ -143,6 +143,14 @@ class Settings(BaseSettings):
         description="Seconds a record lives without renewal (NATS per-message TTL, whole "
         "seconds). A killed agent leaves every index within this time.",
     )
+    state_guard_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between the control plane's checks that the signed state in NATS "
+        "(revocation list, policy set) is its own, writing back the last good copy if it was "
+        "deleted, forged or rolled back. Running sidecars never depend on it (they keep their "
+        "last good copy); it bounds how long a sidecar starting meanwhile lacks it.",
+    )
     drain_grace: float = Field(
         default=10.0, ge=0, description="Seconds a stopping agent waits for in-flight calls."
     )

@@ -9,6 +9,9 @@
   connection and watch; p99 over every watcher and round. Goal: p99 < 50 ms.
 - S6: 10,000 records already in the registry: a new sidecar process's initial sync (connect,
   watch, full view) and its peak RSS. Goals: < 2 s, < 150 MB.
+- S5 and S6 run as a mesh with mTLS does: every record is signed by its own agent's key (a
+  certificate of its own from a throwaway CA), and every watching index checks each record's
+  signature and certificate chain (``security/signed.py``) as it takes it.
 - S7: ``agentmesh run`` of a small agent, from process start to the first successful call to it
   from another process (this one), median of K starts; plaintext (``AGENTMESH_MTLS=off``).
   Goal: median ≤ 250 ms. Also the agent's CPU time (user + system) at that moment, read from
@@ -35,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentmesh import AgentRecord, CapabilitySpec, Mesh, Settings, connect
 from agentmesh.control.ca import CertificateAuthority
@@ -55,7 +59,11 @@ from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.endpoints import Endpoints
 from agentmesh.sidecar.resolve import ResolveLayer
 
+if TYPE_CHECKING:
+    from agentmesh.security.signed import StateTrust
+
 AGENT_FILE = Path(__file__).with_name("_echo_agent.py")
+_TD = "agentmesh.local"
 
 #: An outbound layer as S4 drives it: a coroutine function, run without an event loop.
 Layer = Callable[[OutboundCall], Coroutine[object, None, Reply]]
@@ -148,6 +156,50 @@ def _records(n: int, capabilities: int) -> dict[str, bytes]:
         )
         snapshot[record_key(record)] = record.model_dump_json().encode()
     return snapshot
+
+
+class _Signing:
+    """A throwaway mesh CA: signed records as agents write them, and the trust that checks them."""
+
+    def __init__(self, workdir: Path) -> None:
+        from agentmesh.control.ca import CertificateAuthority, write_root_ca
+
+        self.cert_file, key_file = write_root_ca(workdir / "ca", _TD)
+        self.ca = CertificateAuthority.from_files(self.cert_file, key_file, _TD, 86400.0)
+
+    def sealer(self) -> Callable[[bytes], bytes]:
+        """Signs records as one agent named ``agent`` (a key and certificate of its own)."""
+        from agentmesh.security.identity import SpiffeId
+        from agentmesh.security.pki import new_key
+        from agentmesh.security.signed import seal_record
+
+        key = new_key()
+        cert = self.ca.issue(key.public_key(), SpiffeId.agent(_TD, "agent"))
+        return lambda record: seal_record(record, key, [cert])
+
+    def signed(self, records: dict[str, bytes]) -> dict[str, bytes]:
+        """``records`` as their agents would store them: each signed by a certificate of its own."""
+        return {key: self.sealer()(_strict(value)) for key, value in records.items()}
+
+
+def _strict(record: bytes) -> bytes:
+    """A record of ``_records`` as an agent with mTLS on writes it (its identity, mtls strict)."""
+    parsed = AgentRecord.model_validate_json(record)
+    return (
+        parsed.model_copy(
+            update={"identity": f"spiffe://{_TD}/agent/{parsed.name}", "mtls": "strict"}
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def _trust(cert_file: Path) -> StateTrust:
+    from agentmesh.security.pki import load_certs
+    from agentmesh.security.signed import StateTrust
+
+    roots = load_certs(cert_file.read_bytes())
+    return StateTrust(lambda: roots, lambda: _TD)
 
 
 async def _never(call: OutboundCall) -> Reply:
@@ -326,6 +378,7 @@ async def s5(watchers: int, rounds: int) -> dict[str, object]:
     nats = BenchNats(workdir)
     nats.start()
     bucket = "bench_s5"
+    signing = _Signing(workdir)
     views: list[tuple[NatsConnection, LocalIndex]] = []
     watching = nats.credentials(client("watcher"), bucket)
     try:
@@ -334,7 +387,7 @@ async def s5(watchers: int, rounds: int) -> dict[str, object]:
             await conn.connect()
             store = RegistryStore(conn, bucket)
             await store.open()
-            index = LocalIndex()
+            index = LocalIndex(_trust(signing.cert_file))
             index.start(store, conn)
             await index.wait_synced(10)
             views.append((conn, index))
@@ -344,11 +397,12 @@ async def s5(watchers: int, rounds: int) -> dict[str, object]:
         await writer_conn.connect()
         writer = RegistryStore(writer_conn, bucket)
         await writer.open()
+        writer.seal = signing.sealer()
         appear: list[float] = []
         vanish: list[float] = []
         for r in range(rounds):
             record = next(iter(_records(1, 1).values()))
-            rec = AgentRecord.model_validate_json(record).model_copy(
+            rec = AgentRecord.model_validate_json(_strict(record)).model_copy(
                 update={"instance_id": f"agent-s5-{r}"}
             )
             lease = Lease(writer, rec, interval=1.0, ttl=10)
@@ -410,7 +464,8 @@ async def s6(records: int) -> dict[str, object]:
         store = RegistryStore(conn, bucket)
         await store.open()
         js = conn.client.jetstream()
-        values = list(_records(records, capabilities=100).items())
+        signing = _Signing(workdir)
+        values = list(signing.signed(_records(records, capabilities=100)).items())
         for start in range(0, len(values), 500):
             await asyncio.gather(
                 *(
@@ -425,6 +480,7 @@ async def s6(records: int) -> dict[str, object]:
             "--s6-child",
             nats.url,
             bucket,
+            str(signing.cert_file),
             stdout=subprocess.PIPE,
             env={**os.environ, **nats.env(client("s6"), bucket)},
         )
@@ -446,15 +502,16 @@ def _peak_rss_mb() -> float:
     return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
-async def _s6_child(url: str, bucket: str) -> None:
-    """Run in a fresh process: connect, watch, wait for the full view; print time and RSS."""
+async def _s6_child(url: str, bucket: str, cert_file: str) -> None:
+    """Run in a fresh process: connect, watch, wait for the full view (every record's
+    signature checked); print time and RSS."""
     started = time.perf_counter()
     credentials = nats_credentials(Settings(), None)  # the parent's .creds and CA, if secure
     conn = NatsConnection(url, name="s6-new-sidecar", credentials=credentials)
     await conn.connect()
     store = RegistryStore(conn, bucket)
     await store.open()
-    index = LocalIndex()
+    index = LocalIndex(_trust(Path(cert_file)))
     index.start(store, conn)
     await index.wait_synced(60)
     seconds = time.perf_counter() - started
@@ -477,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         help="Run only this benchmark (repeatable); default: all.",
     )
     parser.add_argument(
-        "--s6-child", nargs=2, metavar=("NATS_URL", "BUCKET"), help=argparse.SUPPRESS
+        "--s6-child", nargs=3, metavar=("NATS_URL", "BUCKET", "CA"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.s6_child:

@@ -46,10 +46,13 @@ async def flaky_endpoint(mesh: Mesh) -> AsyncIterator[tuple[Flaky, str]]:
     record = AgentRecord(
         instance_id="flaky-1",
         name="flaky",
+        identity="spiffe://agentmesh.local/agent/flaky",
+        mtls="strict",
         endpoint=f"https://127.0.0.1:{server.port}",
         capabilities=(work.spec,),
     )
-    lease = Lease(mesh.sidecar.store, record, interval=0.25, ttl=1)
+    store = await mesh_ca().store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, "flaky")
+    lease = Lease(store, record, interval=0.25, ttl=1)
     await lease.acquire()
     try:
         yield app, record.instance_id

@@ -15,13 +15,18 @@ import functools
 import shutil
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from agentmesh.control.ca import CertificateAuthority, write_root_ca
+from agentmesh.control.policyset import PolicySigner
+from agentmesh.policy.store import PolicyStore
+from agentmesh.registry import NatsConnection, RegistryStore
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.pki import client_context, new_key, server_context
+from agentmesh.security.signed import seal_record
 
 TRUST_DOMAIN = "agentmesh.local"
 
@@ -42,6 +47,23 @@ class MeshCA:
         return CertificateAuthority.from_files(
             self.cert_file, self.key_file, TRUST_DOMAIN, ttl=24 * 3600.0
         )
+
+    def policy_signer(self, store: PolicyStore) -> PolicySigner:
+        """Signs policy writes into the signed policy set, as the control plane does."""
+        return PolicySigner(store, self.ca)
+
+    def sealer(self, agent: str) -> Callable[[bytes], bytes]:
+        """Signs registry records as agent ``agent`` would (a fresh certificate of it)."""
+        key = new_key()
+        cert = self.ca.issue(key.public_key(), SpiffeId.agent(TRUST_DOMAIN, agent))
+        return lambda record: seal_record(record, key, [cert])
+
+    async def store_as(self, conn: NatsConnection, bucket: str, agent: str) -> RegistryStore:
+        """A registry store on ``conn`` whose records are signed as agent ``agent``."""
+        store = RegistryStore(conn, bucket)
+        await store.open()
+        store.seal = self.sealer(agent)
+        return store
 
     def server_tls(self, agent: str) -> StaticServerTLS:
         """TLS for a raw test server that the mesh should accept as agent ``agent``."""

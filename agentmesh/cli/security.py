@@ -158,15 +158,33 @@ def identity_list(
 
 @identity_app.command("revoke")
 def identity_revoke(
-    target: Annotated[str, typer.Argument(help="Agent name, SPIFFE ID, or certificate serial.")],
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            help="A SPIFFE ID, an agent name, or a serial written 0x…; something that could be "
+            "a serial or a name (`cafe`) is refused: say --serial or --name."
+        ),
+    ] = None,
+    serial: Annotated[
+        str | None,
+        typer.Option(help="A certificate serial (hex), whether or not the CA has a record of it."),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="An agent name: all its live certificates, and older tokens refused."),
+    ] = None,
     reason: Annotated[str, typer.Option(help="Why (kept with the revocation).")] = "",
     output: OutputOpt = Output.table,
     control_url: ControlUrl = None,
 ) -> None:
     """Revoke: every sidecar refuses it within about a second; a name cannot re-enrol with an
     older token."""
+    given = [(v, k) for v, k in ((target, "auto"), (serial, "serial"), (name, "name")) if v]
+    if len(given) != 1:
+        raise InvalidInput("say what to revoke: one TARGET, or --serial SERIAL, or --name NAME")
+    [(value, kind)] = given
     settings = settings_from(control_url=control_url)
-    body = RevocationRequest(target=target, reason=reason).model_dump(mode="json")
+    body = RevocationRequest(target=value, kind=kind, reason=reason).model_dump(mode="json")
     result = RevocationResult.model_validate_json(
         _request(settings, "POST", "/v1/revocations", body)
     )
@@ -174,9 +192,10 @@ def identity_revoke(
         print_json(result)
         return
     if not result.revoked:
-        console.print(f"no live certificate for {target}; re-enrolment with older tokens blocked")
+        console.print(f"no live certificate for {value}; re-enrolment with older tokens blocked")
     for r in result.revoked:
-        console.print(f"revoked {r.serial}  {r.spiffe_id}", highlight=False)
+        whose = r.spiffe_id or "(no record of whose it is)"
+        console.print(f"revoked {r.serial}  {whose}", highlight=False)
 
 
 @ca_app.command("show")

@@ -18,6 +18,7 @@ from agentmesh.control.health import HealthBook
 from agentmesh.control.metrics import ControlMetrics
 from agentmesh.control.nats_status import nats_server_status, with_cluster_urls
 from agentmesh.control.policies import policy_router
+from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import ControlSecurity, security_router
 from agentmesh.control.stats import StatsBook, stats_router
 from agentmesh.control.ui import dashboard_app
@@ -46,9 +47,11 @@ def create_app(
     health: HealthBook,
     stats: StatsBook | None = None,
     security: ControlSecurity | None = None,
+    policies: PolicySigner | None = None,
 ) -> FastAPI:
     """The API; with ``security``, the identity routes and admin authentication on every route
-    but the few a joining workload or a probe needs (``agentmesh.control.security``)."""
+    but the few a joining workload or a probe needs (``agentmesh.control.security``); with
+    ``policies``, the policy routes (writes are signed into the policy set)."""
     app = FastAPI(
         title="agentmesh control plane",
         version=__version__,
@@ -67,7 +70,8 @@ def create_app(
     app.include_router(stats_router(stats))
     auth = security.auth if security is not None else None
     app.mount("/ui", dashboard_app(sidecar, health, stats=stats, api=app, auth=auth))
-    app.include_router(policy_router(sidecar))
+    if policies is not None:  # writing policies needs the CA, which signs the policy set
+        app.include_router(policy_router(sidecar, policies))
 
     @app.exception_handler(MeshError)
     async def _mesh_error(request: Request, exc: MeshError) -> JSONResponse:

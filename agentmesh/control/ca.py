@@ -31,10 +31,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agentmesh.errors import ConfigurationError
-from agentmesh.models import TrustBundle
+from agentmesh.models import SignedState, TrustBundle
 from agentmesh.security.files import write_private
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.pki import (
@@ -48,6 +48,7 @@ from agentmesh.security.pki import (
     same_public_key,
     sign_bundle,
 )
+from agentmesh.security.signed import Kind, sign_state
 from agentmesh.settings import Settings
 
 __all__ = ["CertificateAuthority", "write_root_ca"]
@@ -416,6 +417,10 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
+
+    def sign_state(self, kind: Kind, version: int, document: BaseModel) -> SignedState:
+        """``document`` signed with the key that signs certificates (see security/signed.py)."""
+        return sign_state(kind, version, document, self._key, self.signer, self.chain)
 
     # ---- rotation ------------------------------------------------------------------------------
 

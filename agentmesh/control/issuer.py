@@ -11,6 +11,8 @@ import asyncio
 import base64
 import contextlib
 import logging
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -21,7 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from agentmesh.control.ca import NOT_BEFORE_SKEW, CertificateAuthority
-from agentmesh.errors import AuthenticationFailed, InvalidInput, MeshError, PolicyDenied
+from agentmesh.control.kept import keep, kept
+from agentmesh.errors import (
+    AuthenticationFailed,
+    InvalidInput,
+    MeshError,
+    PolicyDenied,
+    RegistryUnavailable,
+)
 from agentmesh.models import (
     CertificateRequest,
     IdentityBlock,
@@ -31,8 +40,10 @@ from agentmesh.models import (
     JoinTokenRequest,
     RenewalProof,
     Revocation,
+    RevocationList,
     RevocationRequest,
     RevocationResult,
+    SignedState,
     StoredToken,
     TrustBundle,
 )
@@ -47,7 +58,8 @@ from agentmesh.security.files import JOIN_TOKEN_FILE, read_secret, write_private
 from agentmesh.security.identity import LeafRefused, SpiffeId, check_leaf
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.pki import fingerprint, load_certs, pem
-from agentmesh.security.store import SecurityStore
+from agentmesh.security.signed import StateTrust, next_version
+from agentmesh.security.store import REVOCATIONS_KEY, SecurityStore, StateConflict
 
 __all__ = ["Issuer"]
 
@@ -60,6 +72,13 @@ _PROOF_WINDOW = timedelta(minutes=5)
 #: root can reach anyone.
 ROTATION_PROPAGATION = 2.0
 _ANY = "*"
+#: Compare-and-set attempts on the revocation list before a revocation gives up.
+_CAS_ATTEMPTS = 8
+#: Token versions remembered to refuse a replayed older record (cleared when full).
+_TOKEN_MEMORY = 10_000
+#: Revocations stay listed this long past their certificate's expiry: clocks differ.
+_SLACK = timedelta(minutes=5)
+_HEX = re.compile(r"^[0-9a-f]{1,40}$")
 
 
 def _serial(cert: x509.Certificate) -> str:
@@ -72,6 +91,13 @@ class Issuer:
         self.store = store
         self._lock = asyncio.Lock()
         self._data_dir: Path | None = None
+        #: Checks what the control plane reads back from KV: signed by this mesh's CA.
+        self.trust = StateTrust(lambda: self.ca.roots, lambda: self.ca.trust_domain)
+        #: The last revocation list verified or written, signed: it stays in force (and is
+        #: written back by ``guard``) when NATS loses, forges or rolls back the one it holds.
+        self._revocations: tuple[RevocationList, SignedState | None] = (RevocationList(), None)
+        self._token_versions: dict[str, int] = {}
+        self._kept: Path | None = None
         #: Signs a NATS user JWT into each certificate answer that asks (``nats_key``).
         self.nats: NatsAuthority | None = None
         self._registry_bucket = ""
@@ -79,6 +105,19 @@ class Issuer:
     def use_nats(self, authority: NatsAuthority, registry_bucket: str) -> None:
         """Hand out NATS credentials with certificates (the control plane's NATS trusts them)."""
         self.nats, self._registry_bucket = authority, registry_bucket
+
+    def keep_in(self, directory: Path) -> None:
+        """Keep the revocation list in ``directory`` too, and start from the copy kept there."""
+        self._kept = directory / "revocations.json"
+        value = kept(self._kept)
+        if value is None:
+            return
+        try:
+            _, document = self.trust.revocations(value)
+        except ValueError as exc:
+            _log.warning("ignoring the revocation list kept in %s: %s", self._kept, exc)
+            return
+        self._revocations = (document, SignedState.model_validate_json(value))
 
     @property
     def trust_domain(self) -> str:
@@ -249,9 +288,10 @@ class Issuer:
             raise AuthenticationFailed(
                 "renewal: the proof is not signed by the current certificate's key"
             ) from None
-        if await self.store.is_revoked(_serial(leaf)):
+        revocations = await self.revocation_list()
+        if any(r.serial == _serial(leaf) for r in revocations.revoked):
             raise AuthenticationFailed(f"renewal: certificate {_serial(leaf)} is revoked")
-        blocked = await self.store.blocked_since(identity.uri)
+        blocked = await self.blocked_since(identity.uri)
         if blocked is not None and leaf.not_valid_before_utc + NOT_BEFORE_SKEW <= blocked:
             raise AuthenticationFailed(
                 f"renewal: {identity} was revoked at {blocked:%Y-%m-%d %H:%M:%S}"
@@ -259,10 +299,12 @@ class Issuer:
 
     async def _use_token(self, token: str, identity: SpiffeId) -> None:
         _, secret = parse_token(token)
-        stored = await self.store.use_token(token_digest(secret))
+        stored = await self.store.use_token(
+            token_digest(secret), self._open_token, self._sign_token
+        )
         if stored.identity not in (_ANY, identity.uri):
             raise PolicyDenied(f"this join token enrols {stored.identity}, not {identity}")
-        blocked = await self.store.blocked_since(identity.uri)
+        blocked = await self.blocked_since(identity.uri)
         if blocked is not None and (stored.identity == _ANY or stored.created_at <= blocked):
             raise PolicyDenied(
                 f"{identity} was revoked at {blocked:%Y-%m-%d %H:%M:%S} UTC; only a token "
@@ -282,12 +324,14 @@ class Issuer:
         now = datetime.now(UTC)
         expires = now + timedelta(seconds=request.ttl)
         token, digest = new_token(self.ca.roots[0])
-        await self.store.add_token(
-            digest,
-            StoredToken(
-                identity=identity.uri, created_at=now, expires_at=expires, uses=request.uses
-            ),
+        stored = StoredToken(
+            digest=digest,
+            identity=identity.uri,
+            created_at=now,
+            expires_at=expires,
+            uses=request.uses,
         )
+        await self.store.add_token(digest, self._sign_token(digest, stored), expires)
         return JoinToken(token=token, identity=identity.uri, expires_at=expires, uses=request.uses)
 
     async def local_token(self, data_dir: Path) -> Path:
@@ -311,63 +355,207 @@ class Issuer:
         return path
 
     async def _store_local(self, digest: str) -> None:
-        await self.store.add_token(
-            digest, StoredToken(identity=_ANY, created_at=datetime.now(UTC), uses=None)
-        )
+        stored = StoredToken(digest=digest, identity=_ANY, created_at=datetime.now(UTC), uses=None)
+        await self.store.add_token(digest, self._sign_token(digest, stored), None)
+
+    def _sign_token(self, digest: str, token: StoredToken) -> SignedState:
+        version = next_version(self._token_versions.get(digest, 0))
+        self._remember_token(digest, version)
+        return self.ca.sign_state("token", version, token)
+
+    def _open_token(self, digest: str, value: bytes) -> StoredToken:
+        """The one place the control plane decides a token record is its own (ValueError if not).
+
+        Signed by the mesh CA, stored under its own digest (a signed record copied under
+        another key is no token), and not older than a version this process wrote or read.
+        """
+        version, token = self.trust.token(value)
+        if token.digest != digest:
+            raise ValueError(f"it is the record of token {token.digest[:12]}…, copied")
+        if version < self._token_versions.get(digest, 0):
+            raise ValueError(
+                f"v{version} is older than v{self._token_versions[digest]} (a rollback)"
+            )
+        self._remember_token(digest, version)
+        return token
+
+    def _remember_token(self, digest: str, version: int) -> None:
+        if len(self._token_versions) >= _TOKEN_MEMORY:
+            self._token_versions.clear()
+        self._token_versions[digest] = version
 
     # ---- identities and revocation ---------------------------------------------------------------
 
     async def identities(self) -> list[IdentityRecord]:
-        revoked = {r.serial for r in await self.store.revocations()}
+        revoked = {r.serial for r in (await self.revocation_list()).revoked}
         records = [
             r.model_copy(update={"revoked": r.serial in revoked}) for r in await self.store.issued()
         ]
         return sorted(records, key=lambda r: (r.spiffe_id, r.issued_at))
 
-    async def revoke(self, request: RevocationRequest) -> RevocationResult:
-        """Revoke one certificate (by serial) or every live certificate of an identity."""
-        target = request.target.strip()
-        issued = await self.store.issued()
-        now = datetime.now(UTC)
-        serial = target.lower().removeprefix("0x")
-        by_serial = [r for r in issued if r.serial == serial]
-        if by_serial:
-            chosen = by_serial
-        else:
-            identity = self._identity_of(target)
-            async with self._lock:
-                await self.store.block(IdentityBlock(spiffe_id=identity.uri, at=now))
-                chosen = [r for r in await self.store.issued() if r.spiffe_id == identity.uri]
-            if not chosen:
-                _log.info("revoked %s: no live certificate; re-enrolment blocked", identity)
-        revocations = [
-            Revocation(
-                serial=r.serial,
-                spiffe_id=r.spiffe_id,
-                not_after=r.not_after,
-                revoked_at=now,
-                reason=request.reason,
+    async def revocation_list(self) -> RevocationList:
+        """The revocation list in force: KV's if the CA signed it and it is not older than ours."""
+        return (await self._read_revocations())[0]
+
+    async def blocked_since(self, spiffe_id: str) -> datetime | None:
+        """When ``spiffe_id`` was last revoked by name (tokens older than that cannot enrol it)."""
+        times = [b.at for b in (await self.revocation_list()).blocked if b.spiffe_id == spiffe_id]
+        return max(times, default=None)
+
+    async def _read_revocations(self) -> tuple[RevocationList, int | None]:
+        """(the list in force, the KV revision to compare-and-set against)."""
+        current, state = self._revocations
+        found = await self.store.signed(REVOCATIONS_KEY)
+        if found is None:
+            if state is not None:
+                _log.warning(
+                    "the revocation list is gone from NATS; v%d stays in force", state.version
+                )
+            return current, None
+        value, revision = found
+        try:
+            version, document = self.trust.revocations(value)
+        except ValueError as exc:
+            _log.warning("ignoring the revocation list in NATS: %s", exc)
+            return current, revision
+        if state is not None and version < state.version:
+            _log.warning(
+                "ignoring revocation list v%d in NATS: older than v%d (a rollback)",
+                version,
+                state.version,
             )
-            for r in chosen
-        ]
+            return current, revision
+        if state is None or version > state.version:
+            self._revocations = (document, SignedState.model_validate_json(value))
+            keep(self._kept, self._revocations[1])
+        return document, revision
+
+    async def _change_revocations(self, change: Callable[[RevocationList], RevocationList]) -> None:
+        """Sign and write ``change(list in force)``, compare-and-set, as a new version."""
+        for _ in range(_CAS_ATTEMPTS):
+            current, revision = await self._read_revocations()
+            previous = self._revocations[1]
+            now = datetime.now(UTC)
+            changed = change(current)
+            document = RevocationList(
+                revoked=[r for r in changed.revoked if r.not_after + _SLACK > now],
+                blocked=changed.blocked,
+            )
+            state = self.ca.sign_state(
+                "revocations", next_version(previous.version if previous else 0), document
+            )
+            try:
+                await self.store.put_signed(REVOCATIONS_KEY, state, last=revision)
+            except StateConflict:
+                continue
+            self._revocations = (document, state)
+            keep(self._kept, state)
+            return
+        raise RegistryUnavailable("the revocation list kept changing while it was written")
+
+    async def guard(self) -> None:
+        """Write the last good revocation list back if NATS lost, forged or rolled it back.
+
+        Sidecars that saw it keep enforcing it anyway; this is for those that start later.
+        """
+        _current, state = self._revocations
+        if state is None:
+            await self._read_revocations()
+            return
+        found = await self.store.signed(REVOCATIONS_KEY)
+        if found is not None and found[0] == state.model_dump_json().encode():
+            return
+        await self._read_revocations()
+        if self._revocations[1] is state:
+            _log.warning("restoring revocation list v%d in NATS", state.version)
+            with contextlib.suppress(StateConflict):
+                await self.store.put_signed(
+                    REVOCATIONS_KEY, state, last=None if found is None else found[1]
+                )
+
+    async def revoke(self, request: RevocationRequest) -> RevocationResult:
+        """Revoke one certificate (by serial) or every live certificate of an identity.
+
+        A serial needs no record of its issuance: the CA revokes what it is told, and the
+        entry stays for the longest lifetime a certificate of this CA can have.
+        """
+        kind, value = self._target(request)
+        now = datetime.now(UTC)
+        async with self._lock:  # no certificate is issued between listing and blocking
+            issued = await self.store.issued()
+            block: IdentityBlock | None = None
+            if kind == "serial":
+                known = [r for r in issued if r.serial == value]
+                longest = now + timedelta(seconds=self.ca.ttl) + NOT_BEFORE_SKEW
+                pairs: list[tuple[str, str | None, datetime]] = [
+                    (r.serial, r.spiffe_id, r.not_after) for r in known
+                ] or [(value, None, longest)]
+            else:
+                block = IdentityBlock(spiffe_id=value, at=now)
+                pairs = [
+                    (r.serial, r.spiffe_id, r.not_after) for r in issued if r.spiffe_id == value
+                ]
+                if not pairs:
+                    _log.info("revoked %s: no live certificate; re-enrolment blocked", value)
+            revocations = [
+                Revocation(
+                    serial=serial,
+                    spiffe_id=spiffe_id,
+                    not_after=not_after,
+                    revoked_at=now,
+                    reason=request.reason,
+                )
+                for serial, spiffe_id, not_after in pairs
+            ]
+
+            def change(current: RevocationList) -> RevocationList:
+                listed = {r.serial for r in current.revoked}
+                blocked = [b for b in current.blocked if block is None or b.spiffe_id != value]
+                return RevocationList(
+                    revoked=[*current.revoked, *(r for r in revocations if r.serial not in listed)],
+                    blocked=[*blocked, *([block] if block is not None else [])],
+                )
+
+            await self._change_revocations(change)
         for revocation in revocations:
-            await self.store.revoke(revocation)
-            _log.warning("revoked certificate %s of %s", revocation.serial, revocation.spiffe_id)
+            _log.warning(
+                "revoked certificate %s of %s", revocation.serial, revocation.spiffe_id or "?"
+            )
         return RevocationResult(revoked=revocations)
 
-    def _identity_of(self, target: str) -> SpiffeId:
-        try:
+    def _target(self, request: RevocationRequest) -> tuple[Literal["serial", "identity"], str]:
+        """What to revoke: ("serial", hex) or ("identity", SPIFFE ID); never a guess."""
+        target = request.target.strip()
+        kind = request.kind
+        if kind == "auto":
             if target.startswith("spiffe://"):
+                kind = "spiffe-id"
+            elif target.lower().startswith("0x"):
+                kind = "serial"
+            elif _HEX.match(target.lower()):
+                raise InvalidInput(
+                    f"{target!r} could be a certificate serial or an agent name; say which: "
+                    f"`agentmesh identity revoke --serial {target}` or `--name {target}` "
+                    "(or write the serial as 0x…)"
+                )
+            else:
+                kind = "name"
+        if kind == "serial":
+            serial = target.lower().removeprefix("0x").lstrip("0") or "0"
+            if not _HEX.match(serial):
+                raise InvalidInput(f"{target!r} is not a certificate serial (hexadecimal)")
+            return "serial", serial
+        try:
+            if kind == "spiffe-id":
                 identity = SpiffeId.parse(target)
             else:
                 identity = SpiffeId.agent(self.trust_domain, target)
         except ValueError as exc:
-            raise InvalidInput(
-                f"{target!r} is neither a certificate serial, an agent name nor a SPIFFE ID"
-            ) from exc
+            what = "a SPIFFE ID" if kind == "spiffe-id" else "an agent name"
+            raise InvalidInput(f"{target!r} is not {what}: {exc}") from exc
         if identity.trust_domain != self.trust_domain:
             raise InvalidInput(f"{identity} is outside trust domain {self.trust_domain!r}")
-        return identity
+        return "identity", identity.uri
 
 
 def _pin(root: x509.Certificate) -> str:

@@ -1,9 +1,11 @@
 """``/v1/policies``: create, read, update, delete and the history of access and traffic policies.
 
-Policies live in the policy bucket (``policy/store.py``); the control plane only validates and
-writes them, and every sidecar picks changes up from its watch. Writes are compare-and-set, so
-concurrent ``apply`` runs never lose an update; applying what is already stored writes nothing
-(``unchanged``), so ``apply`` is idempotent. Bodies are one manifest, as JSON or YAML.
+Policies live in the policy bucket (``policy/store.py``); the control plane validates and
+writes them, then lists them in the signed policy set (``control/policyset.py``), and every
+sidecar picks changes up from its watch (enforcing only what the signed set lists). Writes
+are compare-and-set, so concurrent ``apply`` runs never lose an update; applying what is
+already stored writes nothing (``unchanged``), so ``apply`` is idempotent. Bodies are one
+manifest, as JSON or YAML.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import yaml
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 
+from agentmesh.control.policyset import PolicySigner
 from agentmesh.errors import InvalidInput, RouteNotFound
 from agentmesh.models import (
     AGENT_NAME_PATTERN,
@@ -78,8 +81,10 @@ def _revision(entry: PolicyEntry) -> PolicyRevision:
     )
 
 
-async def apply_policy(store: PolicyStore, data: Any, *, dry_run: bool = False) -> PolicyChange:
-    """Create or update one policy (compare-and-set); nothing is written if it is unchanged."""
+async def apply_policy(signer: PolicySigner, data: Any, *, dry_run: bool = False) -> PolicyChange:
+    """Create or update one policy (compare-and-set), then sign it into the policy set; nothing
+    is written if it is unchanged (but an unchanged policy the set lacks is signed into it)."""
+    store = signer.store
     policy = validate_manifest(data)
     name = policy.metadata.name
     value = _stored(policy)
@@ -90,6 +95,8 @@ async def apply_policy(store: PolicyStore, data: Any, *, dry_run: bool = False) 
         if latest is not None and latest.operation == "put":
             result = "configured"
             if latest.value == value:
+                if not dry_run:
+                    await signer.sign(name, latest.revision, value)
                 return PolicyChange(
                     name=name,
                     kind=policy.kind,
@@ -108,6 +115,7 @@ async def apply_policy(store: PolicyStore, data: Any, *, dry_run: bool = False) 
             revision = await store.put(name, value, last=last)
         except PolicyConflict:
             continue
+        await signer.sign(name, revision, value)
         return PolicyChange(name=name, kind=policy.kind, result=result, revision=revision)
     raise InvalidInput(f"policy {name!r} kept changing while it was applied; try again")
 
@@ -159,7 +167,7 @@ async def _body(request: Request) -> Any:
         raise InvalidInput(f"the request body is not {kind}: {exc}") from exc
 
 
-def policy_router(sidecar: Sidecar) -> APIRouter:
+def policy_router(sidecar: Sidecar, signer: PolicySigner) -> APIRouter:
     store = sidecar.policies.store
     router = APIRouter(prefix="/v1/policies", tags=["policies"])
     body_doc: dict[str, Any] = {
@@ -187,7 +195,7 @@ def policy_router(sidecar: Sidecar) -> APIRouter:
         dry_run: Annotated[bool, Query(description="Validate and report; write nothing")] = False,
     ) -> PolicyChange:
         """Create or update the policy named in the manifest (``agentmesh apply``)."""
-        return await apply_policy(store, await _body(request), dry_run=dry_run)
+        return await apply_policy(signer, await _body(request), dry_run=dry_run)
 
     @router.get("/{name}", responses={404: _PROBLEM})
     async def get_policy(name: str) -> AccessPolicy | TrafficPolicy:
@@ -217,7 +225,7 @@ def policy_router(sidecar: Sidecar) -> APIRouter:
                 f"the manifest is named {meta.get('name')!r}, not {name!r}",
                 errors=[{"loc": "metadata.name", "msg": f"must be {name!r}"}],
             )
-        return await apply_policy(store, data, dry_run=dry_run)
+        return await apply_policy(signer, data, dry_run=dry_run)
 
     @router.delete("/{name}", responses={404: _PROBLEM})
     async def delete_policy(
@@ -238,6 +246,8 @@ def policy_router(sidecar: Sidecar) -> APIRouter:
                 return PolicyChange(
                     name=name, kind=kind, result="deleted", revision=None, dry_run=True
                 )
+            # Out of the signed set first: sidecars stop enforcing it before the key goes.
+            await signer.sign(name, entry.revision, None)
             try:
                 revision = await store.delete(name, last=entry.revision)
             except PolicyConflict:

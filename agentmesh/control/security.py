@@ -119,13 +119,15 @@ def security_router(issuer: Issuer) -> APIRouter:
 
     @router.get("/v1/revocations")
     async def revocations() -> list[Revocation]:
-        return sorted(await issuer.store.revocations(), key=lambda r: r.revoked_at)
+        """The revocations in force (the signed list; entries leave it after their expiry)."""
+        return sorted((await issuer.revocation_list()).revoked, key=lambda r: r.revoked_at)
 
     @router.post("/v1/revocations")
     async def revoke(request: RevocationRequest) -> RevocationResult:
-        """Revoke a certificate (serial) or an identity (agent name or SPIFFE ID): every
-        sidecar refuses it within about a second; a revoked name cannot re-enrol with an older
-        token."""
+        """Revoke a certificate (serial, with or without a record of its issuance) or an
+        identity (agent name or SPIFFE ID): every sidecar refuses it within about a second; a
+        revoked name cannot re-enrol with an older token. ``kind`` says what ``target`` is; an
+        ambiguous target (``cafe``: a serial or a name?) is refused."""
         return await issuer.revoke(request)
 
     @router.post("/v1/ca/rotate")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,10 @@ from agentmesh.control.health import HealthBook
 from agentmesh.control.issuer import Issuer
 from agentmesh.control.nats_status import keep_replicas, mesh_buckets
 from agentmesh.control.nats_supervisor import EmbeddedNats
+from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
+from agentmesh.errors import MeshError
 from agentmesh.nats_config import keep_server_tls, secure_embedded, warn_if_open
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token
 from agentmesh.security.nats_auth import NatsAuthority
@@ -34,6 +37,8 @@ from agentmesh.sidecar.sidecar import Sidecar, breaker_subject
 from agentmesh.telemetry.stats import stats_subject
 
 __all__ = ["ControlInfo", "run_control"]
+
+_log = logging.getLogger("agentmesh.control")
 
 
 class ControlInfo:
@@ -105,7 +110,9 @@ async def _serve(
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
     await warn_if_open(sidecar.conn)
-    security, retiring = await _security(settings, issuer, info)
+    signer = PolicySigner(sidecar.policies.store, ca, kept_in=settings.data_dir / "state")
+    issuer.keep_in(settings.data_dir / "state")
+    security, retiring = await _security(settings, issuer, signer, info)
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
     background = [retiring]
     if nats is not None and nats.server.extra_config is not None:
@@ -126,7 +133,7 @@ async def _serve(
         stats.apply(msg.data)
 
     await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
-    app = create_app(sidecar, boot, health, stats, security)
+    app = create_app(sidecar, boot, health, stats, security, signer)
     app.state.nats_server = nats.status if nats else None
     server = HttpServer(app, sock)
     stop = asyncio.Event()
@@ -148,11 +155,15 @@ async def _serve(
 
 
 async def _security(
-    settings: Settings, issuer: Issuer, info: ControlInfo
+    settings: Settings, issuer: Issuer, signer: PolicySigner, info: ControlInfo
 ) -> tuple[ControlSecurity, asyncio.Task[None]]:
-    """Publish the trust bundle, write the local join token and the admin token (0600)."""
+    """Publish the trust bundle, write the local join token and the admin token (0600); keep
+    the signed state (revocation list, policy set) in NATS."""
     await issuer.store.open()
     await issuer.publish_bundle()
+    await issuer.guard()
+    await signer.adopt()
+    await signer.guard()
     join_file = await issuer.local_token(settings.data_dir)
     token = ensure_admin_token(settings)
     info.security = {
@@ -163,5 +174,23 @@ async def _security(
         if settings.token
         else str(settings.data_dir / ADMIN_TOKEN_FILE),
     }
-    retiring = asyncio.create_task(issuer.retire_loop(), name="ca-retire")
-    return ControlSecurity(issuer, AdminAuth(token, public_read=settings.public_read)), retiring
+    retiring = asyncio.create_task(
+        _keep_state(issuer, signer, settings.state_guard_interval), name="ca-retire"
+    )
+    auth = AdminAuth(token, public_read=settings.public_read)
+    return ControlSecurity(issuer, auth), retiring
+
+
+async def _keep_state(issuer: Issuer, signer: PolicySigner, interval: float) -> None:
+    """Retire old roots when due, and write back signed state NATS lost or was given forged."""
+    retire = asyncio.create_task(issuer.retire_loop(), name="ca-retire-roots")
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await issuer.guard()
+                await signer.guard()
+            except MeshError as exc:
+                _log.warning("could not check the signed state in NATS (%s); retrying", exc)
+    finally:
+        retire.cancel()

@@ -8,6 +8,16 @@ and swaps it in; decisions on the request path read it without I/O or locks.
 
 A stored value that is not a valid policy never crashes anything: it is logged and compiled
 into an :class:`InvalidPolicy` that denies what it would cover (fails closed).
+
+With mTLS on, what is enforced is what the control plane signed: :meth:`PolicyCache._take_set`
+is the one place that decides whether a policy set came from it (``security/signed.py``), and
+a stored policy counts only if its bytes have the hash that set lists. A key added, altered or
+deleted around the control plane is logged and changes nothing (the last signed copy of each
+policy is kept); an unsigned or older set is logged and ignored. A listed policy whose signed
+bytes this sidecar never saw (deleted from NATS before it started) fails closed until the
+control plane writes it back, and so does everything when policies are stored but no signed set
+is, at a (re)synchronisation. With mTLS off there are no roots to check a signature with, and
+every stored policy is taken as read (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,14 +25,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from agentmesh.errors import RegistryUnavailable
-from agentmesh.models import CAPABILITY_NAME_PATTERN, AccessPolicy, TrafficPolicy
+from agentmesh.models import CAPABILITY_NAME_PATTERN, AccessPolicy, PolicySet, TrafficPolicy
 from agentmesh.policy.access import (
     AccessEngine,
     Caller,
@@ -32,13 +42,16 @@ from agentmesh.policy.access import (
     Subject,
 )
 from agentmesh.policy.manifest import error_listing, parse_policy
-from agentmesh.policy.store import PolicyStore
+from agentmesh.policy.store import SET_KEY, PolicyStore, policy_digest
 from agentmesh.policy.traffic import TrafficRule, compile_traffic
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.follow import BucketFollower
 from agentmesh.registry.index import LocalIndex
 from agentmesh.sidecar.breaker import BreakerConfig
 from agentmesh.sidecar.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from agentmesh.security.signed import StateTrust
 
 __all__ = ["PolicyCache", "PolicySnapshot", "compile_snapshot"]
 
@@ -90,10 +103,23 @@ def compile_snapshot(
     default: DefaultAction = "allow",
     retry: RetryPolicy | None = None,
     breaker: BreakerConfig | None = None,
+    missing: Iterable[str] = (),
 ) -> PolicySnapshot:
-    """Compile stored values (key → bytes); never raises for what is stored."""
+    """Compile stored values (key → bytes); never raises for what is stored.
+
+    ``missing``: policies in force whose content is unknown; they fail closed on everything.
+    """
     policies: dict[str, AccessPolicy | TrafficPolicy] = {}
-    invalid: list[InvalidPolicy] = []
+    invalid: list[InvalidPolicy] = [
+        InvalidPolicy(
+            name,
+            None,
+            None,
+            "it is in the signed policy set, but its signed content is neither in NATS nor "
+            "known to this sidecar (deleted or altered around the control plane)",
+        )
+        for name in missing
+    ]
     traffic: dict[str, TrafficRule] = {}
     for key in sorted(raw):
         value = raw[key]
@@ -149,8 +175,20 @@ class PolicyCache:
         default: DefaultAction = "allow",
         retry: RetryPolicy | None = None,
         breaker: BreakerConfig | None = None,
+        trust: StateTrust | None = None,
     ) -> None:
         self.store = store
+        self._trust = trust
+        #: The signed policy set in force (mTLS on), its version and bytes.
+        self.policy_set: PolicySet | None = None
+        self.set_version = 0
+        self._set_bytes: bytes | None = None
+        #: Per listed policy: (the digest the set lists, the bytes seen with it).
+        self._signed: dict[str, tuple[str, bytes]] = {}
+        self._enforced: tuple[dict[str, bytes], tuple[str, ...]] | None = None
+        #: Policies were stored but no signed set was, when this sidecar (re)synchronised:
+        #: it fails closed rather than enforce nothing (the set was deleted before it started).
+        self._unsigned = False
         self._index = index
         self.default: DefaultAction = default
         self._retry = retry
@@ -222,30 +260,114 @@ class PolicyCache:
     def apply(self, key: str, value: bytes | None) -> None:
         """One watch event: a value (put) or None (delete, purge)."""
         if value is None:
-            if self._raw.pop(key, None) is not None:
-                self._rebuild()
+            if self._raw.pop(key, None) is None:
+                return
+        elif self._raw.get(key) == value:
             return
-        if self._raw.get(key) == value:
-            return
-        self._raw[key] = value
-        self._rebuild()
+        else:
+            self._raw[key] = value
+        if key == SET_KEY and self._trust is not None:
+            self._take_set(value)
+        # A policy event alone may be a write whose signed set is still on its way: say so
+        # quietly; a set or a snapshot that still disagrees with NATS is worth a warning.
+        self._rebuild(quiet=key != SET_KEY)
 
     def replace(self, snapshot: dict[str, bytes]) -> None:
         """Swap everything for a fresh snapshot (after a (re)connection)."""
         if snapshot == self._raw and self.synced.is_set():
             return
         self._raw = dict(snapshot)
-        self._rebuild()
+        if self._trust is not None:
+            self._take_set(snapshot.get(SET_KEY))
+            self._unsigned = self.policy_set is None and any(k != SET_KEY for k in snapshot)
+        self._rebuild(quiet=False)
 
-    def _rebuild(self) -> None:
+    def _take_set(self, value: bytes | None) -> None:
+        """The one place a sidecar decides whether a policy set came from the control plane."""
+        if value is None:
+            if self.policy_set is not None:
+                _log.warning(
+                    "the signed policy set was deleted from NATS; keeping v%d", self.set_version
+                )
+            return
+        if value == self._set_bytes:
+            return
+        assert self._trust is not None
+        try:
+            version, policy_set = self._trust.policies(value)
+        except ValueError as exc:
+            _log.warning("ignoring a policy set from NATS: %s; keeping v%d", exc, self.set_version)
+            return
+        if version < self.set_version:
+            _log.warning(
+                "ignoring policy set v%d from NATS: older than v%d in force (a rollback)",
+                version,
+                self.set_version,
+            )
+            return
+        self.policy_set, self.set_version, self._set_bytes = policy_set, version, value
+
+    def _in_force(self, *, quiet: bool) -> tuple[dict[str, bytes], tuple[str, ...]]:
+        """(name → bytes to enforce, names in force whose content is unknown)."""
+        if self._trust is None:
+            return {k: v for k, v in self._raw.items() if k != SET_KEY}, ()
+        if self.policy_set is None and self._unsigned:
+            stored = tuple(sorted(k for k in self._raw if k != SET_KEY))
+            _log.error(
+                "NATS holds %d policies but no signed policy set: every call fails closed until "
+                "the control plane signs them",
+                len(stored),
+            )
+            return {}, stored
+        listed = self.policy_set.policies if self.policy_set is not None else {}
+        log = _log.info if quiet else _log.warning
+        out: dict[str, bytes] = {}
+        missing: list[str] = []
+        for name, digest in listed.items():
+            value = self._raw.get(name)
+            if value is not None and policy_digest(value) == digest:
+                self._signed[name] = (digest, value)
+                out[name] = value
+                continue
+            kept = self._signed.get(name)
+            if kept is not None and kept[0] == digest:
+                out[name] = kept[1]
+                log(
+                    "policy %r in NATS is %s, not what the signed set lists; enforcing its "
+                    "last signed copy",
+                    name,
+                    "gone" if value is None else "different",
+                )
+            else:
+                missing.append(name)
+                _log.error(
+                    "policy %r is in the signed set, but this sidecar has never seen its signed "
+                    "content (%s in NATS); it fails closed until the control plane restores it",
+                    name,
+                    "gone" if value is None else "different",
+                )
+        self._signed = {n: v for n, v in self._signed.items() if n in out}
+        for name in sorted(set(self._raw) - set(listed) - {SET_KEY}):
+            log("ignoring policy %r from NATS: it is not in the signed policy set", name)
+        return out, tuple(missing)
+
+    def _rebuild(self, *, quiet: bool = False) -> None:
+        enforced = self._in_force(quiet=quiet)
+        if enforced == self._enforced and self.synced.is_set():
+            return
         try:
             snapshot = compile_snapshot(
-                self._raw, default=self.default, retry=self._retry, breaker=self._breaker
+                enforced[0],
+                default=self.default,
+                retry=self._retry,
+                breaker=self._breaker,
+                missing=enforced[1],
             )
         except Exception:  # a bug, not bad input: keep the last good state rather than crash
             _log.exception("compiling policies failed; keeping the previous state")
             return
         self.snapshot = snapshot
+        self._enforced = enforced
         self._decisions.clear()
         self.revision += 1
         _log.info(

@@ -1,5 +1,10 @@
 """The policy bucket in JetStream KV: one key per policy, every change a new revision.
 
+Next to the policies, under :data:`SET_KEY`, the control plane keeps the signed
+:class:`~agentmesh.models.PolicySet`: the hash of every policy in force. Sidecars enforce a
+stored policy only as that set lists it (``policy/cache.py``), so a key written, altered or
+deleted around the control plane changes nothing enforced.
+
 The bucket keeps the last ``HISTORY`` revisions of each key, so ``agentmesh get policy NAME
 --history`` can show what changed and when; a deletion is a delete marker (a revision too),
 never a purge. Writes are compare-and-set on the key's last revision, so two operators applying
@@ -10,6 +15,7 @@ which see every write acknowledged before them (no stale follower reads on a sin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -22,11 +28,26 @@ from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import MAX_RECORD_BYTES
 from agentmesh.registry.connection import NatsConnection
 
-__all__ = ["HISTORY", "PolicyConflict", "PolicyEntry", "PolicyStore", "policy_bucket"]
+__all__ = [
+    "HISTORY",
+    "SET_KEY",
+    "PolicyConflict",
+    "PolicyEntry",
+    "PolicyStore",
+    "policy_bucket",
+    "policy_digest",
+]
 
 #: Revisions kept per policy (JetStream KV allows at most 64).
 HISTORY = 16
+#: The key of the signed policy set; '_' starts no policy name, so it never collides with one.
+SET_KEY = "_policyset"
 _KV_OP = "KV-Operation"
+
+
+def policy_digest(value: bytes) -> str:
+    """What the signed policy set lists for a stored policy: SHA-256 of its bytes, hex."""
+    return hashlib.sha256(value).hexdigest()
 
 
 def policy_bucket(registry_bucket: str) -> str:
@@ -138,7 +159,10 @@ class PolicyStore:
     async def all(self) -> list[PolicyEntry]:
         """The newest revision of every key that is not deleted, sorted by name."""
         entries = await self._read(">", history=False)
-        return sorted((e for e in entries if e.operation == "put"), key=lambda e: e.name)
+        return sorted(
+            (e for e in entries if e.operation == "put" and e.name != SET_KEY),
+            key=lambda e: e.name,
+        )
 
     async def history(self, name: str) -> list[PolicyEntry]:
         """Every kept revision of ``name``, oldest first."""

@@ -13,6 +13,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
@@ -22,12 +23,17 @@ from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.follow import BucketFollower
-from agentmesh.registry.store import RegistryStore, instance_of, record_key
+from agentmesh.registry.store import RegistryStore, instance_of, record_key, record_part
 from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
+
+if TYPE_CHECKING:
+    from agentmesh.security.signed import StateTrust
 
 __all__ = ["LocalIndex", "Target", "parse_specifier"]
 
 _log = logging.getLogger("agentmesh.registry")
+#: Refused values remembered per key (cleared when full): bounds what a flood of them costs.
+_REFUSED_MEMORY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +118,14 @@ def matches(
 class LocalIndex:
     """capability name → live targets, kept current by a watch on the registry bucket."""
 
-    def __init__(self) -> None:
+    def __init__(self, trust: StateTrust | None = None) -> None:
+        #: Decides which records are taken (signed by the agent they name); None with mTLS
+        #: off, where records are taken as read (see docs/security.md).
+        self.trust = trust
         self._records: dict[str, AgentRecord] = {}
         self._raw: dict[str, bytes] = {}
+        #: Values refused (and logged) once, so a renewal of the same bytes is not logged again.
+        self._refused: dict[str, bytes] = {}
         self._by_capability: dict[str, tuple[Target, ...]] = {}
         self.synced = asyncio.Event()
         self.revision = 0
@@ -172,9 +183,6 @@ class LocalIndex:
         if instance is None:
             _log.warning("ignoring registry key %r (not <agent name>.<instance id>)", key)
             return
-        self._apply(instance, key, value)
-
-    def _apply(self, instance: str, key: str, value: bytes | None) -> None:
         current = self._records.get(instance)
         if current is not None and record_key(current) != key:
             # Another agent's key claiming a live instance id: never lets it take that over.
@@ -183,43 +191,60 @@ class LocalIndex:
             )
             return
         if value is None:
+            self._refused.pop(key, None)
             gone = self._records.pop(instance, None)
             if gone is not None:
                 self._raw.pop(instance, None)
                 self._update(instance, gone, None)
             return
-        if self._raw.get(instance) == value:
+        if self._raw.get(instance) == value or self._refused.get(key) == value:
             return
         record = self._decode(key, value)
         if record is None:
+            if len(self._refused) >= _REFUSED_MEMORY:
+                self._refused.clear()
+            self._refused[key] = value  # logged once, not at every lease renewal
             return
+        self._refused.pop(key, None)
         self._raw[instance] = value
-        old = self._records.get(instance)
         self._records[instance] = record
-        self._update(instance, old, record)
+        self._update(instance, current, record)
 
     def replace(self, snapshot: dict[str, bytes]) -> None:
         """Swap the whole index for a fresh snapshot (after a (re)connection)."""
         records: dict[str, AgentRecord] = {}
         raw: dict[str, bytes] = {}
+        refused: dict[str, bytes] = {}
         for key, value in snapshot.items():
             instance = instance_of(key)
             if instance is None or instance in records:
+                continue
+            if self._refused.get(key) == value:
+                refused[key] = value
                 continue
             record = self._records.get(instance) if self._raw.get(instance) == value else None
             record = record or self._decode(key, value)
             if record is not None:
                 records[instance], raw[instance] = record, value
-        self._records, self._raw = records, raw
+            else:
+                refused[key] = value
+        self._records, self._raw, self._refused = records, raw, refused
         self._rebuild()
 
-    @staticmethod
-    def _decode(key: str, value: bytes) -> AgentRecord | None:
-        try:
-            record = AgentRecord.model_validate_json(value)
-        except ValidationError as exc:
-            _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
-            return None
+    def _decode(self, key: str, value: bytes) -> AgentRecord | None:
+        """The record under ``key``, or None (logged) if it is malformed or not to be trusted."""
+        if self.trust is not None:
+            try:
+                record = self.trust.record(key, value)
+            except ValueError as exc:
+                _log.warning("ignoring registry record %r: %s", key, exc)
+                return None
+        else:
+            try:
+                record = AgentRecord.model_validate_json(record_part(value))
+            except ValidationError as exc:
+                _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
+                return None
         if record_key(record) != key:
             _log.warning(
                 "ignoring record under %r claiming %s instance %r",

@@ -14,7 +14,7 @@ import logging
 
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord
-from agentmesh.registry.store import RecordConflict, RegistryStore, record_key
+from agentmesh.registry.store import RecordConflict, RegistryStore, record_key, record_part
 from agentmesh.telemetry.metrics import LEASE_RENEWALS
 
 __all__ = ["Lease"]
@@ -96,7 +96,8 @@ class Lease:
 
     async def _release_current(self) -> None:
         current = await self._store.get(record_key(self.record))
-        if current is not None and current[0] == self._store.encode(self.record):
+        ours = record_part(self._store.encode(self.record))  # signed by whichever certificate
+        if current is not None and record_part(current[0]) == ours:
             await self._store.delete(record_key(self.record), current[1])
 
     async def _heartbeat(self) -> None:
@@ -127,7 +128,7 @@ class Lease:
             _log.info("record of %s had expired; registering again", self.record.instance_id)
             return await self._store.create(self.record, self.ttl)
         value, revision = current
-        if value == self._store.encode(self.record):
+        if record_part(value) == record_part(self._store.encode(self.record)):
             return revision
         raise RecordConflict(
             f"record of {self.record.instance_id} was overwritten by another writer"

@@ -11,6 +11,7 @@ is not renewed expires on the server and reaches every watcher as a delete marke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -22,7 +23,7 @@ from agentmesh.models import MAX_RECORD_BYTES, AgentRecord
 from agentmesh.registry.cluster import kv_stream
 from agentmesh.registry.connection import NatsConnection
 
-__all__ = ["RecordConflict", "RegistryStore", "instance_of", "record_key"]
+__all__ = ["RecordConflict", "RegistryStore", "instance_of", "record_key", "record_part"]
 
 #: How long the server keeps the delete marker of an expired record: long enough for every
 #: watcher to see it, short enough that a re-registration with the same key is not blocked.
@@ -51,6 +52,9 @@ class RegistryStore:
         self._conn = conn
         self.bucket = bucket
         self._kv: KeyValue | None = None
+        #: Signs a record's JSON with this workload's mesh key (``WorkloadIdentity.seal_record``);
+        #: None with mTLS off, where records go unsigned.
+        self.seal: Callable[[bytes], bytes] | None = None
 
     @property
     def connected(self) -> bool:
@@ -87,9 +91,11 @@ class RegistryStore:
                 f"registry bucket {self.bucket!r} on NATS at {self._conn.url}: {exc}"
             ) from exc
 
-    @staticmethod
-    def encode(record: AgentRecord) -> bytes:
+    def encode(self, record: AgentRecord) -> bytes:
+        """The value stored for ``record``: its JSON, signed when this workload has a key."""
         data = record.model_dump_json().encode()
+        if self.seal is not None:
+            data = self.seal(data)
         if len(data) > MAX_RECORD_BYTES:
             raise RegistrationError(
                 f"record of agent {record.instance_id} is {len(data)} bytes; "
@@ -206,3 +212,13 @@ def _wrong_sequence(exc: nats.js.errors.APIError) -> bool:
         10071,
         10164,
     )
+
+
+def record_part(value: bytes) -> bytes:
+    """The record's JSON in a registry value: what precedes the workload's proof line, if any.
+
+    A record's JSON never holds a raw newline (JSON escapes it inside strings), so the first one
+    ends it (``security/signed.py`` writes and checks the proof).
+    """
+    end = value.find(b"\n")
+    return value if end < 0 else value[:end]

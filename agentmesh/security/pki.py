@@ -38,7 +38,10 @@ from agentmesh.models import BundleSignature, TrustBundle
 __all__ = [
     "PrivateKey",
     "bundle_payload",
+    "check_chain",
     "client_context",
+    "digest_sign",
+    "digest_verify",
     "fingerprint",
     "key_pem",
     "load_certs",
@@ -50,6 +53,7 @@ __all__ = [
     "server_context",
     "sign_bundle",
     "verify_bundle",
+    "verify_ca_signature",
 ]
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -204,13 +208,19 @@ def bundle_payload(bundle: TrustBundle) -> bytes:
     )
 
 
-def _digest_sign(key: PrivateKey, data: bytes) -> bytes:
+def digest_sign(key: PrivateKey, data: bytes) -> bytes:
+    """A SHA-256 signature by ``key`` (ECDSA deterministic per RFC 6979, or RSA PKCS#1 v1.5).
+
+    Deterministic, so the same bytes signed twice are the same bytes (a lease renewal then
+    rewrites an identical record, which watchers skip).
+    """
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
-def _digest_verify(cert: x509.Certificate, signature: bytes, data: bytes) -> None:
+def digest_verify(cert: x509.Certificate, signature: bytes, data: bytes) -> None:
+    """Raises InvalidSignature unless ``cert``'s key signed ``data`` (SHA-256)."""
     public = cert.public_key()
     if isinstance(public, ec.EllipticCurvePublicKey):
         public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
@@ -230,55 +240,113 @@ def sign_bundle(
     signature = BundleSignature(
         signer=pem(signer),
         chain=[pem(c) for c in chain],
-        signature=base64.b64encode(_digest_sign(key, bundle_payload(bundle))).decode("ascii"),
+        signature=base64.b64encode(digest_sign(key, bundle_payload(bundle))).decode("ascii"),
     )
     return bundle.model_copy(update={"signatures": [*bundle.signatures, signature]})
 
 
 def verify_bundle(bundle: TrustBundle, trusted: Sequence[x509.Certificate]) -> None:
-    """Accept ``bundle`` only if a root we already trust (or a CA under it) signed it.
+    """Accept ``bundle`` only if a CA we already trust (a root, or a CA under one) signed it.
 
     This is what keeps a writer of the NATS KV bucket from slipping its own root into every
     sidecar: a new root reaches sidecars only inside a bundle signed by the old one (rotation).
-    Raises ValueError saying why a bundle is refused.
+    The signer must be a CA certificate (CA:true, keyCertSign): an ordinary leaf chaining to a
+    trusted root is no authority over roots. Raises ValueError saying why a bundle is refused.
     """
     payload = bundle_payload(bundle)
-    by_fingerprint = {fingerprint(r): r for r in trusted}
-    now = datetime.now(UTC)
     problems: list[str] = []
     for sig in bundle.signatures:
         try:
-            signer, *chain = load_certs(sig.signer) + [c for p in sig.chain for c in load_certs(p)]
-            _chains_to(signer, chain, by_fingerprint, now)
-            _digest_verify(signer, base64.b64decode(sig.signature), payload)
+            verify_ca_signature(sig.signer, sig.chain, sig.signature, payload, trusted)
             return
-        except (ValueError, InvalidSignature, TypeError) as exc:
+        except ValueError as exc:
             problems.append(str(exc) or type(exc).__name__)
     detail = "; ".join(problems) if problems else "it has no signature"
     raise ValueError(f"trust bundle v{bundle.version} is not signed by a trusted CA: {detail}")
 
 
-def _chains_to(
-    signer: x509.Certificate,
-    chain: list[x509.Certificate],
-    trusted: dict[str, x509.Certificate],
-    now: datetime,
+def verify_ca_signature(
+    signer_pem: str,
+    chain_pems: Sequence[str],
+    signature: str,
+    payload: bytes,
+    trusted: Sequence[x509.Certificate],
+) -> x509.Certificate:
+    """The signer, if it is a CA chaining to ``trusted`` and its key signed ``payload``.
+
+    Raises ValueError saying why not (the signer is no CA, does not chain, is expired, or the
+    signature does not match).
+    """
+    try:
+        signer, *chain = load_certs(signer_pem) + [c for p in chain_pems for c in load_certs(p)]
+        check_chain(signer, chain, trusted, signer_is_ca=True)
+        digest_verify(signer, base64.b64decode(signature), payload)
+    except (InvalidSignature, TypeError) as exc:
+        raise ValueError(f"bad signature: {exc or type(exc).__name__}") from exc
+    return signer
+
+
+def check_chain(
+    cert: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    trusted: Sequence[x509.Certificate],
+    *,
+    signer_is_ca: bool,
+    now: datetime | None = None,
 ) -> None:
-    current = signer
+    """Raises ValueError unless ``cert`` chains to ``trusted`` through ``chain``, all valid now.
+
+    Every certificate that vouches for another on the way (and ``cert`` itself when
+    ``signer_is_ca``) must be a CA: CA:true with keyCertSign.
+    """
+    now = now or datetime.now(UTC)
+    by_fingerprint = {fingerprint(r): r for r in trusted}
+    if signer_is_ca:
+        _require_ca(cert)
+    current = cert
     for candidate in [*chain, None]:
         if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
             raise ValueError(f"signer {current.subject.rfc4514_string()} is expired")
-        if fingerprint(current) in trusted:
+        if fingerprint(current) in by_fingerprint:
             return
-        for root in trusted.values():
+        for root in trusted:
             with contextlib.suppress(ValueError, TypeError, InvalidSignature):
+                _require_ca(root)
                 current.verify_directly_issued_by(root)
                 return
         if candidate is None:
             break
-        current.verify_directly_issued_by(candidate)
+        _require_ca(candidate)
+        try:
+            current.verify_directly_issued_by(candidate)
+        except (TypeError, InvalidSignature) as exc:
+            raise ValueError(
+                f"{current.subject.rfc4514_string()} is not issued by "
+                f"{candidate.subject.rfc4514_string()}"
+            ) from exc
         current = candidate
-    raise ValueError(f"signer {signer.subject.rfc4514_string()} does not chain to a trusted root")
+    raise ValueError(f"signer {cert.subject.rfc4514_string()} does not chain to a trusted root")
+
+
+def _require_ca(cert: x509.Certificate) -> None:
+    """A certificate may vouch for others only if it is a CA: CA:true and keyCertSign.
+
+    (Without a KeyUsage extension every usage is allowed, as RFC 5280 says; without
+    BasicConstraints a certificate is never a CA.)
+    """
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    try:
+        cert_sign = cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        cert_sign = True
+    if not is_ca or not cert_sign:
+        raise ValueError(
+            f"signer {cert.subject.rfc4514_string()} is not a CA certificate "
+            "(CA:true with keyCertSign)"
+        )
 
 
 def sha256_b64(data: bytes) -> str:

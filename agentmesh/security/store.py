@@ -1,4 +1,4 @@
-"""The security bucket in JetStream KV: trust bundle, revocations, issued certificates, tokens.
+"""The security bucket in JetStream KV: trust bundle, revocation list, issued certificates, tokens.
 
 One bucket per mesh, named after the registry bucket (``<registry>_security``), so test meshes
 on one NATS never see each other's state. Keys:
@@ -6,16 +6,18 @@ on one NATS never see each other's state. Keys:
 ==========================  =================================================  ===============
 key                         value                                              lifetime
 ==========================  =================================================  ===============
-``pub.bundle``              :class:`TrustBundle` (signed)                      until replaced
-``pub.revoked.<serial>``    :class:`Revocation`                                the cert's expiry
+``pub.bundle``              :class:`TrustBundle` (signed by a trusted CA)      until replaced
+``pub.revocations``         :class:`SignedState` of a :class:`RevocationList`  until replaced
 ``ca.issued.<serial>``      :class:`IdentityRecord`                            the cert's expiry
-``ca.token.<sha256>``       :class:`StoredToken` (only a hash of the secret)   the token's TTL
-``ca.block.<kind>.<name>``  :class:`IdentityBlock`                             kept
+``ca.token.<sha256>``       :class:`SignedState` of a :class:`StoredToken`     the token's TTL
 ==========================  =================================================  ===============
 
-Every sidecar watches ``pub.>`` only. Anyone who can write to NATS can write here: revocation
-entries could be deleted or added (deny of service), so production NATS needs credentials;
-a bundle written here is taken only if a root the sidecar already trusts signed it.
+Every sidecar watches ``pub.>`` only. What a sidecar or the control plane acts on is signed
+(``security/signed.py``): a bundle by a CA already trusted, the revocation list (which also holds
+the identity blocks) and token records by the mesh CA, with a version that only grows. A writer
+of NATS can delete or replace these keys, and readers keep the last good state and log why.
+Issued-certificate records are informational (``identity list``, revoking a name's serials);
+revoking a serial needs none.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
@@ -33,26 +35,24 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from agentmesh.errors import AuthenticationFailed, RegistryUnavailable
-from agentmesh.models import (
-    IdentityBlock,
-    IdentityRecord,
-    Revocation,
-    StoredToken,
-    TrustBundle,
-)
+from agentmesh.models import IdentityRecord, SignedState, StoredToken, TrustBundle
 from agentmesh.registry.connection import NatsConnection
 
-__all__ = ["SecurityStore", "SecurityView", "security_bucket"]
+if TYPE_CHECKING:
+    from agentmesh.security.signed import StateTrust
+
+__all__ = ["REVOCATIONS_KEY", "SecurityStore", "SecurityView", "StateConflict", "security_bucket"]
 
 _log = logging.getLogger("agentmesh.security")
 
 BUNDLE_KEY = "pub.bundle"
-_REVOKED = "pub.revoked."
+REVOCATIONS_KEY = "pub.revocations"
 _ISSUED = "ca.issued."
 _TOKEN = "ca.token."
-_BLOCK = "ca.block."
 #: Entries tied to a certificate outlive it a little: clocks differ between machines.
 _SLACK = 300.0
+#: Compare-and-set attempts on a token before giving up (each re-reads it).
+_TOKEN_ATTEMPTS = 10
 
 
 def security_bucket(registry_bucket: str) -> str:
@@ -63,9 +63,8 @@ def _ttl_until(when: datetime) -> float:
     return max((when - datetime.now(UTC)).total_seconds() + _SLACK, 1.0)
 
 
-def _block_key(spiffe_id: str) -> str:
-    path = spiffe_id.split("://", 1)[-1].split("/", 1)[-1]
-    return _BLOCK + path.replace("/", ".")
+class StateConflict(Exception):
+    """A signed document changed since it was read (compare-and-set failed): read it again."""
 
 
 class SecurityStore:
@@ -130,7 +129,9 @@ class SecurityStore:
             return None
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"reading {key} from {self.bucket!r}: {exc}") from exc
-        return entry.value or b"", int(entry.revision or 0)
+        if not entry.value:
+            return None  # a marker the server left (an expired entry)
+        return entry.value, int(entry.revision or 0)
 
     async def _values(self, prefix: str) -> list[bytes]:
         try:
@@ -166,7 +167,38 @@ class SecurityStore:
     async def put_bundle(self, bundle: TrustBundle) -> None:
         await self._put(BUNDLE_KEY, bundle.model_dump_json().encode())
 
-    # ---- issued certificates and revocations ------------------------------------------------
+    # ---- signed documents -------------------------------------------------------------------
+
+    async def signed(self, key: str) -> tuple[bytes, int] | None:
+        """The bytes and revision under ``key`` (to verify, then compare-and-set), or None."""
+        return await self._get(key)
+
+    async def put_signed(
+        self, key: str, state: SignedState, *, last: int | None, ttl: float | None = None
+    ) -> int:
+        """Write ``state`` if ``key`` is still at revision ``last`` (None: absent or deleted)."""
+        data = state.model_dump_json().encode()
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(last)} if last is not None else {}
+        try:
+            if last is None and ttl is None:
+                return int(await self.kv.create(key, data))
+            ack = await self._conn.client.jetstream().publish(
+                f"$KV.{self.bucket}.{key}",
+                data,
+                headers=headers or None,
+                msg_ttl=None if ttl is None else max(int(ttl + 0.999), 1),
+            )
+            return int(ack.seq)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise StateConflict(f"{key} changed meanwhile") from exc
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):
+                raise StateConflict(f"{key} changed meanwhile") from exc
+            raise RegistryUnavailable(f"writing {key} to {self.bucket!r}: {exc}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise RegistryUnavailable(f"writing {key} to {self.bucket!r}: {exc}") from exc
+
+    # ---- issued certificates ----------------------------------------------------------------
 
     async def record_issued(self, record: IdentityRecord) -> None:
         await self._put(
@@ -180,52 +212,33 @@ class SecurityStore:
                 out.append(IdentityRecord.model_validate_json(value))
         return out
 
-    async def revoke(self, revocation: Revocation) -> None:
-        await self._put(
-            _REVOKED + revocation.serial,
-            revocation.model_dump_json().encode(),
-            _ttl_until(revocation.not_after),
-        )
-
-    async def revocations(self) -> list[Revocation]:
-        out = []
-        for value in await self._values(_REVOKED):
-            with contextlib.suppress(ValidationError):
-                out.append(Revocation.model_validate_json(value))
-        return out
-
-    async def is_revoked(self, serial: str) -> bool:
-        return await self._get(_REVOKED + serial) is not None
-
-    async def block(self, block: IdentityBlock) -> None:
-        await self._put(_block_key(block.spiffe_id), block.model_dump_json().encode())
-
-    async def blocked_since(self, spiffe_id: str) -> datetime | None:
-        found = await self._get(_block_key(spiffe_id))
-        if found is None:
-            return None
-        try:
-            return IdentityBlock.model_validate_json(found[0]).at
-        except ValidationError:
-            return None
-
     # ---- join tokens -----------------------------------------------------------------------
 
-    async def add_token(self, digest: str, token: StoredToken) -> None:
-        ttl = None if token.expires_at is None else _ttl_until(token.expires_at) - _SLACK
+    async def add_token(self, digest: str, token: SignedState, expires_at: datetime | None) -> None:
+        ttl = None if expires_at is None else _ttl_until(expires_at) - _SLACK
         await self._put(_TOKEN + digest, token.model_dump_json().encode(), ttl)
 
-    async def use_token(self, digest: str) -> StoredToken:
-        """Spend one use of a token (compare-and-set, so two enrolments cannot share the last)."""
-        for _ in range(10):
+    async def use_token(
+        self,
+        digest: str,
+        verify: Callable[[str, bytes], StoredToken],
+        spent: Callable[[str, StoredToken], SignedState],
+    ) -> StoredToken:
+        """Spend one use of a token (compare-and-set, so two enrolments cannot share the last).
+
+        ``verify(digest, value)`` opens the signed record (raising ValueError when it is not the
+        control plane's); ``spent(digest, token)`` signs the record with one use fewer.
+        """
+        for _ in range(_TOKEN_ATTEMPTS):
             found = await self._get(_TOKEN + digest)
             if found is None:
                 raise AuthenticationFailed("join token is unknown, expired or used up")
             value, revision = found
             try:
-                token = StoredToken.model_validate_json(value)
-            except ValidationError:
-                raise AuthenticationFailed("join token record is unreadable") from None
+                token = verify(digest, value)
+            except ValueError as exc:
+                _log.warning("refusing join-token record %s…: %s", digest[:12], exc)
+                raise AuthenticationFailed("join token is unknown, expired or used up") from None
             if token.expires_at is not None and token.expires_at <= datetime.now(UTC):
                 raise AuthenticationFailed("join token has expired")
             if token.uses is None:
@@ -235,7 +248,8 @@ class SecurityStore:
                     await self.kv.delete(_TOKEN + digest, last=revision)
                 else:
                     left = token.model_copy(update={"uses": token.uses - 1})
-                    await self.kv.update(_TOKEN + digest, left.model_dump_json().encode(), revision)
+                    data = spent(digest, left).model_dump_json().encode()
+                    await self.kv.update(_TOKEN + digest, data, revision)
                 return token
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
@@ -249,18 +263,26 @@ class SecurityStore:
 
 
 class SecurityView:
-    """What every sidecar keeps of the bucket: revoked serials and the latest trust bundle.
+    """What every sidecar keeps of the bucket: the revocation list and the latest trust bundle.
 
-    Watch-fed like the registry index: after every (re)connection a full snapshot replaces the
-    view, so a revocation that expired while we were away does not linger. While NATS is gone,
-    the last view stays (revocations keep being enforced).
+    Watch-fed like the registry index, but what it enforces only ever moves forward: the
+    revocation list is taken only if the mesh CA signed it (``trust.revocations``) with a version
+    at least the one in force. A deleted, unsigned, badly signed or older list is logged and
+    changes nothing, across reconnections too: while NATS is gone, or lies, the last good list
+    stays enforced. (The trust bundle is checked by ``WorkloadIdentity``, against the roots.)
     """
 
     def __init__(self) -> None:
         self.revoked: frozenset[int] = frozenset()
         self.bundle: TrustBundle | None = None
+        #: The version of the revocation list in force (0: none yet).
+        self.version = 0
+        #: Its raw bytes, so that a re-delivery of the same document is no news.
+        self._list: bytes | None = None
+        #: The last list read from NATS, taken or not.
+        self._seen: bytes | None = None
         self.synced = asyncio.Event()
-        self._revoked: dict[str, int] = {}
+        self._trust: StateTrust | None = None
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._watcher: Any = None
@@ -268,7 +290,8 @@ class SecurityView:
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    def start(self, store: SecurityStore, conn: NatsConnection) -> None:
+    def start(self, store: SecurityStore, conn: NatsConnection, trust: StateTrust) -> None:
+        self._trust = trust
         conn.on_reconnect(self._stop_watcher)
         self._task = asyncio.create_task(self._run(store), name="security-watch")
 
@@ -293,18 +316,47 @@ class SecurityView:
                     self.bundle = TrustBundle.model_validate_json(value)
                 except ValidationError:
                     _log.warning("ignoring a malformed trust bundle")
-        elif key.startswith(_REVOKED):
-            serial = key[len(_REVOKED) :]
-            if value is None:
-                self._revoked.pop(serial, None)
-            else:
-                try:
-                    self._revoked[serial] = int(serial, 16)
-                except ValueError:
-                    return
-            self.revoked = frozenset(self._revoked.values())
+        elif key == REVOCATIONS_KEY:
+            self._take_revocations(value)
         if notify:
             self._notify()
+
+    def recheck(self) -> None:
+        """Check the last list read again (the trust roots changed: it may verify now)."""
+        self._take_revocations(self._seen)
+        self._notify()
+
+    def _take_revocations(self, value: bytes | None) -> None:
+        """The one place a sidecar decides whether a revocation list came from the CA."""
+        self._seen = value if value is not None else self._seen
+        if value is None:
+            if self.version:
+                _log.warning(
+                    "the revocation list was deleted from NATS; keeping v%d (%d revoked)",
+                    self.version,
+                    len(self.revoked),
+                )
+            return
+        if value == self._list:
+            return
+        assert self._trust is not None
+        try:
+            version, document = self._trust.revocations(value)
+        except ValueError as exc:
+            _log.warning("ignoring a revocation list from NATS: %s; keeping v%d", exc, self.version)
+            return
+        if version < self.version:
+            _log.warning(
+                "ignoring revocation list v%d from NATS: older than v%d in force (a rollback)",
+                version,
+                self.version,
+            )
+            return
+        revoked = set()
+        for r in document.revoked:
+            with contextlib.suppress(ValueError):
+                revoked.add(int(r.serial, 16))
+        self.revoked, self.version, self._list = frozenset(revoked), version, value
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
@@ -340,10 +392,8 @@ class SecurityView:
                 else:
                     snapshot[entry.key] = value
             if snapshot is not None and (entry is None or entry.delta == 0):
-                self._revoked = {}
-                for key, data in snapshot.items():
-                    self._apply(key, data, notify=False)
-                self.revoked = frozenset(self._revoked.values())
+                for key in (BUNDLE_KEY, REVOCATIONS_KEY):
+                    self._apply(key, snapshot.get(key), notify=False)
                 snapshot = None
                 self.synced.set()
                 self._notify()

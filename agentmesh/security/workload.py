@@ -17,8 +17,10 @@ fails across a renewal. If renewal fails it is retried with backoff until the ce
 expires (then peers refuse it and calls fail with a clear error).
 
 The trust bundle is watched in KV and replaced only by a newer version signed by a root already
-trusted (root rotation); revoked serials are watched too, and listeners (the transport) close
-connections to revoked peers at once.
+trusted (root rotation); the revocation list is watched too (taken only if the mesh CA signed it,
+never rolled back: ``security/store.py``), and listeners (the transport) close connections to
+revoked peers at once. :meth:`WorkloadIdentity.state_trust` is what the registry index and the
+policy cache check what they read from NATS with.
 
 cryptography and the enrolment client are imported by the methods that get certificates, not
 here: with ``AGENTMESH_MTLS=off`` nothing needs them, and they are ~30 ms of an agent's start-up.
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 
     from agentmesh.security.natsjwt import NKey
     from agentmesh.security.pki import PrivateKey
+    from agentmesh.security.signed import StateTrust
 
 __all__ = ["WorkloadIdentity", "default_client_name"]
 
@@ -105,6 +108,7 @@ class WorkloadIdentity:
         self._renewal: asyncio.Task[None] | None = None
         self._revoked_seen: frozenset[int] = frozenset()
         self._on_revoked: list[Callable[[frozenset[int]], None]] = []
+        self._trust: StateTrust | None = None
         #: The cache file this client's current certificate is kept in (None: not cached).
         self._cached: Path | None = None
         #: NATS: this process's user key, the JWT the CA signed for it, its inbox prefix.
@@ -170,6 +174,25 @@ class WorkloadIdentity:
         """Call ``listener()`` when a renewal brought a new NATS user JWT (reconnect with it)."""
         self._on_nats_renewed.append(listener)
 
+    def state_trust(self) -> StateTrust | None:
+        """What this workload takes from NATS (signed state, checked against its current roots);
+        None with mTLS off, where there are no roots and state is taken as read."""
+        if not self.enabled:
+            return None
+        if self._trust is None:
+            from agentmesh.security.signed import StateTrust
+
+            self._trust = StateTrust(lambda: self._roots, lambda: self._trust_domain)
+        return self._trust
+
+    def seal_record(self, record: bytes) -> bytes:
+        """``record`` (a registry record's JSON) signed by this workload's key, with its
+        certificate: watchers take a record only from the agent it names."""
+        from agentmesh.security.signed import seal_record
+
+        assert self._key is not None, "start() first"
+        return seal_record(record, self._key, self._certs)
+
     def on_revoked(self, listener: Callable[[frozenset[int]], None]) -> None:
         """Call ``listener(revoked serials)`` whenever the revocation list changes."""
         self._on_revoked.append(listener)
@@ -230,10 +253,12 @@ class WorkloadIdentity:
             else SecurityStore(conn, security_bucket(registry_bucket))
         )
         await self.store.open()
+        if not self._certs:  # else enrolled before NATS (prepare)
+            await self._obtain(first=True)  # the roots come with the certificate
+        trust = self.state_trust()
+        assert trust is not None
         self.view.on_change(self._view_changed)
-        self.view.start(self.store, conn)
-        if not self._certs:
-            await self._obtain(first=True)
+        self.view.start(self.store, conn, trust)
         try:
             await asyncio.wait_for(self.view.synced.wait(), conn.jetstream_wait)
         except TimeoutError as exc:
@@ -248,6 +273,7 @@ class WorkloadIdentity:
             self._cached = None
             self._roots, self.bundle_version = [], 0  # the new CA's bundle starts anew
             await self._obtain(first=True, reuse=False)
+            self.view.recheck()  # signed by the new CA: it verifies against the new roots
         self._renewal = asyncio.create_task(self._renew_loop(), name="identity-renewal")
 
     async def close(self) -> None:

@@ -59,11 +59,13 @@ class Sidecar:
         )
         self.identity.on_nats_renewed(self.conn.credentials_renewed)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
-        self.index = LocalIndex()
         self._background: set[asyncio.Task[None]] = set()
         #: The last token of our stats and breaker subjects: the agent's name, ``client`` or
         #: ``control``, the only one NATS lets us publish on (security/nats_auth.py).
         self._publisher = caller
+        #: What this sidecar takes from NATS (signed records and policies); None with mTLS off.
+        trust = self.identity.state_trust()
+        self.index = LocalIndex(trust)
         self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name
         self.stats = StatsCollector(
@@ -75,6 +77,7 @@ class Sidecar:
             self.index,
             default=settings.access_default,
             retry=RetryPolicy(attempts=settings.retry_attempts),
+            trust=trust,
         )
         self.outbound: OutboundStack = build_outbound(
             self.index,
@@ -121,6 +124,8 @@ class Sidecar:
         try:
             await self.store.open()
             await self.identity.start(self.conn, self.boot.registry_bucket)
+            if self.identity.enabled:
+                self.store.seal = self.identity.seal_record
             self.index.start(self.store, self.conn)
             await self.policies.open_store()
             self.policies.start(self.conn)

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from tests.mesh_ca import mesh_ca
+
 #: What the CLI processes of the tests run with: no AGENTMESH_* of the caller's, no terminal.
 CLI_TIMEOUT = 30
 
@@ -30,16 +32,28 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def control_process(
-    nats_url: str, bucket: str, tmp_path: Path, env: Mapping[str, str] | None = None
+    nats_url: str,
+    bucket: str,
+    tmp_path: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    own_ca: bool = False,
 ) -> Iterator[str]:
     """A control plane on ``nats_url`` and ``bucket``; yields its URL; SIGTERM at the end.
 
-    ``env`` adds variables (e.g. the test CA's, so its own calls pass mTLS checks).
+    It runs with the suite's test CA, as the in-process sidecars of the test do: one mesh has
+    one CA (each side refuses the other's signed state and records otherwise); ``own_ca``:
+    a self-managed CA in its data dir instead. ``env`` adds variables.
     """
     ready = tmp_path / "control.json"
     log_path = tmp_path / "control.log"
     env = cli_env(
-        {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path), **(env or {})}
+        {
+            "AGENTMESH_REGISTRY_BUCKET": bucket,
+            "AGENTMESH_DATA_DIR": str(tmp_path),
+            **({} if own_ca else mesh_ca().env()),
+            **(env or {}),
+        }
     )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

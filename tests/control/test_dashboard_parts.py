@@ -34,6 +34,7 @@ from agentmesh.control.ui import (
 from agentmesh.models import BreakerEvent, StatsEntry, StatsReport
 from agentmesh.telemetry.stats import LATENCY_SCHEME, bucket_of
 from tests.conftest import StartAgent, WaitUntil
+from tests.mesh_ca import mesh_ca
 
 DEMO_EDGES = [
     ("client", "planner"),
@@ -184,7 +185,8 @@ async def test_pages_served_by_create_app(
     await start_agent([count], name="counter")
     health = HealthBook()
     stats = StatsBook()
-    app = create_app(mesh.sidecar, mesh.sidecar.boot, health, stats)
+    signer = mesh_ca().policy_signer(mesh.sidecar.policies.store)
+    app = create_app(mesh.sidecar, mesh.sidecar.boot, health, stats, policies=signer)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://control") as http:
         assert (await http.get("/ui")).headers["location"].endswith("/ui/")

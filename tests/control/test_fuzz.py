@@ -22,7 +22,7 @@ def test_no_operation_of_the_control_plane_answers_500(
     nats_url: str, bucket: str, tmp_path: Path
 ) -> None:
     assert SCHEMATHESIS.exists(), "schemathesis is part of the [dev] extra"
-    with control_process(nats_url, bucket, tmp_path) as control_url:
+    with control_process(nats_url, bucket, tmp_path, own_ca=True) as control_url:
         token = admin_token(Settings(data_dir=tmp_path))
         done = subprocess.run(
             [

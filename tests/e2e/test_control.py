@@ -15,8 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from agentmesh import Mesh
-
 from .support import (
     EXAMPLE_AGENTS,
     HEARTBEAT,
@@ -138,7 +136,7 @@ async def run_cli(
 
 
 async def test_agents_join_through_the_control_plane_and_the_cli_works(
-    mesh: Mesh, nats_url: str, start_control: StartControl, spawn_agent: SpawnAgent
+    nats_url: str, start_control: StartControl, spawn_agent: SpawnAgent, wait_until
 ) -> None:
     control = start_control(nats_url)
     assert control.info["nats_url"] == nats_url
@@ -151,6 +149,7 @@ async def test_agents_join_through_the_control_plane_and_the_cli_works(
         EXAMPLE_AGENTS / "researcher.py",
         isolated=True,
         env={"AGENTMESH_CONTROL_URL": control.url, "AGENTMESH_DATA_DIR": str(workdir)},
+        visible=False,  # the test's mesh runs on the suite's CA, this agent on the control plane's
     )
     assert agent.endpoint.startswith("https://")
 
@@ -158,6 +157,11 @@ async def test_agents_join_through_the_control_plane_and_the_cli_works(
     async with httpx.AsyncClient(
         base_url=control.url, timeout=10, headers={"authorization": f"Bearer {admin}"}
     ) as client:
+
+        async def listed() -> bool:
+            return bool((await client.get("/v1/agents")).json())
+
+        await wait_until(listed, timeout=10)
         boot = (await client.get("/v1/bootstrap")).json()
         assert boot["nats_url"] == nats_url
         agents = await client.get("/v1/agents")

@@ -29,6 +29,7 @@ from agentmesh import (
 )
 from agentmesh.control.policies import apply_policy
 from agentmesh.proxy import SIDECAR_LABEL
+from tests.mesh_ca import mesh_ca
 from tests.policy.conftest import access_policy, call_unchecked, sources_for
 
 from .sidecar_support import (
@@ -254,7 +255,7 @@ async def test_access_policy_denies_before_the_app_sees_the_request(
         "caller": mesh.sidecar.identity.id.uri if mesh.sidecar.identity.id else None,
     }
     await apply_policy(
-        mesh.sidecar.policies.store,
+        mesh_ca().policy_signer(mesh.sidecar.policies.store),
         access_policy(
             "shout-access",
             {
@@ -403,7 +404,7 @@ async def test_the_apps_calls_carry_the_apps_identity_and_policy_applies_to_them
     sidecar = await start_sidecar(*_child_app())
     assert (await mesh.call("headline", {"text": TEXT}))["words"] > 0
     await apply_policy(
-        mesh.sidecar.policies.store,
+        mesh_ca().policy_signer(mesh.sidecar.policies.store),
         access_policy(
             "no-node-summaries",
             {

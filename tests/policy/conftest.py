@@ -84,17 +84,29 @@ def apply(mesh: Mesh) -> Apply:
     """Write a policy the way the control plane does (validated, compare-and-set)."""
 
     async def write(document: dict[str, Any]) -> PolicyChange:
-        return await apply_policy(mesh.sidecar.policies.store, document)
+        return await apply_policy(mesh_ca().policy_signer(mesh.sidecar.policies.store), document)
 
     return write
 
 
 async def delete(mesh: Mesh, name: str) -> None:
+    """Delete a policy the way the control plane does: out of the signed set, then the key."""
     store = mesh.sidecar.policies.store
     latest = await store.latest(name)
     assert latest is not None, f"no policy {name!r} to delete"
     assert latest.operation == "put", f"policy {name!r} is already deleted"
+    await mesh_ca().policy_signer(store).sign(name, latest.revision, None)
     await store.delete(name, last=latest.revision)
+
+
+async def put_signed(mesh: Mesh, name: str, value: bytes) -> int:
+    """Store ``value`` under ``name`` unvalidated and sign it into the set, as a control plane
+    of another version might have (bytes this sidecar cannot read)."""
+    store = mesh.sidecar.policies.store
+    latest = await store.latest(name)
+    revision = await store.put(name, value, last=latest.revision if latest else 0)
+    await mesh_ca().policy_signer(store).sign(name, revision, value)
+    return revision
 
 
 def sidecars_of(*holders: Any) -> list[Sidecar]:

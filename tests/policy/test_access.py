@@ -18,6 +18,7 @@ from .conftest import (
     access_policy,
     call_unchecked,
     delete,
+    put_signed,
     sources_for,
     until_applied,
 )
@@ -204,12 +205,11 @@ async def test_invalid_policies_fail_closed_and_never_crash_a_sidecar(
     caplog.set_level(logging.WARNING, logger="agentmesh.policy")
     server = await start_agent([summarize, echo], name="summarizer")
     planner = await mesh_as("planner")
-    store = mesh.sidecar.policies.store
     everyone = (server, planner, mesh)
 
-    # Bytes that are no policy at all (written around the control plane): what they would
-    # cover cannot be told, so they cover everything.
-    garbage = await store.put("broken", b"{not json", last=0)
+    # Bytes that are no policy at all (signed by a control plane of another version): what
+    # they would cover cannot be told, so they cover everything.
+    await put_signed(mesh, "broken", b"{not json")
     await until_applied(wait_until, *everyone, present=("broken",))
     for name in ("summarize", "echo"):
         with pytest.raises(PolicyDenied, match="'broken' is invalid and fails closed"):
@@ -230,8 +230,8 @@ async def test_invalid_policies_fail_closed_and_never_crash_a_sidecar(
     )
     import json
 
-    await store.put("narrow", json.dumps(narrow).encode(), last=0)
-    await store.delete("broken", last=garbage)
+    await put_signed(mesh, "narrow", json.dumps(narrow).encode())
+    await delete(mesh, "broken")
     await until_applied(wait_until, *everyone, present=("narrow",), absent=("broken",))
     with pytest.raises(PolicyDenied, match=r"AccessPolicy 'narrow' is invalid .*agnet"):
         await planner.call("summarize")

@@ -18,6 +18,7 @@ from .conftest import (
     ControlProcess,
     access_policy,
     call_unchecked,
+    delete,
     run_cli,
     sources_for,
     traffic_policy,
@@ -259,10 +260,7 @@ async def test_sidecars_keep_enforcing_without_the_control_plane_or_nats(
     await wait_until(lambda: mesh.sidecar.conn.connected.is_set(), timeout=10)
     await enforced()
     # Back in touch: a change made now reaches every sidecar through its resynchronised watch.
-    store = mesh.sidecar.policies.store
-    latest = await store.latest("summarize-access")
-    assert latest is not None
-    await store.delete("summarize-access", last=latest.revision)
+    await delete(mesh, "summarize-access")
     await until_applied(wait_until, *everyone, absent=("summarize-access",), timeout=10)
     assert await intruder.call("summarize", {"text": "now"}) == "now"
 

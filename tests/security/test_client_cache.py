@@ -67,7 +67,7 @@ async def test_connect_reuses_its_certificate_and_drops_a_revoked_one(
         store = mesh.sidecar.identity.store
         assert store is not None
         await Issuer(mesh_ca().ca, store).revoke(
-            RevocationRequest(target=f"{first:x}", reason="test")
+            RevocationRequest(target=f"{first:x}", kind="serial", reason="test")
         )
     async with connect(settings) as mesh:
         second = mesh.sidecar.identity.serial

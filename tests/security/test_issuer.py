@@ -98,7 +98,7 @@ async def test_renewal_is_authenticated_by_the_current_key_and_certificate(issue
     with pytest.raises((PolicyDenied, AuthenticationFailed)):
         await issuer.certificate(CertificateRequest(csr=payroll, renewal=swap))
     # A revoked certificate cannot renew itself.
-    await issuer.revoke(RevocationRequest(target=issued.serial))
+    await issuer.revoke(RevocationRequest(target=issued.serial, kind="serial"))
     with pytest.raises(AuthenticationFailed, match="is revoked"):
         await issuer.certificate(renewal())
 
@@ -107,9 +107,9 @@ async def test_identities_list_what_was_issued_and_revoked(issuer: Issuer) -> No
     public = new_key().public_key()
     first = await issuer._issue(public, SpiffeId.agent(TD, "a"), "local")
     await issuer._issue(public, SpiffeId.client(TD, "alice"), "local")
-    result = await issuer.revoke(RevocationRequest(target="a"))
+    result = await issuer.revoke(RevocationRequest(target="a", kind="name"))
     assert [r.serial for r in result.revoked] == [first.serial]
     listed = {(r.spiffe_id, r.revoked) for r in await issuer.identities()}
     assert listed == {(f"spiffe://{TD}/agent/a", True), (f"spiffe://{TD}/client/alice", False)}
-    with pytest.raises(InvalidInput, match="neither a certificate serial"):
+    with pytest.raises(InvalidInput, match="is not an agent name"):
         await issuer.revoke(RevocationRequest(target="Not A Name!"))

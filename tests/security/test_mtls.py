@@ -214,13 +214,17 @@ async def test_a_registry_record_cannot_send_calls_to_another_agent(
     start_agent: StartAgent, mesh: Mesh, wait_until: WaitUntil
 ) -> None:
     echoer = await start_agent([echo], name="echoer")
+    # A record signed by summarizer's own key (its owner, or a thief of it), pointing at
+    # someone else's address: the registry takes it, the caller's TLS check does not.
     impostor = AgentRecord(
         instance_id="summarizer-feed",
         name="summarizer",
+        identity=f"spiffe://{TD}/agent/summarizer",
         endpoint=echoer.endpoint,  # someone else's address
         capabilities=(summarize.spec,),
     )
-    lease = Lease(mesh.sidecar.store, impostor, interval=0.25, ttl=1)
+    store = await mesh_ca().store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, "summarizer")
+    lease = Lease(store, impostor, interval=0.25, ttl=1)
     await lease.acquire()
     try:
         await wait_until(lambda: bool(mesh.sidecar.index.targets("summarize")))
@@ -231,12 +235,6 @@ async def test_a_registry_record_cannot_send_calls_to_another_agent(
         assert "'summarizer'" in message
         assert "spiffe://agentmesh.local/agent/summarizer" in message
         assert isinstance(err.value, ConnectionFailed)  # nothing was sent
-        await lease.update(impostor.model_copy(update={"identity": f"spiffe://{TD}/agent/echoer"}))
-        await wait_until(
-            lambda: mesh.sidecar.index.targets("summarize")[0].record.identity is not None
-        )
-        with pytest.raises(IdentityMismatch, match="its record claims the identity"):
-            await mesh.call("summarize", {"text": "secret"}, retries=0)
     finally:
         await lease.release()
 
@@ -277,7 +275,7 @@ async def test_revoked_callers_and_agents_are_refused_within_the_documented_time
     async with connect(settings, client_name="mallory") as mallory:
         assert await mallory.call("echo", {"text": "before"}) == "before"  # a pooled connection
         serial = f"{mallory.sidecar.identity.serial:x}"
-        revoked = await issuer.revoke(RevocationRequest(target=serial, reason="key leaked"))
+        revoked = await issuer.revoke(RevocationRequest(target=f"0x{serial}", reason="key leaked"))
         assert [r.spiffe_id for r in revoked.revoked] == [f"spiffe://{TD}/client/mallory"]
         started = time.monotonic()
 

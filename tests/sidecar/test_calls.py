@@ -257,10 +257,12 @@ async def test_a_dead_endpoint_is_a_connection_failure_naming_it(mesh: Mesh, wai
     ghost = AgentRecord(
         instance_id="ghost-1",
         name="ghost",
+        identity="spiffe://agentmesh.local/agent/ghost",
         endpoint=f"https://127.0.0.1:{port}",
         capabilities=[whoami.spec],
     )
-    lease = Lease(mesh.sidecar.store, ghost, interval=0.25, ttl=1)
+    store = await mesh_ca().store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, "ghost")
+    lease = Lease(store, ghost, interval=0.25, ttl=1)
     await lease.acquire()
     await wait_until(lambda: bool(mesh.sidecar.index.targets("whoami")))
     with pytest.raises(
@@ -284,10 +286,13 @@ async def test_a_frozen_replica_is_never_reached_and_calls_move_to_another(
             ghost = AgentRecord(
                 instance_id="mirror-frozen",
                 name="mirror",
+                identity="spiffe://agentmesh.local/agent/mirror",
                 endpoint=f"https://127.0.0.1:{frozen.getsockname()[1]}",
                 capabilities=[whoami.spec],
             )
-            lease = Lease(quick.sidecar.store, ghost, interval=0.25, ttl=1)
+            bucket = quick.sidecar.store.bucket
+            store = await mesh_ca().store_as(quick.sidecar.conn, bucket, "mirror")
+            lease = Lease(store, ghost, interval=0.25, ttl=1)
             await lease.acquire()
             await wait_until(lambda: len(quick.sidecar.index.targets("whoami")) == 2)
             for tag in "abcd":

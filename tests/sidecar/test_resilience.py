@@ -155,23 +155,27 @@ async def test_a_loop_is_refused_with_the_chain_named(start_agent, mesh: Mesh):
 
 
 async def test_unready_agents_get_no_new_calls_until_ready_again(
-    start_agent, mesh: Mesh, wait_until
+    start_agent, settings: Settings, wait_until
 ):
+    # Round robin, so that "a gets calls again" does not depend on latencies a loaded machine
+    # skews (P2C would rightly shun a replica whose first call was slow).
     a = await start_agent([work], name="worker")
     b = await start_agent([work], name="worker")
-    a.agent.set_ready(False)
-    await wait_until(
-        lambda: (
-            {t.record.status for t in mesh.sidecar.index.targets("work")} == {"serving", "unready"}
+    async with connect(settings.model_copy(update={"balance": "round_robin"})) as mesh:
+        a.agent.set_ready(False)
+        await wait_until(
+            lambda: (
+                {t.record.status for t in mesh.sidecar.index.targets("work")}
+                == {"serving", "unready"}
+            )
         )
-    )
-    served = {(await mesh.invoke("work")).instance_id for _ in range(20)}
-    assert served == {b.instance_id}
-    a.agent.set_ready(None)
-    await wait_until(
-        lambda: {t.record.status for t in mesh.sidecar.index.targets("work")} == {"serving"}
-    )
-    served = {(await mesh.invoke("work")).instance_id for _ in range(40)}
+        served = {(await mesh.invoke("work")).instance_id for _ in range(20)}
+        assert served == {b.instance_id}
+        a.agent.set_ready(None)
+        await wait_until(
+            lambda: {t.record.status for t in mesh.sidecar.index.targets("work")} == {"serving"}
+        )
+        served = {(await mesh.invoke("work")).instance_id for _ in range(40)}
     assert served == {a.instance_id, b.instance_id}
 
 
