@@ -704,6 +704,12 @@ class CertificateRequest(_RequestBody):
     csr: str = Field(max_length=16384, description="PEM CSR with one URI SAN: the SPIFFE ID")
     token: str | None = Field(default=None, max_length=512)
     renewal: RenewalProof | None = None
+    nats_key: str | None = Field(
+        default=None,
+        pattern=r"^U[A-Z2-7]{55}$",
+        description="Public user NKEY of the requester: the answer then carries a NATS user JWT "
+        "bound to it, with this identity's NATS permissions",
+    )
 
 
 class IssuedCertificate(_Wire):
@@ -715,6 +721,9 @@ class IssuedCertificate(_Wire):
     chain: list[str] = Field(default_factory=list, description="PEM intermediates, if any")
     not_after: datetime
     trust_bundle: TrustBundle
+    nats_jwt: str | None = Field(
+        default=None, description="NATS user JWT for the request's nats_key (same expiry)"
+    )
 
 
 class JoinTokenRequest(_RequestBody):

@@ -17,6 +17,7 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -163,8 +164,14 @@ class NatsServer:
         binary: Path | None = None,
         jetstream: bool = True,
         config: Path | None = None,
+        extra_config: Path | None = None,
+        tls: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
+        #: A configuration file for what flags cannot say (TLS, accounts: see nats_config.py)
+        #: of a server whose address, port and store are flags (they win over the file).
+        self.extra_config = extra_config
+        self._tls = tls
         self.host = host
         self._port = port
         self._binary = binary
@@ -185,7 +192,7 @@ class NatsServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nats://{host}:{self._port}"
+        return f"{'tls' if self._tls else 'nats'}://{host}:{self._port}"
 
     @property
     def running(self) -> bool:
@@ -209,7 +216,10 @@ class NatsServer:
             # port is only known once the server says where it listens.
             return [str(binary), "-c", str(self._config)]
         port = str(self._port) if self._port else "-1"
-        command = [str(binary), "-a", self.host, "-p", port]
+        command = [str(binary)]
+        if self.extra_config is not None:
+            command += ["-c", str(self.extra_config)]
+        command += ["-a", self.host, "-p", port]
         if self._jetstream:
             command += ["-js", "-sd", str(self.store_dir)]
         return command
@@ -302,6 +312,12 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def reload(self) -> None:
+        """Re-read the configuration file (SIGHUP): a renewed TLS certificate, for example."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGHUP)
 
     def restart(self, timeout: float = 10.0) -> None:
         """Stop, then start on the same port and store directory (a NATS restart)."""

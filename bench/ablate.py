@@ -68,6 +68,7 @@ async def _stack(calls: int) -> None:
     from agentmesh.cli.run import load_agent
     from agentmesh.mesh import Mesh
     from agentmesh.registry.index import LocalIndex
+    from agentmesh.registry.store import record_key
     from agentmesh.settings import Settings
     from agentmesh.sidecar.call import OutboundCall, Reply
     from agentmesh.sidecar.deadline import DeadlineLayer
@@ -75,7 +76,7 @@ async def _stack(calls: int) -> None:
 
     record = load_agent(AGENT_FILE, AGENT_NAME).record("http://127.0.0.1:1")
     index = LocalIndex()
-    index.apply(record.instance_id, record.model_dump_json().encode())
+    index.apply(record_key(record), record.model_dump_json().encode())
     body = make_payload()
     doc = json.loads(body)
     target = index.targets(CAPABILITY)[0]

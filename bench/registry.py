@@ -16,6 +16,8 @@
   from another process (this one), median of K starts; plaintext (``AGENTMESH_MTLS=off``).
   Goal: median ≤ 250 ms. Also the agent's CPU time (user + system) at that moment, read from
   ``/proc``: on a busy machine the wall time mostly measures the wait for a core, this does not.
+- S5-S7 run on NATS as ``agentmesh control`` embeds it (TLS, a user JWT per connection);
+  ``BENCH_NATS=plain`` runs them on an open, plaintext NATS, to see what that costs.
 
 These are not comparisons with baselines, so they stay out of ``run.py``'s rounds: ``run.py``
 runs them as scenarios s4–s7 of ``agentmesh bench`` (after its targets are stopped), calling these
@@ -39,9 +41,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentmesh import AgentRecord, CapabilitySpec, Mesh, Settings, connect
+from agentmesh.control.ca import CertificateAuthority
 from agentmesh.errors import MeshError
+from agentmesh.nats_config import server_hosts, write_server_config, write_server_tls
 from agentmesh.nats_server import NatsServer
 from agentmesh.registry import Lease, LocalIndex, NatsConnection, RegistryStore
+from agentmesh.registry.connection import Credentials
+from agentmesh.registry.store import record_key
+from agentmesh.security.files import write_private
+from agentmesh.security.identity import SpiffeId
+from agentmesh.security.nats_auth import NatsAuthority
+from agentmesh.security.nats_client import nats_credentials
+from agentmesh.security.natsjwt import format_creds
+from agentmesh.security.pki import pem
 from agentmesh.sidecar.balance import BalanceLayer
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.endpoints import Endpoints
@@ -57,6 +69,78 @@ _TD = "agentmesh.local"
 Layer = Callable[[OutboundCall], Coroutine[object, None, Reply]]
 
 
+# ---- the NATS S5-S7 run on ---------------------------------------------------------------------
+# As ``agentmesh control`` embeds it: TLS with a certificate from a mesh CA, and JWT accounts, so
+# every connection presents a user JWT with its identity's permissions (watchers are clients,
+# writers and agents are agents). ``BENCH_NATS=plain`` runs an open, plaintext NATS instead, to
+# measure what TLS and authentication cost.
+
+TD = "agentmesh.local"
+
+
+def agent(name: str) -> SpiffeId:
+    return SpiffeId.agent(TD, name)
+
+
+def client(name: str = "bench") -> SpiffeId:
+    return SpiffeId.client(TD, name)
+
+
+class BenchNats:
+    """A nats-server in ``workdir``, and credentials for identities on it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.secure = os.environ.get("BENCH_NATS", "secure") != "plain"
+        store = workdir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        self._authority: NatsAuthority | None = None
+        if not self.secure:
+            self.server = NatsServer(store)
+            return
+        ca = CertificateAuthority.in_directory(workdir / "ca", TD, 3600.0)
+        self._authority = NatsAuthority.open(workdir)
+        write_server_tls(store, ca, server_hosts("127.0.0.1"))
+        config = write_server_config(store, self._authority)
+        self.server = NatsServer(store, extra_config=config, tls=True)
+        self.ca_file = workdir / "nats-ca.pem"
+        self.ca_file.write_text("".join(pem(r) for r in ca.roots))
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def env(self, identity: SpiffeId, bucket: str) -> dict[str, str]:
+        """``AGENTMESH_NATS_*`` settings that connect as ``identity`` (a .creds file)."""
+        if self._authority is None:
+            return {}
+        jwt, key = self._authority.own_user(identity, bucket=bucket)
+        path = self.workdir / "creds" / f"{identity.kind}-{identity.name}.creds"
+        write_private(path, format_creds(jwt, key).encode())
+        return {
+            "AGENTMESH_NATS_CREDS_FILE": str(path),
+            "AGENTMESH_NATS_TLS_CA_FILE": str(self.ca_file),
+        }
+
+    def settings(self, identity: SpiffeId, bucket: str, **more: object) -> Settings:
+        names = {
+            k.removeprefix("AGENTMESH_").lower(): v for k, v in self.env(identity, bucket).items()
+        }
+        return Settings(nats_url=self.url, registry_bucket=bucket, **names, **more)  # type: ignore[arg-type]
+
+    def credentials(self, identity: SpiffeId, bucket: str) -> Credentials | None:
+        """Connect options for a bare ``NatsConnection`` as ``identity``."""
+        if not self.secure:
+            return None
+        return nats_credentials(self.settings(identity, bucket), None)
+
+
 def _records(n: int, capabilities: int) -> dict[str, bytes]:
     schema = {"type": "object", "properties": {"text": {"type": "string"}}}
     snapshot = {}
@@ -70,7 +154,7 @@ def _records(n: int, capabilities: int) -> dict[str, bytes]:
             endpoint=f"http://10.0.{i // 250}.{i % 250}:8000",
             capabilities=(spec,),
         )
-        snapshot[record.instance_id] = record.model_dump_json().encode()
+        snapshot[record_key(record)] = record.model_dump_json().encode()
     return snapshot
 
 
@@ -217,16 +301,19 @@ def s4(records: int, samples: int) -> dict[str, object]:
 
 async def s7(starts: int) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="agentmesh-bench-s7-"))
-    nats = NatsServer(workdir / "nats")
+    nats = BenchNats(workdir)
     nats.start()
+    bucket = Settings().registry_bucket
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
     env.update(AGENTMESH_NATS_URL=nats.url, AGENTMESH_MTLS="off", AGENTMESH_DATA_DIR=str(workdir))
     results = []
     cpu: list[float] = []
     try:
-        async with connect(Settings(nats_url=nats.url, mtls="off", data_dir=workdir)) as mesh:
+        settings = nats.settings(client(), bucket, mtls="off", data_dir=workdir)
+        async with connect(settings) as mesh:
             for i in range(starts):
                 name = f"s7-{i}"
+                env.update(nats.env(agent(name), bucket))
                 args = [sys.executable, "-m", "agentmesh", "run", str(AGENT_FILE), "--name", name]
                 started = time.perf_counter()
                 proc = await asyncio.create_subprocess_exec(
@@ -288,14 +375,15 @@ async def _until_gone(mesh: Mesh, name: str) -> None:
 async def s5(watchers: int, rounds: int) -> dict[str, object]:
     """A registration, then a deregistration, seen by every one of ``watchers`` sidecars."""
     workdir = Path(tempfile.mkdtemp(prefix="agentmesh-bench-s5-"))
-    nats = NatsServer(workdir / "nats")
+    nats = BenchNats(workdir)
     nats.start()
     bucket = "bench_s5"
     signing = _Signing(workdir)
     views: list[tuple[NatsConnection, LocalIndex]] = []
+    watching = nats.credentials(client("watcher"), bucket)
     try:
         for i in range(watchers):
-            conn = NatsConnection(nats.url, name=f"watcher-{i}")
+            conn = NatsConnection(nats.url, name=f"watcher-{i}", credentials=watching)
             await conn.connect()
             store = RegistryStore(conn, bucket)
             await store.open()
@@ -303,7 +391,9 @@ async def s5(watchers: int, rounds: int) -> dict[str, object]:
             index.start(store, conn)
             await index.wait_synced(10)
             views.append((conn, index))
-        writer_conn = NatsConnection(nats.url, name="writer")
+        writer_conn = NatsConnection(
+            nats.url, name="writer", credentials=nats.credentials(agent("agent"), bucket)
+        )
         await writer_conn.connect()
         writer = RegistryStore(writer_conn, bucket)
         await writer.open()
@@ -363,11 +453,13 @@ async def _seen(
 async def s6(records: int) -> dict[str, object]:
     """A new sidecar's initial sync of ``records`` records: time to the full view, and its RSS."""
     workdir = Path(tempfile.mkdtemp(prefix="agentmesh-bench-s6-"))
-    nats = NatsServer(workdir / "nats")
+    nats = BenchNats(workdir)
     nats.start()
     bucket = "bench_s6"
     try:
-        conn = NatsConnection(nats.url, name="writer")
+        conn = NatsConnection(
+            nats.url, name="writer", credentials=nats.credentials(agent("agent"), bucket)
+        )
         await conn.connect()
         store = RegistryStore(conn, bucket)
         await store.open()
@@ -390,6 +482,7 @@ async def s6(records: int) -> dict[str, object]:
             bucket,
             str(signing.cert_file),
             stdout=subprocess.PIPE,
+            env={**os.environ, **nats.env(client("s6"), bucket)},
         )
         out, _ = await asyncio.wait_for(child.communicate(), 120)
     finally:
@@ -413,7 +506,8 @@ async def _s6_child(url: str, bucket: str, cert_file: str) -> None:
     """Run in a fresh process: connect, watch, wait for the full view (every record's
     signature checked); print time and RSS."""
     started = time.perf_counter()
-    conn = NatsConnection(url, name="s6-new-sidecar")
+    credentials = nats_credentials(Settings(), None)  # the parent's .creds and CA, if secure
+    conn = NatsConnection(url, name="s6-new-sidecar", credentials=credentials)
     await conn.connect()
     store = RegistryStore(conn, bucket)
     await store.open()

@@ -167,13 +167,15 @@ def user_errors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         "call-nats-unreachable": Case(
             ["call", "research", "{}"],
             ["nats://127.0.0.1:9"],
-            env={"AGENTMESH_NATS_URL": "nats://127.0.0.1:9"},
+            # mTLS off: the error is about NATS, not about enrolling (which comes first).
+            env={"AGENTMESH_NATS_URL": "nats://127.0.0.1:9", "AGENTMESH_MTLS": "off"},
             timeout=UNREACHABLE_DEADLINE,
         ),
         "run-nats-unreachable": Case(
             ["run", str(tmp / "valid.py")],
             ["nats://127.0.0.1:9"],
-            env={"AGENTMESH_NATS_URL": "nats://127.0.0.1:9"},
+            # mTLS off: the error is about NATS, not about enrolling (which comes first).
+            env={"AGENTMESH_NATS_URL": "nats://127.0.0.1:9", "AGENTMESH_MTLS": "off"},
             timeout=UNREACHABLE_DEADLINE,
         ),
     }

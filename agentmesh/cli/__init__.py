@@ -9,7 +9,18 @@ import typer
 from rich.markup import escape
 
 from agentmesh._version import __version__
-from agentmesh.cli import bench, control, demo, observe, policies, query, run, security, sidecar
+from agentmesh.cli import (
+    bench,
+    control,
+    demo,
+    nats,
+    observe,
+    policies,
+    query,
+    run,
+    security,
+    sidecar,
+)
 from agentmesh.cli._common import err_console
 from agentmesh.errors import MeshError
 
@@ -53,6 +64,7 @@ demo.register(app)
 observe.register(app)
 policies.register(app)
 security.register(app)
+nats.register(app)
 bench.register(app)
 sidecar.register(app)
 

@@ -28,7 +28,6 @@ from agentmesh._process import parent_death_hook
 from agentmesh.cli._common import console
 from agentmesh.errors import ConfigurationError, MeshUnavailable, PolicyDenied
 from agentmesh.mesh import Mesh, connect
-from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
 
 #: (file, replicas): the researcher runs twice to show calls spread over replicas.
@@ -99,19 +98,22 @@ def demo(
         "a service mesh for agents"
     ),
 ) -> None:
-    """Start NATS, the control plane and example agents; run an orchestration; stop it all."""
+    """Start the control plane (and its NATS) and example agents; run an orchestration; stop
+    it all."""
     workdir = Path(tempfile.mkdtemp(prefix="agentmesh-demo-"))
     processes: list[_Process] = []
-    nats = NatsServer(workdir / "nats")
     ok = False
     try:
         console.rule("[bold]agentmesh demo")
-        nats.start()
-        console.print(f"[green]✔[/] NATS (embedded, JetStream) at {nats.url}")
-        env = {**os.environ, "AGENTMESH_NATS_URL": nats.url, "AGENTMESH_DATA_DIR": str(workdir)}
-        env.pop("AGENTMESH_CONTROL_URL", None)
-        control_url = _start_control(workdir, env, processes)
+        env = {**os.environ, "AGENTMESH_DATA_DIR": str(workdir)}
+        for name in ("AGENTMESH_CONTROL_URL", "AGENTMESH_NATS_URL"):
+            env.pop(name, None)
+        control_url, nats_url = _start_control(workdir, env, processes)
         console.print(f"[green]✔[/] control plane at {control_url}  (API docs {control_url}/docs)")
+        console.print(
+            f"[green]✔[/] NATS (embedded, JetStream) at {nats_url}: TLS, and only enrolled "
+            "workloads get in, each with its own permissions"
+        )
         env["AGENTMESH_CONTROL_URL"] = control_url
         examples = examples_dir()
         expected = 0
@@ -135,15 +137,15 @@ def demo(
                 expected += 1
         polyglot = _start_polyglot(examples, workdir, env, processes)
         expected += polyglot
-        settings = Settings(control_url=control_url, nats_url=nats.url, data_dir=workdir)
+        settings = Settings(control_url=control_url, nats_url=nats_url, data_dir=workdir)
         asyncio.run(
             _run(settings, examples, expected, processes, topic, keep, control_url, bool(polyglot))
         )
         ok = True
     finally:
-        unclean = _stop_all(processes, nats)
+        unclean = _stop_all(processes)
         if ok and not unclean:
-            count = len(processes) + 1
+            count = len(processes)
             console.print(f"[green]✔[/] stopped {count} processes cleanly; nothing left running")
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -189,7 +191,10 @@ def _start_polyglot(
     return 1
 
 
-def _start_control(workdir: Path, env: dict[str, str], processes: list[_Process]) -> str:
+def _start_control(
+    workdir: Path, env: dict[str, str], processes: list[_Process]
+) -> tuple[str, str]:
+    """Start the control plane (with its embedded NATS); its URL and NATS's."""
     ready = workdir / "control.json"
     control = _Process(
         "control plane",
@@ -204,8 +209,8 @@ def _start_control(workdir: Path, env: dict[str, str], processes: list[_Process]
         if time.monotonic() > deadline:
             raise MeshUnavailable(f"the control plane did not start within 20s:\n{control.tail()}")
         time.sleep(0.02)
-    url: str = json.loads(ready.read_text())["control_url"]
-    return url
+    info = json.loads(ready.read_text())
+    return str(info["control_url"]), str(info["nats_url"])
 
 
 async def _run(
@@ -394,8 +399,8 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-def _stop_all(processes: list[_Process], nats: NatsServer) -> list[str]:
-    """Agents first (they drain and deregister), then the control plane, then NATS.
+def _stop_all(processes: list[_Process]) -> list[str]:
+    """Agents first (they drain and deregister), then the control plane (and its NATS).
 
     Returns the labels of processes that had to be killed or exited with an error.
     """
@@ -410,5 +415,4 @@ def _stop_all(processes: list[_Process], nats: NatsServer) -> list[str]:
             if not proc.wait(deadline):
                 console.print(f"[yellow]![/] {proc.label} did not stop cleanly; see {proc.log}")
                 unclean.append(proc.label)
-    nats.stop()
     return unclean

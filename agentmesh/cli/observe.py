@@ -39,6 +39,8 @@ from agentmesh.settings import Settings
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
+    from agentmesh.registry.connection import NatsConnection
+
 ControlUrl = Annotated[
     str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
 ]
@@ -232,14 +234,15 @@ async def _tap(
     duration: float | None,
     output: Output,
 ) -> None:
-    from agentmesh.registry.connection import NatsConnection
+    from agentmesh.security.nats_client import client_connection
     from agentmesh.sidecar.bootstrap import bootstrap
     from agentmesh.telemetry.stats import tap_control_subject, tap_subject
 
     boot = await bootstrap(settings)
     tapper = f"tap-{socket.gethostname()}-{os.getpid()}"
-    conn = NatsConnection(boot.nats_url, name=f"agentmesh-{tapper}")
-    await conn.connect()
+    conn = await client_connection(
+        settings, boot.nats_url, boot.registry_bucket, name=f"agentmesh-{tapper}"
+    )
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[bytes] = asyncio.Queue()
     acks: dict[str, TapAck] = {}
@@ -504,7 +507,7 @@ async def _nats_checks(
 
     from agentmesh.cli.nats_check import cluster_checks, embedded_note, unreachable_hint
     from agentmesh.control.nats_status import mesh_buckets
-    from agentmesh.registry.connection import NatsConnection
+    from agentmesh.security.nats_client import client_connection
 
     url = settings.nats_url or (boot.nats_url if boot is not None else None)
     bucket = boot.registry_bucket if boot is not None else settings.registry_bucket
@@ -519,11 +522,15 @@ async def _nats_checks(
             _Check("JetStream", None, "not checked: NATS was not reached"),
             _Check("registry", None, "not checked: NATS was not reached"),
         ]
-    conn = NatsConnection(
-        url, name=f"agentmesh-check-{os.getpid()}", kv_replicas=settings.kv_replicas
-    )
     try:
-        await conn.connect(timeout=3.0)
+        conn = await client_connection(
+            settings,
+            url,
+            bucket,
+            name=f"agentmesh-check-{os.getpid()}",
+            timeout=3.0,
+            kv_replicas=settings.kv_replicas,
+        )
     except MeshError as exc:
         return [
             _Check(
@@ -542,6 +549,7 @@ async def _nats_checks(
         version = f"{server.major}.{server.minor}.{server.patch}"
         detail = f"{url} reachable (nats-server {version}){embedded_note(health)}"
         results.append(_Check("NATS", True, detail))
+        results.append(_nats_auth_check(conn))
         js = nc.jetstream()
         try:
             info = await asyncio.wait_for(js.account_info(), 3.0)
@@ -586,6 +594,19 @@ async def _nats_checks(
     finally:
         await conn.close()
     return results
+
+
+def _nats_auth_check(conn: NatsConnection) -> _Check:
+    if conn.unauthenticated:
+        return _Check(
+            "NATS auth",
+            False,
+            "OPEN: NATS accepts connections without credentials; anyone who can reach it can "
+            "rewrite policies, revocations and registry records",
+            "run NATS with the mesh's accounts (agentmesh nats-config, docs/security.md)",
+        )
+    tls = "TLS, " if conn.server_info.get("tls_required") else "no TLS, "
+    return _Check("NATS auth", True, f"{tls}credentials required, permissions per subject")
 
 
 def _clock_check(health: dict[str, Any] | None, sent: float, received: float) -> _Check:

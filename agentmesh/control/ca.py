@@ -393,6 +393,44 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
 
+    def issue_server(self, public_key: PrivateKey, hosts: Sequence[str]) -> x509.Certificate:
+        """A TLS *server* certificate for infrastructure (the embedded NATS) on ``hosts``.
+
+        DNS and IP SANs and no URI SAN: it is no mesh identity (``check_leaf`` refuses it as a
+        caller), and clients check the host they dialled against it, so no agent's certificate
+        can stand in for the server.
+        """
+        import ipaddress
+
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        now = datetime.now(UTC)
+        not_after = min(now + timedelta(seconds=self.ttl), self.signer.not_valid_after_utc)
+        issuer_ski = self.signer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        public = public_key.public_key()
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(self.signer.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - NOT_BEFORE_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+
     def sign_state(self, kind: Kind, version: int, document: BaseModel) -> SignedState:
         """``document`` signed with the key that signs certificates (see security/signed.py)."""
         return sign_state(kind, version, document, self._key, self.signer, self.chain)

@@ -56,6 +56,7 @@ from agentmesh.security.enrol import (
 )
 from agentmesh.security.files import JOIN_TOKEN_FILE, read_secret, write_private
 from agentmesh.security.identity import LeafRefused, SpiffeId, check_leaf
+from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.pki import fingerprint, load_certs, pem
 from agentmesh.security.signed import StateTrust, next_version
 from agentmesh.security.store import REVOCATIONS_KEY, SecurityStore, StateConflict
@@ -97,6 +98,13 @@ class Issuer:
         self._revocations: tuple[RevocationList, SignedState | None] = (RevocationList(), None)
         self._token_versions: dict[str, int] = {}
         self._kept: Path | None = None
+        #: Signs a NATS user JWT into each certificate answer that asks (``nats_key``).
+        self.nats: NatsAuthority | None = None
+        self._registry_bucket = ""
+
+    def use_nats(self, authority: NatsAuthority, registry_bucket: str) -> None:
+        """Hand out NATS credentials with certificates (the control plane's NATS trusts them)."""
+        self.nats, self._registry_bucket = authority, registry_bucket
 
     def keep_in(self, directory: Path) -> None:
         """Keep the revocation list in ``directory`` too, and start from the copy kept there."""
@@ -196,7 +204,7 @@ class Issuer:
             via = "token"
         else:
             raise AuthenticationFailed("a join token or a renewal proof is required")
-        return await self._issue(csr.public_key(), identity, via)
+        return await self._issue(csr.public_key(), identity, via, request.nats_key)
 
     async def issue_local(self, csr_pem: str) -> IssuedCertificate:
         """For a process that holds the CA itself: no token, same records."""
@@ -208,7 +216,11 @@ class Issuer:
         return await self._issue(public_key, SpiffeId(self.trust_domain, "control"), "local")
 
     async def _issue(
-        self, public_key: object, identity: SpiffeId, via: Literal["token", "renewal", "local"]
+        self,
+        public_key: object,
+        identity: SpiffeId,
+        via: Literal["token", "renewal", "local"],
+        nats_key: str | None = None,
     ) -> IssuedCertificate:
         async with self._lock:
             try:
@@ -224,6 +236,14 @@ class Issuer:
                 via=via,
             )
             await self.store.record_issued(record)
+            nats_jwt = None
+            if self.nats is not None and nats_key is not None:
+                nats_jwt = self.nats.user_jwt(
+                    identity,
+                    nats_key,
+                    bucket=self._registry_bucket,
+                    expires=record.not_after.timestamp(),
+                )
             return IssuedCertificate(
                 spiffe_id=identity.uri,
                 serial=record.serial,
@@ -232,6 +252,7 @@ class Issuer:
                 + [pem(c) for c in self.ca.chain],
                 not_after=record.not_after,
                 trust_bundle=self.ca.bundle,
+                nats_jwt=nats_jwt,
             )
 
     async def _check_renewal(

@@ -50,11 +50,20 @@ def kept_port(store: Path) -> int:
 class EmbeddedNats:
     """One embedded nats-server plus its supervisor state (what ``/healthz`` reports)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, extra_config: Path | None = None, tls: bool = False
+    ) -> None:
+        """``extra_config``/``tls``: TLS and the mesh's accounts (nats_config.secure_embedded)."""
         self.store = settings.data_dir / "nats"
         self._port_file = self.store / PORT_FILE
         port = settings.embedded_nats_port or kept_port(self.store)
-        self.server = NatsServer(self.store, port=port, binary=settings.nats_server_bin)
+        self.server = NatsServer(
+            self.store,
+            port=port,
+            binary=settings.nats_server_bin,
+            extra_config=extra_config,
+            tls=tls,
+        )
         self._max_restarts = settings.embedded_nats_max_restarts
         self._window = settings.embedded_nats_restart_window
         self.state: NatsState = "starting"

@@ -28,8 +28,10 @@ from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
 from agentmesh.errors import MeshError
+from agentmesh.nats_config import keep_server_tls, secure_embedded, warn_if_open
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token, ensure_private_dir
 from agentmesh.security.inbound import InboundLimits
+from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.store import SecurityStore, security_bucket
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import local_bootstrap
@@ -77,9 +79,10 @@ def run_control(
     sock = bind(host, port)
     nats: EmbeddedNats | None = None
     try:
+        ca = CertificateAuthority.open(settings)
         nats_url = settings.nats_url
         if not nats_url:
-            nats = EmbeddedNats(settings)
+            nats = EmbeddedNats(settings, **secure_embedded(settings, ca))
             nats.start()
             nats_url = nats.url
         display_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -89,8 +92,8 @@ def run_control(
             nats_url,
             nats.store if nats else None,
         )
-        tls = _https(settings, host, insecure_http)
-        asyncio.run(_serve(settings, sock, info, on_ready, nats, tls))
+        tls = _https(settings, host, insecure_http, ca)
+        asyncio.run(_serve(settings, sock, info, on_ready, ca, nats, tls))
     finally:
         sock.close()
         if nats is not None:
@@ -102,21 +105,28 @@ async def _serve(
     sock: socket.socket,
     info: ControlInfo,
     on_ready: Callable[[ControlInfo], None] | None,
+    ca: CertificateAuthority,
     nats: EmbeddedNats | None,
     tls: ControlTLS,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
-    ca = tls.ca
     sidecar = Sidecar(
         boot, settings, name="agentmesh-control", caller="control", follow_control=False
     )
     supervising = asyncio.create_task(nats.supervise()) if nats else None
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
+    issuer.use_nats(NatsAuthority.open(settings.data_dir), boot.registry_bucket)
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
+    await warn_if_open(sidecar.conn)
     signer = PolicySigner(sidecar.policies.store, ca, kept_in=settings.data_dir / "state")
     issuer.keep_in(settings.data_dir / "state")
     security, retiring = await _security(settings, issuer, signer, info)
+    info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
+    background = [retiring]
+    if nats is not None and nats.server.extra_config is not None:
+        renewing = keep_server_tls(nats.server, ca, settings)
+        background.append(asyncio.create_task(renewing, name="nats-tls"))
     if tls.mode != "off":
         info.security["roots_file"] = str(tls.roots_file)
     replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
@@ -155,20 +165,22 @@ async def _serve(
             stopped.cancel()
     finally:
         await server.stop()
-        retiring.cancel()
+        for task in background:
+            task.cancel()
         if supervising is not None:
             supervising.cancel()
         await sidecar.close()
 
 
-def _https(settings: Settings, host: str, insecure_http: bool) -> ControlTLS:
-    """The CA and the HTTPS certificate made from it (before the loop: a bad CA fails fast)."""
+def _https(
+    settings: Settings, host: str, insecure_http: bool, ca: CertificateAuthority
+) -> ControlTLS:
+    """The HTTPS certificate from the CA (before the loop: a bad certificate fails fast)."""
     if insecure_http:
         _log.warning(
             "the control plane serves plain HTTP (--insecure-http): admin and join tokens travel "
             "in clear; for development only"
         )
-    ca = CertificateAuthority.open(settings)
     hosts = control_hosts(host, settings.control_hosts)
     return ControlTLS(ca, hosts, settings.data_dir, insecure=insecure_http)
 

@@ -727,6 +727,7 @@ def _routes(
             window=window_label,
             data=data,
             signed_in=auth is not None and SESSION_COOKIE in request.cookies,
+            nats_open=sidecar.conn.unauthenticated,
             **context,
         )
         return HTMLResponse(

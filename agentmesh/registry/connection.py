@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -33,11 +35,24 @@ __all__ = ["NatsConnection"]
 
 _log = logging.getLogger("agentmesh.registry")
 
+
+def _not_eof_noise(record: logging.LogRecord) -> bool:
+    """asyncio warns at every close of a TLS stream connection (nats-py's transport): noise."""
+    return not record.getMessage().startswith("returning true from eof_received()")
+
+
+logging.getLogger("asyncio").addFilter(_not_eof_noise)
+
 Listener = Callable[[], Awaitable[None]]
 T = TypeVar("T")
+#: nats-py connect options naming this process and how it checks the server (TLS, JWT, ...):
+#: called at each connect, so renewed credentials are used (see security/nats_client.py).
+Credentials = Callable[[], dict[str, Any]]
 
 _PER_SERVER_TIMEOUT = 2.0
 """Seconds one server gets to answer a new connection before the next seed is tried."""
+_MAX_INFO = 64 * 1024
+"""The server's first line (INFO) is a few hundred bytes; more is not a NATS server."""
 
 
 class NatsConnection:
@@ -53,14 +68,21 @@ class NatsConnection:
         kv_replicas: int | None = None,
         jetstream_wait: float = 20.0,
         ping_interval: float = 2.0,
+        credentials: Credentials | None = None,
     ) -> None:
         self.servers = split_urls(url)
         self.url = ",".join(self.servers)
         self.name = name
+        self._credentials = credentials
+        #: The server's INFO at the last :meth:`probe`: ``auth_required``/``tls_required`` say
+        #: whether the substrate is open (the control plane and ``agentmesh check`` warn if so).
+        self.server_info: dict[str, Any] = {}
         self._nc: NATS | None = None
         self._on_reconnect: list[Listener] = []
         self.connected = asyncio.Event()
         self._closing = False
+        self._renewing: asyncio.Task[None] | None = None
+        self._jwt_presented = False
         self._kv_replicas = kv_replicas
         #: How long start-up steps wait for JetStream to answer (through a leader election).
         self.jetstream_wait = jetstream_wait
@@ -68,6 +90,12 @@ class NatsConnection:
         self._follower = (
             ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
         )
+
+    @property
+    def unauthenticated(self) -> bool:
+        """The server admits connections without credentials (its INFO at our last probe):
+        anyone who can reach it can rewrite policies, revocations and registry records."""
+        return bool(self.server_info) and not self.server_info.get("auth_required", False)
 
     @property
     def client(self) -> NATS:
@@ -92,13 +120,16 @@ class NatsConnection:
         async def disconnected() -> None:
             was_connected = self.connected.is_set()
             self.connected.clear()
-            if was_connected and not self._closing:
+            if was_connected and self._renewing is not None:
+                _log.info("reconnecting to NATS at %s with renewed credentials", self.url)
+            elif was_connected and not self._closing:
                 _log.warning("lost NATS at %s; reconnecting", self.url)
                 if self._follower is not None:
                     self._follower.lost()
 
         async def reconnected() -> None:
             self.connected.set()
+            self._renewing = None
             _log.info("reconnected to NATS at %s", self.url)
             for listener in list(self._on_reconnect):
                 try:
@@ -106,8 +137,21 @@ class NatsConnection:
                 except Exception:
                     _log.exception("reconnect listener failed")
 
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
         async def error(exc: Exception) -> None:
             _log.debug("NATS %s: %s", self.url, exc)
+            if not refused.done() and _is_refusal(exc):
+                refused.set_result(exc)  # the first connect: a refusal ends it at once
+
+        async def closed() -> None:
+            self.connected.clear()
+            if self._nc is not None and not self._closing:  # not a first connect that failed
+                _log.error(
+                    "NATS at %s closed this connection for good (%s); restart this process",
+                    self.url,
+                    self._nc.last_error or "no reason given",
+                )
 
         # nats-py annotates some of these as int, but takes seconds as floats.
         options: dict[str, Any] = {
@@ -125,28 +169,84 @@ class NatsConnection:
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "error_cb": error,
+            "closed_cb": closed,
         }
+        if self._credentials is not None:
+            options.update(self._credentials())
+        jwt_cb = options.get("user_jwt_cb")
+        if jwt_cb is not None:
+
+            def presented() -> Any:
+                # nats-py asks only when the server wants credentials (its INFO has a nonce).
+                self._jwt_presented = True
+                return jwt_cb()
+
+            options["user_jwt_cb"] = presented
         nc = NATS()
+        connecting: asyncio.Future[Any] | None = None
         try:
             await _reachable(self.servers, timeout)
             # nats-py retries even the first connection forever when reconnects are unlimited:
-            # bound it, so a wrong URL is an error, not a hang.
+            # bound it, so a wrong URL is an error, not a hang, and refused credentials or a
+            # refused certificate are that error at once.
             budget = timeout + _PER_SERVER_TIMEOUT * (len(self.servers) - 1)
-            await asyncio.wait_for(nc.connect(servers=self.servers, **options), budget)
+            connecting = asyncio.ensure_future(nc.connect(servers=self.servers, **options))
+            racing: set[asyncio.Future[Any]] = {connecting, refused}
+            await asyncio.wait(racing, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+            if refused.done():
+                raise refused.result()
+            if not connecting.done():
+                raise TimeoutError
+            connecting.result()
         except Exception as exc:
+            if connecting is not None:
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
             with contextlib.suppress(Exception):
                 await nc.close()
-            if isinstance(exc, ConnectionRefusedError):
-                reason = "connection refused"
-            elif isinstance(exc, TimeoutError):
-                reason = f"no answer within {timeout:g}s"
-            else:
-                reason = str(exc) or type(exc).__name__
-            raise RegistryUnavailable(
-                f"NATS at {self.url}: cannot connect ({reason}); is nats-server running?"
-            ) from exc
+            raise self._unavailable(exc, timeout) from exc
+        finally:
+            refused.cancel()
         self._nc = nc
         self.connected.set()
+
+    def credentials_renewed(self) -> None:
+        """Reconnect now, with the credentials of a renewed certificate.
+
+        The server closes a connection whose user JWT expires, and nats-py then gives up for
+        good; reconnecting at renewal (half the certificate's life) means that never happens.
+        """
+        nc = self._nc
+        if nc is None or not nc.is_connected or not self._jwt_presented:
+            return  # an open NATS never saw the JWT: nothing expires there
+        task = asyncio.get_running_loop().create_task(nc.force_reconnect())
+        self._renewing = task  # held: the loop keeps only weak references to tasks
+
+    async def probe(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Read the first server's INFO (into :attr:`server_info`) without connecting as a
+        client: whether it wants credentials (``agentmesh check``, the control plane's warning)."""
+        try:
+            self.server_info = await _server_info(self.servers[0], timeout)
+        except Exception as exc:
+            raise self._unavailable(exc, timeout) from exc
+        return self.server_info
+
+    def _unavailable(self, exc: Exception, timeout: float) -> RegistryUnavailable:
+        if isinstance(exc, ConnectionRefusedError):
+            reason = "connection refused"
+        elif isinstance(exc, TimeoutError):
+            reason = f"no answer within {timeout:g}s"
+        else:
+            reason = str(exc) or type(exc).__name__
+        hint = "is nats-server running?"
+        if _is_refusal(exc):
+            hint = (
+                "it refuses us or we refuse it: mesh credentials come with enrolment "
+                "(AGENTMESH_MTLS must not be off), or set AGENTMESH_NATS_CREDS_FILE / "
+                "AGENTMESH_NATS_TLS_CA_FILE for an operator-run NATS"
+            )
+        return RegistryUnavailable(f"NATS at {self.url}: cannot connect ({reason}); {hint}")
 
     async def close(self) -> None:
         self._closing = True
@@ -180,3 +280,33 @@ async def _reachable(servers: list[str], timeout: float) -> None:
             await writer.wait_closed()
         return
     raise error
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """No retry of a first connect helps: the server refused our credentials, or TLS refused
+    the server (or us)."""
+    text = str(exc).lower()
+    return isinstance(exc, ssl.SSLError) or "authorization" in text or "authentication" in text
+
+
+async def _server_info(url: str, timeout: float) -> dict[str, Any]:
+    """The server's INFO (sent in plain text before any TLS or authentication)."""
+    parsed = urlsplit(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, limit=_MAX_INFO), timeout
+    )
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (ValueError, OSError, TimeoutError):  # a TLS-first server says nothing: no INFO
+        line = b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    head, _, body = line.partition(b" ")
+    try:
+        info = json.loads(body) if head == b"INFO" else {}
+    except ValueError:
+        info = {}
+    return info if isinstance(info, dict) else {}

@@ -23,7 +23,7 @@ from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.follow import BucketFollower
-from agentmesh.registry.store import RegistryStore, record_part
+from agentmesh.registry.store import RegistryStore, instance_of, record_key, record_part
 from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
 
 if TYPE_CHECKING:
@@ -175,15 +175,29 @@ class LocalIndex:
     # ---- feeding -------------------------------------------------------------------------------
 
     def apply(self, key: str, value: bytes | None) -> None:
-        """One watch event: a value (put) or None (delete, purge, expiry)."""
+        """One watch event under a registry key: a value (put) or None (delete, purge, expiry).
+
+        Kept by instance id (the key is ``<name>.<instance>``, see ``registry/store.py``).
+        """
+        instance = instance_of(key)
+        if instance is None:
+            _log.warning("ignoring registry key %r (not <agent name>.<instance id>)", key)
+            return
+        current = self._records.get(instance)
+        if current is not None and record_key(current) != key:
+            # Another agent's key claiming a live instance id: never lets it take that over.
+            _log.warning(
+                "ignoring %r: instance %r is registered by %s", key, instance, current.name
+            )
+            return
         if value is None:
             self._refused.pop(key, None)
-            gone = self._records.pop(key, None)
+            gone = self._records.pop(instance, None)
             if gone is not None:
-                self._raw.pop(key, None)
-                self._update(key, gone, None)
+                self._raw.pop(instance, None)
+                self._update(instance, gone, None)
             return
-        if self._raw.get(key) == value or self._refused.get(key) == value:
+        if self._raw.get(instance) == value or self._refused.get(key) == value:
             return
         record = self._decode(key, value)
         if record is None:
@@ -192,10 +206,9 @@ class LocalIndex:
             self._refused[key] = value  # logged once, not at every lease renewal
             return
         self._refused.pop(key, None)
-        self._raw[key] = value
-        old = self._records.get(key)
-        self._records[key] = record
-        self._update(key, old, record)
+        self._raw[instance] = value
+        self._records[instance] = record
+        self._update(instance, current, record)
 
     def replace(self, snapshot: dict[str, bytes]) -> None:
         """Swap the whole index for a fresh snapshot (after a (re)connection)."""
@@ -203,13 +216,16 @@ class LocalIndex:
         raw: dict[str, bytes] = {}
         refused: dict[str, bytes] = {}
         for key, value in snapshot.items():
+            instance = instance_of(key)
+            if instance is None or instance in records:
+                continue
             if self._refused.get(key) == value:
                 refused[key] = value
                 continue
-            record = self._records.get(key) if self._raw.get(key) == value else None
+            record = self._records.get(instance) if self._raw.get(instance) == value else None
             record = record or self._decode(key, value)
             if record is not None:
-                records[key], raw[key] = record, value
+                records[instance], raw[instance] = record, value
             else:
                 refused[key] = value
         self._records, self._raw, self._refused = records, raw, refused
@@ -229,8 +245,13 @@ class LocalIndex:
             except ValidationError as exc:
                 _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
                 return None
-        if record.instance_id != key:
-            _log.warning("ignoring record under %r claiming instance %r", key, record.instance_id)
+        if record_key(record) != key:
+            _log.warning(
+                "ignoring record under %r claiming %s instance %r",
+                key,
+                record.name,
+                record.instance_id,
+            )
             return None
         return record
 

@@ -14,7 +14,7 @@ import logging
 
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord
-from agentmesh.registry.store import RecordConflict, RegistryStore, record_part
+from agentmesh.registry.store import RecordConflict, RegistryStore, record_key, record_part
 from agentmesh.telemetry.metrics import LEASE_RENEWALS
 
 __all__ = ["Lease"]
@@ -75,7 +75,7 @@ class Lease:
                 if not self._store.connected:
                     raise RegistryUnavailable("NATS is not connected")
                 await asyncio.wait_for(
-                    self._store.delete(self.record.instance_id, revision), timeout
+                    self._store.delete(record_key(self.record), revision), timeout
                 )
             except RecordConflict:
                 # A renewal that timed out (a leader election) may have landed after all: then
@@ -95,10 +95,10 @@ class Lease:
             return True
 
     async def _release_current(self) -> None:
-        current = await self._store.get(self.record.instance_id)
+        current = await self._store.get(record_key(self.record))
         ours = record_part(self._store.encode(self.record))  # signed by whichever certificate
         if current is not None and record_part(current[0]) == ours:
-            await self._store.delete(self.record.instance_id, current[1])
+            await self._store.delete(record_key(self.record), current[1])
 
     async def _heartbeat(self) -> None:
         while True:
@@ -123,7 +123,7 @@ class Lease:
 
     async def _recover(self) -> int:
         """The revision moved: recreate our record if it is gone, else someone else owns it."""
-        current = await self._store.get(self.record.instance_id)
+        current = await self._store.get(record_key(self.record))
         if current is None:
             _log.info("record of %s had expired; registering again", self.record.instance_id)
             return await self._store.create(self.record, self.ttl)

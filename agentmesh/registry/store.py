@@ -1,5 +1,9 @@
 """The registry bucket in JetStream KV: one key per agent instance, written with a lease.
 
+The key is ``<agent name>.<instance id>`` (:func:`record_key`): KV keys are NATS subjects
+(``$KV.<bucket>.<key>``), so "an agent writes only its own records" is the NATS permission to
+publish on ``$KV.<bucket>.<its name>.>`` (see security/nats_auth.py).
+
 Every write is compare-and-set on the key's last revision, so one instance can never overwrite
 another's record; every write carries a per-message TTL (nats-server >= 2.11), so a record that
 is not renewed expires on the server and reaches every watcher as a delete marker.
@@ -19,11 +23,22 @@ from agentmesh.models import MAX_RECORD_BYTES, AgentRecord
 from agentmesh.registry.cluster import kv_stream
 from agentmesh.registry.connection import NatsConnection
 
-__all__ = ["RecordConflict", "RegistryStore", "record_part"]
+__all__ = ["RecordConflict", "RegistryStore", "instance_of", "record_key", "record_part"]
 
 #: How long the server keeps the delete marker of an expired record: long enough for every
 #: watcher to see it, short enough that a re-registration with the same key is not blocked.
 _MARKER_TTL = 1.0
+
+
+def record_key(record: AgentRecord) -> str:
+    """The KV key of ``record``: its agent's name, then its instance id."""
+    return f"{record.name}.{record.instance_id}"
+
+
+def instance_of(key: str) -> str | None:
+    """The instance id in a registry key, or None for a key of another layout."""
+    name, dot, instance = key.partition(".")
+    return instance if dot and name and instance and "." not in instance else None
 
 
 class RecordConflict(RegistrationError):
@@ -91,21 +106,22 @@ class RegistryStore:
     async def create(self, record: AgentRecord, ttl: int) -> int:
         """Write a new record; refuse if a live record already holds the key."""
         data = self.encode(record)
+        key = record_key(record)
         tries = 0
 
         async def attempt() -> int:
             nonlocal tries
             tries += 1
             try:
-                return int(await self.kv.create(record.instance_id, data, msg_ttl=ttl))
+                return int(await self.kv.create(key, data, msg_ttl=ttl))
             except nats.js.errors.KeyWrongLastSequenceError as exc:
                 if tries > 1:  # an attempt that timed out (no leader yet) may have landed later
-                    current = await self.get(record.instance_id)
+                    current = await self.get(key)
                     if current is not None and current[0] == data:
                         return current[1]
                 # The last message may be the server's marker for an expired record, which
                 # nats-py does not recognise as a deletion: then the key is free, take it over.
-                marker = await self._marker_revision(record.instance_id)
+                marker = await self._marker_revision(key)
                 if marker is None:
                     raise RecordConflict(
                         f"agent instance {record.instance_id} is already registered by another "
@@ -118,16 +134,16 @@ class RegistryStore:
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"registering {record.instance_id}: {exc}") from exc
 
-    async def _marker_revision(self, instance_id: str) -> int | None:
-        """The revision of a deletion/expiry marker under ``instance_id``, if that is its last."""
+    async def _marker_revision(self, key: str) -> int | None:
+        """The revision of a deletion/expiry marker under ``key``, if that is its last."""
         try:
-            entry = await self.kv.get(instance_id)
+            entry = await self.kv.get(key)
         except nats.js.errors.KeyDeletedError as exc:
             return int(exc.entry.revision or 0)
         except nats.js.errors.KeyNotFoundError:
             return None
         except (nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"reading {instance_id}: {exc}") from exc
+            raise RegistryUnavailable(f"reading {key}: {exc}") from exc
         return None if entry.value else int(entry.revision or 0)
 
     async def renew(self, record: AgentRecord, revision: int, ttl: int) -> int:
@@ -135,7 +151,7 @@ class RegistryStore:
         headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
         try:
             ack = await self._conn.client.jetstream().publish(
-                f"$KV.{self.bucket}.{record.instance_id}",
+                f"$KV.{self.bucket}.{record_key(record)}",
                 self.encode(record),
                 headers=headers,
                 msg_ttl=ttl,
@@ -150,22 +166,21 @@ class RegistryStore:
             raise RegistryUnavailable(f"renewing {record.instance_id}: {exc}") from exc
         return int(ack.seq)
 
-    async def delete(self, instance_id: str, revision: int | None = None) -> None:
+    async def delete(self, key: str, revision: int | None = None) -> None:
+        """Delete the record under ``key`` (:func:`record_key`), if still at ``revision``."""
         try:
             await self._conn.through_election(
-                lambda: self.kv.delete(instance_id, last=revision), f"deregistering {instance_id}"
+                lambda: self.kv.delete(key, last=revision), f"deregistering {key}"
             )
         except nats.js.errors.APIError as exc:
             if _wrong_sequence(exc):
-                raise RecordConflict(
-                    f"record of {instance_id} changed before deregistration"
-                ) from exc
-            raise RegistryUnavailable(f"deregistering {instance_id}: {exc}") from exc
+                raise RecordConflict(f"record of {key} changed before deregistration") from exc
+            raise RegistryUnavailable(f"deregistering {key}: {exc}") from exc
         except (nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"deregistering {instance_id}: {exc}") from exc
+            raise RegistryUnavailable(f"deregistering {key}: {exc}") from exc
 
-    async def get(self, instance_id: str) -> tuple[bytes, int] | None:
-        """The live value and revision under ``instance_id``, or None if absent or deleted.
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        """The live value and revision under ``key``, or None if absent or deleted.
 
         Read from the stream's leader, not with a direct get that any replica may answer: on a
         cluster a lagging follower would hand back an old revision, and the compare-and-set
@@ -173,12 +188,12 @@ class RegistryStore:
         """
         try:
             msg = await self._conn.client.jetstream().get_msg(
-                kv_stream(self.bucket), subject=f"$KV.{self.bucket}.{instance_id}"
+                kv_stream(self.bucket), subject=f"$KV.{self.bucket}.{key}"
             )
         except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"reading {instance_id}: {exc}") from exc
+            raise RegistryUnavailable(f"reading {key}: {exc}") from exc
         if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
             return None  # deleted, or the server's marker of an expired record (never empty)
         return msg.data, int(msg.seq or 0)

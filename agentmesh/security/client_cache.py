@@ -5,7 +5,9 @@ thirty commands left thirty ``client/<user>`` certificates in the CA's records. 
 key and the CA's whole answer (:class:`IssuedCertificate`: certificate, chain, trust bundle, and
 whatever else enrolment hands out) are kept in
 ``<data dir>/client-certs/<name>-<mesh>.json`` (0600, directory 0700) and reused while more than
-half of the certificate's lifetime is left, the point where sidecars renew theirs too.
+half of the certificate's lifetime is left, the point where sidecars renew theirs too. The NATS
+user JWT that came with the certificate is bound to an NKEY of the client's: its seed is kept
+alongside the certificate's key.
 
 The file name carries a digest of where certificates come from (the CA file and lifetime, else
 the control plane's URL), the NATS URL and the registry bucket, so two meshes sharing a data dir
@@ -48,6 +50,8 @@ class CachedIdentity:
     certs: list[x509.Certificate]
     """The issued leaf, then its chain (parsed from ``issued``)."""
     issued_at: float
+    nats_seed: str | None = None
+    """Seed of the NKEY ``issued.nats_jwt`` was signed for."""
 
     @property
     def bundle(self) -> TrustBundle:
@@ -82,6 +86,13 @@ def load(path: Path, name: str, now: float | None = None) -> CachedIdentity | No
         key = load_key(data["key"].encode())
         certs = [c for text in (issued.certificate, *issued.chain) for c in load_certs(text)]
         issued_at = float(data["issued_at"])
+        nats_seed = data.get("nats_seed")
+        if issued.nats_jwt is not None and not isinstance(nats_seed, str):
+            return None  # a JWT without its key is useless
+        if nats_seed is not None:
+            from agentmesh.security.natsjwt import NKey
+
+            NKey.from_seed(nats_seed)  # ValueError: not one
         leaf = certs[0]
         domain = issued.trust_bundle.trust_domain
         if check_leaf(leaf, domain).id != SpiffeId(domain, "client", name):
@@ -94,10 +105,16 @@ def load(path: Path, name: str, now: float | None = None) -> CachedIdentity | No
     now = time.time() if now is None else now
     if not_after - now <= (not_after - issued_at) * _REUSE_WHILE_LEFT:
         return None
-    return CachedIdentity(key, issued, certs, issued_at)
+    return CachedIdentity(key, issued, certs, issued_at, nats_seed)
 
 
-def save(path: Path, key: PrivateKey, issued: IssuedCertificate, issued_at: float) -> None:
+def save(
+    path: Path,
+    key: PrivateKey,
+    issued: IssuedCertificate,
+    issued_at: float,
+    nats_seed: str | None = None,
+) -> None:
     """Keep a freshly issued identity for the next run (atomically, readable by this user only)."""
     from agentmesh.security.pki import key_pem
 
@@ -105,6 +122,7 @@ def save(path: Path, key: PrivateKey, issued: IssuedCertificate, issued_at: floa
         "key": key_pem(key).decode("ascii"),
         "issued": issued.model_dump(mode="json"),
         "issued_at": issued_at,
+        "nats_seed": nats_seed,
     }
     write_private(path, json.dumps(data).encode())
 

@@ -57,6 +57,7 @@ from agentmesh.settings import Settings
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from agentmesh.security.natsjwt import NKey
     from agentmesh.security.pki import PrivateKey
     from agentmesh.security.signed import StateTrust
 
@@ -110,6 +111,12 @@ class WorkloadIdentity:
         self._trust: StateTrust | None = None
         #: The cache file this client's current certificate is kept in (None: not cached).
         self._cached: Path | None = None
+        #: NATS: this process's user key, the JWT the CA signed for it, its inbox prefix.
+        self._nats_key: NKey | None = None
+        self._nats_jwt: str | None = None
+        self._inbox = ""
+        self._on_roots: list[Callable[[str], None]] = []
+        self._on_nats_renewed: list[Callable[[], None]] = []
 
     @classmethod
     def for_caller(cls, settings: Settings, caller: str) -> WorkloadIdentity:
@@ -146,6 +153,27 @@ class WorkloadIdentity:
     def client_context(self) -> ssl.SSLContext | None:
         return self._client
 
+    @property
+    def nats_user(self) -> tuple[str, NKey, str] | None:
+        """(user JWT, its key, inbox prefix) for NATS, once enrolment has handed them out."""
+        if self._nats_jwt is None or self._nats_key is None:
+            return None
+        return self._nats_jwt, self._nats_key, self._inbox
+
+    def roots_pem(self) -> str:
+        """The trusted roots (PEM): what the NATS server's certificate must chain to."""
+        from agentmesh.security.pki import pem
+
+        return "".join(pem(c) for c in self._roots)
+
+    def on_roots(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(roots PEM)`` whenever the trusted roots may have changed."""
+        self._on_roots.append(listener)
+
+    def on_nats_renewed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` when a renewal brought a new NATS user JWT (reconnect with it)."""
+        self._on_nats_renewed.append(listener)
+
     def state_trust(self) -> StateTrust | None:
         """What this workload takes from NATS (signed state, checked against its current roots);
         None with mTLS off, where there are no roots and state is taken as read."""
@@ -175,6 +203,45 @@ class WorkloadIdentity:
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
+    async def prepare(self, registry_bucket: str) -> None:
+        """Before NATS: get what connecting to it takes, i.e. enrol (the NATS user JWT comes
+        with the certificate), or mint our own JWT where this process holds the NATS keys."""
+        if not self.enabled or self._certs:
+            return
+        if self._issuer is not None or self._settings.ca_cert_file is not None:
+            self._own_nats_user(registry_bucket)
+            return
+        await self._obtain(first=True)
+
+    def _own_nats_user(self, registry_bucket: str) -> None:
+        from agentmesh.control.ca import CertificateAuthority
+        from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
+        from agentmesh.security.pki import load_certs
+
+        authority = getattr(self._issuer, "nats", None)
+        if not isinstance(authority, NatsAuthority):
+            authority = NatsAuthority.existing(self._settings.data_dir)
+        if authority is None:
+            return  # an operator-run NATS: its settings say how to connect
+        ca = getattr(self._issuer, "ca", None)
+        if isinstance(ca, CertificateAuthority):
+            self._trust_domain, roots = ca.trust_domain, list(ca.roots)
+        else:
+            assert self._settings.ca_cert_file is not None
+            try:
+                certs = load_certs(self._settings.ca_cert_file.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"cannot load {self._settings.ca_cert_file}: {exc}"
+                ) from exc
+            roots = [c for c in certs if c.issuer == c.subject]
+        # Holding the mesh's keys is the control plane's power anyway, and a process that
+        # issues certificates records them in the security bucket: NATS lets it do anything.
+        control = SpiffeId(self._trust_domain, "control")
+        self._nats_jwt, self._nats_key = authority.own_user(control, bucket=registry_bucket)
+        self._inbox = inbox_prefix(control)
+        self._roots = roots
+
     async def start(self, conn: NatsConnection, registry_bucket: str) -> None:
         """Get a certificate and the revocation list; then keep both current."""
         if not self.enabled:
@@ -186,7 +253,8 @@ class WorkloadIdentity:
             else SecurityStore(conn, security_bucket(registry_bucket))
         )
         await self.store.open()
-        await self._obtain(first=True)  # the roots come with the certificate
+        if not self._certs:  # else enrolled before NATS (prepare)
+            await self._obtain(first=True)  # the roots come with the certificate
         trust = self.state_trust()
         assert trust is not None
         self.view.on_change(self._view_changed)
@@ -280,8 +348,14 @@ class WorkloadIdentity:
             self._trust_domain = bundle.trust_domain
             pinned = [c for text in bundle.roots for c in load_certs(text)]
 
+        if self._nats_key is None:
+            from agentmesh.security.natsjwt import USER, NKey
+
+            self._nats_key = NKey.generate(USER)
+        nats_key = self._nats_key.public
+
         async def request(csr: str, proof: RenewalProof | None) -> IssuedCertificate:
-            return await remote.issue(CertificateRequest(csr=csr, renewal=proof))
+            return await remote.issue(CertificateRequest(csr=csr, renewal=proof, nats_key=nats_key))
 
         return request, pinned
 
@@ -318,6 +392,12 @@ class WorkloadIdentity:
         self._key, self._certs = cached.key, cached.certs
         self._issued_at = cached.issued_at
         self.not_after = cached.certs[0].not_valid_after_utc.timestamp()
+        if cached.issued.nats_jwt is not None and cached.nats_seed is not None:
+            from agentmesh.security.nats_auth import inbox_prefix
+            from agentmesh.security.natsjwt import NKey
+
+            self._nats_key = NKey.from_seed(cached.nats_seed)
+            self._nats_jwt, self._inbox = cached.issued.nats_jwt, inbox_prefix(self.id)
         self._rebuild()
         self._cached = path
         _log.info("%s: reusing certificate %x from %s", self.owner, self.serial, path)
@@ -384,6 +464,11 @@ class WorkloadIdentity:
         if got != identity:
             raise AuthenticationFailed(f"{self.owner}: asked for {identity}, the CA issued {got}")
         self._adopt_bundle(issued.trust_bundle, pinned if pinned is not None else self._roots)
+        renewed_nats = issued.nats_jwt is not None and self._nats_jwt is not None
+        if issued.nats_jwt is not None:
+            from agentmesh.security.nats_auth import inbox_prefix
+
+            self._nats_jwt, self._inbox = issued.nats_jwt, inbox_prefix(identity)
         self.id = identity
         self._key, self._certs = key, [leaf, *chain]
         self._issued_at = time.time()
@@ -394,9 +479,13 @@ class WorkloadIdentity:
             from agentmesh.security import client_cache
 
             try:
-                client_cache.save(cache, key, issued, self._issued_at)
+                seed = self._nats_key.seed if self._nats_key is not None else None
+                client_cache.save(cache, key, issued, self._issued_at, seed)
             except OSError as exc:  # a read-only data dir costs an enrolment per run, no more
                 _log.warning("%s: cannot keep the certificate in %s: %s", self.owner, cache, exc)
+        if renewed_nats:
+            for listener in list(self._on_nats_renewed):
+                listener()
         _log.info(
             "%s: certificate %x for %s, valid until %s",
             self.owner,
@@ -422,6 +511,8 @@ class WorkloadIdentity:
         assert self._key is not None
         self._server = server_context(self._key, self._certs, self._roots)
         self._client = client_context(self._key, self._certs, self._roots)
+        for trust in list(self._on_roots):
+            trust(self.roots_pem())
 
     async def _renew_loop(self) -> None:
         while True:

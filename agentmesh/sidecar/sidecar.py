@@ -15,6 +15,7 @@ from agentmesh.policy.cache import PolicyCache
 from agentmesh.policy.store import PolicyStore, policy_bucket
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore
 from agentmesh.registry.cluster import Rebootstrap, split_urls
+from agentmesh.security.nats_client import nats_credentials
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
@@ -41,6 +42,9 @@ class Sidecar:
         follow_control: bool = True,
     ) -> None:
         self.boot = boot
+        #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations; and
+        #: the NATS user JWT that came with the certificate.
+        self.identity = WorkloadIdentity.for_caller(settings, caller)
         #: Bootstrapped from the control plane (no AGENTMESH_NATS_URL): follow NATS if it moves.
         follow = follow_control and not settings.nats_url
         self.conn = NatsConnection(
@@ -51,11 +55,14 @@ class Sidecar:
             kv_replicas=settings.kv_replicas,
             jetstream_wait=settings.jetstream_wait,
             ping_interval=settings.nats_ping_interval,
+            credentials=nats_credentials(settings, self.identity),
         )
+        self.identity.on_nats_renewed(self.conn.credentials_renewed)
         self.store = RegistryStore(self.conn, boot.registry_bucket)
         self._background: set[asyncio.Task[None]] = set()
-        #: This sidecar's mesh identity: mTLS certificate, trust bundle, revocations.
-        self.identity = WorkloadIdentity.for_caller(settings, caller)
+        #: The last token of our stats and breaker subjects: the agent's name, ``client`` or
+        #: ``control``, the only one NATS lets us publish on (security/nats_auth.py).
+        self._publisher = caller
         #: What this sidecar takes from NATS (signed records and policies); None with mTLS off.
         trust = self.identity.state_trust()
         self.index = LocalIndex(trust)
@@ -91,7 +98,7 @@ class Sidecar:
     def _publish_breaker(self, instance_id: str, old: BreakerState, new: BreakerState) -> None:
         """Tell the control plane, so that ``agentmesh agents`` can show who ejects whom."""
         event = BreakerEvent(observer=self.name, instance_id=instance_id, state=new)
-        subject = breaker_subject(self.boot.registry_bucket)
+        subject = breaker_subject(self.boot.registry_bucket, self._publisher)
         try:
             client = self.conn.client
             task = asyncio.get_running_loop().create_task(
@@ -103,10 +110,16 @@ class Sidecar:
             _log.debug("breaker event not published: %s", exc)
 
     async def start(self, *, sync_timeout: float | None = None) -> None:
-        """Connect, open the registry and wait for the index's first full view (for up to
-        ``sync_timeout`` seconds, by default AGENTMESH_JETSTREAM_WAIT)."""
+        """Enrol (NATS credentials come with the certificate), connect, open the registry and
+        wait for the index's first full view (for up to ``sync_timeout`` seconds, by default
+        AGENTMESH_JETSTREAM_WAIT)."""
         if sync_timeout is None:
             sync_timeout = self.conn.jetstream_wait
+        try:
+            await self.identity.prepare(self.boot.registry_bucket)
+        except BaseException:
+            await self.identity.close()
+            raise
         await self.conn.connect()
         try:
             await self.store.open()
@@ -119,7 +132,7 @@ class Sidecar:
             await self.index.wait_synced(sync_timeout)
             # Never serve or call before the policies are known (a deny rule may be among them).
             await self.policies.wait_synced(sync_timeout)
-            await self.stats.start(self.conn, self.boot.registry_bucket)
+            await self.stats.start(self.conn, self.boot.registry_bucket, self._publisher)
         except BaseException:
             await self.close()
             raise
@@ -147,6 +160,10 @@ def _nats_servers_from(settings: Settings) -> Rebootstrap:
     return servers
 
 
-def breaker_subject(bucket: str) -> str:
-    """The NATS subject of breaker events for the mesh whose registry is ``bucket``."""
-    return f"agentmesh.breaker.{bucket}"
+def breaker_subject(bucket: str, who: str = "*") -> str:
+    """The NATS subject of breaker events ``who`` observes, in the mesh of ``bucket``.
+
+    ``who`` is the observer's agent name (or ``client``/``control``), so that NATS permissions
+    let each agent publish its own events only; ``*`` subscribes to all.
+    """
+    return f"agentmesh.breaker.{bucket}.{who}"

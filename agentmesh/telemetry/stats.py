@@ -68,9 +68,13 @@ _TAP_QUEUE = 1000
 _TAP_PAYLOAD_CHARS = 2048
 
 
-def stats_subject(bucket: str) -> str:
-    """The NATS subject of stats reports for the mesh whose registry is ``bucket``."""
-    return f"agentmesh.stats.{bucket}"
+def stats_subject(bucket: str, who: str = "*") -> str:
+    """The NATS subject of ``who``'s stats reports for the mesh whose registry is ``bucket``.
+
+    ``who`` is the reporter's agent name (or ``client``/``control``): a subject per publisher
+    lets NATS permissions allow each agent its own reports only; ``*`` subscribes to all.
+    """
+    return f"agentmesh.stats.{bucket}.{who}"
 
 
 def tap_control_subject(bucket: str) -> str:
@@ -164,6 +168,7 @@ class StatsCollector:
         self._tap_wake = asyncio.Event()
         self._conn: NatsConnection | None = None
         self._bucket = ""
+        self._who = "client"
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Subscription | None = None
 
@@ -277,10 +282,14 @@ class StatsCollector:
 
     # ---------------------------------------------------------------- publishing
 
-    async def start(self, conn: NatsConnection, bucket: str) -> None:
-        """Publish a report every ``interval`` and answer tap requests (needs a connection)."""
+    async def start(self, conn: NatsConnection, bucket: str, who: str) -> None:
+        """Publish a report every ``interval`` and answer tap requests (needs a connection).
+
+        ``who`` names the publisher in the subject (see :func:`stats_subject`).
+        """
         self._conn = conn
         self._bucket = bucket
+        self._who = who
         self._sub = await conn.client.subscribe(
             tap_control_subject(bucket), cb=self._on_tap_request
         )
@@ -311,7 +320,7 @@ class StatsCollector:
             return
         try:
             await self._conn.client.publish(
-                stats_subject(self._bucket), report.model_dump_json().encode()
+                stats_subject(self._bucket, self._who), report.model_dump_json().encode()
             )
         except Exception as exc:
             _log.debug("stats report of %s not published: %s", self.name, exc)

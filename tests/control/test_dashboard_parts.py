@@ -292,9 +292,10 @@ class _Fake:
     """Stands in for the control plane's sidecar where the pages only read the registry."""
 
     def __init__(self) -> None:
-        from agentmesh.registry import LocalIndex
+        from agentmesh.registry import LocalIndex, NatsConnection
 
         self.index = LocalIndex()
+        self.conn = NatsConnection("nats://127.0.0.1:4222", name="never-connected")
 
 
 def _signed_app(*, public_read: bool = False) -> FastAPI:

@@ -225,7 +225,8 @@ def test_control_plane_runs_and_stops_its_embedded_nats(
     control = start_control(None, workdir)
     store = workdir / "nats"
     assert control.info["embedded_nats"] == str(store)
-    assert control.info["nats_url"].startswith("nats://127.0.0.1:")
+    assert control.info["nats_url"].startswith("tls://127.0.0.1:")
+    assert control.info["nats_auth"] == "required"
 
     nats_servers = [p for p in processes_mentioning(str(store)) if "nats-server" in p]
     assert len(nats_servers) == 1, nats_servers

@@ -38,6 +38,8 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert "summary" in output
     # Zero trust by default: mTLS identities, and an access policy enforced live.
     assert "mTLS (strict)" in output, output
+    # ... and a NATS that speaks TLS and admits only enrolled workloads (tests/nats).
+    assert re.search(r"NATS \(embedded, JetStream\) at tls://127\.0\.0\.1:\d+: TLS", output)
     assert "spiffe://agentmesh.local/agent/researcher" in output
     assert re.search(r"client → summarize: denied .*rule 'no-direct-summaries'", output, re.S), (
         output

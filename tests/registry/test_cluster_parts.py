@@ -14,6 +14,7 @@ from agentmesh.errors import ConfigurationError, RegistryUnavailable
 from agentmesh.nats_server import NatsServer
 from agentmesh.registry import Lease, NatsConnection, RegistryStore
 from agentmesh.registry.cluster import advertised_servers, default_replicas, split_urls
+from agentmesh.registry.store import record_key
 from tests.registry.test_registry import record
 
 
@@ -99,10 +100,10 @@ async def test_release_deletes_a_record_whose_renewal_landed_late(
         mine = record("late-1")
         lease = Lease(store, mine, interval=60, ttl=30)
         await lease.acquire()
-        current = await store.get(mine.instance_id)
+        current = await store.get(record_key(mine))
         assert current is not None
         await store.renew(mine, current[1], 30)  # the late renewal: same record, new revision
         assert await lease.release()
-        assert await store.get(mine.instance_id) is None
+        assert await store.get(record_key(mine)) is None
     finally:
         await conn.close()

@@ -13,6 +13,7 @@ from agentmesh.errors import InvalidInput
 from agentmesh.models import MAX_RECORD_BYTES
 from agentmesh.nats_server import NatsServer
 from agentmesh.registry import Lease, LocalIndex, NatsConnection, RecordConflict, RegistryStore
+from agentmesh.registry.store import record_key
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}}
 
@@ -112,7 +113,7 @@ async def test_renewal_detects_a_foreign_write(registry):
     await registry.store.renew(record("sum-a", labels={"x": "y"}), lease._revision, 5)
     with pytest.raises(RecordConflict, match="overwritten"):
         await lease.update(record("sum-a", status="draining"))
-    await registry.store.delete("sum-a")
+    await registry.store.delete(record_key(record("sum-a")))
     await lease.release()
 
 
@@ -121,7 +122,7 @@ async def test_oversized_records_are_refused_and_nothing_is_written(registry):
     lease = Lease(registry.store, big, interval=0.25, ttl=1)
     with pytest.raises(RegistrationError, match="bytes"):
         await lease.acquire()
-    assert await registry.store.get("sum-a") is None
+    assert await registry.store.get(record_key(record("sum-a"))) is None
 
 
 def test_invalid_records_are_refused_before_reaching_nats():
@@ -220,7 +221,7 @@ async def test_a_lease_that_lapsed_is_taken_back_over_the_servers_expiry_marker(
     with contextlib.suppress(asyncio.CancelledError):
         await lease._task
     await wait_until(lambda: not ids(registry.index), timeout=4)  # expired: the marker is there
-    assert await registry.store.get("sum-a") is None
+    assert await registry.store.get(record_key(record("sum-a"))) is None
     await lease.update(record("sum-a", status="draining"))  # the next write recovers
     await wait_until(lambda: ids(registry.index) == {"sum-a"}, timeout=2)
     await lease.release()

@@ -62,7 +62,9 @@ def test_leaves_have_exactly_one_spiffe_id_and_a_short_life(tmp_path: Path) -> N
         ),
         ({"uris": (f"spiffe://{TD}/admin",)}, "a mesh identity is"),
         (
-            {"not_after": datetime.now(UTC) - timedelta(seconds=1)},
+            # Relative to when the test runs, not to collection (a long run would turn an
+            # absolute time into "not_before after not_after", another flaw).
+            {"not_after": timedelta(seconds=-1)},
             "outside its validity period",
         ),
     ],
@@ -71,6 +73,8 @@ def test_check_leaf_refuses_what_chain_verification_lets_through(
     flaws: dict[str, object], reason: str, tmp_path: Path
 ) -> None:
     ca = CertificateAuthority.in_directory(tmp_path / "ca", TD, ttl=600)
+    if isinstance(offset := flaws.get("not_after"), timedelta):
+        flaws = {**flaws, "not_after": datetime.now(UTC) + offset}
     _, cert = forge(ca._key, ca.signer, **flaws)  # type: ignore[arg-type]
     with pytest.raises(LeafRefused, match=reason):
         check_leaf(cert, TD)

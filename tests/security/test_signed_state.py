@@ -39,6 +39,7 @@ from agentmesh.models import (
 from agentmesh.nats_server import NatsServer
 from agentmesh.policy.store import SET_KEY
 from agentmesh.registry import Lease
+from agentmesh.registry.store import record_key
 from agentmesh.security.enrol import parse_token, token_digest
 from agentmesh.security.pki import new_csr, new_key, pem, sign_bundle, verify_bundle
 from agentmesh.security.signed import sign_state
@@ -322,9 +323,11 @@ async def test_a_record_signed_by_another_agent_is_ignored_by_the_index(
     await lease.acquire()
     # And an unsigned record that claims an identity (no workload key behind it).
     unsigned = claim.model_copy(update={"instance_id": "echoer-unsigned"})
-    await mesh.sidecar.store.kv.put("echoer-unsigned", unsigned.model_dump_json().encode())
+    await mesh.sidecar.store.kv.put(record_key(unsigned), unsigned.model_dump_json().encode())
     try:
-        await wait_until(lambda: logged(caplog, "'echoer-fake'") and logged(caplog, "unsigned"))
+        await wait_until(
+            lambda: logged(caplog, "'echoer.echoer-fake'") and logged(caplog, "is not signed")
+        )
         assert logged(caplog, f"but is signed by spiffe://{TD}/agent/mallory")
         ids = {t.instance_id for t in mesh.sidecar.index.targets("echo")}
         assert ids == {real.instance_id}
@@ -332,7 +335,7 @@ async def test_a_record_signed_by_another_agent_is_ignored_by_the_index(
         # Logged once per index (the client's and the agent's, in this process), not at every
         # renewal of the same bytes.
         def times() -> int:
-            return sum("'echoer-fake'" in r.getMessage() for r in caplog.records)
+            return sum("'echoer.echoer-fake'" in r.getMessage() for r in caplog.records)
 
         await wait_until(lambda: times() == 2)
         renewals = lease.renewals
@@ -349,15 +352,15 @@ async def test_signed_records_renew_as_the_same_bytes(
     """A renewal rewrites identical bytes (deterministic signatures): watchers skip it."""
     agent = await start_agent([echo], name="echoer")
     kv = mesh.sidecar.store.kv
-    first = await kv.get(agent.instance_id)
+    first = await kv.get(f"echoer.{agent.instance_id}")
     assert first.value is not None
     assert b"\n" in first.value  # the record, then its proof
 
     async def renewed() -> bool:
-        return (await kv.get(agent.instance_id)).revision != first.revision
+        return (await kv.get(f"echoer.{agent.instance_id}")).revision != first.revision
 
     await wait_until(renewed)
-    assert (await kv.get(agent.instance_id)).value == first.value
+    assert (await kv.get(f"echoer.{agent.instance_id}")).value == first.value
 
 
 def test_a_revocation_names_what_it_could_be() -> None:

@@ -34,9 +34,9 @@ def record(i: int, status: AgentStatus = "serving", capability: str = "cap") -> 
 
 
 def index_of(n: int, **statuses: AgentStatus) -> LocalIndex:
-    """``n`` instances of "cap"; ``statuses`` by instance id (``a_3="draining"``)."""
+    """``n`` instances of "cap" (keys ``a.a-<i>``); ``statuses`` by instance (``a_3="draining"``)."""
     index = LocalIndex()
-    index.replace({f"a-{i}": record(i, statuses.get(f"a_{i}", "serving")) for i in range(n)})
+    index.replace({f"a.a-{i}": record(i, statuses.get(f"a_{i}", "serving")) for i in range(n)})
     return index
 
 
@@ -68,19 +68,19 @@ def test_target_copies_instance_id_and_serving_from_its_record() -> None:
 
 def test_states_are_made_ahead_of_calls_and_dropped_as_instances_leave() -> None:
     index = index_of(3)
-    index.apply("b-0", record(0, capability="other").replace(b"a-0", b"b-0"))
+    index.apply("a.b-0", record(0, capability="other").replace(b"a-0", b"b-0"))
     endpoints = Endpoints(index)
     assert endpoints._ready == {}  # nothing called yet
     endpoints.candidates("cap", index.targets("cap"))
     assert set(endpoints._ready) == {"a-0", "a-1", "a-2"}  # every instance at the first call
-    index.apply("a-5", record(5))
+    index.apply("a.a-5", record(5))
     assert "a-5" in endpoints._ready  # a new instance of a called capability: as it arrives
     assert endpoints.states == {}  # made, but not yet considered by the balancer
     ready = endpoints.get("a-1")
     assert endpoints.get("a-1") is ready
     assert set(endpoints.states) == {"a-1"}
-    index.apply("a-1", None)
-    index.apply("a-3", record(3))
+    index.apply("a.a-1", None)
+    index.apply("a.a-3", record(3))
     assert endpoints.states == {}
     assert endpoints.get("a-1") is not ready  # a state for an id the index no longer has
     assert endpoints.get("a-3").counted
@@ -157,7 +157,7 @@ def test_candidates_follow_index_changes() -> None:
     serving, states = endpoints.candidates("cap", index.targets("cap"))
     assert [s.instance_id for s in states] == [t.instance_id for t in serving]
     assert endpoints.candidates("cap", index.targets("cap"))[1] is states
-    index.apply("a-4", record(4, "draining"))
+    index.apply("a.a-4", record(4, "draining"))
     serving, states = endpoints.candidates("cap", index.targets("cap"))
     assert "a-4" not in {t.instance_id for t in serving}
     assert len(states) == 9

@@ -1,0 +1,188 @@
+"""NATS as an attacker (or a careful member) sees it: raw nats-py with chosen credentials.
+
+Credentials are obtained the way a workload obtains them: enrolment at the control plane with a
+join token (``enrol``), which answers with a certificate *and* a NATS user JWT for the key we
+made. A permission violation is what nats-server itself reports to the offending client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from nats.aio.client import Client
+
+from agentmesh.models import CertificateRequest
+from agentmesh.security.enrol import RemoteIssuer
+from agentmesh.security.identity import SpiffeId
+from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
+from agentmesh.security.natsjwt import USER, NKey
+from agentmesh.security.pki import new_csr, new_key
+from tests.control.control_process import cli_env
+
+#: How long a test waits for the server's verdict on one publish (generous: shared machine).
+VERDICT = 5.0
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    url: str
+    nats_url: str
+    data_dir: Path
+    bucket: str
+    log: Path
+
+
+@contextlib.contextmanager
+def embedded_control(
+    tmp_path: Path, bucket: str, env: dict[str, str] | None = None
+) -> Iterator[ControlPlane]:
+    """``agentmesh control`` with its embedded NATS and nothing configured but the data dir
+    (and ``env``)."""
+    ready = tmp_path / "control.json"
+    ready.unlink(missing_ok=True)  # a control plane that ran here before
+    log = tmp_path / "control.log"
+    env = cli_env(
+        {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path), **(env or {})}
+    )
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentmesh",
+                "control",
+                "--port",
+                "0",
+                "--ready-file",
+                str(ready),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ready.exists(), log.read_text()
+        info = json.loads(ready.read_text())
+        yield ControlPlane(info["control_url"], info["nats_url"], tmp_path, bucket, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise
+
+
+@dataclass
+class NatsUser:
+    """What a workload connects to NATS with."""
+
+    jwt: str
+    key: NKey
+    inbox: str
+    roots: str
+
+    def options(self) -> dict[str, Any]:
+        jwt, key = self.jwt, self.key
+        return {
+            "tls": mesh_tls(self.roots),
+            "user_jwt_cb": lambda: jwt.encode(),
+            "signature_cb": lambda nonce: base64.b64encode(key.sign(nonce.encode())),
+            "inbox_prefix": self.inbox,
+        }
+
+
+def mesh_tls(roots: str) -> ssl.SSLContext:
+    """Trust the mesh's roots, check the host name: what every workload does."""
+    return ssl.create_default_context(cadata=roots)
+
+
+async def enrol(control: ControlPlane, identity: SpiffeId) -> NatsUser:
+    """Enrol ``identity`` with the data dir's join token, asking for NATS credentials too."""
+    token = (control.data_dir / "join-token").read_text().strip()
+    issuer = RemoteIssuer(control.url, token)
+    bundle = await issuer.trust_bundle()
+    user = NKey.generate(USER)
+    csr = new_csr(new_key(), identity.uri).public_bytes(serialization.Encoding.PEM).decode()
+    issued = await issuer.issue(CertificateRequest(csr=csr, nats_key=user.public))
+    assert issued.nats_jwt is not None
+    return NatsUser(issued.nats_jwt, user, inbox_prefix(identity), "".join(bundle.roots))
+
+
+def control_user(control: ControlPlane) -> NatsUser:
+    """The control plane's own NATS user, made from its keys (as the control plane does)."""
+    authority = NatsAuthority.open(control.data_dir)
+    identity = SpiffeId("agentmesh.local", "control")
+    jwt, key = authority.own_user(identity, bucket=control.bucket)
+    roots = "".join(p.read_text() for p in sorted((control.data_dir / "ca").glob("*.pem")))
+    return NatsUser(jwt, key, inbox_prefix(identity), roots)
+
+
+class Connection:
+    """A raw nats-py client that keeps what the server tells it asynchronously."""
+
+    def __init__(self) -> None:
+        self.nc = Client()
+        self.errors: list[str] = []
+
+    async def connect(self, url: str, **options: Any) -> Connection:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        await self.nc.connect(
+            url, allow_reconnect=False, connect_timeout=VERDICT, error_cb=on_error, **options
+        )
+        return self
+
+    async def violation(self, subject: str, data: bytes = b"x", **headers: str) -> str:
+        """Publish; the server's permission violation for ``subject`` (fails if none comes).
+
+        A ``ping`` after the publish proves the server has processed it: a violation is sent
+        before the pong, so none by then means the publish was allowed.
+        """
+        seen = len(self.errors)
+        await self.nc.publish(subject, data, headers=headers or None)
+        await self.nc.flush(timeout=VERDICT)
+        deadline = time.monotonic() + VERDICT
+        while time.monotonic() < deadline:
+            for error in self.errors[seen:]:
+                if "permissions violation" in error and subject.lower() in error.lower():
+                    return error
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"publishing to {subject} was allowed; errors: {self.errors}")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+
+async def connect(url: str, user: NatsUser) -> Connection:
+    return await Connection().connect(url, **user.options())
+
+
+async def dashboard_says_open(control_url: str, data_dir: Path) -> bool:
+    """Whether the dashboard's pages carry the "NATS is open" alarm (signed in as admin)."""
+    import httpx
+
+    token = (data_dir / "admin-token").read_text().strip()
+    async with httpx.AsyncClient(cookies={"agentmesh_token": token}, timeout=VERDICT) as http:
+        page = await http.get(f"{control_url}/ui/")
+    assert page.status_code == 200, page.text
+    return "NATS is open" in page.text

@@ -1,0 +1,343 @@
+"""The embedded NATS of ``agentmesh control``: TLS from the mesh CA, and nobody in without a
+user JWT the control plane signed at enrolment; each JWT allows only its identity's subjects.
+
+One control plane (a real process, nothing configured but its data dir) serves the module;
+each test enrols the identities it needs, as a workload would, and attacks with raw nats-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import nats.errors
+import pytest
+
+from agentmesh.security.identity import SpiffeId
+from agentmesh.security.nats_auth import NatsAuthority
+from agentmesh.security.natsjwt import USER, NKey
+from tests.control.control_process import arun_cli, cli_env
+from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
+from tests.mesh_ca import mesh_ca
+from tests.nats.support import (
+    VERDICT,
+    Connection,
+    ControlPlane,
+    NatsUser,
+    connect,
+    control_user,
+    dashboard_says_open,
+    embedded_control,
+    enrol,
+    mesh_tls,
+)
+
+TD = "agentmesh.local"
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    with embedded_control(tmp_path_factory.mktemp("embedded"), f"t_{uuid4().hex[:12]}") as cp:
+        yield cp
+
+
+def _buckets(control: ControlPlane) -> tuple[str, str, str]:
+    b = control.bucket
+    return b, f"{b}_policies", f"{b}_security"
+
+
+async def test_the_embedded_nats_speaks_tls_with_a_mesh_ca_certificate(control: ControlPlane):
+    assert control.nats_url.startswith("tls://127.0.0.1:")
+    user = await enrol(control, SpiffeId.client(TD, "tls-check"))
+    # Plain TCP without TLS: nats-py upgrades as the server demands, with the system CAs
+    # (which do not include the mesh's): refused.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await Connection().connect(control.nats_url)
+    # The mesh roots, and the host name checked against the server's certificate.
+    conn = await connect(control.nats_url, user)
+    assert conn.nc.is_connected
+    await conn.close()
+
+
+async def test_an_outsider_without_credentials_is_refused(control: ControlPlane):
+    roots = (await enrol(control, SpiffeId.client(TD, "outsider-roots"))).roots
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await Connection().connect(control.nats_url, tls=mesh_tls(roots))
+
+
+async def test_credentials_from_another_ca_and_account_are_refused(
+    control: ControlPlane, tmp_path: Path
+):
+    """A certificate from another CA (the test suite's) and a JWT from another mesh's account:
+    the server takes neither."""
+    roots = (await enrol(control, SpiffeId.client(TD, "foreign-roots"))).roots
+    tls = mesh_tls(roots)
+    foreign = mesh_ca()
+    key_file = tmp_path / "foreign.key"
+    cert_file = tmp_path / "foreign.pem"
+    from agentmesh.security.pki import key_pem, new_key, pem
+
+    key = new_key()
+    cert = foreign.ca.issue(key.public_key(), SpiffeId.agent(TD, "summarizer"))
+    key_file.write_bytes(key_pem(key))
+    cert_file.write_text(pem(cert))
+    tls.load_cert_chain(str(cert_file), str(key_file))
+    other_mesh = NatsAuthority.open(tmp_path / "other-mesh")
+    jwt, user = other_mesh.own_user(SpiffeId(TD, "control"), bucket=control.bucket)
+    forged = NatsUser(jwt, user, "_INBOX", roots)
+    options = {**forged.options(), "tls": tls}
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await Connection().connect(control.nats_url, **options)
+
+
+async def test_a_jwt_is_useless_without_its_key(control: ControlPlane):
+    """The JWT travels over HTTP at enrolment; the key never does: a copied JWT signed with
+    another key over the server's nonce is refused."""
+    alpha = await enrol(control, SpiffeId.agent(TD, "alpha"))
+    stolen = NatsUser(alpha.jwt, NKey.generate(USER), alpha.inbox, alpha.roots)
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await connect(control.nats_url, stolen)
+
+
+async def test_an_agent_writes_its_own_records_and_nothing_else(control: ControlPlane):
+    registry, policies, security = _buckets(control)
+    alpha = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "alpha")))
+    try:
+        js = alpha.nc.jetstream()
+        kv = await js.key_value(registry)
+        # Its own records: create, renew, delete (the lease's three writes).
+        revision = await kv.create("alpha.alpha-1", b"{}")
+        revision = await kv.update("alpha.alpha-1", b"{}", last=revision)
+        await kv.delete("alpha.alpha-1", last=revision)
+        # Anything else is refused by the server itself.
+        await alpha.violation(f"$KV.{registry}.beta.beta-1")  # another agent's record
+        await alpha.violation(f"$KV.{registry}.beta.beta-1", b"", **{"KV-Operation": "DEL"})
+        await alpha.violation(f"$KV.{registry}.alpha")  # not under alpha.>
+        await alpha.violation(f"$KV.{policies}.AccessPolicy.allow-all")
+        await alpha.violation(f"$KV.{security}.pub.bundle")
+        await alpha.violation(f"$KV.{security}.pub.revoked.1f2e3d", b"", **{"KV-Operation": "DEL"})
+        await alpha.violation(
+            f"$KV.{security}.ca.block.agent.alpha", b"", **{"KV-Operation": "DEL"}
+        )
+        await alpha.violation(f"$KV.{security}.ca.token.{'0' * 64}")
+        await alpha.violation(f"$KV.{security}.ca.issued.1f2e3d", b"", **{"KV-Operation": "PURGE"})
+        # Nor through the JetStream API: purging, deleting messages or whole buckets.
+        await alpha.violation(f"$JS.API.STREAM.PURGE.KV_{security}")
+        await alpha.violation(f"$JS.API.STREAM.MSG.DELETE.KV_{security}")
+        await alpha.violation(f"$JS.API.STREAM.DELETE.KV_{policies}")
+        await alpha.violation(f"$JS.API.STREAM.UPDATE.KV_{registry}")
+        # Nor others' telemetry or replies.
+        await alpha.violation(f"agentmesh.stats.{registry}.beta")
+        await alpha.violation(f"agentmesh.breaker.{registry}.control")
+        await alpha.violation("_INBOX.agent.beta.abc")
+    finally:
+        await alpha.close()
+
+
+async def test_members_read_what_they_need_and_not_others_replies(control: ControlPlane):
+    registry, policies, security = _buckets(control)
+    carol = await connect(control.nats_url, await enrol(control, SpiffeId.client(TD, "carol")))
+    try:
+        js = carol.nc.jetstream()
+        for bucket in (registry, policies):
+            kv = await js.key_value(bucket)
+            watcher = await kv.watchall()  # an ordered consumer: the index's and the cache's way
+            await asyncio.wait_for(watcher.updates(), VERDICT)
+            await watcher.stop()
+        view = await (await js.key_value(security)).watch("pub.>")
+        bundle = await asyncio.wait_for(view.updates(), VERDICT)
+        assert bundle is not None
+        assert bundle.key == "pub.bundle"
+        await view.stop()
+        # Subscribing to others' reply subjects (the control plane's included) is refused.
+        await carol.nc.subscribe("_INBOX.>")
+        await carol.nc.flush(timeout=VERDICT)
+        await asyncio.sleep(0.5)
+        assert any("permissions violation for subscription" in e for e in carol.errors)
+    finally:
+        await carol.close()
+
+
+async def test_clients_read_only(control: ControlPlane):
+    registry, policies, security = _buckets(control)
+    carol = await connect(control.nats_url, await enrol(control, SpiffeId.client(TD, "carol")))
+    try:
+        await carol.violation(f"$KV.{registry}.carol.carol-1")
+        await carol.violation(f"$KV.{registry}.alpha.alpha-1")
+        await carol.violation(f"$KV.{policies}.AccessPolicy.allow-all")
+        await carol.violation(f"$KV.{security}.pub.bundle")
+        await carol.violation(f"agentmesh.stats.{registry}.alpha")
+    finally:
+        await carol.close()
+
+
+async def test_a_consumer_cannot_deliver_into_another_bucket(control: ControlPlane):
+    """JetStream lets a reader create push consumers that deliver to any subject: delivering
+    one's own record into the policies bucket's subject does not store a policy."""
+    registry, policies, _ = _buckets(control)
+    alpha = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "alpha")))
+    admin = await connect(control.nats_url, control_user(control))
+    try:
+        kv = await alpha.nc.jetstream().key_value(registry)
+        await kv.put("alpha.alpha-2", b'{"kind": "AccessPolicy", "forged": true}')
+        reply = await alpha.nc.request(
+            f"$JS.API.CONSUMER.CREATE.KV_{registry}",
+            (
+                '{"stream_name": "KV_%s", "config": {"deliver_subject": "$KV.%s.forged", '
+                '"filter_subject": "$KV.%s.alpha.alpha-2", "ack_policy": "none", '
+                '"deliver_policy": "last_per_subject"}}'
+            )
+            .replace("%s", registry, 1)
+            .replace("%s", policies, 1)
+            .replace("%s", registry, 1)
+            .encode(),
+            timeout=VERDICT,
+        )
+        assert b'"error"' not in reply.data, reply.data  # the consumer exists and delivers
+        await asyncio.sleep(1.0)
+        policy_kv = await admin.nc.jetstream().key_value(policies)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await policy_kv.get("forged")
+    finally:
+        await alpha.close()
+        await admin.close()
+
+
+async def test_check_says_the_embedded_nats_requires_credentials(control: ControlPlane):
+    env = cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
+    done = await arun_cli("check", env=env)
+    assert "✔ NATS auth" in done.stdout, done.stdout
+    assert "TLS, credentials required" in done.stdout, done.stdout
+    assert "OPEN" not in done.stdout
+    assert not await dashboard_says_open(control.url, control.data_dir)
+
+
+async def test_credentials_and_the_server_certificate_renew_without_losing_the_mesh(
+    tmp_path: Path,
+):
+    """8-second certificates: an agent's JWT expires with each one (the server would close its
+    connection, and nats-py would give up), so the agent reconnects with the JWT of each renewed
+    certificate; the embedded server's own certificate is renewed and reloaded every 4 s. The
+    agent stays registered and callable throughout, with zero configuration."""
+    bucket = f"t_{uuid4().hex[:12]}"
+    with embedded_control(tmp_path, bucket, {"AGENTMESH_CERT_TTL": "8"}) as control:
+        env = cli_env(
+            {
+                "AGENTMESH_CONTROL_URL": control.url,
+                "AGENTMESH_DATA_DIR": str(control.data_dir),
+                "AGENTMESH_REGISTRY_BUCKET": bucket,
+            }
+        )
+        agent = AgentProcess(
+            EXAMPLE_AGENTS / "summarizer.py", ["--log-level", "info"], env, tmp_path / "agent.log"
+        )
+        try:
+            await agent.wait_ready()
+            for _ in range(3):  # spans two certificate (and JWT) lifetimes
+                await asyncio.sleep(5)
+                called = await arun_cli("call", "summarize", '{"text": "a b"}', env=env)
+                assert called.returncode == 0, called.stderr + agent.tail()
+            assert agent.returncode is None, agent.tail()
+        finally:
+            terminate_all([agent.proc])
+        log = agent.tail(1000)
+        assert log.count("reconnected to NATS") >= 2, log
+        assert "closed this connection for good" not in log, log
+        server_log = (control.data_dir / "nats" / "nats-server.log").read_text()
+        assert server_log.count("Reloaded server configuration") >= 2, server_log[-2000:]
+
+
+async def test_tap_works_through_the_permissions(control: ControlPlane, tmp_path: Path):
+    """``agentmesh tap`` (a client) announces, the agent answers once and publishes its calls:
+    each a permission of its own, on the embedded NATS."""
+    env = cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
+    agent = AgentProcess(EXAMPLE_AGENTS / "summarizer.py", [], env, tmp_path / "agent.log")
+    tap: asyncio.subprocess.Process | None = None
+    try:
+        await agent.wait_ready()
+        err = tmp_path / "tap.err"
+        with err.open("wb") as stderr:
+            tap = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "agentmesh", "tap", "summarize", "--max", "1"),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+            )
+        banner = f"tapping 'summarize' on 1 instance(s): {agent.instance_id}"
+        for _ in range(400):
+            if banner in err.read_text() or tap.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert banner in err.read_text(), err.read_text()
+        called = await arun_cli("call", "summarize", '{"text": "tapped"}', env=env)
+        assert called.returncode == 0, called.stderr
+        out, _ = await asyncio.wait_for(tap.communicate(), 20)
+        assert tap.returncode == 0, err.read_text()
+        assert f"client -> {agent.instance_id}  200" in out.decode(), out
+        # `call` reused the certificate `tap` got, and with it the NATS key its JWT is for.
+        cached = [json.loads(p.read_text()) for p in (control.data_dir / "client-certs").iterdir()]
+        assert cached
+        assert all(c["issued"]["nats_jwt"] and c["nats_seed"] for c in cached)
+    finally:
+        if tap is not None and tap.returncode is None:
+            tap.kill()
+            await tap.wait()
+        terminate_all([agent.proc])
+
+
+async def test_a_workload_without_mesh_credentials_gets_one_clear_error(control: ControlPlane):
+    """``AGENTMESH_MTLS=off`` opts out of identities, and so of NATS credentials: refused at
+    once (not after a timeout), with what to do."""
+    env = cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+            "AGENTMESH_MTLS": "off",
+        }
+    )
+    done = await arun_cli("call", "summarize", "{}", env=env)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"NATS at {control.nats_url}: cannot connect" in lines[0]
+    assert "AGENTMESH_MTLS must not be off" in lines[0]
+
+
+async def test_policies_survive_the_switch_to_an_authenticated_nats(tmp_path: Path):
+    """Data dirs from before NATS authentication: JetStream kept the buckets under the open
+    server's account; the secured server finds them under the mesh's (moved once)."""
+    bucket = f"t_{uuid4().hex[:12]}"
+    env = cli_env({"AGENTMESH_DATA_DIR": str(tmp_path), "AGENTMESH_REGISTRY_BUCKET": bucket})
+    policy = EXAMPLES / "policies" / "access.yaml"
+    with embedded_control(tmp_path, bucket, {"AGENTMESH_MTLS": "off"}) as before:
+        assert before.nats_url.startswith("nats://")  # the open server, as before
+        applied = await arun_cli(
+            "apply", "-f", str(policy), env={**env, "AGENTMESH_CONTROL_URL": before.url}
+        )
+        assert applied.returncode == 0, applied.stderr
+    with embedded_control(tmp_path, bucket) as after:
+        assert after.nats_url.startswith("tls://")
+        listed = await arun_cli(
+            "get", "policies", "-o", "json", env={**env, "AGENTMESH_CONTROL_URL": after.url}
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert "summarize-access" in listed.stdout, listed.stdout

@@ -1,0 +1,117 @@
+"""An operator-run NATS: the documented configuration (examples/deploy/nats-auth.conf) on a real
+nats-server, with the operator's own TLS CA; and an open NATS, which still works but is named.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from uuid import uuid4
+
+import nats.errors
+import pytest
+
+from agentmesh.control.ca import CertificateAuthority, write_root_ca
+from agentmesh.nats_config import write_server_tls
+from agentmesh.nats_server import NatsServer
+from agentmesh.security.identity import SpiffeId
+from tests.control.control_process import arun_cli, cli_env, control_process, run_cli
+from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
+from tests.nats.support import Connection, ControlPlane, connect, dashboard_says_open, enrol
+
+TD = "agentmesh.local"
+
+
+async def test_the_example_deploy_config_runs_a_mesh_with_least_privilege(tmp_path: Path):
+    data = tmp_path / "control"
+    deploy = tmp_path / "etc-nats"
+    deploy.mkdir()
+    example = (EXAMPLES / "deploy" / "nats-auth.conf").read_text()
+    (deploy / "nats-auth.conf").write_text(
+        example.replace("/etc/nats", str(deploy)).replace("/var/lib/nats", str(tmp_path / "var"))
+    )
+    # The accounts file, as the example says: `agentmesh nats-config -o ...` on the control
+    # plane's data dir.
+    made = run_cli(
+        "nats-config", "--data-dir", str(data), "-o", str(deploy / "agentmesh-accounts.conf"),
+        env=cli_env(),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    # The operator's own CA for NATS's TLS (not the mesh's).
+    ca_cert, ca_key = write_root_ca(tmp_path / "operator-ca", "nats.example")
+    operator_ca = CertificateAuthority.from_files(ca_cert, ca_key, "nats.example", 3600.0)
+    write_server_tls(deploy, operator_ca, ["127.0.0.1", "localhost"])
+    server = NatsServer(
+        tmp_path / "log", extra_config=deploy / "nats-auth.conf", tls=True, jetstream=False
+    )
+    server.start()  # on 127.0.0.1 and a free port: the flags win over the file's `listen`
+    bucket = f"t_{uuid4().hex[:12]}"
+    tls_ca = {"AGENTMESH_NATS_TLS_CA_FILE": str(ca_cert)}
+    agent: AgentProcess | None = None
+    try:
+        with control_process(server.url, bucket, data, env=tls_ca) as control_url:
+            env = cli_env(
+                {
+                    "AGENTMESH_CONTROL_URL": control_url,
+                    "AGENTMESH_DATA_DIR": str(data),
+                    "AGENTMESH_REGISTRY_BUCKET": bucket,
+                    **tls_ca,
+                }
+            )
+            agent = AgentProcess(EXAMPLE_AGENTS / "summarizer.py", [], env, tmp_path / "agent.log")
+            await agent.wait_ready()
+            called = await arun_cli("call", "summarize", '{"text": "one two three"}', env=env)
+            assert called.returncode == 0, called.stderr
+            assert '"words": 3' in called.stdout
+            checked = await arun_cli("check", env=env)
+            assert "✔ NATS auth" in checked.stdout, checked.stdout
+
+            control = ControlPlane(control_url, server.url, data, bucket, tmp_path / "x")
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await Connection().connect(server.url, tls=_tls(ca_cert))
+            summarizer = await enrol(control, SpiffeId.agent(TD, "summarizer"))
+            summarizer.roots = ca_cert.read_text()  # NATS's TLS is the operator's
+            conn = await connect(server.url, summarizer)
+            try:
+                await conn.violation(f"$KV.{bucket}_policies.AccessPolicy.allow-all")
+                await conn.violation(f"$KV.{bucket}_security.pub.revoked.1f", b"")
+                await conn.violation(f"$KV.{bucket}_security.pub.bundle")
+                await conn.violation(f"$KV.{bucket}_security.ca.token.{'0' * 64}")
+                await conn.violation(f"$KV.{bucket}.writer.writer-1")
+            finally:
+                await conn.close()
+    finally:
+        if agent is not None:
+            terminate_all([agent.proc])
+        server.stop()
+
+
+def _tls(ca_cert: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca_cert))
+
+
+async def test_an_open_nats_works_and_the_control_plane_says_so(
+    nats_url: str, bucket: str, tmp_path: Path
+):
+    """A trusted private network is the operator's call: everything works on an open NATS,
+    and the control plane logs a warning at start (check and dashboard: tests/control)."""
+    with control_process(nats_url, bucket, tmp_path) as control_url:
+        env = cli_env(
+            {
+                "AGENTMESH_CONTROL_URL": control_url,
+                "AGENTMESH_DATA_DIR": str(tmp_path),
+                "AGENTMESH_REGISTRY_BUCKET": bucket,
+            }
+        )
+        agent = AgentProcess(EXAMPLE_AGENTS / "summarizer.py", [], env, tmp_path / "agent.log")
+        try:
+            await agent.wait_ready()
+            called = await arun_cli("call", "summarize", '{"text": "one two"}', env=env)
+            assert called.returncode == 0, called.stderr
+            checked = await arun_cli("check", env=env)
+            assert "✖ NATS auth" in checked.stdout, checked.stdout
+            assert await dashboard_says_open(control_url, tmp_path)
+        finally:
+            terminate_all([agent.proc])
+    log = (tmp_path / "control.log").read_text()
+    assert "is OPEN: it accepts connections without credentials" in log, log
