@@ -30,7 +30,7 @@ from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
 from agentmesh.security.natsjwt import USER, NKey
 from agentmesh.security.pki import new_csr, new_key
-from tests.control.control_process import cli_env
+from tests.control.control_process import cli_env, control_tls
 
 #: How long a test waits for the server's verdict on one publish (generous: shared machine).
 VERDICT = 5.0
@@ -117,7 +117,7 @@ def mesh_tls(roots: str) -> ssl.SSLContext:
 async def enrol(control: ControlPlane, identity: SpiffeId) -> NatsUser:
     """Enrol ``identity`` with the data dir's join token, asking for NATS credentials too."""
     token = (control.data_dir / "join-token").read_text().strip()
-    issuer = RemoteIssuer(control.url, token)
+    issuer = RemoteIssuer(control.url, token, verify=control_tls(control.data_dir))
     bundle = await issuer.trust_bundle()
     user = NKey.generate(USER)
     csr = new_csr(new_key(), identity.uri).public_bytes(serialization.Encoding.PEM).decode()
@@ -182,7 +182,9 @@ async def dashboard_says_open(control_url: str, data_dir: Path) -> bool:
     import httpx
 
     token = (data_dir / "admin-token").read_text().strip()
-    async with httpx.AsyncClient(cookies={"agentmesh_token": token}, timeout=VERDICT) as http:
+    async with httpx.AsyncClient(verify=control_tls(data_dir), timeout=VERDICT) as http:
+        signed = await http.post(f"{control_url}/ui/login", data={"token": token})
+        assert signed.status_code == 303, signed.text  # a session cookie, then the page
         page = await http.get(f"{control_url}/ui/")
     assert page.status_code == 200, page.text
     return "NATS is open" in page.text
