@@ -299,6 +299,7 @@ class LocalIndex:
             replace=self.replace,
             apply=self.apply,
             synced=self.synced,
+            stored=store.stored,
         )
         self._follower.start(conn)
 

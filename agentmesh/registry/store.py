@@ -205,6 +205,13 @@ class RegistryStore:
         except (nats.errors.Error, OSError) as exc:
             raise RegistryUnavailable(f"watching registry bucket {self.bucket!r}: {exc}") from exc
 
+    async def stored(self) -> bool:
+        """Whether the bucket's stream holds any value (deleted keys aside): see follow.py."""
+        info = await self._conn.client.jetstream().stream_info(
+            f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.>"
+        )
+        return bool(info.state.subjects)
+
 
 def _wrong_sequence(exc: nats.js.errors.APIError) -> bool:
     """JetStream's "wrong last sequence": the compare in compare-and-set failed."""
