@@ -7,7 +7,6 @@ capability can also simply declare a parameter of type ``Mesh`` to have it injec
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -25,7 +24,6 @@ from agentmesh.registry.view import RegistryView
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.call import OutboundCall, Reply
-from agentmesh.sidecar.deadline import current_deadline
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 
 if TYPE_CHECKING:
@@ -55,8 +53,6 @@ class Mesh:
         self._settings = settings
         self._owner = owner
         self._handler = sidecar.outbound.handler
-        self._index = sidecar.index
-        self._loop_time = asyncio.get_running_loop().time
         self.registry = RegistryView(sidecar.index, sync_timeout=5.0)
         self._http: httpx.AsyncClient | None = None
 
@@ -167,25 +163,16 @@ class Mesh:
         retries: int | None,
         idempotency_key: str | None,
     ) -> OutboundCall:
-        explicit = timeout is not None
-        if timeout is None:
-            targets = self._index.targets(capability)
-            spec_timeout = targets[0].spec.timeout if targets else None
-            timeout = spec_timeout or self._settings.call_timeout
-        deadline = self._loop_time() + timeout
-        inherited = current_deadline.get()
-        if inherited is not None and inherited < deadline:
-            deadline = inherited
+        # The deadline itself is fixed by the deadline layer (sidecar/deadline.py), once the
+        # capability's TrafficPolicy and instances are known.
         call = OutboundCall(
             capability=capability,
             body=_encode(payload, capability),
-            deadline=deadline,
             timeout=timeout,
             version=parse_specifier(version),
             tags=tags,
             labels=labels,
             retries=retries,
-            timeout_explicit=explicit,
         )
         if idempotency_key is not None:
             call.headers["idempotency-key"] = idempotency_key

@@ -539,7 +539,9 @@ class RetrySettings(_Wire):
     attempts: int | None = Field(default=None, ge=1, le=10)
     backoff: float | None = Field(default=None, ge=0, le=60)
     max_backoff: float | None = Field(default=None, ge=0, le=300)
-    attempt_timeout: float | None = Field(default=None, gt=0, le=86400)
+    per_try_timeout: float | None = Field(
+        default=None, gt=0, le=86400, description="Bound on one attempt (Envoy's per_try_timeout)"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> RetrySettings:

@@ -286,6 +286,15 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(
         default=3, ge=1, le=10, description="Attempts per call, the first included (see retry.py)."
     )
+    per_try_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of a call's budget one attempt of an idempotent call may take before "
+        "it is given up and retried on another replica (a frozen one never answers). A half "
+        "leaves the retry as much time as the attempt had; 1 turns it off. A TrafficPolicy's "
+        "retry.per_try_timeout sets an absolute bound instead.",
+    )
     balance: Literal["p2c", "round_robin", "random"] = Field(
         default="p2c", description="How a sidecar chooses among live endpoints."
     )

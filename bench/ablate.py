@@ -95,7 +95,15 @@ async def _stack(calls: int) -> None:
 
     _Sidecar.index = index  # type: ignore[attr-defined]
     mesh = Mesh(cast(Any, _Sidecar), settings, owner=False)
-    deadline = DeadlineLayer(null_transport)
+    if "default_timeout" in inspect.signature(DeadlineLayer).parameters:
+        from agentmesh.sidecar.deadline import AttemptTimeoutLayer
+
+        # the deadline's timer moved to the attempt timeout: measure the two together
+        deadline: Callable[[OutboundCall], Awaitable[Reply]] = DeadlineLayer(
+            AttemptTimeoutLayer(null_transport), default_timeout=30.0
+        )
+    else:
+        deadline = DeadlineLayer(null_transport)
 
     def new_call() -> OutboundCall:
         return OutboundCall(CAPABILITY, body, loop.time() + 30, 30.0)

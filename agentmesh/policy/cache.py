@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from agentmesh._config import BreakerConfig, RetryPolicy
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import CAPABILITY_NAME_PATTERN, AccessPolicy, PolicySet, TrafficPolicy
 from agentmesh.policy.access import (
@@ -47,8 +48,6 @@ from agentmesh.policy.traffic import TrafficRule, compile_traffic
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.follow import BucketFollower
 from agentmesh.registry.index import LocalIndex
-from agentmesh.sidecar.breaker import BreakerConfig
-from agentmesh.sidecar.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from agentmesh.security.signed import StateTrust

@@ -23,25 +23,11 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
+from agentmesh._config import BreakerConfig, RetryPolicy, Strategy, TrafficRoute
 from agentmesh.models import BreakerSettings, RetrySettings, TrafficPolicy, TrafficSubset
 from agentmesh.registry.index import Target
-from agentmesh.sidecar.balance import Strategy
-from agentmesh.sidecar.breaker import BreakerConfig
-from agentmesh.sidecar.retry import RetryPolicy
 
 __all__ = ["TrafficRoute", "TrafficRule", "compile_traffic"]
-
-
-@dataclass(frozen=True, slots=True)
-class TrafficRoute:
-    """The settings a TrafficPolicy gives calls to one capability (or one version subset)."""
-
-    policy: str
-    subset: str | None = None
-    timeout: float | None = None
-    retry: RetryPolicy | None = None
-    breaker: BreakerConfig | None = None
-    balance: Strategy | None = None
 
 
 @dataclass(slots=True)

@@ -20,11 +20,10 @@ import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
 
+from agentmesh._config import BreakerConfig, Strategy
 from agentmesh.errors import NoHealthyEndpoints
 from agentmesh.registry.index import Target
-from agentmesh.sidecar.breaker import BreakerConfig
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.sidecar.endpoints import Endpoints, EndpointState
 
@@ -32,8 +31,6 @@ __all__ = ["BalanceLayer", "Strategy"]
 
 #: Below this many targets the full scan is as cheap as sampling (and exact).
 _SAMPLE_FIRST = 8
-
-Strategy = Literal["p2c", "round_robin", "random"]
 
 
 class BalanceLayer:

@@ -61,10 +61,10 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from agentmesh.errors import ConnectionFailed, ConnectionLost, MeshUnavailable
+from agentmesh._config import BreakerConfig
+from agentmesh.errors import ConnectionFailed, ConnectionLost, DeadlineExceeded, MeshUnavailable
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 
 if TYPE_CHECKING:
@@ -87,46 +87,7 @@ _BUCKETS = 10
 #: The jitter source of breakers not given one. Shared: seeding a generator per endpoint cost
 #: about 11 µs and 2.5 KB each, and every endpoint of the index gets a breaker up front.
 _RNG = random.Random()
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerConfig:
-    """When an endpoint is ejected, for how long, and how it is let back in."""
-
-    consecutive_failures: int = 5
-    failure_rate: float | None = 0.5
-    min_requests: int = 20
-    window: float = 10.0
-    base_ejection: float = 1.0
-    max_ejection: float = 30.0
-    jitter: float = 0.2
-    half_open_probes: int = 1
-    probe_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        for name in ("consecutive_failures", "min_requests", "half_open_probes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("window", "base_ejection", "max_ejection", "probe_timeout"):
-            value = getattr(self, name)
-            if not _is_number(value) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.failure_rate is not None and not (
-            _is_number(self.failure_rate) and 0 < self.failure_rate <= 1
-        ):
-            raise ValueError(f"failure_rate must be in (0, 1] or None, got {self.failure_rate!r}")
-        if not (_is_number(self.jitter) and 0 <= self.jitter < 1):
-            raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")
-        if self.max_ejection < self.base_ejection:
-            raise ValueError(
-                f"max_ejection ({self.max_ejection!r}) must be >= base_ejection "
-                f"({self.base_ejection!r})"
-            )
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+_DEFAULT = BreakerConfig()
 
 
 class Breaker:
@@ -152,7 +113,7 @@ class Breaker:
 
     def __init__(
         self,
-        config: BreakerConfig = BreakerConfig(),
+        config: BreakerConfig = _DEFAULT,
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -240,6 +201,18 @@ class Breaker:
             self._close(now)
         elif may_eject:
             self._open(now, self._next_ejection(now))
+
+    def release(self) -> None:
+        """An admitted request ended without an outcome (its caller gave up, not the endpoint).
+
+        Half-open, it frees the oldest probe's slot without judging the endpoint, so the next
+        call probes at once instead of waiting for the probe timeout; closed, it counts nothing.
+        """
+        if self._state == "closed":
+            return
+        self._catch_up(self._clock())
+        if self._state == "half_open" and self._probes:
+            del self._probes[0]
 
     def force_open(self, seconds: float | None = None) -> None:
         """Eject now: for ``seconds`` exactly (``math.inf``: until ``reset``), or by backoff.
@@ -355,11 +328,17 @@ def ejected_ratio(breakers: Iterable[Breaker]) -> float:
     return states.count("open") / len(states) if states else 0.0
 
 
-#: Failures that say something about the endpoint itself. A capability that raised, a policy
-#: denial, bad input, a draining or rate-limited agent: the endpoint is healthy, so they count
-#: as successes of the endpoint.
+#: Failures that say something about the endpoint itself: it could not be reached, the
+#: connection broke, a gateway error, or no reply in time (our attempt's timer fired, or the
+#: agent gave up at the deadline we sent it: either way the endpoint did not answer in time, and
+#: a frozen replica must be ejected like a dead one). A capability that raised, a policy denial,
+#: bad input, a draining or rate-limited agent: the endpoint is healthy, so they count as
+#: successes of the endpoint.
 def endpoint_failed(exc: BaseException) -> bool:
-    return isinstance(exc, ConnectionFailed | ConnectionLost) or type(exc) is MeshUnavailable
+    return (
+        isinstance(exc, ConnectionFailed | ConnectionLost | DeadlineExceeded)
+        or type(exc) is MeshUnavailable
+    )
 
 
 class BreakerLayer:
@@ -367,7 +346,10 @@ class BreakerLayer:
 
     Sits below balance (which already skips ejected endpoints), so a refusal here only happens
     when another call took the last half-open probe slot meanwhile; it is a ``ConnectionFailed``
-    (the request never left), which the retry layer may send elsewhere.
+    (the request never left), which the retry layer may send elsewhere. Sits above the attempt
+    timeout (``deadline.AttemptTimeoutLayer``), so an attempt that ran out of time arrives here as
+    the endpoint's failure, never as a cancellation; a cancellation that does arrive is the
+    caller giving up, which says nothing about the endpoint (``Breaker.release``).
     """
 
     def __init__(
@@ -388,11 +370,14 @@ class BreakerLayer:
             )
         try:
             reply = await self._inner(call)
-        except BaseException as exc:
+        except Exception as exc:
             failed = endpoint_failed(exc)
             breaker.record(
                 not failed, may_eject=failed and self._endpoints.may_eject(self.max_ejected_ratio)
             )
+            raise
+        except BaseException:  # cancelled (asyncio.CancelledError) or the process is stopping
+            breaker.release()
             raise
         breaker.record(True)
         return reply

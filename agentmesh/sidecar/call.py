@@ -10,26 +10,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from packaging.specifiers import SpecifierSet
 
+from agentmesh._config import TrafficRoute
 from agentmesh.registry.index import Target
-
-if TYPE_CHECKING:
-    from agentmesh.policy.traffic import TrafficRoute
 
 __all__ = ["Handler", "OutboundCall", "Reply"]
 
 
 @dataclass(slots=True)
 class OutboundCall:
-    """One logical call on its way out; ``deadline`` is on the event loop's clock."""
+    """One logical call on its way out."""
 
     capability: str
     body: bytes
-    deadline: float
-    timeout: float
+    deadline: float = 0.0
+    """When the whole call must be over, on the event loop's clock (set by the deadline layer)."""
+    timeout: float | None = None
+    """The caller's budget in seconds; None: the deadline layer picks it (TrafficPolicy,
+    capability, ``AGENTMESH_CALL_TIMEOUT``) and writes here the budget the call really has."""
     stream: bool = False
     version: SpecifierSet | None = None
     tags: Iterable[str] | None = None
@@ -48,8 +48,8 @@ class OutboundCall:
     excluded: tuple[str, ...] = ()
     """Instances that already failed this call: a retry prefers others."""
     attempt: int = 1
-    timeout_explicit: bool = False
-    """The caller gave ``timeout=``: a TrafficPolicy's timeout does not replace it."""
+    per_try_timeout: float | None = None
+    """The bound on each attempt (set by the retry layer, enforced below the breaker)."""
     traffic: TrafficRoute | None = None
     """The capability's TrafficPolicy (set by the route layer): the overrides the deadline,
     retry, balance and breaker layers read. None: the sidecar's defaults."""

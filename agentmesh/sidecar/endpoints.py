@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agentmesh._config import BreakerConfig
 from agentmesh.registry.index import LocalIndex, Target
-from agentmesh.sidecar.breaker import Breaker, BreakerConfig, BreakerState, ejected_ratio
+from agentmesh.sidecar.breaker import Breaker, BreakerState, ejected_ratio
 from agentmesh.telemetry.metrics import BREAKER_STATE, BREAKER_TRANSITIONS
 
 __all__ = ["EWMA_DECAY", "LATENCY_FLOOR", "Candidates", "EndpointState", "Endpoints"]

@@ -9,13 +9,14 @@ as they land.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -42,7 +43,7 @@ from agentmesh.policy.access import Subject, VerifiedIdentity
 from agentmesh.security.identity import Caller
 from agentmesh.security.inbound import caller_identity
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
-from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
+from agentmesh.sidecar.deadline import DEADLINE_HEADER, bound, current_deadline, from_header
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar
 from agentmesh.telemetry.access import log_call
 from agentmesh.telemetry.metrics import (
@@ -205,7 +206,12 @@ class InboundApp:
             if self.draining or not self.ready:
                 state = "draining" if self.draining else "not ready"
                 raise AgentUnavailable(f"agent {self.agent} is {state}; call another instance")
-            deadline = meta.deadline()
+            # The caller's deadline, or the capability's own timeout if that ends first (also
+            # when the caller sent none: a plain HTTP client cannot make it run for ever).
+            now = asyncio.get_running_loop().time()
+            callers = from_header(meta.timeout_ms, now) if meta.timeout_ms is not None else None
+            deadline = bound(now, cap.spec.timeout, callers)
+            own = cap.spec.timeout if deadline is not None and deadline != callers else None
             body = await _read_body(scope, receive, self.max_body, self.agent)
             arguments = cap.parse_input(body, max_errors=self.max_errors)
             injected = _inject(cap, self._injectables)
@@ -215,9 +221,11 @@ class InboundApp:
             if deadline is not None:
                 current_deadline.set(deadline)
             if cap.streaming:
-                status = await self._stream(cap, arguments, injected, deadline, send, trace_id)
+                status = await _stream(
+                    cap, arguments, injected, _Budget(deadline, own), receive, send, trace_id
+                )
             else:
-                result = await _run(cap, arguments, injected, deadline)
+                result = await _run(cap, arguments, injected, _Budget(deadline, own))
                 out = cap.dump_output(result)
                 await _respond(send, 200, out)
                 status = 200
@@ -291,58 +299,110 @@ class InboundApp:
         if not decision.allowed:
             raise decision.error(caller, subject)
 
-    async def _stream(
-        self,
-        cap: Capability[..., Any],
-        arguments: dict[str, Any],
-        injected: Mapping[str, Any] | None,
-        deadline: float | None,
-        send: Send,
-        trace_id: str | None,
-    ) -> int:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream"),
-                    (b"cache-control", b"no-cache"),
-                ],
-            }
-        )
-        status = 200
-        try:
-            async with asyncio.timeout_at(deadline):
-                async for chunk in cap.stream(arguments, injected):
-                    await send(_event(b"chunk", chunk, more=True))
-            await send(_event(b"end", b"{}", more=False))
-        except Exception as exc:
-            error = _as_mesh_error(cap, exc, deadline)
-            error.trace_id = trace_id
-            status = error.status
-            await send(_event(b"error", error.to_problem().model_dump_json().encode(), more=False))
-        return status
-
 
 def _no_stats(*args: object) -> None:
     pass
+
+
+class _Budget(NamedTuple):
+    """When a capability's work must stop, and its own timeout if that (not the caller's
+    deadline) is what stops it: the error then says which one did."""
+
+    deadline: float | None
+    own_timeout: float | None
 
 
 async def _run(
     cap: Capability[..., Any],
     arguments: dict[str, Any],
     injected: Mapping[str, Any] | None,
-    deadline: float | None,
+    budget: _Budget,
 ) -> Any:
     try:
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout_at(budget.deadline):
             return await cap.invoke(arguments, injected)
     except Exception as exc:
-        raise _as_mesh_error(cap, exc, deadline) from exc
+        raise _as_mesh_error(cap, exc, budget) from exc
 
 
-def _as_mesh_error(cap: Capability[..., Any], exc: Exception, deadline: float | None) -> MeshError:
-    if isinstance(exc, TimeoutError) and deadline is not None:
+async def _stream(
+    cap: Capability[..., Any],
+    arguments: dict[str, Any],
+    injected: Mapping[str, Any] | None,
+    budget: _Budget,
+    receive: Receive,
+    send: Send,
+    trace_id: str | None,
+) -> int:
+    """Send the capability's chunks as server-sent events; return the status to log.
+
+    The generator stops (is closed, which runs its ``finally`` blocks) when the budget passes
+    and when the caller goes away: a server keeps accepting ``send`` after a disconnect, so
+    only ``receive`` tells, and a watcher task waits on it for the whole stream.
+    """
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+        }
+    )
+    task = asyncio.current_task()
+    assert task is not None
+    watcher = _DisconnectWatcher(receive, task)
+    try:
+        async with contextlib.aclosing(cap.stream(arguments, injected)) as chunks:
+            async with asyncio.timeout_at(budget.deadline):
+                async for chunk in chunks:
+                    await send(_event(b"chunk", chunk, more=True))
+        watcher.finished = True
+        await send(_event(b"end", b"{}", more=False))
+    except asyncio.CancelledError:
+        if not watcher.fired:
+            raise
+        task.uncancel()
+        return 499
+    except Exception as exc:
+        watcher.finished = True
+        error = _as_mesh_error(cap, exc, budget)
+        error.trace_id = trace_id
+        await send(_event(b"error", error.to_problem().model_dump_json().encode(), more=False))
+        return error.status
+    finally:
+        watcher.stop()
+    return 200
+
+
+class _DisconnectWatcher:
+    """Cancel ``task`` when the caller disconnects, unless the stream already finished."""
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self.finished = False
+        """Set before the last event is sent: a server reports the end of a response as a
+        disconnect too, which must not cancel the task."""
+        self.fired = False
+        self._receive = receive
+        self._task = task
+        self._watch = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self.finished:
+            self.fired = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._watch.cancel()
+
+
+def _as_mesh_error(cap: Capability[..., Any], exc: Exception, budget: _Budget) -> MeshError:
+    if isinstance(exc, TimeoutError) and budget.deadline is not None:
+        if budget.own_timeout is not None:
+            return DeadlineExceeded(
+                f"capability {cap.name!r} did not finish within its timeout of "
+                f"{budget.own_timeout:g}s; the work was cancelled"
+            )
         return DeadlineExceeded(
             f"capability {cap.name!r}: the caller's deadline passed; the work was cancelled"
         )
@@ -381,16 +441,6 @@ class _MeshHeaders:
                 self.traceparent = value.decode("latin-1")
             elif key == _CHAIN:
                 self.chain = parse_chain(value.decode("latin-1"))
-
-    def deadline(self) -> float | None:
-        """The caller's remaining budget as a deadline on this event loop's clock."""
-        if self.timeout_ms is None:
-            return None
-        try:
-            ms = int(self.timeout_ms)
-        except ValueError:
-            raise InvalidInput(f"header {DEADLINE_HEADER} must be an integer") from None
-        return asyncio.get_running_loop().time() + max(ms, 0) / 1000
 
 
 def _too_large(agent: str, size: str, limit: int) -> PayloadTooLarge:

@@ -8,7 +8,7 @@ the authoritative one. A denial is final; the retry layer below never sees it.
 
 ``RouteLayer`` (DESIGN §3 "route") attaches the capability's TrafficPolicy to the call as
 ``call.traffic`` — the layers below read their overrides from it (deadline: the timeout;
-retry: attempts, backoff, attempt timeout; balance: the strategy; breaker: its thresholds) —
+retry: attempts, backoff, per-try timeout; balance: the strategy; breaker: its thresholds) —
 and restricts ``call.targets`` to the version subset the weighted split picked.
 
 Access runs before the split, so a caller allowed only some versions is routed among those,
@@ -17,7 +17,6 @@ and a canary coin flip never turns into a denial.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from agentmesh.errors import PolicyDenied
@@ -25,7 +24,6 @@ from agentmesh.policy.access import Decision, Subject
 from agentmesh.policy.cache import PolicyCache
 from agentmesh.registry.index import Target
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
-from agentmesh.sidecar.deadline import current_deadline
 
 __all__ = ["AccessLayer", "RouteLayer"]
 
@@ -86,15 +84,5 @@ class RouteLayer:
     async def __call__(self, call: OutboundCall) -> Reply:
         rule = self._policies.snapshot.traffic.get(call.capability)
         if rule is not None:
-            route, call.targets = rule.select(call.targets, call.affinity_key)
-            call.traffic = route
-            if route.timeout is not None and not call.timeout_explicit:
-                # The policy's timeout replaces the capability's and the sidecar's default, but
-                # never an explicit timeout of the caller, nor the budget inherited from ours.
-                deadline = asyncio.get_running_loop().time() + route.timeout
-                inherited = current_deadline.get()
-                if inherited is not None and inherited < deadline:
-                    deadline = inherited
-                call.deadline = deadline
-                call.timeout = route.timeout
+            call.traffic, call.targets = rule.select(call.targets, call.affinity_key)
         return await self._inner(call)

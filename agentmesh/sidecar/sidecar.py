@@ -21,7 +21,7 @@ from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
 from agentmesh.sidecar.breaker import BreakerState
 from agentmesh.sidecar.http1 import Limits
-from agentmesh.sidecar.retry import RetryPolicy
+from agentmesh.sidecar.retry import default_policy
 from agentmesh.sidecar.stack import OutboundStack, build_outbound
 from agentmesh.sidecar.transport import HttpTransport
 from agentmesh.telemetry.stats import StatsCollector
@@ -76,7 +76,7 @@ class Sidecar:
             PolicyStore(self.conn, policy_bucket(boot.registry_bucket)),
             self.index,
             default=settings.access_default,
-            retry=RetryPolicy(attempts=settings.retry_attempts),
+            retry=default_policy(settings),
             trust=trust,
         )
         self.outbound: OutboundStack = build_outbound(

@@ -18,12 +18,12 @@ from agentmesh.sidecar.balance import BalanceLayer
 from agentmesh.sidecar.breaker import BreakerLayer, BreakerState
 from agentmesh.sidecar.call import Handler
 from agentmesh.sidecar.chain import ChainLayer
-from agentmesh.sidecar.deadline import DeadlineLayer
+from agentmesh.sidecar.deadline import AttemptTimeoutLayer, DeadlineLayer
 from agentmesh.sidecar.endpoints import Endpoints
 from agentmesh.sidecar.observe import AttemptLayer, ObserveLayer
 from agentmesh.sidecar.policy import AccessLayer, RouteLayer
 from agentmesh.sidecar.resolve import ResolveLayer
-from agentmesh.sidecar.retry import RetryLayer, RetryPolicy
+from agentmesh.sidecar.retry import RetryLayer, default_policy
 from agentmesh.telemetry.stats import StatsCollector
 
 __all__ = ["OutboundStack", "build_outbound"]
@@ -53,6 +53,9 @@ def build_outbound(
     endpoints = Endpoints(index, on_breaker_change=on_breaker_change)
     # transport: the only layer that knows the wire (HTTP now, NATS by URL scheme later).
     handler: Handler = transport
+    # attempt timeout: the call's deadline and the per-try bound, below the span and the breaker
+    # so that both see a timeout as this endpoint's failure rather than a cancellation.
+    handler = AttemptTimeoutLayer(handler)
     # attempt: a span per attempt whose context travels as traceparent to the agent it reaches.
     handler = AttemptLayer(handler)
     # breaker: per endpoint, below balance, so one bad replica is ejected alone.
@@ -60,11 +63,13 @@ def build_outbound(
     # balance: per attempt, so each retry may land on another endpoint.
     balance = BalanceLayer(handler, endpoints, strategy=settings.balance, zone=settings.zone)
     handler = balance
-    # retry: above balance and below the deadline that bounds every attempt and backoff.
-    retry = RetryLayer(handler, policy=RetryPolicy(attempts=settings.retry_attempts))
+    # retry: above balance and below the deadline that bounds every attempt and backoff; it
+    # picks each attempt's per-try timeout, which the attempt timeout enforces.
+    retry = RetryLayer(handler, policy=default_policy(settings))
     handler = retry
-    # deadline: one total budget for everything below; the rest travels downstream.
-    handler = DeadlineLayer(handler)
+    # deadline: the one place the call's total budget is fixed (after route: a TrafficPolicy's
+    # timeout counts); everything below spends it, and the rest travels downstream.
+    handler = DeadlineLayer(handler, default_timeout=settings.call_timeout)
     if policies is not None:
         # route: the capability's TrafficPolicy as call.traffic (timeout, retry, balance and
         # breaker overrides that the layers below read) and its weighted version split.

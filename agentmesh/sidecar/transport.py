@@ -35,7 +35,7 @@ from agentmesh.security.identity import Caller, SpiffeId
 from agentmesh.security.outbound import PeerVerifier
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.sidecar.call import OutboundCall, Reply
-from agentmesh.sidecar.deadline import DEADLINE_HEADER
+from agentmesh.sidecar.deadline import DEADLINE_HEADER, chunk_deadline, header_ms
 from agentmesh.sidecar.http1 import (
     ConnectFailed,
     ConnectionPool,
@@ -135,8 +135,8 @@ class HttpTransport:
         target = call.target
         assert target is not None, "the balance layer sets call.target"
         route = self._route(target.url, call.capability)
-        remaining_ms = int((call.deadline - asyncio.get_running_loop().time()) * 1000)
-        parts = [route.head, _DEADLINE % max(remaining_ms, 1)]
+        now = asyncio.get_running_loop().time()
+        parts = [route.head, _DEADLINE % header_ms(call.deadline, now)]
         if call.stream:
             parts.append(_ACCEPT_EVENTS)
         for name, value in call.headers.items():
@@ -227,18 +227,18 @@ async def _events(resp: Response[Caller], call: OutboundCall, where: str) -> Asy
     finished = False
     loop = asyncio.get_running_loop()
     chunks = 0
+    limit, gap = chunk_deadline(call, chunks, loop.time())
     try:
         event, data = b"", []
         while True:
-            limit, what = call.deadline, f"stream not finished within {call.timeout:g}s"
-            gap = call.chunk_timeout if chunks else call.first_chunk_timeout
-            if gap is not None and loop.time() + gap < limit:
-                limit = loop.time() + gap
-                what = f"no chunk within {gap:g}s" + (" of the last" if chunks else "")
             try:
                 async with asyncio.timeout_at(limit):
                     line = await resp.readline()
             except TimeoutError as exc:
+                if gap is None:
+                    what = f"stream not finished within {call.timeout:g}s"
+                else:
+                    what = f"no chunk within {gap:g}s" + (" of the last" if chunks else "")
                 raise DeadlineExceeded(
                     f"capability {call.capability!r} at {where}: {what}"
                 ) from exc
@@ -261,6 +261,7 @@ async def _events(resp: Response[Caller], call: OutboundCall, where: str) -> Asy
             if event == b"chunk":
                 chunks += 1
                 yield payload
+                limit, gap = chunk_deadline(call, chunks, loop.time())
             elif event == b"error":
                 raise error_from_problem(Problem.model_validate_json(payload), where=where)
             elif event == b"end":

@@ -89,7 +89,7 @@ async def test_a_traffic_policy_timeout_replaces_the_default(start_agent, apply,
     assert await mesh.call("slow", {"delay": 0.5}, timeout=5) == "done"
 
 
-async def test_a_traffic_policy_sets_retry_attempts_and_attempt_timeout(
+async def test_a_traffic_policy_sets_retry_attempts_and_per_try_timeout(
     start_agent, apply, mesh, wait_until
 ):
     await start_agent([busy, slow], name="busybody")
@@ -109,10 +109,10 @@ async def test_a_traffic_policy_sets_retry_attempts_and_attempt_timeout(
     assert HITS["busy"] == 1
 
     await apply(
-        traffic_policy("slow-attempts", "slow", retry={"attempts": 2, "attempt_timeout": 0.2})
+        traffic_policy("slow-attempts", "slow", retry={"attempts": 2, "per_try_timeout": 0.2})
     )
     await until_applied(wait_until, mesh, present=("slow-attempts",))
-    with pytest.raises(ConnectionLost, match=r"timed out after 0\.2s.*after 2 attempts"):
+    with pytest.raises(ConnectionLost, match=r"per-try timeout of 0\.2s.*after 2 attempts"):
         await mesh.call("slow", {"delay": 2}, timeout=5)
     assert HITS["slow"] == 2
 

@@ -23,8 +23,10 @@ from agentmesh import (
 from agentmesh.errors import MeshError
 from agentmesh.registry.index import Target
 from agentmesh.sidecar.budget import RetryBudget, RetryBudgetConfig
+from agentmesh._config import RetryPolicy
 from agentmesh.sidecar.call import OutboundCall, Reply
-from agentmesh.sidecar.retry import RetryLayer, RetryPolicy, retryable
+from agentmesh.sidecar.deadline import AttemptTimeoutLayer
+from agentmesh.sidecar.retry import RetryLayer, retryable
 
 
 class FakeClock:
@@ -146,21 +148,74 @@ async def test_backoff_never_sleeps_past_the_deadline():
     assert loop.time() - started < 1.0
 
 
-async def test_attempt_timeout_makes_idempotent_calls_try_again():
+async def test_a_per_try_timeout_makes_idempotent_calls_try_again():
     calls = 0
 
     async def slow_then_fast(call: OutboundCall) -> Reply:
         nonlocal calls
         calls += 1
+        call.target = target(True)
         if calls == 1:
             await asyncio.sleep(10)
-        return Reply(target(True), body=b"2")
+        return Reply(call.target, body=b"2")
 
-    policy = RetryPolicy(attempts=2, backoff=0.001, max_backoff=0.001, attempt_timeout=0.05)
-    assert (
-        await RetryLayer(slow_then_fast, policy=policy)(make_call(idempotent=True))
-    ).body == b"2"
+    policy = RetryPolicy(attempts=2, backoff=0.001, max_backoff=0.001, per_try_timeout=0.05)
+    layer = RetryLayer(AttemptTimeoutLayer(slow_then_fast), policy=policy)
+    assert (await layer(make_call(idempotent=True))).body == b"2"
     assert calls == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "idempotent", "expected"),
+    [
+        (RetryPolicy(), True, 5.0),  # half of the 10 s budget: a retry gets the other half
+        (RetryPolicy(), False, None),  # it could not be retried after a timeout: no bound
+        (RetryPolicy(attempts=1), True, None),  # no retry to leave time for
+        (RetryPolicy(per_try_share=1.0), True, None),
+        (RetryPolicy(per_try_share=0.25), True, 2.5),
+        (RetryPolicy(per_try_timeout=2.0), False, 2.0),  # an explicit bound applies to all
+    ],
+)
+async def test_the_per_try_timeout_the_retry_layer_picks(
+    policy: RetryPolicy, idempotent: bool, expected: float | None
+):
+    seen: list[float | None] = []
+
+    async def record(call: OutboundCall) -> Reply:
+        seen.append(call.per_try_timeout)
+        return Reply(target(idempotent), body=b"1")
+
+    await RetryLayer(record, policy=policy)(make_call(idempotent=idempotent, timeout=10.0))
+    assert seen == [expected]
+
+
+async def test_a_per_try_timeout_of_a_non_idempotent_call_is_final():
+    async def frozen(call: OutboundCall) -> Reply:
+        call.target = target(False)
+        await asyncio.sleep(10)
+        raise AssertionError("unreachable")
+
+    policy = RetryPolicy(backoff=0.001, max_backoff=0.001, per_try_timeout=0.05)
+    with pytest.raises(ConnectionLost, match=r"per-try timeout of 0\.05s; it may still have run"):
+        await RetryLayer(AttemptTimeoutLayer(frozen), policy=policy)(make_call(idempotent=False))
+
+
+async def test_the_last_attempt_that_runs_out_of_budget_is_a_deadline_error():
+    attempts = 0
+
+    async def frozen(call: OutboundCall) -> Reply:
+        nonlocal attempts
+        attempts += 1
+        call.target = target(True)
+        await asyncio.sleep(10)
+        raise AssertionError("unreachable")
+
+    # Per try: half of 0.2 s. The first attempt is given up after 0.1 s, the second runs into
+    # the call's deadline: that one is final, and says how many attempts there were.
+    layer = RetryLayer(AttemptTimeoutLayer(frozen), policy=FAST)
+    with pytest.raises(DeadlineExceeded, match=r"no reply within 0\.2s \(after 2 attempts\)"):
+        await layer(make_call(idempotent=True, timeout=0.2))
+    assert attempts == 2
 
 
 def test_budget_allows_the_floor_then_a_share_of_traffic():
@@ -203,5 +258,7 @@ async def test_the_budget_stops_retry_storms():
 def test_policy_validation():
     with pytest.raises(ValueError, match="attempts"):
         RetryPolicy(attempts=0)
-    with pytest.raises(ValueError, match="attempt_timeout"):
-        RetryPolicy(attempt_timeout=0)
+    with pytest.raises(ValueError, match="per_try_timeout"):
+        RetryPolicy(per_try_timeout=0)
+    with pytest.raises(ValueError, match="per_try_share"):
+        RetryPolicy(per_try_share=0)
