@@ -7,6 +7,7 @@ capability can also simply declare a parameter of type ``Mesh`` to have it injec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -149,8 +150,11 @@ class Mesh:
         if reply.chunks is None:
             yield pydantic_core.from_json(reply.body)
             return
-        async for chunk in reply.chunks:
-            yield pydantic_core.from_json(chunk)
+        # Closed here, not left to the garbage collector: closing it closes the connection,
+        # which is how the agent learns to stop a stream nobody reads any more.
+        async with contextlib.aclosing(reply.chunks) as chunks:
+            async for chunk in chunks:
+                yield pydantic_core.from_json(chunk)
 
     def _outbound(
         self,

@@ -1,4 +1,4 @@
-"""A deliberately failing endpoint registered in the mesh, for breaker and health tests."""
+"""Deliberately failing and hung endpoints registered in the mesh, for breaker and health tests."""
 
 from __future__ import annotations
 
@@ -57,5 +57,44 @@ async def flaky_endpoint(mesh: Mesh) -> AsyncIterator[tuple[Flaky, str]]:
     try:
         yield app, record.instance_id
     finally:
+        await lease.release()
+        await server.stop()
+
+
+class Frozen:
+    """A raw HTTP endpoint that reads each request and never answers it (a hung replica),
+    until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'"late"'})
+
+
+@contextlib.asynccontextmanager
+async def frozen_endpoint(mesh: Mesh) -> AsyncIterator[str]:
+    """A Frozen server registered in the mesh as an instance offering ``work``; its id."""
+    app = Frozen()
+    server = HttpServer(app, bind("127.0.0.1", 0), tls=mesh_ca().server_tls("frozen"))
+    await server.start()
+    record = AgentRecord(
+        instance_id="frozen-1",
+        name="frozen",
+        endpoint=f"https://127.0.0.1:{server.port}",
+        capabilities=(work.spec,),
+    )
+    lease = Lease(mesh.sidecar.store, record, interval=0.25, ttl=1)
+    await lease.acquire()
+    try:
+        yield record.instance_id
+    finally:
+        app.release.set()
         await lease.release()
         await server.stop()

@@ -15,11 +15,12 @@ sidecar prefers endpoints labelled with the same zone and fails over to the othe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from agentmesh._config import BreakerConfig, Strategy
 from agentmesh.errors import NoHealthyEndpoints
@@ -187,10 +188,11 @@ def _score(key: str, instance_id: str) -> int:
 
 
 async def _release_after(
-    chunks: AsyncIterator[bytes], state: EndpointState
-) -> AsyncIterator[bytes]:
+    chunks: AsyncGenerator[bytes, None], state: EndpointState
+) -> AsyncGenerator[bytes, None]:
     try:
-        async for chunk in chunks:
-            yield chunk
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
     finally:
         state.in_flight -= 1

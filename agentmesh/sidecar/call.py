@@ -8,7 +8,7 @@ NATS transport can slot in by URL scheme later.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from packaging.specifiers import SpecifierSet
@@ -57,11 +57,15 @@ class OutboundCall:
 
 @dataclass(slots=True)
 class Reply:
-    """What came back: a JSON body, or (streaming) an iterator of JSON chunks."""
+    """What came back: a JSON body, or (streaming) a generator of JSON chunks.
+
+    A generator, not just an iterator: whoever stops reading closes it (``aclose``), and each
+    layer that wraps it closes what it wraps, down to the transport's connection, so the agent
+    sees the caller leave and stops the stream."""
 
     target: Target
     body: bytes = b""
-    chunks: AsyncIterator[bytes] | None = None
+    chunks: AsyncGenerator[bytes, None] | None = None
 
 
 Handler = Callable[[OutboundCall], Awaitable[Reply]]

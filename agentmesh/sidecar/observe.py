@@ -10,8 +10,9 @@ OpenTelemetry GenAI conventions where they fit (``gen_ai.operation.name``, ``gen
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -73,12 +74,13 @@ class ObserveLayer:
         return reply
 
     async def _finish_after(
-        self, chunks: AsyncIterator[bytes], call: OutboundCall, span: Span, started: float
-    ) -> AsyncIterator[bytes]:
+        self, chunks: AsyncGenerator[bytes, None], call: OutboundCall, span: Span, started: float
+    ) -> AsyncGenerator[bytes, None]:
         error: BaseException | None = None
         try:
-            async for chunk in chunks:
-                yield chunk
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
         except BaseException as exc:
             error = exc
             raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -222,7 +222,9 @@ async def _error(resp: Response[Caller], where: str) -> MeshError:
     return error
 
 
-async def _events(resp: Response[Caller], call: OutboundCall, where: str) -> AsyncIterator[bytes]:
+async def _events(
+    resp: Response[Caller], call: OutboundCall, where: str
+) -> AsyncGenerator[bytes, None]:
     """Server-sent events → JSON chunks; ``error`` events raise, ``end`` finishes."""
     finished = False
     loop = asyncio.get_running_loop()

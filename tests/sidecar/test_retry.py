@@ -20,10 +20,10 @@ from agentmesh import (
     RateLimited,
     RemoteAgentError,
 )
+from agentmesh._config import RetryPolicy
 from agentmesh.errors import MeshError
 from agentmesh.registry.index import Target
 from agentmesh.sidecar.budget import RetryBudget, RetryBudgetConfig
-from agentmesh._config import RetryPolicy
 from agentmesh.sidecar.call import OutboundCall, Reply
 from agentmesh.sidecar.deadline import AttemptTimeoutLayer
 from agentmesh.sidecar.retry import RetryLayer, retryable
