@@ -349,6 +349,32 @@ def test_a_breaker_never_sticks_half_open() -> None:
     assert breaker.state == "closed"
 
 
+def test_a_released_probe_frees_its_slot_without_a_verdict() -> None:
+    breaker, clock, changes = make()
+    trip(breaker)
+    to_half_open(breaker, clock)
+    assert breaker.try_acquire()
+    assert not breaker.available()
+    breaker.release()  # its caller gave up: nothing learnt about the endpoint
+    assert breaker.state == "half_open"
+    assert breaker.try_acquire()  # the next call probes at once
+    breaker.record(True)
+    assert breaker.state == "closed"
+    assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+def test_a_release_while_closed_or_open_counts_nothing() -> None:
+    breaker, clock, changes = make()
+    fail(breaker, 4)
+    assert breaker.try_acquire()
+    breaker.release()
+    fail(breaker)  # the fifth failure in a row trips it: the release did not reset the count
+    assert breaker.state == "open"
+    breaker.release()
+    assert breaker.state == "open"
+    assert changes == [("closed", "open")]
+
+
 def test_a_late_outcome_while_open_is_ignored() -> None:
     breaker, clock, changes = make(BreakerConfig(jitter=0.0, probe_timeout=5.0))
     trip(breaker)
