@@ -56,7 +56,6 @@ _PACKAGES: tuple[tuple[str, str], ...] = (
     ("/json/", "json"),
     ("/nats/", "nats"),
     ("/packaging/", "packaging"),
-    ("/tenacity/", "tenacity"),
 )
 
 

@@ -22,8 +22,8 @@ def _fresh(code: str) -> object:
 
 #: Each only for what an agent with mTLS off never does on its way to serving: aiohttp (NATS over
 #: WebSocket; not a dependency, but the bench and dev extras install it), httpx (asking the
-#: control plane), cryptography and tenacity (mTLS; a retried call), the control plane's web
-#: stack, YAML manifests, the tracing SDK (set up by ``run`` itself).
+#: control plane), cryptography (mTLS), the control plane's web stack, YAML manifests, the
+#: tracing SDK (set up by ``run`` itself).
 _NOT_ON_THE_START_PATH = [
     "aiohttp",
     "cryptography",
@@ -31,7 +31,6 @@ _NOT_ON_THE_START_PATH = [
     "httpx",
     "jinja2",
     "starlette",
-    "tenacity",
     "yaml",
     "opentelemetry.sdk",
 ]
