@@ -29,7 +29,9 @@ def test_the_config_leaf_imports_nothing_of_agentmesh():
 
 def test_policies_never_import_the_sidecar():
     offenders = {
-        f"policy/{path.name}": sorted(m for m in _imports(path) if m.startswith("agentmesh.sidecar"))
+        f"policy/{path.name}": sorted(
+            m for m in _imports(path) if m.startswith("agentmesh.sidecar")
+        )
         for path in (PACKAGE / "policy").glob("*.py")
     }
     assert {k: v for k, v in offenders.items() if v} == {}

@@ -364,7 +364,7 @@ def test_a_released_probe_frees_its_slot_without_a_verdict() -> None:
 
 
 def test_a_release_while_closed_or_open_counts_nothing() -> None:
-    breaker, clock, changes = make()
+    breaker, _, changes = make()
     fail(breaker, 4)
     assert breaker.try_acquire()
     breaker.release()

@@ -10,9 +10,21 @@ from typing import Any
 
 import httpx
 import pytest
+from packaging.version import Version
 
-from agentmesh import DeadlineExceeded, Mesh, NoHealthyEndpoints, capability
+from agentmesh import (
+    AgentRecord,
+    CapabilitySpec,
+    DeadlineExceeded,
+    Mesh,
+    NoHealthyEndpoints,
+    capability,
+)
+from agentmesh._config import TrafficRoute
+from agentmesh.registry.index import Target
 from agentmesh.sidecar.breaker import Breaker
+from agentmesh.sidecar.call import OutboundCall, Reply
+from agentmesh.sidecar.deadline import DeadlineLayer, current_deadline
 from tests.flaky import frozen_endpoint
 from tests.mesh_ca import mesh_ca
 
@@ -146,3 +158,61 @@ async def test_a_call_its_caller_cancels_tells_the_breaker_nothing(mesh: Mesh, w
         # slot is free again for the next call.
         assert breaker.state == "half_open"
         assert breaker.available()
+
+
+# --- the deadline layer: one place decides the budget -----------------------------------------
+
+
+def _target(timeout: float | None) -> Target:
+    spec = CapabilitySpec(name="cap", input_schema={}, output_schema={}, timeout=timeout)
+    record = AgentRecord(
+        instance_id="a-1", name="a", endpoint="http://127.0.0.1:1", capabilities=(spec,)
+    )
+    return Target(record, spec, Version("0.1.0"))
+
+
+async def _budget(
+    *,
+    explicit: float | None = None,
+    route: float | None = None,
+    spec: float | None = None,
+    inherited: float | None = None,
+) -> float:
+    """The budget the deadline layer gives a call, in seconds (``call.timeout`` afterwards)."""
+    seen: list[OutboundCall] = []
+
+    async def record(call: OutboundCall) -> Reply:
+        seen.append(call)
+        return Reply(_target(None))
+
+    call = OutboundCall("cap", b"{}", timeout=explicit)
+    call.targets = (_target(spec),)
+    if route is not None:
+        call.traffic = TrafficRoute(policy="p", timeout=route)
+    loop = asyncio.get_running_loop()
+    token = current_deadline.set(None if inherited is None else loop.time() + inherited)
+    try:
+        await DeadlineLayer(record, default_timeout=30.0)(call)
+    finally:
+        current_deadline.reset(token)
+    assert seen[0].timeout is not None
+    assert seen[0].deadline == pytest.approx(loop.time() + seen[0].timeout, abs=0.05)
+    return seen[0].timeout
+
+
+async def test_the_budget_is_the_callers_then_the_policys_then_the_capabilitys_then_the_default():
+    assert await _budget(explicit=1, route=2, spec=3) == 1
+    assert await _budget(route=2, spec=3) == 2
+    assert await _budget(spec=3) == 3
+    assert await _budget() == 30.0
+
+
+async def test_no_budget_outlives_the_call_being_served():
+    assert await _budget(explicit=10, inherited=2) == pytest.approx(2, abs=0.05)
+    assert await _budget(route=10, inherited=2) == pytest.approx(2, abs=0.05)
+    assert await _budget(explicit=1, inherited=2) == 1
+
+
+async def test_a_call_whose_inherited_deadline_has_passed_is_not_sent():
+    with pytest.raises(DeadlineExceeded, match="deadline has passed; not sent"):
+        await _budget(inherited=-0.1)
