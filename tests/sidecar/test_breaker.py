@@ -8,7 +8,24 @@ from typing import Any
 
 import pytest
 
-from agentmesh.sidecar.breaker import Breaker, BreakerConfig, BreakerState, ejected_ratio
+from agentmesh import (
+    AgentUnavailable,
+    ConnectionFailed,
+    ConnectionLost,
+    DeadlineExceeded,
+    InvalidInput,
+    MeshUnavailable,
+    PolicyDenied,
+    RateLimited,
+    RemoteAgentError,
+)
+from agentmesh.sidecar.breaker import (
+    Breaker,
+    BreakerConfig,
+    BreakerState,
+    ejected_ratio,
+    endpoint_failed,
+)
 
 
 class FakeClock:
@@ -657,3 +674,24 @@ def test_equal_base_and_max_ejection_never_grows() -> None:
         to_half_open(breaker, clock)
         fail(breaker)
         assert breaker.ejected_until == clock.now + 3.0
+
+
+# --- what counts against an endpoint ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "counts"),
+    [
+        (ConnectionFailed("refused"), True),
+        (ConnectionLost("reset, or the per-try timeout passed"), True),
+        (DeadlineExceeded("no reply in time, here or at the agent"), True),
+        (MeshUnavailable("502"), True),
+        (AgentUnavailable("draining"), False),
+        (RateLimited("429"), False),
+        (RemoteAgentError("the capability raised"), False),
+        (InvalidInput("bad"), False),
+        (PolicyDenied("no"), False),
+    ],
+)
+def test_what_counts_as_the_endpoints_failure(error: Exception, counts: bool) -> None:
+    assert endpoint_failed(error) is counts
