@@ -2,7 +2,8 @@
 
 ``python bench/ablate.py stack``
     CPU per call of the client's outbound stack with a null transport (no network, no
-    agent): ``asyncio.timeout_at`` alone, ``DeadlineLayer`` alone, the whole stack, and
+    agent): ``asyncio.timeout_at`` alone, the deadline alone (``DeadlineLayer``, with
+    ``AttemptTimeoutLayer`` where that holds the timer), the whole stack, and
     ``Mesh.call`` on top. Best of 5 × ``--calls / 5`` calls, ``time.process_time``.
 
 ``python bench/ablate.py agent-env``
