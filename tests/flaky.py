@@ -38,27 +38,34 @@ class Flaky:
 
 
 @contextlib.asynccontextmanager
-async def flaky_endpoint(mesh: Mesh) -> AsyncIterator[tuple[Flaky, str]]:
-    """A Flaky server registered in the mesh as an instance offering ``work``."""
-    app = Flaky()
-    server = HttpServer(app, bind("127.0.0.1", 0), tls=mesh_ca().server_tls("flaky"))
+async def _registered(app: Any, name: str, mesh: Mesh) -> AsyncIterator[str]:
+    """Serve ``app`` over mTLS, registered in the mesh as instance ``<name>-1`` of ``work``."""
+    server = HttpServer(app, bind("127.0.0.1", 0), tls=mesh_ca().server_tls(name))
     await server.start()
     record = AgentRecord(
-        instance_id="flaky-1",
-        name="flaky",
-        identity="spiffe://agentmesh.local/agent/flaky",
+        instance_id=f"{name}-1",
+        name=name,
+        identity=f"spiffe://agentmesh.local/agent/{name}",
         mtls="strict",
         endpoint=f"https://127.0.0.1:{server.port}",
         capabilities=(work.spec,),
     )
-    store = await mesh_ca().store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, "flaky")
+    store = await mesh_ca().store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, name)
     lease = Lease(store, record, interval=0.25, ttl=1)
     await lease.acquire()
     try:
-        yield app, record.instance_id
+        yield record.instance_id
     finally:
         await lease.release()
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def flaky_endpoint(mesh: Mesh) -> AsyncIterator[tuple[Flaky, str]]:
+    """A Flaky server registered in the mesh as an instance offering ``work``."""
+    app = Flaky()
+    async with _registered(app, "flaky", mesh) as instance_id:
+        yield app, instance_id
 
 
 class Frozen:
@@ -82,19 +89,8 @@ class Frozen:
 async def frozen_endpoint(mesh: Mesh) -> AsyncIterator[str]:
     """A Frozen server registered in the mesh as an instance offering ``work``; its id."""
     app = Frozen()
-    server = HttpServer(app, bind("127.0.0.1", 0), tls=mesh_ca().server_tls("frozen"))
-    await server.start()
-    record = AgentRecord(
-        instance_id="frozen-1",
-        name="frozen",
-        endpoint=f"https://127.0.0.1:{server.port}",
-        capabilities=(work.spec,),
-    )
-    lease = Lease(mesh.sidecar.store, record, interval=0.25, ttl=1)
-    await lease.acquire()
-    try:
-        yield record.instance_id
-    finally:
-        app.release.set()
-        await lease.release()
-        await server.stop()
+    async with _registered(app, "frozen", mesh) as instance_id:
+        try:
+            yield instance_id
+        finally:
+            app.release.set()  # before the server stops: it waits for its handlers
