@@ -1,6 +1,6 @@
-"""A replica that hangs (SIGSTOP: its socket still accepts, nothing ever answers), with the
-default settings: idempotent calls move to the other replica within their budget, and the
-timeouts eject the frozen one like any other failure."""
+"""A replica that hangs (SIGSTOP: its kernel still accepts, nothing ever answers), with the
+default settings: idempotent calls stuck on it move to the other replica within their budget,
+and the timeouts eject it like any other failure."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ async def test_calls_stuck_on_a_sigstopped_replica_are_retried_on_the_other(
         spawn_agent(source, env=env), spawn_agent(source, env=env)
     )
     key = _key_for(mesh, frozen.instance_id)
+    # Calls before it freezes leave kept-alive connections to it in the pool: a request on one
+    # of them is sent and then waits, where a new connection would fail at the connect
+    # timeout (sidecar/http1.py) and be retried anyway. Only the per-try timeout ends the wait.
+    warm = await asyncio.gather(
+        *(mesh.invoke("echo", {"n": n}, affinity_key=key) for n in range(5))
+    )
+    assert {r.instance_id for r in warm} == {frozen.instance_id}
     os.kill(frozen.pid, signal.SIGSTOP)
     try:
         # The default settings: a 30 s budget, of which one attempt may spend half. Five
