@@ -99,15 +99,20 @@ class DeadlineLayer:
             else:
                 spec = call.targets[0].spec.timeout if call.targets else None
                 timeout = spec or self.default_timeout
+        # bound(), written out: this runs on every call.
         now = asyncio.get_running_loop().time()
-        deadline = bound(now, timeout, current_deadline.get())
-        assert deadline is not None
-        if deadline <= now:
-            raise DeadlineExceeded(
-                f"capability {call.capability!r}: the caller's own deadline has passed; not sent"
-            )
+        deadline = now + timeout
+        inherited = current_deadline.get()
+        if inherited is not None and inherited < deadline:
+            if inherited <= now:
+                raise DeadlineExceeded(
+                    f"capability {call.capability!r}: the caller's own deadline has passed; "
+                    "not sent"
+                )
+            deadline = inherited
+            timeout = inherited - now
         call.deadline = deadline
-        call.timeout = timeout if deadline - now >= timeout else deadline - now
+        call.timeout = timeout
         return await self._inner(call)
 
 
@@ -125,8 +130,8 @@ class AttemptTimeoutLayer:
     async def __call__(self, call: OutboundCall) -> Reply:
         limit = call.deadline
         per_try = call.per_try_timeout
-        if per_try is not None:
-            limit = min(limit, asyncio.get_running_loop().time() + per_try)
+        if per_try is not None and (end := asyncio.get_running_loop().time() + per_try) < limit:
+            limit = end
         try:
             async with asyncio.timeout_at(limit) as scope:
                 return await self._inner(call)
