@@ -7,17 +7,15 @@ whichever door it comes through, and ``Mesh.call`` stays the reference for what 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Mapping
 
 from opentelemetry import context as otel_context
 
 from agentmesh.errors import InvalidInput, MeshError
-from agentmesh.registry.index import LocalIndex, parse_specifier
-from agentmesh.settings import Settings
+from agentmesh.registry.index import parse_specifier
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
-from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
+from agentmesh.sidecar.deadline import DEADLINE_HEADER
 from agentmesh.telemetry.tracing import TRACEPARENT, extract
 
 __all__ = [
@@ -45,44 +43,28 @@ Headers = Mapping[str, str]
 """Request headers by lower-case name (one value each)."""
 
 
-def outbound_call(
-    capability: str,
-    body: bytes,
-    headers: Headers,
-    *,
-    index: LocalIndex,
-    settings: Settings,
-    loop: asyncio.AbstractEventLoop,
-) -> OutboundCall:
+def outbound_call(capability: str, body: bytes, headers: Headers) -> OutboundCall:
     """The call ``Mesh.call``/``Mesh.stream`` would make, with options read from headers.
 
-    ``agentmesh-timeout-ms`` is the total budget (as agents receive it); without it the
-    capability's declared timeout, else ``AGENTMESH_CALL_TIMEOUT``. It never exceeds what is
-    left of an inbound call being served. ``accept: text/event-stream`` asks for a stream.
+    ``agentmesh-timeout-ms`` is the total budget (as agents receive it), as ``timeout=``;
+    without it the deadline layer picks it as for any call (``sidecar/deadline.py``), never
+    more than what is left of an inbound call being served. ``accept: text/event-stream``
+    asks for a stream.
     """
-    explicit = DEADLINE_HEADER in headers
-    if explicit:
+    timeout = None
+    if DEADLINE_HEADER in headers:
         try:
             timeout = max(int(headers[DEADLINE_HEADER]), 1) / 1000
         except ValueError:
             raise InvalidInput(f"header {DEADLINE_HEADER} must be an integer (ms)") from None
-    else:
-        targets = index.targets(capability)
-        timeout = (targets[0].spec.timeout if targets else None) or settings.call_timeout
-    deadline = loop.time() + timeout
-    inherited = current_deadline.get()
-    if inherited is not None and inherited < deadline:
-        deadline = inherited
     version = parse_specifier(headers.get(VERSION_HEADER))
     tags = headers.get(TAGS_HEADER)
     call = OutboundCall(
         capability=capability,
         body=body or b"{}",
-        deadline=deadline,
         timeout=timeout,
         version=version,
         tags=[t.strip() for t in tags.split(",") if t.strip()] if tags else None,
-        timeout_explicit=explicit,
         stream="text/event-stream" in headers.get("accept", ""),
     )
     if key := headers.get("idempotency-key"):
@@ -92,13 +74,7 @@ def outbound_call(
 
 
 async def send_call(
-    handler: Handler,
-    capability: str,
-    body: bytes,
-    headers: Headers,
-    *,
-    index: LocalIndex,
-    settings: Settings,
+    handler: Handler, capability: str, body: bytes, headers: Headers
 ) -> tuple[OutboundCall, Reply]:
     """Build the call and send it through ``handler`` (the outbound stack).
 
@@ -107,14 +83,7 @@ async def send_call(
     of the app's inbound span and the loop guard sees the whole chain. Both are reset after,
     so nothing leaks into the caller's context (the httpx face runs in the user's task).
     """
-    call = outbound_call(
-        capability,
-        body,
-        headers,
-        index=index,
-        settings=settings,
-        loop=asyncio.get_running_loop(),
-    )
+    call = outbound_call(capability, body, headers)
     chain = headers.get(CHAIN_HEADER)
     chain_token = current_chain.set(parse_chain(chain)) if chain else None
     trace_token = None

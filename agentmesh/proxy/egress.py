@@ -62,14 +62,7 @@ class EgressApp:
         headers = wanted_headers(scope["headers"])
         try:
             body = await _read_body(receive, scope["headers"], self._max_body)
-            call, reply = await send_call(
-                self._handler,
-                capability,
-                body,
-                headers,
-                index=self._sidecar.index,
-                settings=self._settings,
-            )
+            call, reply = await send_call(self._handler, capability, body, headers)
         except _Disconnected:
             return
         except MeshError as exc:

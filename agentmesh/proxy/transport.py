@@ -50,14 +50,7 @@ class MeshTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         headers = {k: v for k, v in request.headers.items() if k not in ("host", "content-length")}
         try:
-            call, reply = await send_call(
-                self._handler,
-                capability,
-                body,
-                headers,
-                index=self._sidecar.index,
-                settings=self._settings,
-            )
+            call, reply = await send_call(self._handler, capability, body, headers)
         except MeshError as exc:
             return _problem(exc, request)
         if reply.chunks is None and not call.stream:
