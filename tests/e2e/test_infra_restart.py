@@ -170,9 +170,20 @@ async def _recovered(
     agents: list[AgentProcess],
     wait_until: Callable[..., Awaitable[float]],
 ) -> float:
-    """Seconds until every agent is listed again; then a CLI call through the mesh works."""
+    """Seconds until every agent is listed again; then a CLI call through the mesh works.
+
+    The listing alone can be satisfied early by the records the agents left before the restart
+    (their leases had not expired yet), so the call is tried until the agents have
+    re-registered, within the same bound.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECOVERY_TIMEOUT
     took = await wait_until(lambda: _listed(control, agents), timeout=RECOVERY_TIMEOUT)
-    code, out, err = await _cli(control, "call", "research", '{"topic":"restart"}')
+    while True:
+        code, out, err = await _cli(control, "call", "research", '{"topic":"restart"}')
+        if code == 0 or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.5)
     assert code == 0, err
     assert json.loads(out)["topic"] == "restart"
     assert all(a.returncode is None for a in agents), "an agent exited"
