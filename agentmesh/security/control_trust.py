@@ -174,8 +174,8 @@ def _bundle_url(settings: Settings) -> str:
     return settings.control_url.rstrip("/") + "/v1/trust-bundle"
 
 
-def _known(settings: Settings) -> ssl.SSLContext | bool | tuple[tuple[str, str], str]:
-    """What verifies the control plane without a fetch, else (the pin's cache key, the token)."""
+async def control_verify(settings: Settings) -> ssl.SSLContext | bool:
+    """What to verify the control plane by (httpx ``verify=``); may fetch the bundle once."""
     if not _is_https(settings.control_url):
         guard_cleartext(settings.control_url, sends_token=False)
         return False
@@ -186,41 +186,39 @@ def _known(settings: Settings) -> ssl.SSLContext | bool | tuple[tuple[str, str],
     if token is None:
         raise _no_roots(settings)
     key = _pin_key(settings, token)
-    return _contexts.get(key) or (key, token)
+    if key not in _contexts:
+        import httpx
 
-
-def _pinned(settings: Settings, key: tuple[str, str], token: str, body: bytes) -> ssl.SSLContext:
-    _contexts[key] = roots_context(_pinned_roots(body, token, settings.control_url))
+        try:
+            async with httpx.AsyncClient(verify=False, timeout=_PIN_FETCH_TIMEOUT) as http:
+                resp = await http.get(_bundle_url(settings))
+        except httpx.HTTPError as exc:
+            raise control_error(exc, settings.control_url) from exc
+        _contexts[key] = roots_context(_pinned_roots(resp.content, token, settings.control_url))
     return _contexts[key]
-
-
-async def control_verify(settings: Settings) -> ssl.SSLContext | bool:
-    """What to verify the control plane by (httpx ``verify=``); may fetch the bundle once."""
-    known = _known(settings)
-    if not isinstance(known, tuple):
-        return known
-    import httpx
-
-    try:
-        async with httpx.AsyncClient(verify=False, timeout=_PIN_FETCH_TIMEOUT) as http:
-            resp = await http.get(_bundle_url(settings))
-    except httpx.HTTPError as exc:
-        raise control_error(exc, settings.control_url) from exc
-    return _pinned(settings, *known, resp.content)
 
 
 def control_verify_sync(settings: Settings) -> ssl.SSLContext | bool:
     """:func:`control_verify` for synchronous callers (the CLI)."""
-    known = _known(settings)
-    if not isinstance(known, tuple):
-        return known
-    import httpx
+    if not _is_https(settings.control_url):
+        guard_cleartext(settings.control_url, sends_token=False)
+        return False
+    ctx = _from_cache_or_local(settings)
+    if ctx is not None:
+        return ctx
+    token = _token(settings)
+    if token is None:
+        raise _no_roots(settings)
+    key = _pin_key(settings, token)
+    if key not in _contexts:
+        import httpx
 
-    try:
-        resp = httpx.get(_bundle_url(settings), verify=False, timeout=_PIN_FETCH_TIMEOUT)
-    except httpx.HTTPError as exc:
-        raise control_error(exc, settings.control_url) from exc
-    return _pinned(settings, *known, resp.content)
+        try:
+            resp = httpx.get(_bundle_url(settings), verify=False, timeout=_PIN_FETCH_TIMEOUT)
+        except httpx.HTTPError as exc:
+            raise control_error(exc, settings.control_url) from exc
+        _contexts[key] = roots_context(_pinned_roots(resp.content, token, settings.control_url))
+    return _contexts[key]
 
 
 def admin_request(settings: Settings) -> dict[str, Any]:
