@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,27 @@ import pytest
 from agentmesh import Agent, Capability, Mesh, Settings, connect
 from agentmesh.nats_server import NatsServer
 from tests.mesh_ca import mesh_ca
+from tests.stacks import all_stacks
 
 # mTLS is on in every test: any Settings() this process builds (fixtures of other suites too)
 # issues certificates from the process's test CA. Child processes get it from mesh_env().
 os.environ.update(mesh_ca().env())
+
+
+@pytest.hookimpl(hookwrapper=True, optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item) -> Iterator[None]:
+    """A test that hits pytest-timeout reports every asyncio task's await chain too."""
+    yield
+    fail = signal.getsignal(signal.SIGALRM)
+    if not callable(fail):  # the thread method (not in the main thread): stacks only
+        return
+
+    def report_then_fail(signum: int, frame: Any) -> None:
+        item.add_report_section("timeout", "stacks", all_stacks())
+        fail(signum, frame)
+
+    signal.signal(signal.SIGALRM, report_then_fail)
+
 
 # --------------------------------------------------------------------------------------
 # NATS: one real nats-server per session (per xdist worker), a fresh KV bucket per test.
