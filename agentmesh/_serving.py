@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from agentmesh._tasks import stop_task
 from agentmesh.errors import ConfigurationError
 from agentmesh.security.inbound import InboundLimits, ServerTLS, protocol_for
 
@@ -127,10 +128,7 @@ class HttpServer:
                     await asyncio.wait_for(self._task, 2.0)
             except Exception:
                 pass
-            if not self._task.done():
-                self._task.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._task
+            await stop_task(self._task, f"HTTP server on port {self.port}")
             self._task = None
         self.sock.close()
 

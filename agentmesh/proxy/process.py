@@ -18,6 +18,7 @@ import signal
 from collections.abc import Mapping, Sequence
 
 from agentmesh._process import parent_death_hook
+from agentmesh._tasks import stop_task
 from agentmesh.errors import ConfigurationError
 
 __all__ = ["APP_PORT_ENV", "EGRESS_URL_ENV", "AppProcess"]
@@ -118,10 +119,7 @@ class AppProcess:
     async def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after the grace period; returns the exit code."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task, "supervising the app")
         proc = self.proc
         if proc is None:
             return None

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from agentmesh._tasks import stop_task
 from agentmesh.errors import ConfigurationError, MeshError
 
 if TYPE_CHECKING:
@@ -97,10 +98,7 @@ class ServerFollower:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task, f"following the NATS servers of {self._conn.name}")
 
     async def _follow(self) -> None:
         while not self._conn.connected.is_set():

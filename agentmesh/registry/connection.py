@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
 
+from agentmesh._tasks import STOP_WAIT
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.registry.cluster import (
     Rebootstrap,
@@ -253,11 +254,14 @@ class NatsConnection:
         if self._follower is not None:
             await self._follower.stop()
         if self._nc is not None and not self._nc.is_closed:
+            # close, not drain: close also writes out what is pending first, and our watches and
+            # subscriptions are stopped by now. nats-py's drain swallows a cancellation and then
+            # waits for a flush that a hung server never answers (10 s), past any bound set here.
+            # Bounded all the same: a TLS close waits for the server's close_notify.
             try:
-                await asyncio.wait_for(self._nc.drain(), timeout=2.0)
-            except Exception:
-                with contextlib.suppress(Exception):
-                    await self._nc.close()
+                await asyncio.wait_for(self._nc.close(), STOP_WAIT)
+            except Exception as exc:
+                _log.warning("NATS at %s: not closed cleanly (%r); dropped", self.url, exc)
         self._nc = None
 
 

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agentmesh._tasks import STOP_WAIT, stop_task
 from agentmesh.registry.connection import NatsConnection
 
 __all__ = ["BucketFollower"]
@@ -59,19 +60,17 @@ class BucketFollower:
         self._task = asyncio.create_task(self._run(), name=f"watch:{self.what}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task, f"{self.what} watch")
         await self._stop_watcher()
 
     async def _stop_watcher(self) -> None:
         """Ends the current watch; the run loop starts a new one from a snapshot."""
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
+            # Bounded: the unsubscribe waits its turn in nats-py's write queue.
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await asyncio.wait_for(watcher.stop(), STOP_WAIT)
 
     async def _run(self) -> None:
         backoff = 0.1

@@ -9,9 +9,9 @@ always comes back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from agentmesh._tasks import stop_task
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord
 from agentmesh.registry.store import RecordConflict, RegistryStore, record_key, record_part
@@ -56,43 +56,46 @@ class Lease:
     async def release(self, timeout: float = 10.0) -> bool:
         """Stop renewing and delete the record, so watchers drop it immediately.
 
-        ``timeout`` outlasts a leader election on a cluster (4-9 s in nats-server), so an agent
-        stopping during one still deregisters; with NATS gone it returns at once.
+        Returns within ``timeout`` seconds, which outlasts a leader election on a cluster (4-9 s
+        in nats-server), so an agent stopping during one still deregisters; with NATS gone it
+        returns at once.
 
         Returns False if the registry could not be reached within ``timeout``: the record then
         expires on its own within the lease TTL, so stopping never waits on NATS.
         """
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        task, self._task = self._task, None
+        await stop_task(task, f"lease renewal of {self.record.instance_id}", timeout)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._deregister()
+        except (RegistryUnavailable, TimeoutError) as exc:
+            _log.warning(
+                "could not deregister %s (%s); its record expires within %ds",
+                self.record.instance_id,
+                str(exc) or f"no answer within {timeout:g}s",
+                self.ttl,
+            )
+            return False
+        return True
+
+    async def _deregister(self) -> None:
         async with self._lock:
             if self._revision is None:
-                return True
+                return
             revision, self._revision = self._revision, None
+            if not self._store.connected:
+                raise RegistryUnavailable("NATS is not connected")
             try:
-                if not self._store.connected:
-                    raise RegistryUnavailable("NATS is not connected")
-                await asyncio.wait_for(
-                    self._store.delete(record_key(self.record), revision), timeout
-                )
+                await self._store.delete(record_key(self.record), revision)
             except RecordConflict:
                 # A renewal that timed out (a leader election) may have landed after all: then
                 # the record is still ours under a newer revision.
                 try:
-                    await asyncio.wait_for(self._release_current(), timeout)
-                except (RecordConflict, RegistryUnavailable, TimeoutError):
+                    await self._release_current()
+                except RecordConflict:
                     _log.warning("record of %s changed before release", self.record.instance_id)
-            except (RegistryUnavailable, TimeoutError) as exc:
-                _log.warning(
-                    "could not deregister %s (%s); its record expires within %ds",
-                    self.record.instance_id,
-                    exc or "timeout",
-                    self.ttl,
-                )
-                return False
-            return True
 
     async def _release_current(self) -> None:
         current = await self._store.get(record_key(self.record))
@@ -101,7 +104,9 @@ class Lease:
             await self._store.delete(record_key(self.record), current[1])
 
     async def _heartbeat(self) -> None:
-        while True:
+        # Until release() takes the task away, not only until cancelled: a cancellation can be
+        # lost in a renewal's NATS request (see agentmesh/_tasks.py).
+        while self._task is not None:
             await asyncio.sleep(self.interval)
             try:
                 await self._write()

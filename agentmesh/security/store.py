@@ -34,6 +34,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from agentmesh._tasks import STOP_WAIT, stop_task
 from agentmesh.errors import AuthenticationFailed, RegistryUnavailable
 from agentmesh.models import IdentityRecord, SignedState, StoredToken, TrustBundle
 from agentmesh.registry.connection import NatsConnection
@@ -296,18 +297,16 @@ class SecurityView:
         self._task = asyncio.create_task(self._run(store), name="security-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task, "security watch")
         await self._stop_watcher()
 
     async def _stop_watcher(self) -> None:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
+            # Bounded: the unsubscribe waits its turn in nats-py's write queue.
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await asyncio.wait_for(watcher.stop(), STOP_WAIT)
 
     def _apply(self, key: str, value: bytes | None, *, notify: bool = True) -> None:
         if key == BUNDLE_KEY:

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from agentmesh._tasks import stop_task
 from agentmesh.control_planes import live_control
 from agentmesh.errors import (
     AuthenticationFailed,
@@ -277,11 +278,8 @@ class WorkloadIdentity:
         self._renewal = asyncio.create_task(self._renew_loop(), name="identity-renewal")
 
     async def close(self) -> None:
-        if self._renewal is not None:
-            self._renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewal
-            self._renewal = None
+        renewal, self._renewal = self._renewal, None
+        await stop_task(renewal, f"certificate renewal of {self.owner}")
         await self.view.stop()
 
     # ---- getting certificates -----------------------------------------------------------------

@@ -39,6 +39,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
+from agentmesh._tasks import STOP_WAIT, stop_task
 from agentmesh.models import StatsEntry, StatsReport, TapAck, TapEvent, TapRequest
 from agentmesh.registry.connection import NatsConnection
 
@@ -298,18 +299,16 @@ class StatsCollector:
 
     async def close(self) -> None:
         """Stop publishing, after a last report of the calls not reported yet."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        self._tasks = []
-        if self._sub is not None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            await stop_task(task, f"stats publishing of {self.name}")
+        sub, self._sub = self._sub, None
+        if sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await asyncio.wait_for(sub.unsubscribe(), STOP_WAIT)
         if self._conn is not None:
-            await self.publish()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.publish(), STOP_WAIT)
         self._taps.clear()
         self._conn = None
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
 
 from agentmesh import AgentRecord, CapabilitySpec, RegistrationError
+from agentmesh._tasks import stop_task
 from agentmesh.errors import InvalidInput
 from agentmesh.models import MAX_RECORD_BYTES
 from agentmesh.nats_server import NatsServer
@@ -67,6 +69,11 @@ def ids(index: LocalIndex, capability: str = "summarize") -> set[str]:
     return {t.instance_id for t in index.targets(capability)}
 
 
+async def dies(lease: Lease) -> None:
+    """The lease's process dies: no more renewals, no deregistration."""
+    assert await stop_task(lease._task, "renewals")
+
+
 async def test_registration_reaches_the_index_and_release_removes_it(registry, wait_until):
     lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
     await lease.acquire()
@@ -89,10 +96,7 @@ async def test_a_lease_that_stops_renewing_expires_within_its_ttl(registry, wait
     lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=1)
     await lease.acquire()
     await wait_until(lambda: ids(registry.index) == {"sum-a"})
-    assert lease._task is not None
-    lease._task.cancel()  # the process "dies": no more renewals, no deregistration
-    with contextlib.suppress(asyncio.CancelledError):
-        await lease._task
+    await dies(lease)
     took = await wait_until(lambda: not ids(registry.index), timeout=4)
     assert took < 2.5
 
@@ -191,8 +195,7 @@ async def test_nats_restart_reregisters_and_resynchronises(
         await wait_until(lambda: ids(watcher.index) == {"sum-live", "sum-dead"})
 
         nats_server.stop()
-        assert doomed._task is not None
-        doomed._task.cancel()  # dies while NATS is away: nobody deregisters it
+        await dies(doomed)  # while NATS is away: nobody deregisters it
         await asyncio.sleep(1.5)  # longer than the lease
         nats_server.start()
 
@@ -216,12 +219,65 @@ async def test_a_lease_that_lapsed_is_taken_back_over_the_servers_expiry_marker(
     # Seen first: "not in the index" holds before the watch delivers the write, so waiting for
     # the absence alone can end before the record ever expired.
     await wait_until(lambda: ids(registry.index) == {"sum-a"})
-    assert lease._task is not None
-    lease._task.cancel()  # stalls: no renewals
-    with contextlib.suppress(asyncio.CancelledError):
-        await lease._task
+    await dies(lease)  # stalls: no renewals
     await wait_until(lambda: not ids(registry.index), timeout=4)  # expired: the marker is there
     assert await registry.store.get(record_key(record("sum-a"))) is None
     await lease.update(record("sum-a", status="draining"))  # the next write recovers
     await wait_until(lambda: ids(registry.index) == {"sum-a"}, timeout=2)
     await lease.release()
+
+
+class LosesACancellation(RegistryStore):
+    """A store whose first renewal gets its reply in the loop turn of its cancellation: on Python
+    3.11 nats-py's ``asyncio.wait_for`` then returns the reply and the cancellation is lost. Here
+    that renewal parks after its (real) write and loses the first cancellation, on any Python."""
+
+    def __init__(self, conn: NatsConnection, bucket: str) -> None:
+        super().__init__(conn, bucket)
+        self.renewing = asyncio.Event()
+        self.lost = 0
+
+    async def renew(self, record: AgentRecord, revision: int, ttl: int) -> int:
+        revision = await super().renew(record, revision, ttl)
+        if not self.lost:
+            self.renewing.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.lost += 1
+        return revision
+
+
+async def test_release_returns_when_a_renewal_loses_its_cancellation(registry, wait_until):
+    store = LosesACancellation(registry.conn, registry.store.bucket)
+    await store.open()
+    lease = Lease(store, record("sum-a"), interval=0.01, ttl=5)
+    await lease.acquire()
+    await store.renewing.wait()
+    async with asyncio.timeout(10):  # before: the lease renewed on, and release waited for ever
+        assert await lease.release()
+    assert store.lost == 1
+    assert await registry.store.get(record_key(record("sum-a"))) is None
+    assert lease.renewals == 1
+
+
+async def test_release_with_a_hung_nats_returns_within_its_bound_and_says_why(
+    tmp_path, bucket, caplog
+):
+    server = NatsServer(tmp_path)
+    server.start()
+    pid = server.pid
+    assert pid is not None
+    try:
+        async with asyncio.timeout(30):  # every wait below has a bound: none reaches this one
+            async with Registry(server.url, bucket) as registry:
+                lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=5)
+                await lease.acquire()
+                os.kill(pid, signal.SIGSTOP)  # a hung server: connected, nothing ever answers
+                assert not await lease.release(timeout=1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.stop()
+    assert "could not deregister sum-a (no answer within 1s); its record expires within 5s" in (
+        caplog.text
+    )
