@@ -76,7 +76,11 @@ def bucket() -> str:
 
 @pytest.fixture
 def settings(nats_url: str, bucket: str, tmp_path: Path) -> Settings:
-    """Fast leases (renew every 0.25 s, expire after 1 s) so expiry tests stay short.
+    """Leases renewed every 0.25 s that expire 5 s after the last renewal.
+
+    Nothing here waits for an agent's record to expire (a stopping agent deregisters; the
+    expiry tests hold their own 1 s ``Lease``), so the TTL only has to outlast a stall of this
+    process or of nats-server on a loaded machine: with 1 s a 0.75 s stall dropped live agents.
 
     mTLS is on (strict, the default): sidecars issue their certificates from the process's
     test CA (``tests/mesh_ca.py``).
@@ -88,7 +92,7 @@ def settings(nats_url: str, bucket: str, tmp_path: Path) -> Settings:
         nats_url=nats_url,
         registry_bucket=bucket,
         heartbeat_interval=0.25,
-        lease_ttl=1,
+        lease_ttl=5,
         drain_grace=2.0,
         data_dir=tmp_path,
         control_url="http://127.0.0.1:9",
