@@ -496,7 +496,8 @@ async def s6(records: int) -> dict[str, object]:
     print(
         f"S6  new sidecar, {int(seen)} records: initial sync (first call routable) "
         f"{routable:.2f} s (goal < 2 s: {sync}; the view alone {viewed:.2f} s); "
-        f"every record verified {verified:.2f} s; peak RSS {rss_mb:.0f} MB (goal < 150 MB: {memory})"
+        f"every record verified {verified:.2f} s; peak RSS {rss_mb:.0f} MB "
+        f"(goal < 150 MB: {memory})"
     )
     return {
         "records": int(seen),

@@ -156,6 +156,8 @@ class LocalIndex:
         self._by_capability: dict[str, tuple[Target, ...]] = {}
         self._unverified = Unverified(unverified_bytes)
         self._verify_batch = verify_batch
+        #: True while verifying or telling listeners: a query made then (a listener's) answers
+        #: from what is verified, never starts a verification inside another.
         self._settling = False
         self.synced = asyncio.Event()
         #: Set while no record waits unverified (after the first view: everything in it checked).
@@ -428,8 +430,12 @@ class LocalIndex:
     def _changed(self) -> None:
         self.revision += 1
         REGISTRY_INSTANCES.set(len(self._records))
-        for listener in self._listeners:
-            listener()
+        settling, self._settling = self._settling, True
+        try:
+            for listener in self._listeners:
+                listener()
+        finally:
+            self._settling = settling
 
     # ---- the watch task and the verifier -------------------------------------------------------
 
