@@ -372,7 +372,11 @@ class LocalIndex:
                 waiting = self._unverified.pop(instance)
                 if waiting is None:
                     continue
-                record = self._decode(waiting.key, waiting.value)
+                try:
+                    record = self._decode(waiting.key, waiting.value)
+                except Exception:  # a bug, not a refusal: refuse it all the same, loudly
+                    _log.exception("could not verify registry record %r", waiting.key)
+                    record = None
                 if record is None:
                     self._remember_refused(waiting.key, waiting.value)
                     continue

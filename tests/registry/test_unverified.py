@@ -262,3 +262,34 @@ async def test_events_on_waiting_records_decide_as_if_verified_in_order(new_inde
     await index.wait_verified(30)
     assert {r.instance_id for r in index.records()} == {"echoer-0", "echoer-2", "echoer-3"}
     assert "echoer-1" not in seen.ever_listed()
+
+
+class _Crashing(StateTrust):
+    """Verification with a bug for one key (an exception that is not a refusal)."""
+
+    def record(self, key: str, value: bytes) -> AgentRecord:
+        if key == "echoer.echoer-bug":
+            raise RuntimeError("a bug in verification")
+        return super().record(key, value)
+
+
+async def test_a_bug_in_verification_refuses_the_record_loudly_and_the_rest_go_on(
+    nats_url: str, bucket: str, caplog
+) -> None:
+    conn = NatsConnection(nats_url, name="sidecar")
+    await conn.connect()
+    store = RegistryStore(conn, bucket)
+    await store.open()
+    roots = mesh_ca().ca.roots
+    index = LocalIndex(_Crashing(lambda: roots, lambda: TRUST_DOMAIN))
+    try:
+        index.start(store, conn)
+        await index.wait_verified(30)
+        values = {key(i): signed(i) for i in ("echoer-a", "echoer-bug", "echoer-b")}
+        index.replace(values)
+        await index.wait_verified(30)
+        assert {r.instance_id for r in index.records()} == {"echoer-a", "echoer-b"}
+        assert logged(caplog, "could not verify registry record 'echoer.echoer-bug'")
+    finally:
+        await index.stop()
+        await conn.close()
