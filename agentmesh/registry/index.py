@@ -303,11 +303,15 @@ class LocalIndex:
                 refused[key] = value
                 continue
             held = before.get(instance)
-            if held is not None and held.key == key and held.value == value:
-                claim: AgentRecord | None = held.claim
-            else:
-                claim = self._claim(key, value) if self._may_wait(value) else None
-            if claim is not None and waiting.add(instance, Waiting(key, value, claim)):
+            if held is None or held.key != key or held.value != value:
+                held = None
+                if self._may_wait(value):
+                    claim = self._claim(key, value)
+                    if claim is None:
+                        refused[key] = value
+                        continue
+                    held = Waiting(key, value, claim)
+            if held is not None and waiting.add(instance, held):
                 continue
             record = self._decode(key, value)
             if record is not None:

@@ -293,3 +293,14 @@ async def test_a_bug_in_verification_refuses_the_record_loudly_and_the_rest_go_o
     finally:
         await index.stop()
         await conn.close()
+
+
+async def test_a_forged_key_first_in_a_view_does_not_hide_the_real_record_of_its_instance(
+    new_index,
+) -> None:
+    index: LocalIndex = await new_index()
+    await index.wait_verified(30)
+    forged = mesh_ca().sealer("eve")(record("echoer-x", name="mallory"))
+    index.replace({key("echoer-x", "mallory"): forged, key("echoer-x"): signed("echoer-x")})
+    await index.wait_verified(30)
+    assert [(r.name, r.instance_id) for r in index.records()] == [("echoer", "echoer-x")]
