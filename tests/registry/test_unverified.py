@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from agentmesh import AgentRecord, CapabilitySpec
+from agentmesh.policy.cache import PolicyCache
+from agentmesh.policy.store import PolicyStore
 from agentmesh.registry import LocalIndex, NatsConnection, RegistryStore, RegistryView
 from agentmesh.security.signed import StateTrust
 from tests.mesh_ca import TRUST_DOMAIN, mesh_ca
@@ -135,7 +137,7 @@ async def put_all(kv: RegistryStore, values: dict[str, bytes]) -> None:
 
 
 async def test_a_first_view_is_used_only_as_far_as_it_is_verified(
-    kv: RegistryStore, new_index, caplog
+    kv: RegistryStore, new_index, nats_url: str, caplog
 ) -> None:
     caplog.set_level(logging.WARNING, logger="agentmesh.registry")
     legit = {key(f"echoer-{i:02d}"): signed(f"echoer-{i:02d}") for i in range(LEGIT)}
@@ -143,6 +145,7 @@ async def test_a_first_view_is_used_only_as_far_as_it_is_verified(
     index: LocalIndex = await new_index(verify_batch=2)
     seen = Observed(index)
     view = RegistryView(index, sync_timeout=30)
+    kv_conn = NatsConnection(nats_url, name="never-connected")  # the cache's store stays unused
 
     await index.wait_synced(30)
     # The view went in unverified: at its first change, nothing was listed yet.
@@ -151,8 +154,11 @@ async def test_a_first_view_is_used_only_as_far_as_it_is_verified(
     resolved = {t.instance_id for t in index.targets("echo")}
     assert resolved
     assert resolved <= {f"echoer-{i:02d}" for i in range(LEGIT)}
-    # A decision about agent "echoer" sees every one of its records (its labels), verified.
-    assert len(index.records_named("echoer")) == LEGIT
+    # A policy decision about caller "echoer" sees the labels of every one of its records,
+    # verified (a missing instance could escape a deny rule, or widen an allow rule).
+    policies = PolicyCache(PolicyStore(kv_conn, "unused"), index)
+    caller = policies.verified(f"spiffe://{TRUST_DOMAIN}/agent/echoer")
+    assert caller.labels == ({"team": "red"},) * LEGIT
     # Listings wait for the whole view to be verified.
     assert {r.instance_id for r in await view.agents()} == {f"echoer-{i:02d}" for i in range(LEGIT)}
     assert len(await view.find("echo")) == LEGIT
