@@ -273,10 +273,10 @@ async def test_events_on_waiting_records_decide_as_if_verified_in_order(new_inde
 class _Crashing(StateTrust):
     """Verification with a bug for one key (an exception that is not a refusal)."""
 
-    def record(self, key: str, value: bytes) -> AgentRecord:
+    def record(self, key: str, value: bytes, claim: AgentRecord | None = None) -> AgentRecord:
         if key == "echoer.echoer-bug":
             raise RuntimeError("a bug in verification")
-        return super().record(key, value)
+        return super().record(key, value, claim)
 
 
 async def test_a_bug_in_verification_refuses_the_record_loudly_and_the_rest_go_on(
