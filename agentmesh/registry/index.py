@@ -156,8 +156,8 @@ class LocalIndex:
         self._by_capability: dict[str, tuple[Target, ...]] = {}
         self._unverified = Unverified(unverified_bytes)
         self._verify_batch = verify_batch
-        #: True while verifying or telling listeners: a query made then (a listener's) answers
-        #: from what is verified, never starts a verification inside another.
+        #: True while verifying or telling listeners: a resolution then (a listener's) answers
+        #: from what is verified, and starts no verification inside another.
         self._settling = False
         self.synced = asyncio.Event()
         #: Set while no record waits unverified (after the first view: everything in it checked).
@@ -189,10 +189,11 @@ class LocalIndex:
         """Every instance of agent ``name``, its waiting records verified first.
 
         For decisions that depend on all of them (a caller's labels in a policy): a record not
-        yet verified would otherwise be a label silently missing, and a deny rule missed.
+        yet verified would otherwise be a label silently missing, and a deny rule missed. So it
+        verifies even when asked from a listener.
         """
         waiting = self._unverified.named(name)
-        if waiting and not self._settling:
+        if waiting:
             self._settle(waiting)
         return [r for r in self._records.values() if r.name == name]
 
@@ -374,7 +375,7 @@ class LocalIndex:
         One that fails is logged and remembered as refused; a record verified before under
         its key stays (a bad value never evicts a good record).
         """
-        self._settling = True
+        settling, self._settling = self._settling, True
         try:
             changes: list[_Change] = []
             for instance in instances:
@@ -395,7 +396,7 @@ class LocalIndex:
             if changes:
                 self._update(changes)
         finally:
-            self._settling = False
+            self._settling = settling
         self._check_verified()
 
     def _check_verified(self) -> None:
