@@ -115,7 +115,6 @@ class ObserveLayer:
                 attributes["agentmesh.callee"] = callee
                 attributes["agentmesh.callee.instance"] = target.instance_id
                 attributes["agentmesh.capability.version"] = target.spec.version
-                attributes["server.address"] = target.url
             span.set_attributes(attributes)
         span.end()
         labelled(OUTBOUND_REQUESTS, self.caller, call.capability, callee, status).inc()
