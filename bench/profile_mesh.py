@@ -1,9 +1,9 @@
-"""Profile the mesh path (M1) with py-spy: where the CPU of a mesh call goes, on both sides.
+"""Profile the mesh path with py-spy: where the CPU of a mesh call goes, on both sides.
 
 ``python bench/profile_mesh.py record --concurrency 1 --duration 8 --side client --out DIR``
-starts the M1 target (nats-server, one agent, a client ``Mesh`` in this process), drives a
-closed loop of ``Mesh.call`` at the given concurrency and, meanwhile, runs
-``py-spy record --format speedscope`` on this process (``client``: the caller plus its
+starts a mesh target (M1, or M2/M3 with ``--target``: nats-server, one agent, a client ``Mesh``
+in this process), drives a closed loop of ``Mesh.call`` at the given concurrency and, meanwhile,
+runs ``py-spy record --format speedscope`` on this process (``client``: the caller plus its
 in-process sidecar) or on the agent process (``agent``: uvicorn, the inbound app, the
 capability). py-spy samples only threads that are running (not blocked in ``epoll_wait``), so
 the shares are shares of the CPU a side actually spends.
