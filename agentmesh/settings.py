@@ -55,6 +55,15 @@ class Settings(BaseSettings):
         "http://nats-a:8222), for `agentmesh check`'s cluster view: only they report the "
         "JetStream meta leader. Unset: check lists the advertised nodes without it.",
     )
+    nats_node_cert_ttl: float = Field(
+        default=90 * 86400.0,
+        ge=3600,
+        le=366 * 86400,
+        description="Lifetime in seconds of the certificate `agentmesh nats-config --tls-dir` "
+        "writes for the nodes of an operator-run NATS cluster (capped by the CA's own). Nobody "
+        "renews it automatically, so it outlives a quarter's maintenance window; short enough "
+        "that a copied node key stops working within one.",
+    )
     nats_ping_interval: float = Field(
         default=2.0,
         gt=0,

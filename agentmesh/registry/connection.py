@@ -92,6 +92,12 @@ class NatsConnection:
         )
 
     @property
+    def credentials(self) -> Credentials | None:
+        """How this connection authenticates and checks the server (TLS): another connection
+        to the same servers as someone else keeps the TLS part."""
+        return self._credentials
+
+    @property
     def unauthenticated(self) -> bool:
         """The server admits connections without credentials (its INFO at our last probe):
         anyone who can reach it can rewrite policies, revocations and registry records."""

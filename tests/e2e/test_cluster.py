@@ -19,7 +19,7 @@ import pytest
 from agentmesh import Mesh, Settings, connect
 from agentmesh.control.nats_status import mesh_buckets
 from agentmesh.policy.store import PolicyStore
-from agentmesh.registry import NatsConnection, RegistryStore
+from agentmesh.registry import RegistryStore
 from agentmesh.registry.cluster import bucket_replicas
 from agentmesh.security.store import SecurityStore
 from tests.control.control_process import arun_cli, control_tls
@@ -47,7 +47,8 @@ CALL_PERIOD = 0.02
 
 @pytest.fixture(scope="module")
 def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path_factory.mktemp("cluster"))
+    root = tmp_path_factory.mktemp("cluster")
+    cluster = NatsCluster(root, root / "mesh", mesh_ca().env())
     try:
         cluster.start()
         yield cluster
@@ -67,6 +68,7 @@ class Plane:
 
     def __init__(self, cluster: NatsCluster, bucket: str, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        cluster.share_keys(workdir)
         self.workdir = workdir
         self.monitors = ",".join(cluster.monitor_urls)
         ready = workdir / "control.json"
@@ -287,11 +289,9 @@ async def test_bootstrap_hands_out_every_node_and_check_shows_the_cluster(
 ) -> None:
     code, out, err = await mesh3.cli("check", "-o", "json")
     checks = {c["check"]: c for c in json.loads(out)}
-    # The example cluster is an open NATS (no accounts, no TLS): check says so, and only that
-    # fails (docs/security.md, "Operator-run NATS").
-    assert checks["NATS auth"]["ok"] is False, checks["NATS auth"]
-    assert [c for c in checks.values() if c["ok"] is False] == [checks["NATS auth"]], out
-    assert code == 1, out + err
+    assert code == 0, out + err
+    assert [c for c in checks.values() if c["ok"] is False] == [], out
+    assert checks["NATS auth"]["detail"].startswith("TLS, credentials required"), checks
     cluster = checks["NATS cluster"]
     assert cluster["ok"] is True, cluster
     for node in NODES:
@@ -315,21 +315,15 @@ async def test_buckets_with_fewer_replicas_are_reported_and_raised(
 ) -> None:
     # Buckets made with one replica, as by a process with AGENTMESH_KV_REPLICAS=1 (or before the
     # cluster grew).
-    conn = NatsConnection(cluster.seeds, name="r1-creator", kv_replicas=1)
-    await conn.connect()
+    conn = await cluster.connection(bucket, kv_replicas=1)
     plane: Plane | None = None
     try:
         buckets = mesh_buckets(bucket)
         await RegistryStore(conn, buckets[0]).open()
         await PolicyStore(conn, buckets[1]).open()
         await SecurityStore(conn, buckets[2]).open()
-        env = clean_env(
-            {
-                "AGENTMESH_NATS_URL": cluster.seeds,
-                "AGENTMESH_REGISTRY_BUCKET": bucket,
-                "AGENTMESH_CONTROL_URL": "http://127.0.0.1:9",
-                "AGENTMESH_DATA_DIR": str(tmp_path),
-            }
+        env = cluster.env(
+            {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_CONTROL_URL": "http://127.0.0.1:9"}
         )
         before = await arun_cli("check", "-o", "json", env=env)
         row = {c["check"]: c for c in json.loads(before.stdout)}["buckets"]
