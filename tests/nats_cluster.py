@@ -70,15 +70,15 @@ class NatsCluster:
         assert made.returncode == 0, made.stderr
         ports = _free_ports(3 * len(NODES))
         self.client_ports = dict(zip(NODES, ports[0:3], strict=True))
-        route_ports = dict(zip(NODES, ports[3:6], strict=True))
+        self.route_ports = dict(zip(NODES, ports[3:6], strict=True))
         self.monitor_ports = dict(zip(NODES, ports[6:9], strict=True))
-        routes = "\n".join(f'  "nats-route://127.0.0.1:{route_ports[n]}"' for n in NODES)
+        routes = "\n".join(f'  "nats-route://127.0.0.1:{self.route_ports[n]}"' for n in NODES)
         self.servers: dict[str, NatsServer] = {}
         for node in NODES:
             shutil.copy(DEPLOY / f"nats-{node}.conf", root / f"nats-{node}.conf")
             (root / f"addresses-{node}.conf").write_text(
                 f'CLIENT: "127.0.0.1:{self.client_ports[node]}"\n'
-                f'ROUTE: "127.0.0.1:{route_ports[node]}"\n'
+                f'ROUTE: "127.0.0.1:{self.route_ports[node]}"\n'
                 f'MONITOR: "127.0.0.1:{self.monitor_ports[node]}"\n'
                 f'STORE: "{root / "data" / node}"\n'
                 f'TLS_CERT: "{tls / "nats.pem"}"\n'
@@ -93,7 +93,8 @@ class NatsCluster:
     def share_keys(self, data_dir: Path) -> None:
         """Give a control plane's data dir the NATS keys the nodes trust (as docs/deploy.md
         says every control plane needs)."""
-        shutil.copytree(self.data_dir / AUTH_DIR, data_dir / AUTH_DIR, dirs_exist_ok=True)
+        if data_dir.resolve() != self.data_dir.resolve():  # else it has them
+            shutil.copytree(self.data_dir / AUTH_DIR, data_dir / AUTH_DIR, dirs_exist_ok=True)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """A process that connects straight to the cluster with the control plane's powers:
@@ -145,14 +146,18 @@ class NatsCluster:
                 server.start(timeout=30)
         self.wait_formed()
 
-    def jsz(self, node: str) -> dict[str, object] | None:
+    def monitor(self, node: str, endpoint: str) -> dict[str, Any] | None:
+        """A monitoring endpoint's JSON (``jsz``, ``routez`` ...); None if the node is away."""
         try:
-            url = f"http://127.0.0.1:{self.monitor_ports[node]}/jsz"
+            url = f"http://127.0.0.1:{self.monitor_ports[node]}/{endpoint}"
             with urllib.request.urlopen(url, timeout=2) as resp:
-                data: dict[str, object] = json.loads(resp.read())
+                data: dict[str, Any] = json.loads(resp.read())
                 return data
         except OSError:
             return None
+
+    def jsz(self, node: str) -> dict[str, Any] | None:
+        return self.monitor(node, "jsz")
 
     def meta_leader(self) -> str | None:
         """The JetStream meta leader as the running nodes report it, if they agree on one."""
