@@ -151,7 +151,8 @@ def _spawn(instances: int, env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> int:
-    ca_cert, ca_key = write_root_ca(root / "ca", "agentmesh.local")
+    ca_cert = Path(cluster.ca_env["AGENTMESH_CA_CERT_FILE"])
+    ca_key = Path(cluster.ca_env["AGENTMESH_CA_KEY_FILE"])
     bucket = f"soak_{uuid4().hex[:8]}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")},
@@ -307,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     with tempfile.TemporaryDirectory(prefix="agentmesh-soak-") as tmp:
         root = Path(tmp)
-        cluster = NatsCluster(root / "cluster")
+        ca_cert, ca_key = write_root_ca(root / "ca", "agentmesh.local")
+        ca_env = {"AGENTMESH_CA_CERT_FILE": str(ca_cert), "AGENTMESH_CA_KEY_FILE": str(ca_key)}
+        # The secured example cluster; every process here holds the NATS keys (data dir: root).
+        cluster = NatsCluster(root / "cluster", root, ca_env)
         try:
             cluster.start()
             return asyncio.run(_soak(args, cluster, root))

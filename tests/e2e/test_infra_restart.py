@@ -7,13 +7,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from agentmesh.control.nats_supervisor import stable_port
 from tests.control.control_process import ControlProcess, arun_cli
 
 from .support import (
@@ -28,13 +28,6 @@ from .support import (
 RECOVERY_TIMEOUT = 30.0  # generous: shared cores; the recovery itself takes about a second
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Control(ControlProcess):
     """``agentmesh control`` with its embedded NATS on a fixed port and data dir, restartable
     as an operator would."""
@@ -45,7 +38,8 @@ class Control(ControlProcess):
             "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
             "AGENTMESH_LEASE_TTL": str(LEASE),
         }
-        super().__init__(workdir, env, port=_free_port())
+        # A port the kernel never gives an outgoing connection, so the restart can bind it again.
+        super().__init__(workdir, env, port=stable_port())
 
     def agent_env(self) -> dict[str, str]:
         """Only the control plane's URL and data dir (its join token), as on its machine; the
@@ -152,7 +146,7 @@ async def test_agents_follow_the_embedded_nats_to_a_new_port(
     await _start_agents(control, agents, tmp_path)
 
     control.stop()
-    control.start(AGENTMESH_EMBEDDED_NATS_PORT=str(_free_port()))
+    control.start(AGENTMESH_EMBEDDED_NATS_PORT=str(stable_port()))
     assert control.info["nats_url"] != old_url
     await _recovered(control, agents, wait_until)
     for agent in agents:
