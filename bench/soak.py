@@ -39,6 +39,8 @@ from agentmesh import Agent, Settings, capability, connect
 from agentmesh.control.ca import write_root_ca
 from agentmesh.registry import RecordConflict
 from agentmesh.registry.cluster import bucket_replicas
+from agentmesh.registry.store import record_key
+from tests.mesh_ca import MeshCA
 from tests.nats_cluster import NatsCluster
 
 WORKER = Path(__file__).resolve().parent / "_soak_worker.py"
@@ -101,13 +103,15 @@ async def soak_probe() -> None:
 
 
 async def _probe(
-    mesh: Any, ttl: int, stop: asyncio.Event, run: Run, registered: asyncio.Event
+    mesh: Any, ca: MeshCA, ttl: int, stop: asyncio.Event, run: Run, registered: asyncio.Event
 ) -> None:
     """A registration renewed every 0.5 s in the registry bucket (a record with a capability
-    nobody calls): the longest gap between successful renewals is what a node loss costs
-    registrations, renewals and deregistrations."""
-    store = mesh.sidecar.store
+    nobody calls, signed as agent ``soak-probe`` so that every index takes it): the longest gap
+    between successful renewals is what a node loss costs registrations, renewals and
+    deregistrations."""
+    store = await ca.store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, "soak-probe")
     record = Agent("soak-probe", capabilities=[soak_probe]).record("http://127.0.0.1:9")
+    key = record_key(record)
     revision = await store.create(record, ttl)
     registered.set()
     last_ok = time.monotonic()
@@ -116,7 +120,7 @@ async def _probe(
         try:
             revision = await asyncio.wait_for(store.renew(record, revision, ttl), 5.0)
         except RecordConflict:  # a renewal that timed out landed after all
-            current = await store.get(record.instance_id)
+            current = await store.get(key)
             if current is not None:
                 revision = current[1]
             continue
@@ -125,7 +129,7 @@ async def _probe(
         now = time.monotonic()
         run.longest_write_stall = max(run.longest_write_stall, now - last_ok)
         last_ok = now
-    await store.delete(record.instance_id)
+    await store.delete(key)
 
 
 async def _view(
@@ -186,12 +190,13 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
             data_dir=root,
             access_log=False,
         )
+        probe_ca = MeshCA(ca_cert, ca_key)
         async with connect(settings) as mesh:
             stop = asyncio.Event()
             registered = asyncio.Event()
             tasks = [
                 asyncio.create_task(_calls(mesh, args.rate, stop, run)),
-                asyncio.create_task(_probe(mesh, args.lease, stop, run, registered)),
+                asyncio.create_task(_probe(mesh, probe_ca, args.lease, stop, run, registered)),
                 asyncio.create_task(_view(mesh, expected + 1, stop, run, registered)),
             ]
             total = args.minutes * 60
