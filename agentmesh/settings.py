@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     nats_monitor_url: str | None = Field(
         default=None,
         description="HTTP monitoring endpoints of the NATS servers (comma-separated, e.g. "
-        "http://nats-a:8222), for `agentmesh check`'s cluster view: only they report the "
-        "JetStream meta leader. Unset: check lists the advertised nodes without it.",
+        "http://nats-a:8222), where `agentmesh check` reads the JetStream meta leader. Unset: "
+        "check asks the control plane, which asks NATS as the system account (a NATS with the "
+        "mesh's accounts); on a NATS without them, check lists the nodes without a leader.",
     )
     nats_node_cert_ttl: float = Field(
         default=90 * 86400.0,

@@ -111,6 +111,7 @@ async def _probe(
     deregistrations."""
     store = await ca.store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, "soak-probe")
     record = Agent("soak-probe", capabilities=[soak_probe]).record("http://127.0.0.1:9")
+    record = record.model_copy(update={"identity": "spiffe://agentmesh.local/agent/soak-probe"})
     key = record_key(record)
     revision = await store.create(record, ttl)
     registered.set()
