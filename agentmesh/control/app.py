@@ -20,7 +20,7 @@ from agentmesh.control.docs import mount_docs
 from agentmesh.control.health import HealthBook
 from agentmesh.control.limits import BodyLimit, body_problem, truncated, validation_problem
 from agentmesh.control.metrics import ControlMetrics
-from agentmesh.control.nats_status import nats_server_status, with_cluster_urls
+from agentmesh.control.nats_status import nats_router, nats_server_status, with_cluster_urls
 from agentmesh.control.policies import policy_router
 from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import ControlSecurity, security_router
@@ -89,6 +89,8 @@ def create_app(
     ControlMetrics(sidecar).install(app)
     if security is not None:
         app.include_router(security_router(security.issuer))
+        if security.issuer.nats is not None:
+            app.include_router(nats_router(sidecar.conn, security.issuer.nats))
     index = sidecar.index
     stats = stats if stats is not None else StatsBook()
     app.include_router(stats_router(stats))
@@ -151,10 +153,12 @@ def create_app(
         name: Annotated[str | None, Query(description="Only instances of this agent")] = None,
     ) -> list[AgentRecord]:
         """Every live agent instance, as the registry holds it."""
+        await index.wait_verified(settings.jetstream_wait)
         return [r for r in index.records() if name is None or r.name == name]
 
     @app.get("/v1/agents/{instance_id}", tags=["registry"], responses={404: _PROBLEM})
     async def get_agent(instance_id: str) -> AgentRecord:
+        await index.wait_verified(settings.jetstream_wait)
         for record in index.records():
             if record.instance_id == instance_id:
                 return record
@@ -175,6 +179,7 @@ def create_app(
         ] = None,
     ) -> list[CapabilityOffer]:
         """Live offers, with the same filters as ``mesh.registry.find``."""
+        await index.wait_verified(settings.jetstream_wait)
         return index.find(name, version=version, tags=tag, labels=_labels(label or []))
 
     return app

@@ -55,6 +55,8 @@ class Sidecar:
             kv_replicas=settings.kv_replicas,
             jetstream_wait=settings.jetstream_wait,
             ping_interval=settings.nats_ping_interval,
+            reconnect_wait=settings.nats_reconnect_wait,
+            server_timeout=settings.nats_connect_timeout,
             credentials=nats_credentials(settings, self.identity),
         )
         self.identity.on_nats_renewed(self.conn.credentials_renewed)
@@ -65,7 +67,11 @@ class Sidecar:
         self._publisher = caller
         #: What this sidecar takes from NATS (signed records and policies); None with mTLS off.
         trust = self.identity.state_trust()
-        self.index = LocalIndex(trust)
+        self.index = LocalIndex(
+            trust,
+            verify_batch=settings.registry_verify_batch,
+            unverified_bytes=settings.registry_unverified_bytes,
+        )
         self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name
         self.stats = StatsCollector(
