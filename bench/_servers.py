@@ -78,7 +78,7 @@ async def raw_echo_app(scope: Scope, receive: Receive, send: Send) -> None:
 def build_fastapi_app() -> Any:
     """A FastAPI app with ``POST /echo`` taking and returning a pydantic model.
 
-    The model mirrors ``bench.harness.make_payload``: FastAPI validates the request into
+    The model mirrors ``bench.workloads.make_payload``: FastAPI validates the request into
     it, and validates and serialises the response from it, as a user's endpoint would.
     Imports stay inside so the other kinds do not pay for (or get charged the memory of)
     FastAPI and pydantic; this module has no ``from __future__ import annotations`` so

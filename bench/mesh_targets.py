@@ -46,7 +46,9 @@ from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
 
 from .baselines import SERVERS
-from .harness import ProcessTarget, ServerProcess, make_payload, wait_until_ready
+from .processes import ServerProcess, wait_until_ready
+from .targets import ProcessTarget
+from .workloads import make_payload
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
