@@ -195,7 +195,7 @@ class MeshCall(ProcessTarget):
 
     async def call(self, payload: bytes) -> bytes:
         """``Mesh.call`` with the payload as a dict; the decoded answer is re-encoded for the
-        harness's echo check (pydantic_core.to_json, ~2 µs for 1 KB)."""
+        harness's echo check (pydantic_core.to_json: cheap, the same for every call)."""
         mesh = self.mesh
         assert mesh is not None, "M1 is not started"
         value = await mesh.call(CAPABILITY, self._decoded(payload))

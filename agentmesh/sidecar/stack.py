@@ -2,8 +2,8 @@
 
 Read ``build_outbound`` bottom-up: each line wraps everything built before it, so the last line
 is the outermost layer, the one a call enters first (as Starlette builds its middleware stack and
-linkerd2-proxy pushes its layers). DESIGN §3 is the target order; policy slots in at the
-marked place without reshaping the others.
+linkerd2-proxy pushes its layers). docs/architecture.md lists the same order with what each
+layer does.
 """
 
 from __future__ import annotations
