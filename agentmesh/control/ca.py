@@ -393,12 +393,20 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
 
-    def issue_server(self, public_key: PrivateKey, hosts: Sequence[str]) -> x509.Certificate:
+    def issue_server(
+        self,
+        public_key: PrivateKey,
+        hosts: Sequence[str],
+        *,
+        ttl: float | None = None,
+        route: bool = False,
+    ) -> x509.Certificate:
         """A TLS *server* certificate for infrastructure (the embedded NATS) on ``hosts``.
 
         DNS and IP SANs and no URI SAN: it is no mesh identity (``check_leaf`` refuses it as a
         caller), and clients check the host they dialled against it, so no agent's certificate
-        can stand in for the server.
+        can stand in for the server. ``route``: a NATS cluster node's, which also presents it
+        as a client to its peers (client-auth usage). ``ttl``: instead of the CA's lifetime.
         """
         import ipaddress
 
@@ -409,9 +417,13 @@ class CertificateAuthority:
             except ValueError:
                 names.append(x509.DNSName(host))
         now = datetime.now(UTC)
-        not_after = min(now + timedelta(seconds=self.ttl), self.signer.not_valid_after_utc)
+        lifetime = timedelta(seconds=self.ttl if ttl is None else ttl)
+        not_after = min(now + lifetime, self.signer.not_valid_after_utc)
         issuer_ski = self.signer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         public = public_key.public_key()
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+        if route:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
@@ -422,7 +434,7 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),

@@ -228,6 +228,13 @@ class NatsAuthority:
             expires=expires,
         )
 
+    def system_user(self) -> tuple[str, NKey]:
+        """A JWT and key in the system account, for this very process: the servers answer
+        ``$SYS.REQ.SERVER.PING.*`` (the JetStream meta leader, for example) only there."""
+        user = NKey.generate(USER)
+        claims = {"type": "user", **_USER_LIMITS}
+        return encode_jwt(self.system, user.public, claims, name="agentmesh-system"), user
+
     def own_user(self, identity: SpiffeId, *, bucket: str) -> tuple[str, NKey]:
         """A JWT and key for this very process (it holds the account key: no enrolment)."""
         user = NKey.generate(USER)
