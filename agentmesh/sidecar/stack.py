@@ -75,7 +75,7 @@ def build_outbound(
         # route: the capability's TrafficPolicy as call.traffic (timeout, retry, balance and
         # breaker overrides that the layers below read) and its weighted version split.
         handler = RouteLayer(handler, policies)
-        # policy: a local decision on the resolved targets (fail fast; the receiving sidecar
+        # access: a local decision on the resolved targets (fail fast; the receiving sidecar
         # decides for good), never retried. Before the split: a coin flip never denies.
         handler = AccessLayer(handler, policies, caller=caller, own_spiffe=own_spiffe)
     # resolve: capability + constraints → live targets from the local index, no I/O.
