@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ __all__ = ["LocalIndex", "Target", "parse_specifier"]
 _log = logging.getLogger("agentmesh.registry")
 #: Refused values remembered per key (cleared when full): bounds what a flood of them costs.
 _REFUSED_MEMORY = 10_000
+
+
+def _digest(value: bytes) -> bytes:
+    """What a refused value is remembered by (16 bytes, whatever its size)."""
+    return hashlib.blake2b(value, digest_size=16).digest()
 
 
 #: One instance's record before and after a change (None: absent).
@@ -151,7 +157,8 @@ class LocalIndex:
         self.trust = trust
         self._records: dict[str, AgentRecord] = {}
         self._raw: dict[str, bytes] = {}
-        #: Values refused (and logged) once, so a renewal of the same bytes is not logged again.
+        #: Digests of values refused (and logged) once, so a renewal of the same bytes is not
+        #: logged again; digests, not values, so the memory stays small whatever the values.
         self._refused: dict[str, bytes] = {}
         self._by_capability: dict[str, tuple[Target, ...]] = {}
         self._unverified = Unverified(unverified_bytes)
@@ -260,7 +267,7 @@ class LocalIndex:
                 self._raw.pop(instance, None)
                 self._update([(instance, gone, None)])
             return
-        if self._raw.get(instance) == value or self._refused.get(key) == value:
+        if self._raw.get(instance) == value or self._was_refused(key, value):
             return
         record = self._decode(key, value)
         if record is None:
@@ -294,14 +301,14 @@ class LocalIndex:
                 if record is not None:
                     records[instance], raw[instance] = record, rival.value
                     continue
-                refused[rival.key] = rival.value
+                refused[rival.key] = _digest(rival.value)
             old = self._records.get(instance)
             if old is not None and record_key(old) == key:
                 records[instance], raw[instance] = old, self._raw[instance]
                 if self._raw[instance] == value:
                     continue
-            if self._refused.get(key) == value:
-                refused[key] = value
+            if self._was_refused(key, value):
+                refused[key] = self._refused[key]
                 continue
             held = before.get(instance)
             if held is None or held.key != key or held.value != value:
@@ -309,7 +316,7 @@ class LocalIndex:
                 if self._may_wait(value):
                     claim = self._claim(key, value)
                     if claim is None:
-                        refused[key] = value
+                        refused[key] = _digest(value)
                         continue
                     held = Waiting(key, value, claim)
             if held is not None and waiting.add(instance, held):
@@ -318,7 +325,7 @@ class LocalIndex:
             if record is not None:
                 records[instance], raw[instance] = record, value
             else:
-                refused[key] = value
+                refused[key] = _digest(value)
         self._records, self._raw, self._refused = records, raw, refused
         self._rebuild()
         self._check_verified()
@@ -364,10 +371,13 @@ class LocalIndex:
             return None
         return record
 
+    def _was_refused(self, key: str, value: bytes) -> bool:
+        return key in self._refused and self._refused[key] == _digest(value)
+
     def _remember_refused(self, key: str, value: bytes) -> None:
         if len(self._refused) >= _REFUSED_MEMORY:
             self._refused.clear()
-        self._refused[key] = value  # logged once, not at every lease renewal
+        self._refused[key] = _digest(value)  # logged once, not at every lease renewal
 
     def _settle(self, instances: Iterable[str]) -> None:
         """Verify these waiting records now; the good ones enter the index in one update.
