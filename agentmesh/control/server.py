@@ -22,6 +22,7 @@ from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.health import HealthBook
 from agentmesh.control.https import PLAINTEXT_REFUSAL, ControlTLS, control_hosts
 from agentmesh.control.issuer import Issuer
+from agentmesh.control.nats_revocations import NatsRevocations
 from agentmesh.control.nats_status import keep_replicas, mesh_buckets
 from agentmesh.control.nats_supervisor import EmbeddedNats
 from agentmesh.control.policyset import PolicySigner
@@ -123,6 +124,7 @@ async def _serve(
     issuer.keep_in(settings.data_dir / "state")
     security, retiring = await _security(settings, issuer, signer, info)
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
+    nats_revocations = await _nats_revocations(settings, sidecar, issuer)
     background = [retiring]
     if nats is not None and nats.server.extra_config is not None:
         renewing = keep_server_tls(nats.server, ca, settings)
@@ -169,7 +171,30 @@ async def _serve(
             task.cancel()
         if supervising is not None:
             supervising.cancel()
+        if nats_revocations is not None:
+            await nats_revocations.close()
         await sidecar.close()
+
+
+async def _nats_revocations(
+    settings: Settings, sidecar: Sidecar, issuer: Issuer
+) -> NatsRevocations | None:
+    """Revocations reach NATS too, where it trusts the mesh's accounts (nats_revocations.py)."""
+    if issuer.nats is None or not NatsRevocations.usable(settings, sidecar.conn):
+        return None
+    pusher = NatsRevocations.connect_to(settings, sidecar.conn.url, issuer.nats, sidecar.identity)
+    try:
+        await pusher.start(await issuer.revocation_list())
+    except MeshError as exc:
+        _log.warning(
+            "revocations cannot reach NATS (%s): a revoked workload keeps NATS until its JWT "
+            "expires; sidecars refuse it meanwhile",
+            exc,
+        )
+        await pusher.close()
+        return None
+    issuer.on_revocations(pusher.push)
+    return pusher
 
 
 def _https(

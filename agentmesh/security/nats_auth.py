@@ -30,6 +30,7 @@ Only the control plane's user has no restriction: it alone writes policies, the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,12 +187,7 @@ class NatsAuthority:
             {"type": "operator", "system_account": self.system.public},
             name="agentmesh",
         )
-        mesh = encode_jwt(
-            self.operator,
-            self.account.public,
-            {"type": "account", "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM}},
-            name="agentmesh",
-        )
+        mesh = self.account_jwt()
         system = encode_jwt(
             self.operator,
             self.system.public,
@@ -209,6 +205,21 @@ class NatsAuthority:
             f'  {self.system.public}: "{system}"\n'
             "}\n"
         )
+
+    def account_jwt(self, revoked: Mapping[str, int] | None = None) -> str:
+        """The mesh account's JWT; ``revoked``: user public NKEY → a time (Unix seconds): the
+        server refuses that key's JWTs issued at or before it, and closes their connections."""
+        claims: dict[str, Any] = {"type": "account", "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM}}
+        if revoked:
+            claims["revocations"] = dict(sorted(revoked.items()))
+        return encode_jwt(self.operator, self.account.public, claims, name="agentmesh")
+
+    def system_user(self) -> tuple[str, NKey]:
+        """A JWT and key of a user in the system account (claims updates; see
+        ``agentmesh.control.nats_revocations``)."""
+        user = NKey.generate(USER)
+        claims = {"type": "user", **_USER_LIMITS}
+        return encode_jwt(self.system, user.public, claims, name="agentmesh-control"), user
 
     def user_jwt(
         self, identity: SpiffeId, user_key: str, *, bucket: str, expires: float | None

@@ -29,6 +29,7 @@ from tests.nats.support import (
     Connection,
     ControlPlane,
     NatsUser,
+    closed_by_server,
     connect,
     control_user,
     dashboard_says_open,
@@ -102,6 +103,39 @@ async def test_a_jwt_is_useless_without_its_key(control: ControlPlane):
     stolen = NatsUser(alpha.jwt, NKey.generate(USER), alpha.inbox, alpha.roots)
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await connect(control.nats_url, stolen)
+
+
+def _cli_env(control: ControlPlane) -> dict[str, str]:
+    return cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
+
+
+async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane):
+    """``identity revoke`` reaches NATS itself: the mesh account's JWT lists the revoked
+    certificate's NATS key, the server closes its open connection and refuses its JWT from then
+    on; other workloads keep their connections."""
+    victim = await enrol(control, SpiffeId.agent(TD, "revoked-on-nats"))
+    bystander = await enrol(control, SpiffeId.agent(TD, "kept-on-nats"))
+    revoked = await connect(control.nats_url, victim)
+    kept = await connect(control.nats_url, bystander)
+    try:
+        done = await arun_cli(
+            "identity", "revoke", "--name", "revoked-on-nats", env=_cli_env(control)
+        )
+        assert done.returncode == 0, done.stderr
+        assert await closed_by_server(revoked), revoked.errors
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await connect(control.nats_url, victim)
+        await kept.nc.flush(timeout=VERDICT)
+        assert kept.nc.is_connected
+    finally:
+        await revoked.close()
+        await kept.close()
 
 
 async def test_an_agent_writes_its_own_records_and_nothing_else(control: ControlPlane):
@@ -209,14 +243,7 @@ async def test_a_consumer_cannot_deliver_into_another_bucket(control: ControlPla
 
 
 async def test_check_says_the_embedded_nats_requires_credentials(control: ControlPlane):
-    env = cli_env(
-        {
-            "AGENTMESH_CONTROL_URL": control.url,
-            "AGENTMESH_DATA_DIR": str(control.data_dir),
-            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
-        }
-    )
-    done = await arun_cli("check", env=env)
+    done = await arun_cli("check", env=_cli_env(control))
     assert "✔ NATS auth" in done.stdout, done.stdout
     assert "TLS, credentials required" in done.stdout, done.stdout
     assert "OPEN" not in done.stdout
