@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ValidationError
 
-from agentmesh.errors import ConfigurationError
+from agentmesh.errors import ConfigurationError, Conflict
 from agentmesh.models import SignedState, TrustBundle
 from agentmesh.security.files import check_private, write_private
 from agentmesh.security.identity import SpiffeId
@@ -444,9 +444,13 @@ class CertificateAuthority:
         it) and by the new one; then the old key is deleted.
         """
         if not self.self_managed:
-            raise ConfigurationError(
-                "this CA is operator-supplied (AGENTMESH_CA_CERT_FILE): rotate by giving the "
-                "control plane a new CA certificate and key, then restarting it"
+            raise Conflict(
+                "this control plane signs with an operator-supplied CA (AGENTMESH_CA_CERT_FILE): "
+                "it holds no key of your root, so it cannot make a new root or intermediate. "
+                "Rotating it is the operator's job: sign a new intermediate under your root, "
+                "point AGENTMESH_CA_CERT_FILE/AGENTMESH_CA_KEY_FILE at it and restart this "
+                "control plane (docs/deploy.md, 'Control planes'); the root stays in every "
+                "sidecar's trust bundle, so nothing else changes"
             )
         old_key, old_root = self._key, self.signer
         key = new_key()
