@@ -27,10 +27,15 @@ class HealthBook:
         self._states: dict[str, dict[str, tuple[str, float]]] = {}
 
     def apply(self, data: bytes) -> None:
+        """Add one event as JSON; malformed data is ignored."""
         try:
             event = BreakerEvent.model_validate_json(data)
         except ValidationError:
             return
+        self.add(event)
+
+    def add(self, event: BreakerEvent) -> None:
+        """Add one event, already parsed (and checked: ``agentmesh.control.feed``)."""
         observers = self._states.setdefault(event.instance_id, {})
         if event.state == "closed":
             observers.pop(event.observer, None)

@@ -14,11 +14,10 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from nats.aio.msg import Msg
-
 from agentmesh._serving import HttpServer, bind, signals
 from agentmesh.control.app import create_app
 from agentmesh.control.ca import CertificateAuthority
+from agentmesh.control.feed import TelemetryFeed
 from agentmesh.control.health import HealthBook
 from agentmesh.control.https import PLAINTEXT_REFUSAL, ControlTLS, control_hosts
 from agentmesh.control.issuer import Issuer
@@ -36,8 +35,7 @@ from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.store import SecurityStore, security_bucket
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import local_bootstrap
-from agentmesh.sidecar.sidecar import Sidecar, breaker_subject
-from agentmesh.telemetry.stats import stats_subject
+from agentmesh.sidecar.sidecar import Sidecar
 
 __all__ = ["ControlInfo", "run_control"]
 
@@ -111,8 +109,13 @@ async def _serve(
     tls: ControlTLS,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
+    # Named as an instance of "control": its own stats and breaker events pass the feed's check.
     sidecar = Sidecar(
-        boot, settings, name="agentmesh-control", caller="control", follow_control=False
+        boot,
+        settings,
+        name=f"control-{socket.gethostname()}",
+        caller="control",
+        follow_control=False,
     )
     supervising = asyncio.create_task(nats.supervise()) if nats else None
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
@@ -134,18 +137,8 @@ async def _serve(
     replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
     await replicas()
     sidecar.conn.on_reconnect(replicas)
-    health = HealthBook()
-
-    async def on_breaker_event(msg: Msg) -> None:
-        health.apply(msg.data)
-
-    await sidecar.conn.client.subscribe(breaker_subject(boot.registry_bucket), cb=on_breaker_event)
-    stats = StatsBook()
-
-    async def on_stats_report(msg: Msg) -> None:
-        stats.apply(msg.data)
-
-    await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
+    health, stats = HealthBook(), StatsBook()
+    await TelemetryFeed(health, stats).subscribe(sidecar.conn, boot.registry_bucket)
     app = create_app(sidecar, boot, health, stats, security, signer, settings)
     app.state.nats_server = nats.status if nats else None
     server = HttpServer(

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from agentmesh import Mesh, RemoteAgentError, Settings, capability
+from agentmesh.control.feed import speaks_for
 from agentmesh.control.stats import StatsBook
 from agentmesh.models import StatRow, StatsEntry, StatsReport
 from agentmesh.security.files import admin_token
@@ -258,3 +259,15 @@ async def test_stat_numbers_match_a_known_workload(
         assert busiest.split()[1:3] == ["work", "│"]  # 15 calls: more than fail (3), fanout (2)
         assert " 18 " in worker
         assert "83.33%" in worker
+
+
+def test_a_publisher_speaks_only_for_its_own_instances():
+    """The rule the control plane's feed applies to every report and breaker event."""
+    assert speaks_for("summarizer", "summarizer-0123abcd")
+    assert not speaks_for("summarizer", "writer-0123abcd")
+    assert not speaks_for("summarizer", "summarizer-0123abcde")
+    assert not speaks_for("a", "a-b-0123abcd")  # an instance of agent "a-b"
+    assert not speaks_for("summarizer", "summarizer")
+    assert speaks_for("client", "client-laptop-4242")
+    assert speaks_for("control", "control-host.example")
+    assert not speaks_for("client", "summarizer-0123abcd")

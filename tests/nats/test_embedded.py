@@ -12,16 +12,20 @@ import json
 import ssl
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
 
+import httpx
 import nats.errors
 import pytest
 
+from agentmesh.models import AgentRecord, BreakerEvent, StatsEntry, StatsReport
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.natsjwt import USER, NKey
-from tests.control.control_process import arun_cli, cli_env
+from agentmesh.telemetry.stats import LATENCY_SCHEME
+from tests.control.control_process import arun_cli, cli_env, control_tls
 from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
 from tests.mesh_ca import mesh_ca
 from tests.nats.support import (
@@ -136,6 +140,75 @@ async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane):
     finally:
         await revoked.close()
         await kept.close()
+
+
+def _report(reporter: str, agent: str, capability: str = "echo") -> bytes:
+    at = datetime.now(UTC)
+    entry = StatsEntry(
+        direction="inbound", agent=agent, capability=capability, status="200", count=7, total=0.7
+    )
+    report = StatsReport(
+        reporter=reporter, scheme=LATENCY_SCHEME, start=at, end=at, entries=[entry]
+    )
+    return report.model_dump_json().encode()
+
+
+async def test_stats_and_breaker_events_are_taken_only_as_their_publishers_own(
+    control: ControlPlane,
+):
+    """NATS lets an agent publish only on its own telemetry subjects; what it says there must be
+    its own too. Reports and breaker events naming another agent (or an instance of another
+    agent whose name starts with its own) are dropped, with one log line however many come."""
+    bucket, own = control.bucket, "mallory-0123abcd"
+    mallory = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "mallory")))
+    kv = await mallory.nc.jetstream().key_value(bucket)
+    # Its own instance in the registry (unsigned, plaintext: taken as such), for /v1/endpoints.
+    record = AgentRecord(
+        instance_id=own, name="mallory", endpoint="http://127.0.0.1:9", capabilities=()
+    )
+    await kv.put(f"mallory.{own}", record.model_dump_json().encode())
+    forged_reports = [
+        _report("victim-0123abcd", "victim"),  # another agent's instance and numbers
+        _report(own, "victim"),  # its own instance, another agent's numbers
+        _report("mallory-b-0123abcd", "mallory"),  # an instance of agent "mallory-b"
+    ]
+    forged_event = BreakerEvent(observer="victim-0123abcd", instance_id=own, state="open")
+    honest_event = BreakerEvent(observer=own, instance_id=own, state="half_open")
+    try:
+        for _ in range(5):
+            for forged in forged_reports:
+                await mallory.nc.publish(f"agentmesh.stats.{bucket}.mallory", forged)
+            await mallory.nc.publish(
+                f"agentmesh.breaker.{bucket}.mallory", forged_event.model_dump_json().encode()
+            )
+        # Then its own: once they are counted, everything before them was read.
+        await mallory.nc.publish(f"agentmesh.stats.{bucket}.mallory", _report(own, "mallory"))
+        await mallory.nc.publish(
+            f"agentmesh.breaker.{bucket}.mallory", honest_event.model_dump_json().encode()
+        )
+        await mallory.nc.flush(timeout=VERDICT)
+        token = (control.data_dir / "admin-token").read_text().strip()
+        async with httpx.AsyncClient(
+            base_url=control.url,
+            verify=control_tls(control.data_dir),
+            headers={"authorization": f"Bearer {token}"},
+            timeout=VERDICT,
+        ) as http:
+            for _ in range(100):
+                rows = (await http.get("/v1/stats", params={"window": 300})).json()
+                endpoints = (await http.get("/v1/endpoints")).json()
+                health = next((e for e in endpoints if e["instance_id"] == own), None)
+                if any(r["name"] == "mallory" for r in rows) and health and health["probing_by"]:
+                    break
+                await asyncio.sleep(0.1)
+        assert [(r["name"], r["requests"]) for r in rows] == [("mallory", 7)], rows
+        assert health == {"instance_id": own, "ejected_by": [], "probing_by": [own]}, endpoints
+        dropped = [line for line in control.log.read_text().splitlines() if "dropped a " in line]
+        assert len(dropped) == 1, dropped  # 20 forgeries, one line
+        assert "only 'mallory''s own may be published there" in dropped[0]
+    finally:
+        await kv.delete(f"mallory.{own}")
+        await mallory.close()
 
 
 async def test_an_agent_writes_its_own_records_and_nothing_else(control: ControlPlane):
