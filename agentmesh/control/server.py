@@ -32,7 +32,7 @@ from agentmesh.nats_config import keep_server_tls, secure_embedded, warn_if_open
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token, ensure_private_dir
 from agentmesh.security.inbound import InboundLimits
 from agentmesh.security.nats_auth import NatsAuthority
-from agentmesh.security.store import SecurityStore, security_bucket
+from agentmesh.security.store import SecurityStore, ca_bucket, security_bucket
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import local_bootstrap
 from agentmesh.sidecar.sidecar import Sidecar
@@ -134,7 +134,9 @@ async def _serve(
         background.append(asyncio.create_task(renewing, name="nats-tls"))
     if tls.mode != "off":
         info.security["roots_file"] = str(tls.roots_file)
-    replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
+    # The members' buckets, and the control plane's own (which only it may read).
+    buckets = [*mesh_buckets(boot.registry_bucket), ca_bucket(boot.registry_bucket)]
+    replicas = keep_replicas(sidecar.conn, buckets)
     await replicas()
     sidecar.conn.on_reconnect(replicas)
     health, stats = HealthBook(), StatsBook()
@@ -208,7 +210,7 @@ async def _security(
 ) -> tuple[ControlSecurity, asyncio.Task[None]]:
     """Publish the trust bundle, write the local join token and the admin token (0600); keep
     the signed state (revocation list, policy set) in NATS."""
-    await issuer.store.open()
+    await issuer.store.open_private()
     await issuer.publish_bundle()
     await issuer.guard()
     await signer.adopt()

@@ -25,7 +25,9 @@ and ``B_security``):
 ===============================  ==========================================================
 
 Only the control plane's user has no restriction: it alone writes policies, the security bucket
-(trust bundle, revocations, join-token state) and other agents' records.
+(trust bundle, revocations) and other agents' records, and it alone reads or writes the
+``B_ca`` bucket (issued certificates, join-token state: ``agentmesh.security.store`` says why
+that is a bucket of its own rather than a key prefix).
 """
 
 from __future__ import annotations

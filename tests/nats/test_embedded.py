@@ -270,6 +270,38 @@ async def test_members_read_what_they_need_and_not_others_replies(control: Contr
         await carol.close()
 
 
+async def test_issued_certificates_and_token_state_are_the_control_planes_alone(
+    control: ControlPlane,
+):
+    """Members read the trust bundle and revocations (``_security``) and nothing of the CA's
+    own records: those live in ``_ca``, a stream their credentials cannot touch in any way."""
+    _, _, security = _buckets(control)
+    private = f"{control.bucket}_ca"
+    admin = await connect(control.nats_url, control_user(control))
+    mallory = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "nosy")))
+    try:
+        # The control plane keeps its records there: the local join token, the issued certificates.
+        records = await (await admin.nc.jetstream().key_value(private)).keys()
+        assert any(k.startswith("ca.token.") for k in records), records
+        assert any(k.startswith("ca.issued.") for k in records), records
+        # The bucket every member reads holds none of them any more.
+        kv = await mallory.nc.jetstream().key_value(security)
+        public = await kv.keys()
+        assert "pub.bundle" in public
+        assert [k for k in public if not k.startswith("pub.")] == []
+        # And no way into the control plane's own: info, gets, consumers.
+        stream = f"KV_{private}"
+        await mallory.violation(f"$JS.API.STREAM.INFO.{stream}", b"")
+        await mallory.violation(f"$JS.API.STREAM.MSG.GET.{stream}", b'{"last_by_subj": "x"}')
+        await mallory.violation(f"$JS.API.DIRECT.GET.{stream}", b'{"last_by_subj": "x"}')
+        await mallory.violation(f"$JS.API.DIRECT.GET.{stream}.$KV.{private}.{records[0]}", b"")
+        await mallory.violation(f"$JS.API.CONSUMER.CREATE.{stream}", b"{}")
+        await mallory.violation(f"$JS.API.CONSUMER.CREATE.{stream}.c1.$KV.{private}.>", b"{}")
+    finally:
+        await mallory.close()
+        await admin.close()
+
+
 async def test_clients_read_only(control: ControlPlane):
     registry, policies, security = _buckets(control)
     carol = await connect(control.nats_url, await enrol(control, SpiffeId.client(TD, "carol")))
