@@ -21,16 +21,16 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from agentmesh._serving import HttpServer, bind, signals
 from agentmesh.capability import Capability, capability, is_capability
 from agentmesh.errors import ConfigurationError, RegistrationError
+from agentmesh.inbound.app import InboundApp
+from agentmesh.inbound.server import HttpServer, bind, signals
+from agentmesh.inbound.tls import InboundLimits, caller_identity
 from agentmesh.mesh import Mesh
 from agentmesh.models import AgentRecord, AgentStatus
 from agentmesh.registry.lease import Lease
-from agentmesh.security.inbound import InboundLimits, caller_identity
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import bootstrap
-from agentmesh.sidecar.inbound import InboundApp
 from agentmesh.sidecar.sidecar import Sidecar
 from agentmesh.telemetry.access import setup_access_log
 from agentmesh.telemetry.tracing import setup_tracing

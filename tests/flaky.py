@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from agentmesh import AgentRecord, Mesh, capability
-from agentmesh._serving import HttpServer, bind
+from agentmesh.inbound.server import HttpServer, bind
 from agentmesh.registry import Lease
 from tests.mesh_ca import mesh_ca
 

@@ -80,7 +80,7 @@ class MeshCA:
 
 @dataclass(frozen=True)
 class StaticServerTLS:
-    """``agentmesh.security.inbound.ServerTLS`` with one fixed certificate (no renewal)."""
+    """``agentmesh.inbound.tls.ServerTLS`` with one fixed certificate (no renewal)."""
 
     context: ssl.SSLContext
     mode: Literal["strict", "permissive", "off"] = "strict"

@@ -11,7 +11,7 @@ certificate lifetime to learn the new bundle. The bundle's roots are written to 
 the data dir whenever it changes, where local processes find them
 (``agentmesh.security.control_trust``).
 
-The server is the agents' own uvicorn protocol (``agentmesh.security.inbound``), so the control
+The server is the agents' own uvicorn protocol (``agentmesh.inbound.tls``), so the control
 plane has the same bounds on handshakes, request heads and idle connections; a plaintext request
 is refused with a 401 problem document naming the https:// URL. ``--insecure-http`` (mode
 ``off``) serves plain HTTP instead, for development only.

@@ -14,7 +14,6 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from agentmesh._serving import HttpServer, bind, signals
 from agentmesh.control.app import create_app
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.feed import TelemetryFeed
@@ -28,9 +27,10 @@ from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import AdminAuth, ControlSecurity
 from agentmesh.control.stats import StatsBook
 from agentmesh.errors import MeshError
+from agentmesh.inbound.server import HttpServer, bind, signals
+from agentmesh.inbound.tls import InboundLimits
 from agentmesh.nats_config import keep_server_tls, secure_embedded, warn_if_open
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token, ensure_private_dir
-from agentmesh.security.inbound import InboundLimits
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.store import SecurityStore, ca_bucket, security_bucket
 from agentmesh.settings import Settings

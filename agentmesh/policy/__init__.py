@@ -1,7 +1,8 @@
 """Access and traffic policies: the KV store, the watch-fed cache, the compiled engines.
 
 See docs/policies.md. The wire models live in ``agentmesh.models``; the outbound layers that
-apply them in ``agentmesh.sidecar.policy``; the inbound check in ``agentmesh.sidecar.inbound``.
+apply them in ``agentmesh.sidecar.access`` and ``agentmesh.sidecar.route``; the inbound check in
+``agentmesh.inbound.app``.
 """
 
 from agentmesh.policy.access import AccessEngine, Caller, Decision, InvalidPolicy, Subject

@@ -37,12 +37,12 @@ from agentmesh.errors import (
     error_for_status,
     error_from_problem,
 )
+from agentmesh.inbound.app import current_peer
 from agentmesh.models import Problem
 from agentmesh.proxy.manifest import AgentCapability
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, current_deadline
 from agentmesh.sidecar.http1 import ConnectFailed, ConnectionPool, Disconnected, Limits, Response
-from agentmesh.sidecar.inbound import current_peer
 from agentmesh.validation_errors import DEFAULT_MAX_ERRORS
 
 __all__ = ["CALLER_ID_HEADER", "CALLER_NAME_HEADER", "AppCapability", "AppClient"]

@@ -16,9 +16,9 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from agentmesh._serving import HttpServer, bind
 from agentmesh.agent import Agent
 from agentmesh.errors import ConfigurationError
+from agentmesh.inbound.server import HttpServer, bind
 from agentmesh.proxy import SIDECAR_LABEL
 from agentmesh.proxy.app_health import AppHealth
 from agentmesh.proxy.egress import EgressApp

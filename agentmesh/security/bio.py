@@ -1,7 +1,7 @@
 """TLS through memory BIOs: the read loop and the close the outbound pool and the agent share.
 
 Both ends of a mesh call run TLS on ``ssl.SSLObject`` over ``ssl.MemoryBIO`` rather than
-asyncio's TLS transport (see ``agentmesh/sidecar/http1.py`` and ``agentmesh/security/inbound.py``
+asyncio's TLS transport (see ``agentmesh/sidecar/http1.py`` and ``agentmesh/inbound/tls.py``
 for why); what they do with the plaintext, and with a broken stream, differs.
 """
 

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 from agentmesh.policy.cache import PolicyCache
 from agentmesh.registry.index import LocalIndex
 from agentmesh.settings import Settings
+from agentmesh.sidecar.access import AccessLayer
 from agentmesh.sidecar.balance import BalanceLayer
 from agentmesh.sidecar.breaker import BreakerLayer, BreakerState
 from agentmesh.sidecar.call import Handler
 from agentmesh.sidecar.chain import ChainLayer
 from agentmesh.sidecar.deadline import AttemptTimeoutLayer, DeadlineLayer
 from agentmesh.sidecar.endpoints import Endpoints
-from agentmesh.sidecar.observe import AttemptLayer, ObserveLayer
-from agentmesh.sidecar.policy import AccessLayer, RouteLayer
+from agentmesh.sidecar.instrument import AttemptLayer, ObserveLayer
 from agentmesh.sidecar.resolve import ResolveLayer
 from agentmesh.sidecar.retry import RetryLayer, default_policy
+from agentmesh.sidecar.route import RouteLayer
 from agentmesh.telemetry.stats import StatsCollector
 
 __all__ = ["OutboundStack", "build_outbound"]

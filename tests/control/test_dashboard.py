@@ -24,7 +24,7 @@ import pytest
 from pydantic import BaseModel
 
 from agentmesh import Mesh, MeshUnavailable, Settings, capability
-from agentmesh._serving import HttpServer, bind
+from agentmesh.inbound.server import HttpServer, bind
 from tests.conftest import StartAgent, WaitUntil
 from tests.control.control_process import control_process, control_tls
 from tests.flaky import flaky_endpoint

@@ -8,7 +8,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from agentmesh import Mesh
-from agentmesh._serving import HttpServer, bind
+from agentmesh.inbound.server import HttpServer, bind
 from tests.e2e.support import EXAMPLE_AGENTS
 
 

@@ -26,7 +26,7 @@ from agentmesh import (
     RemoteAgentError,
     Settings,
 )
-from agentmesh._serving import HttpServer, bind
+from agentmesh.inbound.server import HttpServer, bind
 from agentmesh.proxy.card import fetch_card
 from agentmesh.proxy.forward import CALLER_ID_HEADER, CALLER_NAME_HEADER, AppCapability, AppClient
 from agentmesh.proxy.manifest import manifest_from_card, parse_agent_manifest

@@ -34,9 +34,9 @@ from agentmesh import (
     capability,
     connect,
 )
-from agentmesh._serving import HttpServer, bind
 from agentmesh.control.ca import CertificateAuthority, write_root_ca
 from agentmesh.control.issuer import Issuer
+from agentmesh.inbound.server import HttpServer, bind
 from agentmesh.models import AgentRecord, RevocationRequest
 from agentmesh.registry import Lease
 from agentmesh.security.pki import PrivateKey, client_context

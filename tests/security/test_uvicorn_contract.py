@@ -1,5 +1,5 @@
-"""The contract with uvicorn's private internals that ``agentmesh/security/inbound.py`` and
-``agentmesh/_serving.py`` rely on.
+"""The contract with uvicorn's private internals that ``agentmesh/inbound/tls.py`` and
+``agentmesh/inbound/server.py`` rely on.
 
 ``MeshHttpProtocol`` subclasses ``HttpToolsProtocol`` (not public API) and ``HttpServer`` drives
 ``uvicorn.Server``'s state. pyproject pins uvicorn to the minor versions this was tested with; when
@@ -24,12 +24,12 @@ from packaging.version import Version
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from agentmesh._serving import HttpServer, bind
-from agentmesh.security.inbound import PEER_KEY, caller_identity
+from agentmesh.inbound.server import HttpServer, bind
+from agentmesh.inbound.tls import PEER_KEY, caller_identity
 from tests.mesh_ca import mesh_ca
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
-WHERE = "agentmesh/security/inbound.py subclasses it"
+WHERE = "agentmesh/inbound/tls.py subclasses it"
 
 #: What MeshHttpProtocol overrides or calls, with the parameters it passes (names and order).
 PROTOCOL_METHODS = {
@@ -97,13 +97,13 @@ async def test_on_message_begin_builds_the_scope_the_app_receives() -> None:
 def test_the_server_state_we_drive_is_unchanged() -> None:
     """``HttpServer`` replaces ``capture_signals`` and closes ``server_state.connections``."""
     assert inspect.isfunction(getattr(uvicorn.Server, "capture_signals", None)), (
-        f"uvicorn {uvicorn.__version__}: Server.capture_signals is gone; agentmesh/_serving.py "
+        f"uvicorn {uvicorn.__version__}: Server.capture_signals is gone; agentmesh/inbound/server.py "
         "overrides it to keep signals for the agent's drain"
     )
     server = uvicorn.Server(uvicorn.Config(app=_no_app))
     for name in ("started", "should_exit", "force_exit", "server_state"):
         assert hasattr(server, name), (
-            f"uvicorn.Server.{name} is gone; agentmesh/_serving.py uses it"
+            f"uvicorn.Server.{name} is gone; agentmesh/inbound/server.py uses it"
         )
     assert isinstance(server.server_state.connections, set), "ServerState.connections"
 

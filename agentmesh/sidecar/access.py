@@ -1,18 +1,14 @@
-"""Policy and route: the outbound layers that apply the cached policies (no I/O).
+"""Access: the outbound layer that applies the cached AccessPolicies (no I/O).
 
-``AccessLayer`` (DESIGN §3 "policy") decides, from the sidecar's cached AccessPolicies, which of
-the resolved targets this caller may call: those it may not are dropped (a rule may allow
-only some versions), and if none is left the call fails fast with ``PolicyDenied`` naming the
-rule. It decides in partial mode (see ``policy/access.py``): the receiving sidecar's decision is
-the authoritative one. A denial is final; the retry layer below never sees it.
+``AccessLayer`` (the "policy" step of the outbound order) decides, from the sidecar's cached
+AccessPolicies, which of the resolved targets this caller may call: those it may not are dropped
+(a rule may allow only some versions), and if none is left the call fails fast with
+``PolicyDenied`` naming the rule. It decides in partial mode (see ``policy/access.py``): the
+receiving sidecar's decision is the authoritative one. A denial is final; the retry layer below
+never sees it.
 
-``RouteLayer`` (DESIGN §3 "route") attaches the capability's TrafficPolicy to the call as
-``call.traffic`` — the layers below read their overrides from it (deadline: the timeout;
-retry: attempts, backoff, per-try timeout; balance: the strategy; breaker: its thresholds) —
-and restricts ``call.targets`` to the version subset the weighted split picked.
-
-Access runs before the split, so a caller allowed only some versions is routed among those,
-and a canary coin flip never turns into a denial.
+Access runs before the route layer's weighted split (``route.py``), so a caller allowed only
+some versions is routed among those, and a canary coin flip never turns into a denial.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from agentmesh.policy.cache import PolicyCache
 from agentmesh.registry.index import Target
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 
-__all__ = ["AccessLayer", "RouteLayer"]
+__all__ = ["AccessLayer"]
 
 
 class AccessLayer:
@@ -73,16 +69,4 @@ class AccessLayer:
             raise error
         if len(allowed) != len(call.targets):
             call.targets = tuple(allowed)
-        return await self._inner(call)
-
-
-class RouteLayer:
-    def __init__(self, inner: Handler, policies: PolicyCache) -> None:
-        self._inner = inner
-        self._policies = policies
-
-    async def __call__(self, call: OutboundCall) -> Reply:
-        rule = self._policies.snapshot.traffic.get(call.capability)
-        if rule is not None:
-            call.traffic, call.targets = rule.select(call.targets, call.affinity_key)
         return await self._inner(call)

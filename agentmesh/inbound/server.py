@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from agentmesh.errors import ConfigurationError
-from agentmesh.security.inbound import InboundLimits, ServerTLS, protocol_for
+from agentmesh.inbound.tls import InboundLimits, ServerTLS, protocol_for
 
 __all__ = ["HttpServer", "bind", "signals"]
 
@@ -63,7 +63,7 @@ class HttpServer:
         plaintext_refusal: str | None = None,
     ) -> None:
         """``tls``: serve (mutual) TLS with the identity's current context (see
-        ``agentmesh.security.inbound``, which also applies ``limits``); ``owner`` names the
+        ``agentmesh.inbound.tls``, which also applies ``limits``); ``owner`` names the
         server in its log lines."""
         self.sock = sock
         self.port: int = sock.getsockname()[1]

@@ -38,10 +38,10 @@ from agentmesh.errors import (
     RemoteAgentError,
     RouteNotFound,
 )
+from agentmesh.inbound.tls import caller_identity
 from agentmesh.models import AGENT_NAME_PATTERN
 from agentmesh.policy.access import Subject, VerifiedIdentity
 from agentmesh.security.identity import Caller
-from agentmesh.security.inbound import caller_identity
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER, bound, current_deadline, from_header
 from agentmesh.sidecar.sidecar import Sidecar, serving_sidecar

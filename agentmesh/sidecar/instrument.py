@@ -1,4 +1,4 @@
-"""Observe: spans, metrics and access logs for outbound calls.
+"""Instrumenting outbound calls: spans, metrics and access logs.
 
 Two layers. ``ObserveLayer`` is outermost: one CLIENT span per logical call (retries included),
 the caller-side golden metrics and one access-log line. ``AttemptLayer`` sits just above the
@@ -33,7 +33,7 @@ from agentmesh.telemetry.tracing import inject, trace_id_of, tracer, unsampled_c
 __all__ = ["CALLER_HEADER", "AttemptLayer", "ObserveLayer"]
 
 #: The calling agent's name, as it claims it: informational only. Receivers ignore it; the caller
-#: is the verified identity of the TLS peer (``agentmesh.security.caller_identity``).
+#: is the verified identity of the TLS peer (``agentmesh.inbound.tls.caller_identity``).
 CALLER_HEADER = "agentmesh-caller"
 
 
