@@ -11,9 +11,12 @@ connects as such a user and pushes the account JWT made from the signed revocati
 
 - when the list changes (``agentmesh identity revoke``);
 - when its system connection comes back (a restarted server starts from its configuration);
-- at every guard tick (``AGENTMESH_STATE_GUARD_INTERVAL``): a reloaded server (SIGHUP, e.g. the
-  embedded server's TLS renewal) starts from its configuration too. The same JWT is pushed
-  again, which a server that has it takes as "nothing changed".
+- at every guard tick (``AGENTMESH_STATE_GUARD_INTERVAL``): a reloaded server (SIGHUP) starts
+  from its configuration too. The same JWT is pushed again, which a server that has it takes as
+  "nothing changed".
+
+The embedded server's configuration is rewritten with each new account JWT as well
+(:meth:`NatsRevocations.keep_in_config`), so its reloads (TLS renewal) and restarts keep them.
 
 With an operator's own NATS users (``AGENTMESH_NATS_CREDS_FILE`` ...) the server does not trust
 the mesh's operator, and this is off: revocation reaches NATS when the JWT expires.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -59,6 +63,11 @@ class NatsRevocations:
         self._conn = conn
         self._keys: dict[str, int] | None = None
         self._jwt = ""
+        self._config: Callable[[str], object] | None = None
+
+    def keep_in_config(self, write: Callable[[str], object]) -> None:
+        """Also ``write(account JWT)`` into the server's configuration at each change."""
+        self._config = write
 
     @classmethod
     def usable(cls, settings: Settings, conn: NatsConnection) -> bool:
@@ -106,6 +115,8 @@ class NatsRevocations:
         keys = revoked_keys(revocations)
         if keys != self._keys:
             self._keys, self._jwt = keys, self._authority.account_jwt(keys)
+            if self._config is not None:
+                self._config(self._jwt)
         await self._send()
 
     async def _send(self) -> None:

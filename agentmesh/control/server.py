@@ -29,7 +29,12 @@ from agentmesh.control.stats import StatsBook
 from agentmesh.errors import MeshError
 from agentmesh.inbound.server import HttpServer, bind, signals
 from agentmesh.inbound.tls import InboundLimits
-from agentmesh.nats_config import keep_server_tls, secure_embedded, warn_if_open
+from agentmesh.nats_config import (
+    keep_server_tls,
+    secure_embedded,
+    warn_if_open,
+    write_server_config,
+)
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token, ensure_private_dir
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.store import SecurityStore, ca_bucket, security_bucket
@@ -127,7 +132,7 @@ async def _serve(
     issuer.keep_in(settings.data_dir / "state")
     security, retiring = await _security(settings, issuer, signer, info)
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
-    nats_revocations = await _nats_revocations(settings, sidecar, issuer)
+    nats_revocations = await _nats_revocations(settings, sidecar, issuer, nats)
     background = [retiring]
     if nats is not None and nats.server.extra_config is not None:
         renewing = keep_server_tls(nats.server, ca, settings)
@@ -172,12 +177,16 @@ async def _serve(
 
 
 async def _nats_revocations(
-    settings: Settings, sidecar: Sidecar, issuer: Issuer
+    settings: Settings, sidecar: Sidecar, issuer: Issuer, nats: EmbeddedNats | None
 ) -> NatsRevocations | None:
     """Revocations reach NATS too, where it trusts the mesh's accounts (nats_revocations.py)."""
-    if issuer.nats is None or not NatsRevocations.usable(settings, sidecar.conn):
+    authority = issuer.nats
+    if authority is None or not NatsRevocations.usable(settings, sidecar.conn):
         return None
-    pusher = NatsRevocations.connect_to(settings, sidecar.conn.url, issuer.nats, sidecar.identity)
+    pusher = NatsRevocations.connect_to(settings, sidecar.conn.url, authority, sidecar.identity)
+    if nats is not None:
+        store = nats.server.store_dir
+        pusher.keep_in_config(lambda jwt: write_server_config(store, authority, jwt))
     try:
         await pusher.start(await issuer.revocation_list())
     except MeshError as exc:

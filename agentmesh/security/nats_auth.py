@@ -63,6 +63,10 @@ _ACCOUNT_LIMITS = {
     "conn": _NO_LIMIT,
     "leaf": _NO_LIMIT,
 }
+#: The operator JWT's ``iat``, fixed: it then stays the same JWT when the configuration is
+#: written again (with new revocations), and nats-server refuses a reload that changes its
+#: trusted operators.
+_OPERATOR_ISSUED_AT = 0
 #: Non-zero storage turns JetStream on for the mesh's account.
 _JETSTREAM = {
     "mem_storage": _NO_LIMIT,
@@ -177,19 +181,22 @@ class NatsAuthority:
             return None
         return cls.open(data_dir)
 
-    def resolver_config(self) -> str:
+    def resolver_config(self, account_jwt: str | None = None) -> str:
         """The nats-server configuration that trusts this mesh's operator and accounts.
 
         For an operator-run NATS, ``include`` it (``agentmesh nats-config``); JetStream is
         enabled for the mesh account without limits (the buckets set their own).
+        ``account_jwt``: the mesh account's JWT to preload (one with revocations,
+        :meth:`account_jwt`), else one without.
         """
         operator = encode_jwt(
             self.operator,
             self.operator.public,
             {"type": "operator", "system_account": self.system.public},
             name="agentmesh",
+            issued_at=_OPERATOR_ISSUED_AT,
         )
-        mesh = self.account_jwt()
+        mesh = account_jwt or self.account_jwt()
         system = encode_jwt(
             self.operator,
             self.system.public,

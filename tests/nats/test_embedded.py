@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import ssl
 import sys
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.natsjwt import USER, NKey
 from agentmesh.telemetry.stats import LATENCY_SCHEME
+from tests.conftest import WaitUntil
 from tests.control.control_process import arun_cli, cli_env, control_tls
 from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
 from tests.mesh_ca import mesh_ca
@@ -119,10 +122,10 @@ def _cli_env(control: ControlPlane) -> dict[str, str]:
     )
 
 
-async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane):
+async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane, wait_until: WaitUntil):
     """``identity revoke`` reaches NATS itself: the mesh account's JWT lists the revoked
     certificate's NATS key, the server closes its open connection and refuses its JWT from then
-    on; other workloads keep their connections."""
+    on, across a reload of its configuration too; other workloads keep their connections."""
     victim = await enrol(control, SpiffeId.agent(TD, "revoked-on-nats"))
     bystander = await enrol(control, SpiffeId.agent(TD, "kept-on-nats"))
     revoked = await connect(control.nats_url, victim)
@@ -133,6 +136,18 @@ async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane):
         )
         assert done.returncode == 0, done.stderr
         assert await closed_by_server(revoked), revoked.errors
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await connect(control.nats_url, victim)
+        # A reload (the embedded server's TLS renewal does one) starts from the configuration
+        # file, which carries the revocations too.
+        log = control.data_dir / "nats" / "nats-server.log"
+        pid = int(log.read_text().splitlines()[-1].split("]", 1)[0].lstrip("["))
+        reloads = log.read_text().count("Reloaded server configuration")
+        os.kill(pid, signal.SIGHUP)
+        await wait_until(
+            lambda: log.read_text().count("Reloaded server configuration") > reloads,
+            timeout=VERDICT,
+        )
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await connect(control.nats_url, victim)
         await kept.nc.flush(timeout=VERDICT)
