@@ -33,6 +33,7 @@ from agentmesh.control.health import HealthBook
 from agentmesh.control.stats import StatsBook
 from agentmesh.models import BreakerEvent, StatsReport
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.security.identity import ROLES
 from agentmesh.sidecar.sidecar import breaker_subject
 from agentmesh.telemetry.stats import stats_subject
 
@@ -46,8 +47,6 @@ _LOG_EVERY = 60.0
 _PUBLISHERS = 1024
 #: The suffix Agent gives its instance ids.
 _AGENT_INSTANCE = re.compile(r"-[0-9a-f]{8}")
-#: Publishers that are not agents: any instance name under their prefix.
-_ROLES = frozenset({"client", "control"})
 _M = TypeVar("_M", StatsReport, BreakerEvent)
 
 
@@ -55,7 +54,8 @@ def speaks_for(who: str, instance: str) -> bool:
     """Whether ``instance`` (a reporter or observer) may be named by publisher ``who``."""
     if not instance.startswith(f"{who}-"):
         return False
-    return who in _ROLES or _AGENT_INSTANCE.fullmatch(instance, len(who)) is not None
+    # A client's or control plane's instance: any name under the prefix (all share the token).
+    return who in ROLES or _AGENT_INSTANCE.fullmatch(instance, len(who)) is not None
 
 
 def _forgery(who: str, message: StatsReport | BreakerEvent) -> str | None:

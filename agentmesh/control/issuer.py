@@ -55,7 +55,7 @@ from agentmesh.security.enrol import (
     token_digest,
 )
 from agentmesh.security.files import JOIN_TOKEN_FILE, read_secret, write_private
-from agentmesh.security.identity import LeafRefused, SpiffeId, check_leaf
+from agentmesh.security.identity import ROLES, LeafRefused, SpiffeId, check_leaf
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.pki import fingerprint, load_certs, pem
 from agentmesh.security.signed import StateTrust, next_version
@@ -201,6 +201,7 @@ class Issuer:
             )
         if identity.kind == "control":
             raise PolicyDenied("the control plane's identity is never issued to others")
+        _not_reserved(identity)
         return csr, identity
 
     async def certificate(self, request: CertificateRequest) -> IssuedCertificate:
@@ -331,6 +332,7 @@ class Issuer:
     async def create_token(self, request: JoinTokenRequest) -> JoinToken:
         if request.agent is not None:
             identity = SpiffeId.agent(self.trust_domain, request.agent)
+            _not_reserved(identity)
         else:
             try:
                 identity = SpiffeId.client(self.trust_domain, request.client or "")
@@ -581,6 +583,16 @@ class Issuer:
         if identity.trust_domain != self.trust_domain:
             raise InvalidInput(f"{identity} is outside trust domain {self.trust_domain!r}")
         return "identity", identity.uri
+
+
+def _not_reserved(identity: SpiffeId) -> None:
+    """An agent may not be named as a role: its NATS subjects (stats, breaker events) would be
+    the clients' or the control plane's (``agentmesh.security.nats_auth``)."""
+    if identity.kind == "agent" and identity.name in ROLES:
+        raise PolicyDenied(
+            f"agent name {identity.name!r} is reserved (it names the mesh's clients or its "
+            "control plane): choose another"
+        )
 
 
 def _pin(root: x509.Certificate) -> str:

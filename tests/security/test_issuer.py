@@ -154,3 +154,14 @@ async def test_records_left_in_the_public_bucket_move_to_the_control_planes_own(
         assert await store.issued() == [record]
     finally:
         await conn.close()
+
+
+async def test_agent_names_of_the_mesh_roles_are_reserved(issuer: Issuer) -> None:
+    """An agent named "client" or "control" would publish on the clients' or the control
+    plane's telemetry subjects: neither a token nor a certificate is made for one."""
+    with pytest.raises(PolicyDenied, match="agent name 'control' is reserved"):
+        await issuer.create_token(JoinTokenRequest(agent="control"))
+    token = await issuer.create_token(JoinTokenRequest(agent="worker", uses=None))
+    _, csr = csr_for(f"spiffe://{TD}/agent/client")
+    with pytest.raises(PolicyDenied, match="agent name 'client' is reserved"):
+        await issuer.certificate(CertificateRequest(csr=csr, token=token.token))
