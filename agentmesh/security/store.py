@@ -119,12 +119,11 @@ class SecurityStore:
             self._kv = await self._open(self.bucket, "trust bundle, revocations")
 
     async def open_private(self) -> None:
-        """Open the control plane's bucket (issued certificates, join tokens); move there the
-        ``ca.*`` keys a control plane from before the split left in the public one."""
-        if self._ca_kv is not None:
-            return
+        """Open the control plane's bucket (issued certificates, join tokens), and move there
+        the ``ca.*`` keys a control plane from before the split left in the public one (the
+        control plane's start; other holders of the CA files only open it, on first use)."""
         await self.open()
-        self._ca_kv = await self._open(self.ca_bucket, "issued certificates, join tokens")
+        await self._private()
         moved = 0
         for key, value in await self._entries(self.kv, self.bucket, _PRIVATE):
             ttl = _private_ttl(key, value)
@@ -159,8 +158,9 @@ class SecurityStore:
             ) from exc
 
     async def _private(self) -> KeyValue:
-        await self.open_private()
-        return self.ca_kv
+        if self._ca_kv is None:
+            self._ca_kv = await self._open(self.ca_bucket, "issued certificates, join tokens")
+        return self._ca_kv
 
     async def _put(
         self, kv: KeyValue, bucket: str, key: str, data: bytes, ttl: float | None = None
