@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import ssl
 import sys
@@ -141,7 +142,7 @@ async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane, wait
         # A reload (the embedded server's TLS renewal does one) starts from the configuration
         # file, which carries the revocations too.
         log = control.data_dir / "nats" / "nats-server.log"
-        pid = int(log.read_text().splitlines()[-1].split("]", 1)[0].lstrip("["))
+        pid = int(re.findall(r"^\[(\d+)\] ", log.read_text(), re.MULTILINE)[-1])  # the running one
         reloads = log.read_text().count("Reloaded server configuration")
         os.kill(pid, signal.SIGHUP)
         await wait_until(
