@@ -116,7 +116,10 @@ class NatsRevocations:
         if keys != self._keys:
             self._keys, self._jwt = keys, self._authority.account_jwt(keys)
             if self._config is not None:
-                self._config(self._jwt)
+                try:
+                    self._config(self._jwt)
+                except OSError as exc:  # the running server still gets them, below
+                    _log.warning("revocations not written into the NATS configuration: %s", exc)
         await self._send()
 
     async def _send(self) -> None:
