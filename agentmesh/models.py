@@ -34,8 +34,10 @@ __all__ = [
     "IdentityBlock",
     "IdentityRecord",
     "IssuedCertificate",
+    "JetStreamMeta",
     "JoinToken",
     "JoinTokenRequest",
+    "MetaPeer",
     "Policy",
     "PolicyChange",
     "PolicyKind",
@@ -209,6 +211,24 @@ class Bootstrap(_Wire):
     version: str
     heartbeat_interval: float
     lease_ttl: int
+
+
+class MetaPeer(_Wire):
+    """A JetStream server of the meta group, as another server sees it."""
+
+    name: str
+    current: bool = False
+    offline: bool = False
+
+
+class JetStreamMeta(_Wire):
+    """The NATS cluster's JetStream meta group (``GET /v1/nats/meta``): the leader that places
+    streams (no leader, no new bucket or consumer), as ``server`` reports it with its peers."""
+
+    cluster: str
+    leader: str
+    server: str
+    peers: list[MetaPeer] = Field(default_factory=list)
 
 
 class BreakerEvent(_Wire):

@@ -33,10 +33,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_NAME",
+    "ROUTE_USER",
     "keep_server_tls",
     "secure_embedded",
     "server_hosts",
     "warn_if_open",
+    "write_node_tls",
     "write_server_config",
     "write_server_tls",
 ]
@@ -46,6 +48,9 @@ _log = logging.getLogger("agentmesh.control")
 CONFIG_NAME = "nats.conf"
 #: Where the embedded server listens (NatsServer's default).
 EMBEDDED_HOST = "127.0.0.1"
+ROUTE_USER = "route.agentmesh.invalid"
+"""The name a NATS cluster node's certificate carries for its routes (``cluster.authorization``
+in examples/deploy's node files); ``.invalid`` is reserved (RFC 2606): never a real host."""
 #: A client may take this long for its TLS handshake (the server's default, 2 s, is short for a
 #: loaded machine running a whole mesh).
 _TLS_TIMEOUT = 5
@@ -122,16 +127,47 @@ def server_hosts(host: str, advertised: str | None = None) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def write_server_tls(directory: Path, ca: CertificateAuthority, hosts: list[str]) -> float:
-    """A fresh server key and certificate into ``directory``; the certificate's expiry."""
+def write_server_tls(
+    directory: Path,
+    ca: CertificateAuthority,
+    hosts: list[str],
+    *,
+    name: str = "server",
+    route: bool = False,
+    ttl: float | None = None,
+) -> float:
+    """A fresh key and certificate (``name``.key/.pem) into ``directory``; its expiry.
+
+    ``route``: a cluster node's, usable on its routes too (see :func:`write_node_tls`).
+    """
     from agentmesh.security.pki import key_pem, new_key, pem
 
     key = new_key()
-    cert = ca.issue_server(key, hosts)
+    cert = ca.issue_server(key, hosts, route=route, ttl=ttl)
     chain = [ca.signer] if ca.signer not in ca.roots else []
-    write_private(directory / "server.key", key_pem(key))
-    write_private(directory / "server.pem", "".join(pem(c) for c in [cert, *chain]).encode())
+    write_private(directory / f"{name}.key", key_pem(key))
+    write_private(directory / f"{name}.pem", "".join(pem(c) for c in [cert, *chain]).encode())
     return cert.not_valid_after_utc.timestamp()
+
+
+def write_node_tls(
+    directory: Path, ca: CertificateAuthority, hosts: list[str], ttl: float
+) -> list[Path]:
+    """TLS for the nodes of an operator-run NATS cluster (``agentmesh nats-config --tls-dir``).
+
+    ``nats.pem``/``nats.key``: one certificate for the addresses clients and peers dial
+    (``hosts``) plus :data:`ROUTE_USER`, which clients check like the embedded server's and the
+    nodes present to each other on their routes; ``mesh-ca.pem``: the mesh's roots, what a
+    route's peer must chain to. A route is admitted only with a certificate naming
+    :data:`ROUTE_USER` (``verify_and_map``): a workload's certificate chains to the same roots but
+    carries only its SPIFFE ID, so it can never join the cluster.
+    """
+    from agentmesh.security.pki import pem
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_server_tls(directory, ca, [*hosts, ROUTE_USER], name="nats", route=True, ttl=ttl)
+    (directory / "mesh-ca.pem").write_text("".join(pem(c) for c in ca.roots))
+    return [directory / n for n in ("nats.pem", "nats.key", "mesh-ca.pem")]
 
 
 def write_server_config(

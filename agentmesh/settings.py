@@ -52,8 +52,18 @@ class Settings(BaseSettings):
     nats_monitor_url: str | None = Field(
         default=None,
         description="HTTP monitoring endpoints of the NATS servers (comma-separated, e.g. "
-        "http://nats-a:8222), for `agentmesh check`'s cluster view: only they report the "
-        "JetStream meta leader. Unset: check lists the advertised nodes without it.",
+        "http://nats-a:8222), where `agentmesh check` reads the JetStream meta leader. Unset: "
+        "check asks the control plane, which asks NATS as the system account (a NATS with the "
+        "mesh's accounts); on a NATS without them, check lists the nodes without a leader.",
+    )
+    nats_node_cert_ttl: float = Field(
+        default=90 * 86400.0,
+        ge=3600,
+        le=366 * 86400,
+        description="Lifetime in seconds of the certificate `agentmesh nats-config --tls-dir` "
+        "writes for the nodes of an operator-run NATS cluster (capped by the CA's own). Nobody "
+        "renews it automatically, so it outlives a quarter's maintenance window; short enough "
+        "that a copied node key stops working within one.",
     )
     nats_ping_interval: float = Field(
         default=2.0,
@@ -61,6 +71,21 @@ class Settings(BaseSettings):
         description="Seconds between a client's pings to its NATS server; two unanswered pings "
         "make it move to another server. A killed node closes its connections at once; this "
         "bounds how long a hung one (a stalled VM) holds its clients: about three intervals.",
+    )
+    nats_reconnect_wait: float = Field(
+        default=0.25,
+        gt=0,
+        description="Seconds a client waits between attempts to reach a NATS server it lost "
+        "(nats-py's reconnect_time_wait; its default is 2 s). A restarted server is back in "
+        "about a second and agents should be too; a fleet of a few thousand reconnecting at "
+        "4/s each is still little work for nats-server.",
+    )
+    nats_connect_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds one NATS server gets to answer a new connection before the next "
+        "seed is tried: a stalled node (it accepts TCP, never answers) must not use up a "
+        "start-up's whole budget. A TLS handshake on a loaded machine takes well under it.",
     )
     nats_rebootstrap_after: float = Field(
         default=5.0,
@@ -105,7 +130,20 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         description="Seconds over which embedded_nats_max_restarts counts restarts (with the "
-        "pauses between them, 0.2 s doubling to 5 s, five restarts take about 10 s).",
+        "default pauses between them, 0.2 s doubling to 5 s, five restarts take about 10 s).",
+    )
+    embedded_nats_restart_pause: float = Field(
+        default=0.2,
+        gt=0,
+        description="Seconds before restarting a dead embedded nats-server the first time: a "
+        "crash is rarely repeated at once, and agents reconnect within a second of its return.",
+    )
+    embedded_nats_restart_max_pause: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest pause between restarts of an embedded nats-server that keeps "
+        "dying (the pause doubles from embedded_nats_restart_pause): a crash loop costs little, "
+        "and a server that comes back is found by agents at once.",
     )
     token: SecretStr | None = Field(
         default=None,

@@ -39,6 +39,8 @@ from agentmesh import Agent, Settings, capability, connect
 from agentmesh.control.ca import write_root_ca
 from agentmesh.registry import RecordConflict
 from agentmesh.registry.cluster import bucket_replicas
+from agentmesh.registry.store import record_key
+from tests.mesh_ca import MeshCA
 from tests.nats_cluster import NatsCluster
 
 WORKER = Path(__file__).resolve().parent / "_soak_worker.py"
@@ -101,13 +103,16 @@ async def soak_probe() -> None:
 
 
 async def _probe(
-    mesh: Any, ttl: int, stop: asyncio.Event, run: Run, registered: asyncio.Event
+    mesh: Any, ca: MeshCA, ttl: int, stop: asyncio.Event, run: Run, registered: asyncio.Event
 ) -> None:
     """A registration renewed every 0.5 s in the registry bucket (a record with a capability
-    nobody calls): the longest gap between successful renewals is what a node loss costs
-    registrations, renewals and deregistrations."""
-    store = mesh.sidecar.store
+    nobody calls, signed as agent ``soak-probe`` so that every index takes it): the longest gap
+    between successful renewals is what a node loss costs registrations, renewals and
+    deregistrations."""
+    store = await ca.store_as(mesh.sidecar.conn, mesh.sidecar.store.bucket, "soak-probe")
     record = Agent("soak-probe", capabilities=[soak_probe]).record("http://127.0.0.1:9")
+    record = record.model_copy(update={"identity": "spiffe://agentmesh.local/agent/soak-probe"})
+    key = record_key(record)
     revision = await store.create(record, ttl)
     registered.set()
     last_ok = time.monotonic()
@@ -116,7 +121,7 @@ async def _probe(
         try:
             revision = await asyncio.wait_for(store.renew(record, revision, ttl), 5.0)
         except RecordConflict:  # a renewal that timed out landed after all
-            current = await store.get(record.instance_id)
+            current = await store.get(key)
             if current is not None:
                 revision = current[1]
             continue
@@ -125,7 +130,7 @@ async def _probe(
         now = time.monotonic()
         run.longest_write_stall = max(run.longest_write_stall, now - last_ok)
         last_ok = now
-    await store.delete(record.instance_id)
+    await store.delete(key)
 
 
 async def _view(
@@ -151,7 +156,8 @@ def _spawn(instances: int, env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> int:
-    ca_cert, ca_key = write_root_ca(root / "ca", "agentmesh.local")
+    ca_cert = Path(cluster.ca_env["AGENTMESH_CA_CERT_FILE"])
+    ca_key = Path(cluster.ca_env["AGENTMESH_CA_KEY_FILE"])
     bucket = f"soak_{uuid4().hex[:8]}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")},
@@ -185,12 +191,13 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
             data_dir=root,
             access_log=False,
         )
+        probe_ca = MeshCA(ca_cert, ca_key)
         async with connect(settings) as mesh:
             stop = asyncio.Event()
             registered = asyncio.Event()
             tasks = [
                 asyncio.create_task(_calls(mesh, args.rate, stop, run)),
-                asyncio.create_task(_probe(mesh, args.lease, stop, run, registered)),
+                asyncio.create_task(_probe(mesh, probe_ca, args.lease, stop, run, registered)),
                 asyncio.create_task(_view(mesh, expected + 1, stop, run, registered)),
             ]
             total = args.minutes * 60
@@ -307,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     with tempfile.TemporaryDirectory(prefix="agentmesh-soak-") as tmp:
         root = Path(tmp)
-        cluster = NatsCluster(root / "cluster")
+        ca_cert, ca_key = write_root_ca(root / "ca", "agentmesh.local")
+        ca_env = {"AGENTMESH_CA_CERT_FILE": str(ca_cert), "AGENTMESH_CA_KEY_FILE": str(ca_key)}
+        # The secured example cluster; every process here holds the NATS keys (data dir: root).
+        cluster = NatsCluster(root / "cluster", root, ca_env)
         try:
             cluster.start()
             return asyncio.run(_soak(args, cluster, root))

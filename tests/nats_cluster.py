@@ -1,8 +1,11 @@
 """A real three-node nats-server cluster on 127.0.0.1, run from ``examples/deploy``'s files.
 
-The three node files are copied unchanged; only the addresses files they include are written
-here (free ports, store directories under the test's tmp dir), as the deploy docs tell an
-operator to do for their machines. Used by the cluster tests and by ``bench/soak.py``.
+Set up as docs/deploy.md tells an operator to: the three node files are copied unchanged,
+``agentmesh nats-config`` writes the mesh's accounts file and the nodes' TLS (from the mesh CA),
+and only the addresses files the node files include are written here (free ports, store and TLS
+paths under the test's tmp dir). The nodes then admit only clients with a user JWT signed with
+the keys in ``data_dir/nats-auth`` (what every control plane of the mesh must hold) and only
+peers with a node certificate. Used by the cluster tests and by ``bench/soak.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +17,15 @@ import signal
 import socket
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from agentmesh import Settings
 from agentmesh.nats_server import NatsServer
+from agentmesh.registry import NatsConnection
+from agentmesh.security.nats_auth import AUTH_DIR
+from tests.control.control_process import cli_env, run_cli
 
 __all__ = ["DEPLOY", "NODES", "NatsCluster"]
 
@@ -39,30 +48,82 @@ def _free_ports(count: int) -> list[int]:
 
 
 class NatsCluster:
-    """Nodes ``nats-a``, ``nats-b``, ``nats-c``, each a :class:`NatsServer` on its config file."""
+    """Nodes ``nats-a``, ``nats-b``, ``nats-c``, each a :class:`NatsServer` on its config file.
 
-    def __init__(self, root: Path) -> None:
+    ``data_dir``: the control plane's data dir whose NATS keys the nodes trust (created if
+    missing); ``ca_env``: where the mesh CA is (``AGENTMESH_CA_CERT_FILE``/``KEY_FILE``), for
+    the nodes' certificates.
+    """
+
+    def __init__(self, root: Path, data_dir: Path, ca_env: Mapping[str, str]) -> None:
         self.root = root
+        self.data_dir = data_dir
+        self.ca_env = dict(ca_env)
         root.mkdir(parents=True, exist_ok=True)
+        tls = root / "tls"
+        made = run_cli(
+            "nats-config", "--data-dir", str(data_dir),
+            "-o", str(root / "agentmesh-accounts.conf"),
+            "--tls-dir", str(tls), "--host", "127.0.0.1", "--host", "localhost",
+            env=cli_env(ca_env),
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
         ports = _free_ports(3 * len(NODES))
         self.client_ports = dict(zip(NODES, ports[0:3], strict=True))
-        route_ports = dict(zip(NODES, ports[3:6], strict=True))
+        self.route_ports = dict(zip(NODES, ports[3:6], strict=True))
         self.monitor_ports = dict(zip(NODES, ports[6:9], strict=True))
-        routes = "\n".join(f'  "nats-route://127.0.0.1:{route_ports[n]}"' for n in NODES)
+        routes = "\n".join(f'  "nats-route://127.0.0.1:{self.route_ports[n]}"' for n in NODES)
         self.servers: dict[str, NatsServer] = {}
         for node in NODES:
             shutil.copy(DEPLOY / f"nats-{node}.conf", root / f"nats-{node}.conf")
             (root / f"addresses-{node}.conf").write_text(
                 f'CLIENT: "127.0.0.1:{self.client_ports[node]}"\n'
-                f'ROUTE: "127.0.0.1:{route_ports[node]}"\n'
+                f'ROUTE: "127.0.0.1:{self.route_ports[node]}"\n'
                 f'MONITOR: "127.0.0.1:{self.monitor_ports[node]}"\n'
                 f'STORE: "{root / "data" / node}"\n'
+                f'TLS_CERT: "{tls / "nats.pem"}"\n'
+                f'TLS_KEY: "{tls / "nats.key"}"\n'
+                f'TLS_CA: "{tls / "mesh-ca.pem"}"\n'
                 f"ROUTES: [\n{routes}\n]\n"
             )
-            self.servers[node] = NatsServer(root / f"log-{node}", config=root / f"nats-{node}.conf")
+            self.servers[node] = NatsServer(
+                root / f"log-{node}", config=root / f"nats-{node}.conf", tls=True
+            )
+
+    def share_keys(self, data_dir: Path) -> None:
+        """Give a control plane's data dir the NATS keys the nodes trust (as docs/deploy.md
+        says every control plane needs)."""
+        if data_dir.resolve() != self.data_dir.resolve():  # else it has them
+            shutil.copytree(self.data_dir / AUTH_DIR, data_dir / AUTH_DIR, dirs_exist_ok=True)
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """A process that connects straight to the cluster with the control plane's powers:
+        its data dir (the NATS keys) and the mesh CA."""
+        return cli_env(
+            {
+                "AGENTMESH_NATS_URL": self.seeds,
+                "AGENTMESH_DATA_DIR": str(self.data_dir),
+                **self.ca_env,
+                **(extra or {}),
+            }
+        )
+
+    async def connection(self, bucket: str, **options: Any) -> NatsConnection:
+        """A connection with the control plane's powers (as :meth:`env`), e.g. to create
+        buckets as another process would have."""
+        from agentmesh.security.nats_client import client_connection
+
+        settings = Settings(
+            data_dir=self.data_dir,
+            ca_cert_file=Path(self.ca_env["AGENTMESH_CA_CERT_FILE"]),
+            ca_key_file=Path(self.ca_env["AGENTMESH_CA_KEY_FILE"]),
+        )
+        return await client_connection(
+            settings, self.seeds, bucket, name="tests-cluster", **options
+        )
 
     def url(self, node: str) -> str:
-        return f"nats://127.0.0.1:{self.client_ports[node]}"
+        return f"tls://127.0.0.1:{self.client_ports[node]}"
 
     @property
     def urls(self) -> list[str]:
@@ -85,14 +146,18 @@ class NatsCluster:
                 server.start(timeout=30)
         self.wait_formed()
 
-    def jsz(self, node: str) -> dict[str, object] | None:
+    def monitor(self, node: str, endpoint: str) -> dict[str, Any] | None:
+        """A monitoring endpoint's JSON (``jsz``, ``routez`` ...); None if the node is away."""
         try:
-            url = f"http://127.0.0.1:{self.monitor_ports[node]}/jsz"
+            url = f"http://127.0.0.1:{self.monitor_ports[node]}/{endpoint}"
             with urllib.request.urlopen(url, timeout=2) as resp:
-                data: dict[str, object] = json.loads(resp.read())
+                data: dict[str, Any] = json.loads(resp.read())
                 return data
         except OSError:
             return None
+
+    def jsz(self, node: str) -> dict[str, Any] | None:
+        return self.monitor(node, "jsz")
 
     def meta_leader(self) -> str | None:
         """The JetStream meta leader as the running nodes report it, if they agree on one."""

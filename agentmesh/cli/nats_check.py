@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["cluster_checks", "embedded_note", "unreachable_hint"]
+from agentmesh.models import JetStreamMeta
+
+__all__ = ["cluster_checks", "embedded_note", "nats_meta", "unreachable_hint"]
+
+_META_TIMEOUT = 6.0
+"""Seconds ``check`` waits for the control plane's answer about the meta group: it connects
+to NATS for it and waits for a server, 2 s each (control/nats_status.py), plus slack."""
 
 
 def _embedded(health: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -52,25 +58,23 @@ def unreachable_hint(health: dict[str, Any] | None) -> str:
 
 
 async def cluster_checks(
-    client: Any, buckets: list[str], want: int, monitor_urls: list[str]
+    client: Any, buckets: list[str], want: int, meta: JetStreamMeta | None
 ) -> list[tuple[str, bool | None, str, str | None]]:
     """(check, ok, detail, hint) for the cluster's nodes and meta leader and each bucket's
     replicas and leader. The nodes are the servers the cluster advertises; the JetStream meta
-    leader is only reported by the servers' monitoring endpoint (``/jsz``), read when
-    ``AGENTMESH_NATS_MONITOR_URL`` names it."""
+    leader is what :func:`nats_meta` found."""
     import nats.js.errors
 
     from agentmesh.registry.cluster import advertised_servers, bucket_replicas
 
     servers = advertised_servers(client)
-    meta = await _meta_cluster(monitor_urls)
     if meta is not None:
-        # /jsz lists the answering server's peers; /varz adds the server itself.
-        peers = sorted({str(meta["self"])} | {str(p.get("name")) for p in meta.get("replicas", [])})
-        offline = [str(p.get("name")) for p in meta.get("replicas", []) if p.get("offline")]
+        # A server reports its peers; the server itself is the one that answered.
+        peers = sorted({meta.server} | {p.name for p in meta.peers})
+        offline = [p.name for p in meta.peers if p.offline]
         detail = (
-            f"{meta.get('name')}: {len(peers)} JetStream node(s) {', '.join(peers)}; "
-            f"meta leader {meta.get('leader')}"
+            f"{meta.cluster}: {len(peers)} JetStream node(s) {', '.join(peers)}; "
+            f"meta leader {meta.leader}"
         )
         if offline:
             detail += f"; offline: {', '.join(offline)}"
@@ -85,7 +89,9 @@ async def cluster_checks(
             "NATS cluster",
             True,
             f"{len(servers)} node(s) advertised: {', '.join(servers)}",
-            "set AGENTMESH_NATS_MONITOR_URL to their monitoring ports to see the meta leader",
+            "the meta leader is asked of NATS by the control plane (as the system account, on a "
+            "NATS with the mesh's accounts) or read from AGENTMESH_NATS_MONITOR_URL: neither "
+            "answered",
         )
     else:
         nodes = ("NATS cluster", None, f"a single server ({servers[0] if servers else '?'})", None)
@@ -120,18 +126,43 @@ async def cluster_checks(
     return results
 
 
-async def _meta_cluster(monitor_urls: list[str]) -> dict[str, Any] | None:
-    """``meta_cluster`` of the first monitoring endpoint that answers ``/jsz``, with ``self``:
-    that server's name (from ``/varz``)."""
+async def nats_meta(
+    http: Any, control: str | None, monitor_url: str | None
+) -> JetStreamMeta | None:
+    """The JetStream meta group: from the servers' monitoring endpoints when
+    ``AGENTMESH_NATS_MONITOR_URL`` names them, else from the control plane (``control``: its URL
+    if it answered), which asks NATS as the system account."""
+    import httpx
+    from pydantic import TypeAdapter, ValidationError
+
+    monitors = [u.strip().rstrip("/") for u in (monitor_url or "").split(",") if u.strip()]
+    if monitors:
+        return await _monitored_meta(http, monitors)
+    if control is None:
+        return None
+    try:
+        # The control plane connects to NATS for it (2 s) and waits for a server (2 s).
+        resp = await http.get(f"{control}/v1/nats/meta", timeout=_META_TIMEOUT)
+        resp.raise_for_status()
+        meta: JetStreamMeta | None = TypeAdapter(JetStreamMeta | None).validate_json(resp.content)
+    except (httpx.HTTPError, ValidationError):  # an older control plane, or none
+        return None
+    return meta
+
+
+async def _monitored_meta(http: Any, monitors: list[str]) -> JetStreamMeta | None:
+    """The first monitoring endpoint whose ``/jsz`` names a leader (``/varz``: its name)."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=2.0) as http:
-        for url in monitor_urls:
-            try:
-                meta = (await http.get(f"{url.rstrip('/')}/jsz")).json().get("meta_cluster")
-                name = (await http.get(f"{url.rstrip('/')}/varz")).json().get("server_name")
-            except (httpx.HTTPError, ValueError, AttributeError):
-                continue
-            if isinstance(meta, dict) and meta.get("leader") and name:
-                return {**meta, "self": name}
+    from agentmesh.control.nats_status import meta_from_jsz
+
+    for url in monitors:
+        try:
+            jsz = (await http.get(f"{url}/jsz")).json()
+            name = (await http.get(f"{url}/varz")).json().get("server_name")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            continue
+        meta = meta_from_jsz(jsz, str(name)) if isinstance(jsz, dict) and name else None
+        if meta is not None:
+            return meta
     return None

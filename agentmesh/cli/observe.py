@@ -33,7 +33,15 @@ from agentmesh.cli._common import (
 )
 from agentmesh.cli.query import _get
 from agentmesh.errors import MeshError
-from agentmesh.models import AgentRecord, Bootstrap, StatRow, TapAck, TapEvent, TapRequest
+from agentmesh.models import (
+    AgentRecord,
+    Bootstrap,
+    JetStreamMeta,
+    StatRow,
+    TapAck,
+    TapEvent,
+    TapRequest,
+)
 from agentmesh.settings import Settings
 
 if TYPE_CHECKING:
@@ -422,6 +430,7 @@ def check(
 async def _run_checks(settings: Settings) -> list[_Check]:
     import httpx
 
+    from agentmesh.cli.nats_check import nats_meta
     from agentmesh.security.control_trust import admin_request
 
     results: list[_Check] = []
@@ -451,7 +460,8 @@ async def _run_checks(settings: Settings) -> list[_Check]:
             note = "" if health.get("nats", True) else "; it has lost NATS too"
             detail = f"{control} answers (agentmesh {health.get('version')}{note})"
             results.append(_Check("control plane", True, detail))
-        results.extend(await _nats_checks(settings, boot, health))
+        meta = await nats_meta(http, control if health else None, settings.nats_monitor_url)
+        results.extend(await _nats_checks(settings, boot, health, meta))
         results.append(_clock_check(health, sent, received if health is not None else sent))
         results.append(await _identity_check(http, control, health is not None))
         results.append(await _mtls_check(http, control, health is not None))
@@ -501,7 +511,10 @@ def _reason(exc: BaseException) -> str:
 
 
 async def _nats_checks(
-    settings: Settings, boot: Bootstrap | None, health: dict[str, Any] | None
+    settings: Settings,
+    boot: Bootstrap | None,
+    health: dict[str, Any] | None,
+    meta: JetStreamMeta | None,
 ) -> list[_Check]:
     import nats.js.errors
 
@@ -586,8 +599,7 @@ async def _nats_checks(
         results.append(
             _Check("registry", True, f"bucket {bucket!r}: {len(keys)} agent instance(s)", hint)
         )
-        monitors = [u.strip() for u in (settings.nats_monitor_url or "").split(",") if u.strip()]
-        for row in await cluster_checks(nc, mesh_buckets(bucket), conn.replicas(), monitors):
+        for row in await cluster_checks(nc, mesh_buckets(bucket), conn.replicas(), meta):
             results.append(_Check(*row))
     except Exception as exc:  # NATS went away mid-check
         results.append(_Check("NATS", False, f"{url}: {exc or type(exc).__name__}"))

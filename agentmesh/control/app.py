@@ -20,7 +20,7 @@ from agentmesh.control.docs import mount_docs
 from agentmesh.control.health import HealthBook
 from agentmesh.control.limits import BodyLimit, body_problem, truncated, validation_problem
 from agentmesh.control.metrics import ControlMetrics
-from agentmesh.control.nats_status import nats_server_status, with_cluster_urls
+from agentmesh.control.nats_status import nats_router, nats_server_status, with_cluster_urls
 from agentmesh.control.policies import policy_router
 from agentmesh.control.policyset import PolicySigner
 from agentmesh.control.security import ControlSecurity, security_router
@@ -89,6 +89,8 @@ def create_app(
     ControlMetrics(sidecar).install(app)
     if security is not None:
         app.include_router(security_router(security.issuer))
+        if security.issuer.nats is not None:
+            app.include_router(nats_router(sidecar.conn, security.issuer.nats))
     index = sidecar.index
     stats = stats if stats is not None else StatsBook()
     app.include_router(stats_router(stats))

@@ -379,17 +379,28 @@ class CertificateAuthority:
             key_usage=True,
         )
 
-    def issue_server(self, public_key: PrivateKey, hosts: Sequence[str]) -> x509.Certificate:
+    def issue_server(
+        self,
+        public_key: PrivateKey,
+        hosts: Sequence[str],
+        *,
+        ttl: float | None = None,
+        route: bool = False,
+    ) -> x509.Certificate:
         """A TLS *server* certificate for infrastructure (the embedded NATS) on ``hosts``.
 
         DNS and IP SANs and no URI SAN: it is no mesh identity (``check_leaf`` refuses it as a
         caller), and clients check the host they dialled against it, so no agent's certificate
-        can stand in for the server.
+        can stand in for the server. ``route``: a NATS cluster node's, which also presents it
+        as a client to its peers (client-auth usage). ``ttl``: instead of the CA's lifetime.
         """
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
         names = [_host_name(host) for host in hosts]
         eku = [ExtendedKeyUsageOID.SERVER_AUTH]
-        return self._leaf(public_key.public_key(), subject, names, eku, self.ttl, key_usage=False)
+        if route:
+            eku.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        lifetime = self.ttl if ttl is None else ttl
+        return self._leaf(public_key.public_key(), subject, names, eku, lifetime, key_usage=False)
 
     def _leaf(
         self,

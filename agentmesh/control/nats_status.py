@@ -1,24 +1,31 @@
-"""What the control plane says about NATS: the embedded server's state and the cluster's URLs."""
+"""What the control plane says about NATS: the embedded server's state, the cluster's URLs, and
+the cluster's JetStream meta leader (asked as the system account, whose keys it holds)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
-from agentmesh.models import Bootstrap
+from agentmesh.errors import MeshError
+from agentmesh.models import Bootstrap, JetStreamMeta, MetaPeer
 from agentmesh.policy.store import policy_bucket
 from agentmesh.registry.cluster import advertised_servers, raise_replicas
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.store import security_bucket
 
 __all__ = [
     "NatsView",
+    "jetstream_meta",
     "keep_replicas",
     "mesh_buckets",
+    "meta_from_jsz",
+    "nats_router",
     "nats_server_status",
     "nats_view",
     "with_cluster_urls",
@@ -85,3 +92,70 @@ def keep_replicas(conn: NatsConnection, buckets: list[str]) -> Callable[[], Awai
             _log.warning("bucket replicas not checked: %s", exc)
 
     return check
+
+
+_JSZ = "$SYS.REQ.SERVER.PING.JSZ"
+_SYS_TIMEOUT = 2.0
+"""Seconds for the system connection and the servers' first answer: a diagnostic, asked by
+``agentmesh check`` (whose own probes wait 3 s); not worth an operator's setting."""
+
+
+def meta_from_jsz(jsz: dict[str, Any], server: str) -> JetStreamMeta | None:
+    """The meta group in a server's JSZ report (HTTP ``/jsz`` or ``$SYS``), ``server`` being
+    its name; None when it has none (a single server) or no leader is elected."""
+    meta = jsz.get("meta_cluster")
+    if not isinstance(meta, dict) or not meta.get("leader"):
+        return None
+    peers = [
+        MetaPeer(
+            name=str(p.get("name")), current=bool(p.get("current")), offline=bool(p.get("offline"))
+        )
+        for p in meta.get("replicas") or []
+    ]
+    return JetStreamMeta(
+        cluster=str(meta.get("name")), leader=str(meta["leader"]), server=server, peers=peers
+    )
+
+
+async def jetstream_meta(conn: NatsConnection, authority: NatsAuthority) -> JetStreamMeta | None:
+    """The meta group as the first server to answer ``$SYS.REQ.SERVER.PING.JSZ`` reports it.
+
+    Only the system account may ask; the control plane holds its key, so it connects briefly
+    as a system user (same servers, same TLS as its own connection). None on an open NATS
+    (no accounts), a single server, or no answer.
+    """
+    import nats.errors
+
+    from agentmesh.security.nats_client import signed_by
+
+    user_jwt, key = authority.system_user()
+    base = conn.credentials
+
+    def options() -> dict[str, Any]:
+        tls = {k: v for k, v in (base() if base else {}).items() if k == "tls"}
+        return {**tls, **signed_by(user_jwt, key)}
+
+    system = NatsConnection(conn.servers, name="agentmesh-control-system", credentials=options)
+    try:
+        await system.connect(_SYS_TIMEOUT)
+        reply = await system.client.request(_JSZ, b"{}", timeout=_SYS_TIMEOUT)
+        answer = json.loads(reply.data)
+        return meta_from_jsz(answer.get("data") or {}, str(answer["server"]["name"]))
+    except (MeshError, nats.errors.Error, ValueError, KeyError, TypeError) as exc:
+        _log.info("JetStream meta group not read through the system account: %s", exc)
+        return None
+    finally:
+        await system.close()
+
+
+def nats_router(conn: NatsConnection, authority: NatsAuthority) -> APIRouter:
+    """``GET /v1/nats/meta``: what ``agentmesh check`` shows of the cluster's meta leader."""
+    router = APIRouter(tags=["mesh"])
+
+    @router.get("/v1/nats/meta")
+    async def get_meta() -> JetStreamMeta | None:
+        """The JetStream meta group (leader, servers), asked of NATS as the system account;
+        null for a single server or when NATS does not answer."""
+        return await jetstream_meta(conn, authority)
+
+    return router

@@ -1,11 +1,12 @@
 """The control plane's embedded nats-server: one stable address, kept alive.
 
 Agents reconnect to the address they were given, so the embedded server must come back where it
-was: its client port is chosen once (or set with ``AGENTMESH_EMBEDDED_NATS_PORT``) and kept in
-``<data dir>/nats/port``; a restarted control plane starts it there again, and says clearly when
-another process holds that port. If the server dies while the control plane runs, it is restarted
-on the same port and store, with a growing pause between attempts, one log line per restart, and
-at most ``AGENTMESH_EMBEDDED_NATS_MAX_RESTARTS`` restarts within
+was: its client port is chosen once, outside the kernel's ephemeral range (:func:`stable_port`),
+or set with ``AGENTMESH_EMBEDDED_NATS_PORT``, and kept in ``<data dir>/nats/port``; a restarted
+control plane starts it there again, and says clearly when another process holds that port.
+If the server dies while the control plane runs, it is restarted on the same port and store,
+with a growing pause between attempts, one log line per restart, and at most
+``AGENTMESH_EMBEDDED_NATS_MAX_RESTARTS`` restarts within
 ``AGENTMESH_EMBEDDED_NATS_RESTART_WINDOW`` seconds (a server that keeps dying has a cause no
 restart fixes: then the state is ``failed`` and ``/healthz`` and ``agentmesh check`` say so).
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -24,7 +27,7 @@ from agentmesh.errors import ConfigurationError, RegistryUnavailable
 from agentmesh.nats_server import NatsServer
 from agentmesh.settings import Settings
 
-__all__ = ["EmbeddedNats", "NatsState"]
+__all__ = ["EmbeddedNats", "NatsState", "stable_port"]
 
 _log = logging.getLogger("agentmesh.control")
 
@@ -32,11 +35,39 @@ NatsState = Literal["starting", "running", "restarting", "failed", "stopped"]
 
 PORT_FILE = "port"
 _POLL = 0.2
-"""Seconds between looks at the child: a dead server is noticed within this time."""
-_FIRST_PAUSE = 0.2
-"""Seconds before the first restart: a crash is usually not repeated at once."""
-_MAX_PAUSE = 5.0
-"""Longest pause between restarts: agents reconnect every 0.25 s, so NATS is back soon after."""
+"""Seconds between looks at the child (a non-blocking waitpid): a dead server is noticed within
+this time. Not an operator's choice: it costs nothing and is well below the restart pause."""
+
+
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000
+"""Stable ports are drawn from here up to the ephemeral range: well-known and most registered
+services' ports lie below it."""
+_TRIES = 64
+
+
+def stable_port(host: str = "127.0.0.1") -> int:
+    """A free port outside the kernel's ephemeral range, for a listener that must come back on
+    the same port after a restart; 0 (let the server choose) where that range is unknown.
+
+    A port from the ephemeral range (where port 0 draws from) may, while its listener is down,
+    become the local port of any outgoing connection on the machine, and a listener cannot bind
+    it again until that connection closes ("address already in use"): a restarted control plane
+    would then refuse to start. The kernel never hands out a port below the range on its own.
+    """
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    candidates = list(range(_LOWEST_PORT, low))
+    for port in random.sample(candidates, min(_TRIES, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return 0
 
 
 def kept_port(store: Path) -> int:
@@ -56,7 +87,7 @@ class EmbeddedNats:
         """``extra_config``/``tls``: TLS and the mesh's accounts (nats_config.secure_embedded)."""
         self.store = settings.data_dir / "nats"
         self._port_file = self.store / PORT_FILE
-        port = settings.embedded_nats_port or kept_port(self.store)
+        port = settings.embedded_nats_port or kept_port(self.store) or stable_port()
         self.server = NatsServer(
             self.store,
             port=port,
@@ -66,6 +97,8 @@ class EmbeddedNats:
         )
         self._max_restarts = settings.embedded_nats_max_restarts
         self._window = settings.embedded_nats_restart_window
+        self._first_pause = settings.embedded_nats_restart_pause
+        self._max_pause = settings.embedded_nats_restart_max_pause
         self.state: NatsState = "starting"
         self.restarts = 0
         self.last_exit: str | None = None
@@ -105,7 +138,7 @@ class EmbeddedNats:
 
     async def supervise(self) -> None:
         """Restart the server whenever it dies, until the restart limit is reached."""
-        pause = _FIRST_PAUSE
+        pause = self._first_pause
         while True:
             await asyncio.sleep(_POLL)
             if self.state == "running":
@@ -128,7 +161,7 @@ class EmbeddedNats:
                     self.server.log_path,
                 )
                 return
-            pause = min(pause * 2, _MAX_PAUSE) if self._recent else _FIRST_PAUSE
+            pause = min(pause * 2, self._max_pause) if self._recent else self._first_pause
             self._recent.append(now)
             self.restarts += 1
             self.state = "restarting"

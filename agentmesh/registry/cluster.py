@@ -158,7 +158,19 @@ def kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
-async def bucket_replicas(client: Any, bucket: str, timeout: float = 3.0) -> BucketReplicas:
+_INFO_TIMEOUT = 3.0
+"""Seconds for one stream-info answer in a diagnostic (``agentmesh check``, the tests): as long
+as check's other probes; a leaderless bucket is reported, not waited for."""
+_FIRST_RETRY = 0.2
+_MAX_RETRY = 2.0
+"""Pauses between JetStream retries during an election, doubling from ``_FIRST_RETRY``: not an
+operator's choice (how long to keep trying is: AGENTMESH_JETSTREAM_WAIT); an election takes
+4-9 s, so a new leader is found within ``_MAX_RETRY`` of its arrival."""
+
+
+async def bucket_replicas(
+    client: Any, bucket: str, timeout: float = _INFO_TIMEOUT
+) -> BucketReplicas:
     """The stream info's cluster view of ``bucket`` (raises nats' NotFoundError if absent)."""
     info = await client.jetstream(timeout=timeout).stream_info(kv_stream(bucket))
     cluster = info.cluster
@@ -228,7 +240,7 @@ async def through_election(op: Callable[[], Awaitable[T]], *, wait: float, what:
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    pause = 0.2
+    pause = _FIRST_RETRY
     while True:
         try:
             return await op()
@@ -237,4 +249,4 @@ async def through_election(op: Callable[[], Awaitable[T]], *, wait: float, what:
                 raise
             _log.info("%s: JetStream did not answer (%s); retrying", what, exc)
         await asyncio.sleep(pause)
-        pause = min(pause * 2, 2.0)
+        pause = min(pause * 2, _MAX_RETRY)

@@ -49,8 +49,12 @@ T = TypeVar("T")
 #: called at each connect, so renewed credentials are used (see security/nats_client.py).
 Credentials = Callable[[], dict[str, Any]]
 
-_PER_SERVER_TIMEOUT = 2.0
-"""Seconds one server gets to answer a new connection before the next seed is tried."""
+_MAX_PINGS_OUT = 2
+"""Unanswered pings that make a client leave its server (nats-py's default): the interval is
+the operator's setting (AGENTMESH_NATS_PING_INTERVAL), this only how many of them."""
+_DRAIN_TIMEOUT = 2.0
+"""Seconds a closing connection gets to flush what it published: bounds a process's exit when
+NATS is gone; not an operator's choice (nothing is lost that a retry would keep)."""
 _MAX_INFO = 64 * 1024
 """The server's first line (INFO) is a few hundred bytes; more is not a NATS server."""
 
@@ -68,8 +72,11 @@ class NatsConnection:
         kv_replicas: int | None = None,
         jetstream_wait: float = 20.0,
         ping_interval: float = 2.0,
+        reconnect_wait: float = 0.25,
+        server_timeout: float = 2.0,
         credentials: Credentials | None = None,
     ) -> None:
+        """The timings are settings (``AGENTMESH_NATS_*``; sidecar.py passes them)."""
         self.servers = split_urls(url)
         self.url = ",".join(self.servers)
         self.name = name
@@ -87,9 +94,17 @@ class NatsConnection:
         #: How long start-up steps wait for JetStream to answer (through a leader election).
         self.jetstream_wait = jetstream_wait
         self.ping_interval = ping_interval
+        self._reconnect_wait = reconnect_wait
+        self._server_timeout = server_timeout
         self._follower = (
             ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
         )
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """How this connection authenticates and checks the server (TLS): another connection
+        to the same servers as someone else keeps the TLS part."""
+        return self._credentials
 
     @property
     def unauthenticated(self) -> bool:
@@ -158,14 +173,14 @@ class NatsConnection:
             "name": self.name,
             # Per server: a stalled node (it accepts TCP, never answers) must not use up the
             # whole budget before the next seed is tried.
-            "connect_timeout": min(timeout, _PER_SERVER_TIMEOUT),
+            "connect_timeout": min(timeout, self._server_timeout),
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.25,
+            "reconnect_time_wait": self._reconnect_wait,
             # Two unanswered pings mark the server stale: a hung node (a stalled VM) is left
             # for another within about three intervals.
             "ping_interval": self.ping_interval,
-            "max_outstanding_pings": 2,
+            "max_outstanding_pings": _MAX_PINGS_OUT,
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "error_cb": error,
@@ -189,7 +204,7 @@ class NatsConnection:
             # nats-py retries even the first connection forever when reconnects are unlimited:
             # bound it, so a wrong URL is an error, not a hang, and refused credentials or a
             # refused certificate are that error at once.
-            budget = timeout + _PER_SERVER_TIMEOUT * (len(self.servers) - 1)
+            budget = timeout + self._server_timeout * (len(self.servers) - 1)
             connecting = asyncio.ensure_future(nc.connect(servers=self.servers, **options))
             racing: set[asyncio.Future[Any]] = {connecting, refused}
             await asyncio.wait(racing, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
@@ -254,7 +269,7 @@ class NatsConnection:
             await self._follower.stop()
         if self._nc is not None and not self._nc.is_closed:
             try:
-                await asyncio.wait_for(self._nc.drain(), timeout=2.0)
+                await asyncio.wait_for(self._nc.drain(), timeout=_DRAIN_TIMEOUT)
             except Exception:
                 with contextlib.suppress(Exception):
                     await self._nc.close()

@@ -223,13 +223,6 @@ class NatsAuthority:
             claims["revocations"] = dict(sorted(revoked.items()))
         return encode_jwt(self.operator, self.account.public, claims, name="agentmesh")
 
-    def system_user(self) -> tuple[str, NKey]:
-        """A JWT and key of a user in the system account (claims updates; see
-        ``agentmesh.control.nats_revocations``)."""
-        user = NKey.generate(USER)
-        claims = {"type": "user", **_USER_LIMITS}
-        return encode_jwt(self.system, user.public, claims, name="agentmesh-control"), user
-
     def user_jwt(
         self, identity: SpiffeId, user_key: str, *, bucket: str, expires: float | None
     ) -> str:
@@ -247,6 +240,14 @@ class NatsAuthority:
             name=identity.uri,
             expires=expires,
         )
+
+    def system_user(self) -> tuple[str, NKey]:
+        """A JWT and key in the system account, for this very process: the servers answer
+        ``$SYS.REQ.SERVER.PING.*`` (the JetStream meta leader, for example) and take account
+        claims updates (``agentmesh.control.nats_revocations``) only there."""
+        user = NKey.generate(USER)
+        claims = {"type": "user", **_USER_LIMITS}
+        return encode_jwt(self.system, user.public, claims, name="agentmesh-system"), user
 
     def own_user(self, identity: SpiffeId, *, bucket: str) -> tuple[str, NKey]:
         """A JWT and key for this very process (it holds the account key: no enrolment)."""

@@ -154,7 +154,12 @@ async def client_connection(
 
     identity = WorkloadIdentity.for_caller(settings, "client")
     credentials = nats_credentials(settings, identity)
-    conn = NatsConnection(url, name=name, credentials=credentials, **connection)
+    timings = {
+        "ping_interval": settings.nats_ping_interval,
+        "reconnect_wait": settings.nats_reconnect_wait,
+        "server_timeout": settings.nats_connect_timeout,
+    }
+    conn = NatsConnection(url, name=name, credentials=credentials, **{**timings, **connection})
     if (await conn.probe(timeout)).get("auth_required"):
         await identity.prepare(bucket)
     await conn.connect(timeout)

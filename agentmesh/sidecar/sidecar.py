@@ -55,6 +55,8 @@ class Sidecar:
             kv_replicas=settings.kv_replicas,
             jetstream_wait=settings.jetstream_wait,
             ping_interval=settings.nats_ping_interval,
+            reconnect_wait=settings.nats_reconnect_wait,
+            server_timeout=settings.nats_connect_timeout,
             credentials=nats_credentials(settings, self.identity),
         )
         self.identity.on_nats_renewed(self.conn.credentials_renewed)

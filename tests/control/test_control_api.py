@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentmesh import capability
 from tests.control.control_process import arun_cli, cli_env, control_process, control_tls
 from tests.mesh_ca import mesh_ca
+from tests.promtool import check_metrics
 
 
 @capability
@@ -138,17 +135,4 @@ async def test_metrics_count_requests_enrolments_policy_changes_and_mesh_state(
     assert _get(samples, "agentmesh_control_nats_connected") == 1
     assert "process_cpu_seconds_total" in exposition or "python_gc_objects" in exposition
 
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing in CI: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI runs this check")
-    check = await asyncio.to_thread(
-        subprocess.run,
-        [promtool, "check", "metrics"],
-        input=exposition,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    await asyncio.to_thread(check_metrics, exposition)

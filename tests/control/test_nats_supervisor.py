@@ -38,6 +38,30 @@ def test_the_port_chosen_once_is_kept_across_runs(tmp_path: Path) -> None:
         second.stop()
 
 
+def test_the_port_is_chosen_where_no_outgoing_connection_can_take_it(tmp_path: Path) -> None:
+    """A kept port from the kernel's ephemeral range may be the local port of any outgoing
+    connection while the server is down, and then the restart fails ("address already in use"):
+    the port is chosen below that range, where the kernel never hands one out."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    # The fault: an outgoing connection holding a port blocks a listener on it.
+    with socket.socket() as server, socket.socket() as outgoing:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        outgoing.connect(server.getsockname())
+        taken = outgoing.getsockname()[1]
+        assert taken >= low
+        with socket.socket() as listener, pytest.raises(OSError, match="in use"):
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", taken))
+    nats = EmbeddedNats(_settings(tmp_path))
+    nats.start()
+    try:
+        assert 0 < nats.server.port < low
+        assert kept_port(tmp_path / "nats") == nats.server.port
+    finally:
+        nats.stop()
+
+
 def test_a_taken_kept_port_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))

@@ -42,12 +42,17 @@ _READY_RE = re.compile(
 
 
 def clean_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    """This environment without any ``AGENTMESH_*`` variable, plus ``overrides``.
+    """This environment without any ``AGENTMESH_*`` variable (nor a terminal's size), plus
+    ``overrides``.
 
     An override of None removes the variable. Output is unbuffered so that log files show
     each line as soon as it is printed.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AGENTMESH_") and k not in ("COLUMNS", "LINES")
+    }
     env["PYTHONUNBUFFERED"] = "1"
     for key, value in (overrides or {}).items():
         if value is None:

@@ -7,32 +7,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
+import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
+import nats.errors
 import pytest
 
 from agentmesh import Mesh, Settings, connect
 from agentmesh.control.nats_status import mesh_buckets
+from agentmesh.nats_server import NatsServer
 from agentmesh.policy.store import PolicyStore
-from agentmesh.registry import NatsConnection, RegistryStore
+from agentmesh.registry import RegistryStore
 from agentmesh.registry.cluster import bucket_replicas
+from agentmesh.security.identity import SpiffeId
+from agentmesh.security.pki import key_pem, new_key, pem
 from agentmesh.security.store import SecurityStore
-from tests.control.control_process import arun_cli, control_tls
-from tests.mesh_ca import mesh_ca
+from tests.control.control_process import ControlProcess, arun_cli
+from tests.mesh_ca import TRUST_DOMAIN, mesh_ca
+from tests.nats.support import Connection
 from tests.nats_cluster import NODES, NatsCluster
 
 from .support import (
     EXAMPLE_AGENTS,
-    READY_TIMEOUT,
     AgentProcess,
     clean_env,
-    popen_logged,
-    tail,
     terminate_all,
 )
 
@@ -40,14 +42,14 @@ from .support import (
 #: see docs/deploy.md. Heartbeats stay frequent.
 LEASE = 15
 HEARTBEAT = 1.0
-CLI_TIMEOUT = 30.0
 VISIBLE_TIMEOUT = 30.0
 CALL_PERIOD = 0.02
 
 
 @pytest.fixture(scope="module")
 def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path_factory.mktemp("cluster"))
+    root = tmp_path_factory.mktemp("cluster")
+    cluster = NatsCluster(root, root / "mesh", mesh_ca().env())
     try:
         cluster.start()
         yield cluster
@@ -62,59 +64,28 @@ def cluster(nats_cluster: NatsCluster) -> NatsCluster:
     return nats_cluster
 
 
-class Plane:
-    """One ``agentmesh control`` on the cluster (seeds: every node), signing with the test CA."""
+class Plane(ControlProcess):
+    """One ``agentmesh control`` on the cluster (seeds: every node), signing with the test CA,
+    holding the NATS keys the nodes trust (as every control plane of the mesh must)."""
 
     def __init__(self, cluster: NatsCluster, bucket: str, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self.monitors = ",".join(cluster.monitor_urls)
-        ready = workdir / "control.json"
-        self.log = workdir / "control.log"
-        self.proc = popen_logged(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh",
-                "control",
-                "--port",
-                "0",
-                "--ready-file",
-                str(ready),
-                "--nats-url",
-                cluster.seeds,
-            ],
-            self.log,
-            clean_env(
-                {
-                    "AGENTMESH_REGISTRY_BUCKET": bucket,
-                    "AGENTMESH_DATA_DIR": str(workdir),
-                    "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-                    "AGENTMESH_LEASE_TTL": str(LEASE),
-                    **mesh_ca().env(),
-                }
-            ),
-        )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"control plane not ready:\n{tail(self.log)}")
-            time.sleep(0.02)
-        self.info: dict[str, Any] = json.loads(ready.read_text())
-        self.url: str = self.info["control_url"]
+        cluster.share_keys(workdir)
+        env = {
+            "AGENTMESH_REGISTRY_BUCKET": bucket,
+            "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+            "AGENTMESH_LEASE_TTL": str(LEASE),
+            **mesh_ca().env(),
+        }
+        super().__init__(workdir, env, nats_url=cluster.seeds)
+        self.start()
 
-    def headers(self) -> dict[str, str]:
-        token = Path(self.info["admin_token_file"]).read_text().strip()
-        return {"authorization": f"Bearer {token}"}
-
-    def env(self) -> dict[str, str]:
+    def client_env(self) -> dict[str, str]:
         """What agents and the CLI run with: only the control plane's URL (NATS comes from its
         bootstrap: the cluster's URLs), its data dir (admin token) and the test CA."""
         return clean_env(
             {
                 "AGENTMESH_CONTROL_URL": self.url,
                 "AGENTMESH_DATA_DIR": str(self.workdir),
-                "AGENTMESH_NATS_MONITOR_URL": self.monitors,
                 **mesh_ca().env(),
             }
         )
@@ -134,30 +105,14 @@ class Mesh3:
 
     async def agent(self, file: str = "researcher.py") -> AgentProcess:
         log = self.tmp_path / "logs" / f"{file}-{len(self.agents)}.log"
-        agent = AgentProcess(EXAMPLE_AGENTS / file, [], self.plane.env(), log)
+        agent = AgentProcess(EXAMPLE_AGENTS / file, [], self.plane.client_env(), log)
         self.agents.append(agent)
         await agent.wait_ready()
         return agent
 
-    async def cli(self, *args: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentmesh",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.plane.env(),
-        )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
+    async def cli(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        done = await arun_cli(*args, env={**self.plane.client_env(), **(env or {})})
+        return done.returncode, done.stdout, done.stderr
 
     async def listed(self) -> set[str]:
         code, out, err = await self.cli("agents", "-o", "json")
@@ -182,7 +137,8 @@ async def mesh3(cluster: NatsCluster, bucket: str, tmp_path: Path) -> AsyncItera
     try:
         yield world
     finally:
-        terminate_all([a.proc for a in world.agents] + [world.plane.proc])
+        terminate_all(a.proc for a in world.agents)
+        world.plane.close()
 
 
 @contextlib.asynccontextmanager
@@ -285,24 +241,24 @@ async def test_a_node_stalled_for_ten_seconds_loses_no_call(
 async def test_bootstrap_hands_out_every_node_and_check_shows_the_cluster(
     mesh3: Mesh3,
 ) -> None:
-    code, out, err = await mesh3.cli("check", "-o", "json")
-    checks = {c["check"]: c for c in json.loads(out)}
-    # The example cluster is an open NATS (no accounts, no TLS): check says so, and only that
-    # fails (docs/security.md, "Operator-run NATS").
-    assert checks["NATS auth"]["ok"] is False, checks["NATS auth"]
-    assert [c for c in checks.values() if c["ok"] is False] == [checks["NATS auth"]], out
-    assert code == 1, out + err
-    cluster = checks["NATS cluster"]
-    assert cluster["ok"] is True, cluster
-    for node in NODES:
-        assert f"nats-{node}" in cluster["detail"], cluster
-    assert f"meta leader {mesh3.cluster.meta_leader()}" in cluster["detail"], cluster
+    # The meta leader comes from NATS itself (the control plane asks as the system account);
+    # the monitoring endpoints, when named, are read instead.
+    monitors = {"AGENTMESH_NATS_MONITOR_URL": ",".join(mesh3.cluster.monitor_urls)}
+    for extra in ({}, monitors):
+        code, out, err = await mesh3.cli("check", "-o", "json", env=extra)
+        checks = {c["check"]: c for c in json.loads(out)}
+        assert code == 0, out + err
+        assert [c for c in checks.values() if c["ok"] is False] == [], out
+        assert checks["NATS auth"]["detail"].startswith("TLS, credentials required"), checks
+        cluster = checks["NATS cluster"]
+        assert cluster["ok"] is True, cluster
+        for node in NODES:
+            assert f"nats-{node}" in cluster["detail"], cluster
+        assert f"meta leader {mesh3.cluster.meta_leader()}" in cluster["detail"], cluster
     buckets = checks["buckets"]
     assert buckets["ok"] is True, buckets
     assert f"{mesh3.bucket}: R3, leader nats-" in buckets["detail"], buckets
-    async with httpx.AsyncClient(
-        headers=mesh3.plane.headers(), verify=control_tls(mesh3.plane.workdir)
-    ) as http:
+    async with httpx.AsyncClient(headers=mesh3.plane.headers(), verify=mesh3.plane.tls()) as http:
         boot = (await http.get(f"{mesh3.plane.url}/v1/bootstrap", timeout=10)).json()
     assert sorted(boot["nats_url"].split(",")) == sorted(mesh3.cluster.urls)
 
@@ -315,21 +271,15 @@ async def test_buckets_with_fewer_replicas_are_reported_and_raised(
 ) -> None:
     # Buckets made with one replica, as by a process with AGENTMESH_KV_REPLICAS=1 (or before the
     # cluster grew).
-    conn = NatsConnection(cluster.seeds, name="r1-creator", kv_replicas=1)
-    await conn.connect()
+    conn = await cluster.connection(bucket, kv_replicas=1)
     plane: Plane | None = None
     try:
         buckets = mesh_buckets(bucket)
         await RegistryStore(conn, buckets[0]).open()
         await PolicyStore(conn, buckets[1]).open()
         await SecurityStore(conn, buckets[2]).open()
-        env = clean_env(
-            {
-                "AGENTMESH_NATS_URL": cluster.seeds,
-                "AGENTMESH_REGISTRY_BUCKET": bucket,
-                "AGENTMESH_CONTROL_URL": "http://127.0.0.1:9",
-                "AGENTMESH_DATA_DIR": str(tmp_path),
-            }
+        env = cluster.env(
+            {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_CONTROL_URL": "http://127.0.0.1:9"}
         )
         before = await arun_cli("check", "-o", "json", env=env)
         row = {c["check"]: c for c in json.loads(before.stdout)}["buckets"]
@@ -347,10 +297,61 @@ async def test_buckets_with_fewer_replicas_are_reported_and_raised(
         log = plane.log.read_text()
         for name in buckets:
             assert f"bucket {name} had 1 replica(s); raised to 3" in log, log
-        after = await arun_cli("check", "-o", "json", env=plane.env())
+        after = await arun_cli("check", "-o", "json", env=plane.client_env())
         row = {c["check"]: c for c in json.loads(after.stdout)}["buckets"]
         assert row["ok"] is True, row
     finally:
         await conn.close()
         if plane is not None:
-            terminate_all([plane.proc])
+            plane.close()
+
+
+async def test_an_outsider_is_refused_by_every_node(cluster: NatsCluster) -> None:
+    """nats-py and no credentials: every node requires TLS with its mesh certificate and, even
+    to a client trusting the mesh CA, refuses a connection without a user JWT the control
+    plane signed."""
+    trusting = ssl.create_default_context(cadata="".join(pem(c) for c in mesh_ca().ca.roots))
+    for node in NODES:
+        port = cluster.client_ports[node]
+        with pytest.raises(ssl.SSLError):  # TLS is required; the system's roots do not do
+            await Connection().connect(f"nats://127.0.0.1:{port}")
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await Connection().connect(cluster.url(node), tls=trusting)
+
+
+def test_a_workload_certificate_cannot_join_the_cluster(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """A nats-server with an agent's certificate (same CA as the nodes') dialling the routes:
+    every node refuses it (route authorization names the nodes' certificates only)."""
+    key = new_key()
+    cert = mesh_ca().ca.issue(key.public_key(), SpiffeId.agent(TRUST_DOMAIN, "researcher"))
+    (tmp_path / "agent.key").write_bytes(key_pem(key))
+    (tmp_path / "agent.pem").write_bytes(pem(cert).encode())
+    routes = "\n".join(f'    "nats-route://127.0.0.1:{p}"' for p in cluster.route_ports.values())
+    (tmp_path / "intruder.conf").write_text(
+        "server_name: intruder\nhost: 127.0.0.1\nport: -1\n"
+        "cluster {\n  name: agentmesh\n  listen: 127.0.0.1:-1\n"
+        f'  tls {{\n    cert_file: "{tmp_path / "agent.pem"}"\n'
+        f'    key_file: "{tmp_path / "agent.key"}"\n'
+        f'    ca_file: "{cluster.root / "tls" / "mesh-ca.pem"}"\n    timeout: 5\n  }}\n'
+        f"  routes: [\n{routes}\n  ]\n}}\n"
+    )
+    intruder = NatsServer(tmp_path / "log", config=tmp_path / "intruder.conf")
+    intruder.start(timeout=30)
+    try:
+        deadline = time.monotonic() + VISIBLE_TIMEOUT
+        refused: set[str] = set()
+        while refused != set(NODES) and time.monotonic() < deadline:
+            for node in NODES:
+                log = cluster.servers[node].log_path.read_text(errors="replace")
+                if re.search(r"rid:\d+ - authentication error", log):  # rid: a route
+                    refused.add(node)
+            time.sleep(0.1)
+        assert refused == set(NODES), refused
+        for node in NODES:
+            routez = cluster.monitor(node, "routez") or {}
+            remotes = {r.get("remote_name") for r in routez.get("routes", [])}
+            assert "intruder" not in remotes, routez
+    finally:
+        intruder.stop()

@@ -4,83 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.control.control_process import control_tls
+from tests.control.control_process import ControlProcess, arun_cli, control_tls
 
 from .support import (
     EXAMPLE_AGENTS,
     HEARTBEAT,
     LEASE,
-    READY_TIMEOUT,
     SpawnAgent,
     clean_env,
-    popen_logged,
     processes_mentioning,
-    tail,
-    terminate_all,
 )
 
-CLI_TIMEOUT = 30.0
-
-
-class ControlProcess:
-    """``python -m agentmesh control --port 0 --ready-file F [...]``, ready when F appears."""
-
-    def __init__(self, args: list[str], env: dict[str, str], workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.ready_file = workdir / "control.json"
-        self.log = workdir / "control.log"
-        self.proc = popen_logged(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh",
-                "control",
-                "--port",
-                "0",
-                "--ready-file",
-                str(self.ready_file),
-                *args,
-            ],
-            self.log,
-            env,
-        )
-        self.info: dict[str, Any] = {}
-
-    @property
-    def url(self) -> str:
-        url: str = self.info["control_url"]
-        return url
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"control plane exited with {self.proc.returncode}:\n{tail(self.log)}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"control plane not ready in {timeout}s:\n{tail(self.log)}")
-            time.sleep(0.02)
-        self.info = json.loads(self.ready_file.read_text())
-
-
 StartControl = Callable[..., ControlProcess]
-
-
-def admin_token(control: ControlProcess) -> str:
-    """The control plane's admin token, from the file it wrote into its data dir (0600)."""
-    return Path(control.info["admin_token_file"]).read_text().strip()
 
 
 @pytest.fixture
@@ -90,23 +31,19 @@ def start_control(bucket: str, tmp_path: Path) -> Iterator[StartControl]:
 
     def start(nats_url: str | None, workdir: Path | None = None) -> ControlProcess:
         workdir = workdir or tmp_path / f"control-{len(started) + 1}"
-        env = clean_env(
-            {
-                "AGENTMESH_REGISTRY_BUCKET": bucket,
-                "AGENTMESH_DATA_DIR": str(workdir),
-                # handed to agents in the bootstrap document
-                "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-                "AGENTMESH_LEASE_TTL": str(LEASE),
-            }
-        )
-        args = ["--nats-url", nats_url] if nats_url else []
-        control = ControlProcess(args, env, workdir)
+        env = {
+            "AGENTMESH_REGISTRY_BUCKET": bucket,
+            # handed to agents in the bootstrap document
+            "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+            "AGENTMESH_LEASE_TTL": str(LEASE),
+        }
+        control = ControlProcess(workdir, env, nats_url=nats_url)
         started.append(control)
-        control.wait_ready()
-        return control
+        return control.start()
 
     yield start
-    terminate_all(c.proc for c in started)
+    for control in started:
+        control.close()
 
 
 async def run_cli(
@@ -117,24 +54,8 @@ async def run_cli(
     env = {"AGENTMESH_CONTROL_URL": control_url}
     if data_dir is not None:
         env["AGENTMESH_DATA_DIR"] = str(data_dir)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentmesh",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean_env(env),
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    done = await arun_cli(*args, env=clean_env(env))
+    return done.returncode, done.stdout, done.stderr
 
 
 async def test_agents_join_through_the_control_plane_and_the_cli_works(
@@ -155,7 +76,7 @@ async def test_agents_join_through_the_control_plane_and_the_cli_works(
     )
     assert agent.endpoint.startswith("https://")
 
-    admin = admin_token(control)
+    admin = control.admin_token
     async with httpx.AsyncClient(
         base_url=control.url,
         timeout=10,
@@ -234,11 +155,6 @@ def test_control_plane_runs_and_stops_its_embedded_nats(
     assert healthz.status_code == 200
     assert healthz.json()["nats"] is True
 
-    control.proc.send_signal(signal.SIGTERM)
-    try:
-        code = control.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"control plane did not stop on SIGTERM:\n{tail(control.log)}")
-    assert code == 0, tail(control.log)
+    control.stop()
     assert "Traceback" not in control.log.read_text()
     assert processes_mentioning(str(workdir)) == [], "the embedded nats-server outlived it"

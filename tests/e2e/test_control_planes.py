@@ -1,88 +1,67 @@
 """Two control planes serving one mesh, each signing with its own intermediate CA under one
-operator root: stopping one leaves enrolment, agents and the CLI working (real processes)."""
+operator root, on the example's secured 3-node NATS cluster: stopping one leaves enrolment,
+agents and the CLI working (real processes; agents enrol with join tokens and get their NATS
+credentials from whichever control plane answers)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-import signal
-import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agentmesh.control.operator_ca import write_operator_ca
+from tests.control.control_process import ControlProcess, arun_cli
+from tests.nats_cluster import NatsCluster
 
-from .support import (
-    EXAMPLE_AGENTS,
-    READY_TIMEOUT,
-    AgentProcess,
-    clean_env,
-    popen_logged,
-    tail,
-    terminate_all,
-)
+from .support import EXAMPLE_AGENTS, AgentProcess, clean_env, terminate_all
 
-CLI_TIMEOUT = 30.0
 TRUST_DOMAIN = "agentmesh.local"
-
-
-class Plane:
-    def __init__(self, name: str, nats_url: str, bucket: str, tmp_path: Path, ca: Any) -> None:
-        self.workdir = tmp_path / name
-        self.workdir.mkdir()
-        ready = self.workdir / "control.json"
-        self.log = self.workdir / "control.log"
-        cert, key = ca
-        self.proc = popen_logged(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh",
-                "control",
-                "--port",
-                "0",
-                "--ready-file",
-                str(ready),
-                "--nats-url",
-                nats_url,
-            ],
-            self.log,
-            clean_env(
-                {
-                    "AGENTMESH_REGISTRY_BUCKET": bucket,
-                    "AGENTMESH_DATA_DIR": str(self.workdir),
-                    "AGENTMESH_CA_CERT_FILE": str(cert),
-                    "AGENTMESH_CA_KEY_FILE": str(key),
-                    "AGENTMESH_TOKEN": ADMIN,
-                    "AGENTMESH_HEARTBEAT_INTERVAL": "0.25",
-                    "AGENTMESH_LEASE_TTL": "1",
-                }
-            ),
-        )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"control plane {name} not ready:\n{tail(self.log)}")
-            time.sleep(0.02)
-        self.url: str = json.loads(ready.read_text())["control_url"]
-
-
 ADMIN = secrets.token_urlsafe(24)
 
 
+def _plane(name: str, cluster: NatsCluster, bucket: str, tmp_path: Path) -> ControlProcess:
+    """Control plane ``name`` on the cluster, with its own intermediate CA and the NATS keys
+    the nodes trust (docs/deploy.md: every control plane holds the same)."""
+    workdir = tmp_path / name
+    cluster.share_keys(workdir)
+    env = {
+        "AGENTMESH_REGISTRY_BUCKET": bucket,
+        "AGENTMESH_CA_CERT_FILE": str(tmp_path / "operator-ca" / f"{name}.pem"),
+        "AGENTMESH_CA_KEY_FILE": str(tmp_path / "operator-ca" / f"{name}.key"),
+        "AGENTMESH_TOKEN": ADMIN,
+        "AGENTMESH_HEARTBEAT_INTERVAL": "1",
+        "AGENTMESH_LEASE_TTL": "15",
+    }
+    return ControlProcess(workdir, env, nats_url=cluster.seeds, name=f"control plane {name}")
+
+
 @pytest.fixture
-def planes(nats_url: str, bucket: str, tmp_path: Path) -> Any:
+def planes(bucket: str, tmp_path: Path) -> Iterator[list[ControlProcess]]:
+    """Two control planes on the example's secured 3-node cluster, whose node certificates
+    come from control plane one's intermediate (``agentmesh nats-config`` run on its machine)."""
     files = write_operator_ca(tmp_path / "operator-ca", TRUST_DOMAIN, ["one", "two"])
-    started = [Plane(n, nats_url, bucket, tmp_path, files[n]) for n in ("one", "two")]
-    yield started
-    terminate_all(p.proc for p in started)
+    cert, key = files["one"]
+    ca_env = {"AGENTMESH_CA_CERT_FILE": str(cert), "AGENTMESH_CA_KEY_FILE": str(key)}
+    cluster = NatsCluster(tmp_path / "cluster", tmp_path / "one", ca_env)
+    started: list[ControlProcess] = []
+    try:
+        cluster.start()
+        started += [_plane(n, cluster, bucket, tmp_path) for n in ("one", "two")]
+        for plane in started:
+            plane.start()
+        yield started
+    finally:
+        for plane in started:
+            plane.close()
+        cluster.stop()
 
 
-def _env(planes: list[Plane], tmp_path: Path, join_token: str | None = None) -> dict[str, str]:
+def _env(
+    planes: list[ControlProcess], tmp_path: Path, join_token: str | None = None
+) -> dict[str, str]:
     """Both control planes, comma-separated, and nothing of either's data dir."""
     env = {
         "AGENTMESH_CONTROL_URL": ",".join(p.url for p in planes),
@@ -98,24 +77,8 @@ def _env(planes: list[Plane], tmp_path: Path, join_token: str | None = None) -> 
 
 
 async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentmesh",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    done = await arun_cli(*args, env=env)
+    return done.returncode, done.stdout, done.stderr
 
 
 async def _token(env: dict[str, str], *who: str) -> str:
@@ -126,7 +89,7 @@ async def _token(env: dict[str, str], *who: str) -> str:
 
 
 async def test_either_control_plane_can_stop_without_enrolment_or_the_cli_noticing(
-    planes: list[Plane], tmp_path: Path
+    planes: list[ControlProcess], tmp_path: Path
 ) -> None:
     env = _env(planes, tmp_path)
     researcher_token = await _token(env, "--agent", "researcher")
@@ -143,8 +106,7 @@ async def test_either_control_plane_can_stop_without_enrolment_or_the_cli_notici
         started.append(first)
         await first.wait_ready()  # enrolled through control plane one (the first listed)
 
-        planes[0].proc.send_signal(signal.SIGTERM)
-        assert planes[0].proc.wait(15) == 0, tail(planes[0].log)
+        planes[0].stop()
 
         second = AgentProcess(
             EXAMPLE_AGENTS / "summarizer.py",

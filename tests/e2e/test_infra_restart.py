@@ -7,101 +7,46 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.control.control_process import control_tls
+from agentmesh.control.nats_supervisor import stable_port
+from tests.control.control_process import ControlProcess, arun_cli
 
 from .support import (
     EXAMPLE_AGENTS,
     HEARTBEAT,
     LEASE,
-    READY_TIMEOUT,
     AgentProcess,
     clean_env,
-    popen_logged,
-    tail,
     terminate_all,
 )
 
-CLI_TIMEOUT = 30.0
 RECOVERY_TIMEOUT = 30.0  # generous: shared cores; the recovery itself takes about a second
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Control:
-    """``agentmesh control`` on a fixed port and data dir, restartable as an operator would."""
+class Control(ControlProcess):
+    """``agentmesh control`` with its embedded NATS on a fixed port and data dir, restartable
+    as an operator would."""
 
     def __init__(self, workdir: Path, bucket: str) -> None:
-        self.workdir = workdir
-        self.port = _free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.bucket = bucket
-        self.proc: Any = None
-        self.info: dict[str, Any] = {}
-        self.runs = 0
-
-    def start(self, **env: str) -> None:
-        self.runs += 1
-        ready = self.workdir / f"control-{self.runs}.json"
-        self.proc = popen_logged(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh",
-                "control",
-                "--port",
-                str(self.port),
-                "--ready-file",
-                str(ready),
-            ],
-            self.workdir / "control.log",
-            clean_env(
-                {
-                    "AGENTMESH_REGISTRY_BUCKET": self.bucket,
-                    "AGENTMESH_DATA_DIR": str(self.workdir),
-                    "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-                    "AGENTMESH_LEASE_TTL": str(LEASE),
-                    **env,
-                }
-            ),
-        )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"control plane not ready:\n{tail(self.workdir / 'control.log')}"
-                )
-            time.sleep(0.02)
-        self.info = json.loads(ready.read_text())
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(15) == 0, tail(self.workdir / "control.log")
-
-    def headers(self) -> dict[str, str]:
-        token = Path(self.info["admin_token_file"]).read_text().strip()
-        return {"authorization": f"Bearer {token}"}
+        env = {
+            "AGENTMESH_REGISTRY_BUCKET": bucket,
+            "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+            "AGENTMESH_LEASE_TTL": str(LEASE),
+        }
+        # A port the kernel never gives an outgoing connection, so the restart can bind it again.
+        super().__init__(workdir, env, port=stable_port())
 
     def agent_env(self) -> dict[str, str]:
         """Only the control plane's URL and data dir (its join token), as on its machine; the
         agents re-ask it for NATS after 1 s without NATS."""
         return clean_env(
             {
-                "AGENTMESH_CONTROL_URL": self.url,
+                "AGENTMESH_CONTROL_URL": f"https://127.0.0.1:{self.port}",
                 "AGENTMESH_DATA_DIR": str(self.workdir),
                 "AGENTMESH_NATS_REBOOTSTRAP_AFTER": "1",
             }
@@ -111,10 +56,8 @@ class Control:
 @pytest.fixture
 def control(tmp_path: Path, bucket: str) -> Iterator[Control]:
     plane = Control(tmp_path / "control", bucket)
-    plane.workdir.mkdir()
     yield plane
-    if plane.proc is not None:
-        terminate_all([plane.proc])
+    plane.close()
 
 
 @pytest.fixture
@@ -125,24 +68,8 @@ def agents(tmp_path: Path) -> Iterator[list[AgentProcess]]:
 
 
 async def _cli(control: Control, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentmesh",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=control.agent_env(),
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=CLI_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    done = await arun_cli(*args, env=control.agent_env())
+    return done.returncode, done.stdout, done.stderr
 
 
 async def _start_agents(control: Control, agents: list[AgentProcess], tmp_path: Path) -> None:
@@ -154,7 +81,7 @@ async def _start_agents(control: Control, agents: list[AgentProcess], tmp_path: 
 
 async def _listed(control: Control, agents: list[AgentProcess]) -> bool:
     async with httpx.AsyncClient(
-        base_url=control.url, headers=control.headers(), verify=control_tls(control.workdir)
+        base_url=control.url, headers=control.headers(), verify=control.tls()
     ) as http:
         try:
             resp = await http.get("/v1/agents", timeout=5)
@@ -219,7 +146,7 @@ async def test_agents_follow_the_embedded_nats_to_a_new_port(
     await _start_agents(control, agents, tmp_path)
 
     control.stop()
-    control.start(AGENTMESH_EMBEDDED_NATS_PORT=str(_free_port()))
+    control.start(AGENTMESH_EMBEDDED_NATS_PORT=str(stable_port()))
     assert control.info["nats_url"] != old_url
     await _recovered(control, agents, wait_until)
     for agent in agents:
@@ -235,7 +162,7 @@ async def test_a_killed_embedded_nats_is_restarted_and_agents_recover(
     control.start()
     await _start_agents(control, agents, tmp_path)
     async with httpx.AsyncClient(
-        base_url=control.url, headers=control.headers(), verify=control_tls(control.workdir)
+        base_url=control.url, headers=control.headers(), verify=control.tls()
     ) as http:
         before = (await http.get("/healthz")).json()["nats_server"]
         assert before["mode"] == "embedded"

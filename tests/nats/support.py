@@ -10,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
-import signal
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +26,7 @@ from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
 from agentmesh.security.natsjwt import USER, NKey
 from agentmesh.security.pki import new_csr, new_key
-from tests.control.control_process import cli_env, control_tls
+from tests.control.control_process import ControlProcess, control_tls
 
 #: How long a test waits for the server's verdict on one publish (generous: shared machine).
 VERDICT = 5.0
@@ -51,43 +47,13 @@ def embedded_control(
 ) -> Iterator[ControlPlane]:
     """``agentmesh control`` with its embedded NATS and nothing configured but the data dir
     (and ``env``)."""
-    ready = tmp_path / "control.json"
-    ready.unlink(missing_ok=True)  # a control plane that ran here before
-    log = tmp_path / "control.log"
-    env = cli_env(
-        {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_DATA_DIR": str(tmp_path), **(env or {})}
-    )
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh",
-                "control",
-                "--port",
-                "0",
-                "--ready-file",
-                str(ready),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    env = {"AGENTMESH_REGISTRY_BUCKET": bucket, **(env or {})}
+    control = ControlProcess(tmp_path, env)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert ready.exists(), log.read_text()
-        info = json.loads(ready.read_text())
-        yield ControlPlane(info["control_url"], info["nats_url"], tmp_path, bucket, log)
+        info = control.start(timeout=60).info
+        yield ControlPlane(info["control_url"], info["nats_url"], tmp_path, bucket, control.log)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            raise
+        control.close()
 
 
 @dataclass

@@ -11,11 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +20,10 @@ import pytest
 from agentmesh import Mesh, Settings, connect
 from agentmesh.control.policies import apply_policy
 from agentmesh.models import PolicyChange
-from agentmesh.security.files import admin_token
 from agentmesh.sidecar.call import OutboundCall
 from agentmesh.sidecar.sidecar import Sidecar
 from agentmesh.sidecar.stack import build_outbound
+from tests.control.control_process import ControlProcess, arun_cli, cli_env
 from tests.mesh_ca import mesh_ca
 
 TRUST_DOMAIN = "agentmesh.local"
@@ -164,80 +159,16 @@ async def call_unchecked(holder: Any, settings: Settings, capability: str) -> An
 # --------------------------------------------------------------------------------------
 
 
-def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("AGENTMESH_") and k not in ("COLUMNS", "LINES")
-    }
-    env.update(extra or {})
-    return env
-
-
-class ControlProcess:
-    """``agentmesh control`` on the test's NATS and bucket, with the suite's mesh CA, so its
-    identities and the in-process sidecars' trust each other."""
-
-    def __init__(self, nats_url: str, bucket: str, tmp_path: Path) -> None:
-        ready = tmp_path / "control.json"
-        self.log = tmp_path / "control.log"
-        self.data_dir = tmp_path
-        env = cli_env(
-            {
-                "AGENTMESH_REGISTRY_BUCKET": bucket,
-                "AGENTMESH_DATA_DIR": str(tmp_path),
-                **mesh_ca().env(),
-            }
-        )
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "agentmesh",
-                    "control",
-                    "--port",
-                    "0",
-                    "--nats-url",
-                    nats_url,
-                    "--ready-file",
-                    str(ready),
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        for _ in range(1000):
-            if ready.exists() or self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        assert ready.exists(), self.log.read_text()
-        self.url: str = json.loads(ready.read_text())["control_url"]
-
-    def headers(self) -> dict[str, str]:
-        """The admin token the control plane keeps in its data dir, as the CLI sends it."""
-        token = admin_token(Settings(data_dir=self.data_dir))
-        return {"authorization": f"Bearer {token}"} if token else {}
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise
-        return self.proc.returncode
-
-
 @pytest.fixture
 def control(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[ControlProcess]:
-    proc = ControlProcess(nats_url, bucket, tmp_path)
+    """``agentmesh control`` on the test's NATS and bucket, with the suite's mesh CA, so its
+    identities and the in-process sidecars' trust each other."""
+    env = {"AGENTMESH_REGISTRY_BUCKET": bucket, **mesh_ca().env()}
+    proc = ControlProcess(tmp_path, env, nats_url=nats_url)
     try:
-        yield proc
+        yield proc.start()
     finally:
-        assert proc.stop() == 0, proc.log.read_text()
+        proc.close()
 
 
 async def run_cli(
@@ -245,20 +176,6 @@ async def run_cli(
 ) -> tuple[int, str, str]:
     """``python -m agentmesh ARGS`` against ``control`` (whose data dir holds the admin
     token); (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentmesh",
-        *args,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(
-            {"AGENTMESH_CONTROL_URL": control.url, "AGENTMESH_DATA_DIR": str(control.data_dir)}
-        ),
-    )
-    out, err = await asyncio.wait_for(
-        proc.communicate(stdin.encode() if stdin is not None else None), 30
-    )
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    env = {"AGENTMESH_CONTROL_URL": control.url, "AGENTMESH_DATA_DIR": str(control.workdir)}
+    done = await arun_cli(*args, env=cli_env(env), stdin=stdin)
+    return done.returncode, done.stdout, done.stderr

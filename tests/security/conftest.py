@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import json
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,12 +10,10 @@ from typing import Any
 import pytest
 
 from agentmesh import Mesh, Settings, connect
+from tests.control.control_process import ControlProcess, arun_cli
 from tests.e2e.support import (
-    READY_TIMEOUT,
     AgentProcess,
     clean_env,
-    popen_logged,
-    tail,
     terminate_all,
 )
 
@@ -32,41 +26,19 @@ async def echo(text: str = "") -> str:
 """
 
 
-class Control:
+class Control(ControlProcess):
     """``python -m agentmesh control`` on the test's NATS and bucket, with a fresh data dir."""
 
     def __init__(self, nats_url: str, bucket: str, workdir: Path, env: Mapping[str, str]) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
         self.data_dir = workdir / "data"
-        ready = workdir / "control.json"
-        self.log = workdir / "control.log"
-        args = [sys.executable, "-m", "agentmesh", "control", "--port", "0"]
-        args += ["--nats-url", nats_url, "--ready-file", str(ready)]
-        self.proc = popen_logged(
-            args,
-            self.log,
-            clean_env(
-                {
-                    "AGENTMESH_REGISTRY_BUCKET": bucket,
-                    "AGENTMESH_DATA_DIR": str(self.data_dir),
-                    "AGENTMESH_HEARTBEAT_INTERVAL": "0.25",
-                    "AGENTMESH_LEASE_TTL": "1",
-                    **env,
-                }
-            ),
-        )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"control plane not ready:\n{tail(self.log)}")
-            time.sleep(0.02)
-        self.info: dict[str, Any] = json.loads(ready.read_text())
-        self.url: str = self.info["control_url"]
-
-    @property
-    def admin_token(self) -> str:
-        return (self.data_dir / "admin-token").read_text().strip()
+        settings = {
+            "AGENTMESH_REGISTRY_BUCKET": bucket,
+            "AGENTMESH_HEARTBEAT_INTERVAL": "0.25",
+            "AGENTMESH_LEASE_TTL": "1",
+            **env,
+        }
+        super().__init__(self.data_dir, settings, nats_url=nats_url)
+        self.start()
 
     def env(self, **extra: str) -> dict[str, str]:
         """A local process: the control plane's URL and data dir (its tokens), nothing else."""
@@ -89,19 +61,8 @@ class Control:
         )
 
     async def cli(self, *args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentmesh",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=dict(env if env is not None else self.env()),
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
+        done = await arun_cli(*args, env=env if env is not None else self.env())
+        return done.returncode, done.stdout, done.stderr
 
 
 StartControl = Callable[..., Control]
@@ -118,7 +79,8 @@ def start_control(nats_url: str, bucket: str, tmp_path: Path) -> Iterator[StartC
         return control
 
     yield start
-    terminate_all(c.proc for c in started)
+    for control in started:
+        control.close()
 
 
 SpawnJoined = Callable[..., Awaitable[AgentProcess]]
