@@ -1,9 +1,9 @@
-"""Profile the mesh path (M1) with py-spy: where the CPU of a mesh call goes, on both sides.
+"""Profile the mesh path with py-spy: where the CPU of a mesh call goes, on both sides.
 
 ``python bench/profile_mesh.py record --concurrency 1 --duration 8 --side client --out DIR``
-starts the M1 target (nats-server, one agent, a client ``Mesh`` in this process), drives a
-closed loop of ``Mesh.call`` at the given concurrency and, meanwhile, runs
-``py-spy record --format speedscope`` on this process (``client``: the caller plus its
+starts a mesh target (M1, or M2/M3 with ``--target``: nats-server, one agent, a client ``Mesh``
+in this process), drives a closed loop of ``Mesh.call`` at the given concurrency and, meanwhile,
+runs ``py-spy record --format speedscope`` on this process (``client``: the caller plus its
 in-process sidecar) or on the agent process (``agent``: uvicorn, the inbound app, the
 capability). py-spy samples only threads that are running (not blocked in ``epoll_wait``), so
 the shares are shares of the CPU a side actually spends.
@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable from
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import closed_loop, make_payload, percentile, proc_cpu_seconds
-from bench.mesh_targets import MeshCall
+from bench.mesh_targets import MeshCall, TracedMeshCall
 
 __all__ = ["main", "summarize"]
 
@@ -141,6 +141,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
             print(f"  {100 * row['share']:5.1f} %  {row[label]}{where}")
 
 
+_TARGETS = {
+    "M1": MeshCall,
+    "M2": lambda: MeshCall(mtls=True),
+    "M3": TracedMeshCall,
+}
+"""The mesh targets of ``bench/mesh_targets.py`` a profile can drive (M2: mTLS, M3: every call
+traced): comparing one with M1 shows where mTLS or tracing spends its CPU."""
+
+
 def _profiler_command(args: argparse.Namespace, tool: str, pid: int, result: Path) -> list[str]:
     seconds = str(int(args.duration))
     if args.profiler == "perf":
@@ -158,14 +167,14 @@ def _profiler_command(args: argparse.Namespace, tool: str, pid: int, result: Pat
 
 
 async def _record(args: argparse.Namespace, tool: str, out: Path) -> int:
-    target = MeshCall()
+    target = _TARGETS[args.target]()
     suffix = "speedscope.json" if args.profiler == "py-spy" else "perf.data"
     try:
         await target.start()
         payload = make_payload(1024)
         await closed_loop(target.call, payload, args.concurrency, 1.0, None, 10.0)  # warm-up
         pid = os.getpid() if args.side == "client" else target.agents[0].pid
-        result = out / f"{args.side}-c{args.concurrency}.{suffix}"
+        result = out / f"{args.target}-{args.side}-c{args.concurrency}.{suffix}"
         # Popen, not asyncio's subprocess: asyncio watches its children from a thread blocked
         # in waitpid, which py-spy would sample (in the client) as a busy thread.
         profiler = subprocess.Popen(  # noqa: ASYNC220
@@ -189,7 +198,7 @@ async def _record(args: argparse.Namespace, tool: str, out: Path) -> int:
         lat = sorted(raw.latencies_ns)
         calls = len(lat)
         print(
-            f"{args.side} at {args.concurrency} in flight: "
+            f"{args.target} {args.side} at {args.concurrency} in flight: "
             f"{calls / raw.elapsed_s:,.0f} calls/s, p50 {percentile(lat, 0.5) / 1e6:.3f} ms, "
             f"errors {raw.errors}; {args.side} CPU {1e6 * cpu / max(calls, 1):.0f} us/call "
             f"({100 * cpu / raw.elapsed_s:.0f} % of a core, /proc); {args.profiler} exit "
@@ -233,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="run M1 under load and profile one side")
     rec.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy")
+    rec.add_argument("--target", choices=tuple(_TARGETS), default="M1")
     rec.add_argument("--side", choices=("client", "agent"), default="client")
     rec.add_argument("--concurrency", type=int, default=1)
     rec.add_argument("--duration", type=float, default=8.0, help="seconds profiled (< 60)")

@@ -177,7 +177,7 @@ class InboundApp:
         label = name if cap is not None else "_unknown"
         status = 500
         meta = _MeshHeaders(scope, name)
-        parent = extract({TRACEPARENT: meta.traceparent}) if meta.traceparent else None
+        parent = extract(meta.traceparent) if meta.traceparent else None
         span = unsampled_child(parent) or tracer().start_span(
             f"execute_tool {name}",
             context=parent,

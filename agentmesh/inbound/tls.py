@@ -183,11 +183,16 @@ class MeshHttpProtocol(HttpToolsProtocol):
 
     #: 0 new, 1 waiting for the first bytes, 2 handshaking, 3 serving HTTP, 4 refused.
     _phase: int = 0
+    #: uvicorn's side of the connection was made: its ``connection_lost`` must run too (it
+    #: forgets the connection), also after a refusal while serving HTTP (408, 431).
+    _http: bool = False
     _raw: asyncio.Transport | None = None
     _tls: dict[str, Any] | None = None
     _tls_transport: _TlsTransport | None = None
     _handshake_timer: asyncio.TimerHandle | None = None
     _head_timer: asyncio.TimerHandle | None = None
+    #: When the request head being read must be complete (None: not reading a head).
+    _head_deadline: float | None = None
     #: Bytes of the current request head received so far (None: not reading a head).
     _head_bytes: int | None = 0
     _head_fields = 0
@@ -221,8 +226,11 @@ class MeshHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        self._cancel_head_timer()
-        if self._phase == 3:
+        self._head_deadline = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._http:
             super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -242,7 +250,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
+        self._head_deadline = None
         self._head_bytes = None
         super().on_headers_complete()
 
@@ -274,23 +282,37 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._send_and_close(_refusal(431, "header_too_large", detail))
 
     def _send_and_close(self, problem: Problem) -> None:
-        self._cancel_head_timer()
+        self._head_deadline = None
         self._head_bytes = None
         self._phase = 4
         self.transport.write(_problem_bytes(problem))
         self.transport.close()
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+        """A request head starts: it must be complete within ``header_timeout``.
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        One timer per connection rather than one armed and cancelled per request (a handle, a
+        heap push and a cancellation on every call's path): the deadline moves with each
+        request, and the timer, when it fires, follows it (or lapses if no head is being read;
+        the next request arms it again), so a busy connection arms about one timer per
+        ``header_timeout``.
+        """
+        deadline = self._head_deadline = self.loop.time() + self.limits.header_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(deadline, self._head_due)
+
+    def _head_due(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:
+            self._head_timer = self.loop.call_at(deadline, self._head_due)
+            return
+        self._head_expired()
 
     def _head_expired(self) -> None:
-        self._head_timer = None
+        self._head_deadline = None
         if self._phase == 4 or self._raw is None or self._raw.is_closing():
             return
         _log.info(
@@ -323,6 +345,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
             self._start_tls(raw, data)
         elif self.mesh_tls.mode != "strict":
             self._phase = 3
+            self._http = True
             super().connection_made(_Transport(raw, self.loop))
             self._feed(data)
         else:
@@ -400,6 +423,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
             PEER_KEY: peer,
         }
         self._phase = 3
+        self._http = True
         super().connection_made(transport)
         if (early := transport.decrypt(b"")) is not None:
             self._feed(early)

@@ -16,7 +16,7 @@ from agentmesh.registry.index import parse_specifier
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.sidecar.chain import CHAIN_HEADER, current_chain, parse_chain
 from agentmesh.sidecar.deadline import DEADLINE_HEADER
-from agentmesh.telemetry.tracing import TRACEPARENT, extract
+from agentmesh.telemetry.tracing import TRACEPARENT, TRACESTATE, extract
 
 __all__ = [
     "INVOKE_PREFIX",
@@ -36,7 +36,7 @@ VERSION_HEADER = "agentmesh-version"
 #: Comma-separated tags the serving capability must have, as ``tags=``.
 TAGS_HEADER = "agentmesh-tags"
 _FORWARDED = (DEADLINE_HEADER, "idempotency-key", VERSION_HEADER, TAGS_HEADER, "accept")
-_FORWARDED_CONTEXT = (TRACEPARENT, "tracestate", CHAIN_HEADER)
+_FORWARDED_CONTEXT = (TRACEPARENT, TRACESTATE, CHAIN_HEADER)
 
 
 Headers = Mapping[str, str]
@@ -88,10 +88,10 @@ async def send_call(
     chain_token = current_chain.set(parse_chain(chain)) if chain else None
     trace_token = None
     if parent := headers.get(TRACEPARENT):
-        carrier = {TRACEPARENT: parent}
-        if state := headers.get("tracestate"):
-            carrier["tracestate"] = state
-        trace_token = otel_context.attach(extract(carrier))
+        # An invalid traceparent starts a new trace (the empty context), never a child of
+        # whatever span is current here.
+        context = extract(parent, headers.get(TRACESTATE)) or otel_context.Context()
+        trace_token = otel_context.attach(context)
     try:
         return call, await handler(call)
     finally:

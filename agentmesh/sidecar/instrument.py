@@ -1,10 +1,13 @@
 """Instrumenting outbound calls: spans, metrics and access logs.
 
-Two layers. ``ObserveLayer`` is outermost: one CLIENT span per logical call (retries included),
-the caller-side golden metrics and one access-log line. ``AttemptLayer`` sits just above the
-transport: a span per attempt (only when the call is sampled: an unsampled call propagates its
-context without paying for more spans) whose context travels downstream as ``traceparent``, so
-the receiver's SERVER span is a child of the attempt that reached it. Attribute names follow the
+Two layers. ``ObserveLayer`` is outermost: one CLIENT span per logical call (retries included,
+DESIGN §3) whose context travels downstream as ``traceparent`` with every attempt, so the SERVER
+span of each agent an attempt reached is its child; the caller-side golden metrics and one
+access-log line. ``AttemptLayer`` sits just above the transport and records each failed attempt
+as an event on that span (which instance, why), so a retried call shows every attempt. Not a
+span per attempt: every traced call would pay for a second span (its creation, then its export;
+docs/benchmarks.md) to say what an event on the call's span says when an attempt fails and the
+span's own attributes say when none does. Attribute names follow the
 OpenTelemetry GenAI conventions where they fit (``gen_ai.operation.name``, ``gen_ai.tool.name``).
 """
 
@@ -30,11 +33,13 @@ from agentmesh.telemetry.metrics import (
 from agentmesh.telemetry.stats import StatsCollector
 from agentmesh.telemetry.tracing import inject, trace_id_of, tracer, unsampled_child
 
-__all__ = ["CALLER_HEADER", "AttemptLayer", "ObserveLayer"]
+__all__ = ["ATTEMPT_FAILED", "CALLER_HEADER", "AttemptLayer", "ObserveLayer"]
 
 #: The calling agent's name, as it claims it: informational only. Receivers ignore it; the caller
 #: is the verified identity of the TLS peer (``agentmesh.inbound.tls.caller_identity``).
 CALLER_HEADER = "agentmesh-caller"
+#: The name of the span event a failed attempt leaves on its call's CLIENT span.
+ATTEMPT_FAILED = "attempt failed"
 
 
 class ObserveLayer:
@@ -56,6 +61,7 @@ class ObserveLayer:
             },
         )
         call.headers[CALLER_HEADER] = self.caller
+        inject(call.headers, span)
         self._in_flight.inc()
         # attach/detach rather than trace.use_span: the same context switch without a generator
         # context manager per call (_finish records errors on the span, as use_span would).
@@ -132,32 +138,24 @@ def _no_stats(caller: str, capability: str, callee: str, ok: bool, elapsed: floa
 
 
 class AttemptLayer:
+    """A failed attempt becomes an event on the call's span (when the call is sampled)."""
+
     def __init__(self, inner: Handler) -> None:
         self._inner = inner
 
     async def __call__(self, call: OutboundCall) -> Reply:
-        parent = trace.get_current_span()
-        if not parent.is_recording():
-            inject(call.headers, parent)
-            return await self._inner(call)
-        target = call.target
-        assert target is not None, "the balance layer sets call.target"
-        span = tracer().start_span(
-            f"attempt {call.capability}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "agentmesh.attempt": call.attempt,
-                "agentmesh.callee.instance": target.instance_id,
-                "server.address": target.url,
-            },
-        )
-        inject(call.headers, span)
         try:
             return await self._inner(call)
         except BaseException as exc:
-            code = exc.code if isinstance(exc, MeshError) else type(exc).__name__
-            span.set_status(Status(StatusCode.ERROR, str(exc)))
-            span.set_attribute("error.type", code)
+            span = trace.get_current_span()
+            if span.is_recording():
+                attributes: dict[str, str | int] = {
+                    "agentmesh.attempt": call.attempt,
+                    "error.type": exc.code if isinstance(exc, MeshError) else type(exc).__name__,
+                    "exception.message": str(exc),
+                }
+                if (target := call.target) is not None:
+                    attributes["agentmesh.callee.instance"] = target.instance_id
+                    attributes["server.address"] = target.url
+                span.add_event(ATTEMPT_FAILED, attributes)
             raise
-        finally:
-            span.end()

@@ -57,7 +57,8 @@ def build_outbound(
     # attempt timeout: the call's deadline and the per-try bound, below the span and the breaker
     # so that both see a timeout as this endpoint's failure rather than a cancellation.
     handler = AttemptTimeoutLayer(handler)
-    # attempt: a span per attempt whose context travels as traceparent to the agent it reaches.
+    # attempt: each failed attempt (this endpoint's failure, timeouts included) as an event on
+    # the call's span, so a retried call shows what every attempt met.
     handler = AttemptLayer(handler)
     # breaker: per endpoint, below balance, so one bad replica is ejected alone.
     handler = BreakerLayer(handler, endpoints)
@@ -82,6 +83,7 @@ def build_outbound(
     handler = ResolveLayer(handler, index)
     # chain: refuse a too-deep chain before any work, and tell the next hop the chain.
     handler = ChainLayer(handler, max_hops=settings.max_hops)
-    # observe, outermost: one CLIENT span, metrics and an access-log line per logical call.
+    # observe, outermost: one CLIENT span (its context travels as traceparent with every
+    # attempt), metrics and an access-log line per logical call.
     handler = ObserveLayer(handler, caller=caller, stats=stats)
     return OutboundStack(handler=handler, endpoints=endpoints, balance=balance, retry=retry)

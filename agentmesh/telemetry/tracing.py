@@ -22,15 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Mapping
+import re
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, Tracer, TraceState
 
 __all__ = [
     "TRACEPARENT",
+    "TRACESTATE",
     "extract",
     "inject",
     "setup_tracing",
@@ -41,7 +41,13 @@ __all__ = [
 
 _log = logging.getLogger("agentmesh.telemetry")
 TRACEPARENT = "traceparent"
-_PROPAGATOR = TraceContextTextMapPropagator()
+TRACESTATE = "tracestate"
+_TRACEPARENT_FORMAT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*"
+)
+_MAX_TRACEPARENT = 512
+_MAX_TRACESTATE = 8192
+"""Longer ``traceparent`` and ``tracestate`` values are ignored (the SDK propagator's limits)."""
 _DEFAULT_RATIO = 0.1
 
 
@@ -82,13 +88,46 @@ def unsampled_child(parent: Context | None = None) -> Span | None:
 
 
 def inject(headers: dict[str, str], span: Span) -> None:
-    """Put ``span``'s context into outgoing headers (W3C ``traceparent``)."""
-    _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+    """Put ``span``'s context into outgoing headers (W3C ``traceparent``, and ``tracestate`` if
+    any), as the SDK's ``TraceContextTextMapPropagator`` writes them, without its generic
+    carrier and context machinery: this runs on every traced call."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return
+    headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    if ctx.trace_state:
+        headers[TRACESTATE] = ctx.trace_state.to_header()
 
 
-def extract(headers: Mapping[str, str]) -> Context:
-    """The caller's trace context from incoming headers (empty context if none)."""
-    return _PROPAGATOR.extract(headers)
+def extract(traceparent: str, tracestate: str | None = None) -> Context | None:
+    """The caller's span as a parent context, from W3C trace-context header values; None when
+    ``traceparent`` is not a valid one (a new trace starts).
+
+    Read with the rules of the SDK's ``TraceContextTextMapPropagator`` (lower-case hex, no zero
+    ids, version ``ff`` refused, nothing after the flags in version ``00``, the length limits),
+    without its carrier and getter machinery: this runs on every traced call an agent serves
+    (docs/benchmarks.md)."""
+    if len(traceparent) > _MAX_TRACEPARENT:
+        return None
+    match = _TRACEPARENT_FORMAT.fullmatch(traceparent)
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    if trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    state = None
+    if tracestate is not None and len(tracestate) <= _MAX_TRACESTATE:
+        state = TraceState.from_header([tracestate])
+    parent = SpanContext(
+        int(trace_id, 16),
+        int(span_id, 16),
+        is_remote=True,
+        trace_flags=TraceFlags(int(flags, 16)),
+        trace_state=state,
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 def trace_id_of(span: Span) -> str | None:

@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
 from agentmesh import Mesh, RemoteAgentError, capability
+from tests.flaky import flaky_endpoint, work
 from tests.mesh_ca import mesh_ca
 from tests.promtool import check_metrics
 
@@ -81,22 +82,52 @@ async def test_a_chain_of_three_agents_is_one_trace(start_agent, mesh: Mesh, spa
     await start_agent([a_step], name="agent-a")
     spans.clear()
     assert await mesh.call("a_step") == "cba"
-    await wait_until(lambda: len(spans.get_finished_spans()) >= 9)
+    await wait_until(lambda: len(spans.get_finished_spans()) >= 6)
     finished = list(spans.get_finished_spans())
     assert len({s.context.trace_id for s in finished}) == 1
 
+    assert len(finished) == 6, [s.name for s in finished]  # one CLIENT and one SERVER per hop
     parent = None
     for hop in ("a_step", "b_step", "c_step"):
         client = by_name(finished, f"execute_tool {hop}", SpanKind.CLIENT)
-        attempt = by_name(finished, f"attempt {hop}", SpanKind.CLIENT)
         server = by_name(finished, f"execute_tool {hop}", SpanKind.SERVER)
         assert parent_of(client) == parent
-        assert parent_of(attempt) == client.context.span_id
-        assert parent_of(server) == attempt.context.span_id
+        assert parent_of(server) == client.context.span_id
         assert client.attributes["gen_ai.tool.name"] == hop
         assert client.attributes["agentmesh.attempts"] == 1
+        assert not client.events
         assert server.attributes["agentmesh.agent"] == f"agent-{hop[0]}"
         parent = server.context.span_id
+
+
+async def test_a_retried_call_shows_each_failed_attempt_on_its_span(
+    start_agent, mesh: Mesh, spans, wait_until
+):
+    healthy = await start_agent([work], name="worker")
+    async with flaky_endpoint(mesh) as (flaky, flaky_id):
+        await wait_until(lambda: len(mesh.sidecar.index.targets("work")) == 2)
+        # The balancer picks at random: call until one call tried the failing replica first.
+        for _ in range(100):
+            spans.clear()
+            result = await mesh.invoke("work")
+            if result.attempts > 1:
+                break
+        assert result.attempts == 2, "no call tried the failing replica first in 100 calls"
+        assert result.instance_id == healthy.instance_id
+    finished = list(spans.get_finished_spans())
+    client = by_name(finished, "execute_tool work", SpanKind.CLIENT)
+    server = by_name(finished, "execute_tool work", SpanKind.SERVER)
+    assert client.attributes["agentmesh.attempts"] == 2
+    assert client.attributes["agentmesh.callee.instance"] == healthy.instance_id
+    assert parent_of(server) == client.context.span_id  # the attempt that reached the worker
+    [event] = client.events
+    assert event.name == "attempt failed"
+    assert event.attributes["agentmesh.attempt"] == 1
+    assert event.attributes["agentmesh.callee.instance"] == flaky_id
+    assert event.attributes["server.address"].startswith("https://127.0.0.1:")
+    assert event.attributes["error.type"] == "unavailable"
+    assert "503" in event.attributes["exception.message"]
+    assert flaky.hits >= 1
 
 
 async def test_error_bodies_and_errors_carry_the_trace_id(start_agent, mesh: Mesh, spans):
@@ -145,7 +176,7 @@ def test_a_child_of_an_unsampled_parent_is_what_the_sdk_would_make(
     from agentmesh.telemetry import tracing
 
     monkeypatch.setattr(tracing, "_parent_decides", True)
-    child = tracing.unsampled_child(tracing.extract({"traceparent": UNSAMPLED}))
+    child = tracing.unsampled_child(tracing.extract(UNSAMPLED))
     assert child is not None
     assert not child.is_recording()
     ctx = child.get_span_context()
@@ -154,10 +185,54 @@ def test_a_child_of_an_unsampled_parent_is_what_the_sdk_would_make(
     assert not ctx.trace_flags.sampled
     assert not ctx.is_remote
     # Sampled parents, no parent at all: the SDK's sampler decides.
-    assert tracing.unsampled_child(tracing.extract({"traceparent": SAMPLED})) is None
-    assert tracing.unsampled_child(tracing.extract({})) is None
+    assert tracing.unsampled_child(tracing.extract(SAMPLED)) is None
+    assert tracing.unsampled_child(None) is None
     monkeypatch.setattr(tracing, "_parent_decides", False)
-    assert tracing.unsampled_child(tracing.extract({"traceparent": UNSAMPLED})) is None
+    assert tracing.unsampled_child(tracing.extract(UNSAMPLED)) is None
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        SAMPLED,
+        UNSAMPLED,
+        f"  {SAMPLED}\t",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future-fields",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  # v00 has no more
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",  # upper case
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",  # short span id
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0x",
+        "0x-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" + "0" * 500,
+        "",
+        "garbage",
+    ],
+)
+@pytest.mark.parametrize("tracestate", [None, "vendor=a,other=b", "x" * 9000, "not a list"])
+def test_trace_context_is_read_and_written_as_the_sdk_propagator_does(
+    traceparent: str, tracestate: str | None
+) -> None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from agentmesh.telemetry import tracing
+
+    propagator = TraceContextTextMapPropagator()
+    carrier = {"traceparent": traceparent}
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    theirs = trace.get_current_span(propagator.extract(carrier)).get_span_context()
+    context = tracing.extract(traceparent, tracestate)
+    ours = trace.get_current_span(context).get_span_context()
+    assert (context is not None) == theirs.is_valid
+    assert ours == theirs  # ids, flags, remote and trace state
+    written: dict[str, str] = {}
+    tracing.inject(written, trace.NonRecordingSpan(ours))
+    expected: dict[str, str] = {}
+    propagator.inject(expected, trace.set_span_in_context(trace.NonRecordingSpan(theirs)))
+    assert written == expected
 
 
 @pytest.mark.parametrize(
