@@ -54,7 +54,9 @@ class Mesh:
         self._settings = settings
         self._owner = owner
         self._handler = sidecar.outbound.handler
-        self.registry = RegistryView(sidecar.index, sync_timeout=5.0)
+        #: Listings wait for the first view and its verification as long as a sidecar waits for
+        #: its first view (a large registry takes seconds to verify on a busy machine).
+        self.registry = RegistryView(sidecar.index, sync_timeout=settings.jetstream_wait)
         self._http: httpx.AsyncClient | None = None
 
     @property

@@ -162,7 +162,8 @@ SCENARIOS: dict[str, Scenario | Measurement] = {
     ),
     "s6": Measurement(
         name="s6",
-        title="a new sidecar's initial sync of 10,000 agent records, and its memory",
+        title="a new sidecar's initial sync of 10,000 signed agent records (until it routes a "
+        "call; and until every record is verified), and its memory",
         run=_s6,
         goals=(Goal("new sidecar", "sync_s", "<", 2), Goal("new sidecar", "peak_rss_mb", "<", 150)),
     ),

@@ -153,10 +153,12 @@ def create_app(
         name: Annotated[str | None, Query(description="Only instances of this agent")] = None,
     ) -> list[AgentRecord]:
         """Every live agent instance, as the registry holds it."""
+        await index.wait_verified(settings.jetstream_wait)
         return [r for r in index.records() if name is None or r.name == name]
 
     @app.get("/v1/agents/{instance_id}", tags=["registry"], responses={404: _PROBLEM})
     async def get_agent(instance_id: str) -> AgentRecord:
+        await index.wait_verified(settings.jetstream_wait)
         for record in index.records():
             if record.instance_id == instance_id:
                 return record
@@ -177,6 +179,7 @@ def create_app(
         ] = None,
     ) -> list[CapabilityOffer]:
         """Live offers, with the same filters as ``mesh.registry.find``."""
+        await index.wait_verified(settings.jetstream_wait)
         return index.find(name, version=version, tags=tag, labels=_labels(label or []))
 
     return app

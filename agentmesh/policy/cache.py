@@ -226,7 +226,7 @@ class PolicyCache:
             return ()
         labels = self._labels.get(name)
         if labels is None:
-            labels = tuple(dict(r.labels) for r in self._index.records() if r.name == name)
+            labels = tuple(dict(r.labels) for r in self._index.records_named(name))
             if len(self._labels) > _DECISION_CACHE:
                 self._labels.clear()
             self._labels[name] = labels

@@ -9,7 +9,9 @@ While NATS is gone, the last view stays in place: the data plane keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.registry.follow import BucketFollower
 from agentmesh.registry.store import RegistryStore, instance_of, record_key, record_part
+from agentmesh.registry.unverified import Unverified, Waiting
+from agentmesh.settings import Settings
 from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
 
 if TYPE_CHECKING:
@@ -34,6 +38,22 @@ __all__ = ["LocalIndex", "Target", "parse_specifier"]
 _log = logging.getLogger("agentmesh.registry")
 #: Refused values remembered per key (cleared when full): bounds what a flood of them costs.
 _REFUSED_MEMORY = 10_000
+
+
+def _digest(value: bytes) -> bytes:
+    """What a refused value is remembered by (16 bytes, whatever its size)."""
+    return hashlib.blake2b(value, digest_size=16).digest()
+
+
+#: One instance's record before and after a change (None: absent).
+_Change = tuple[str, AgentRecord | None, AgentRecord | None]
+
+
+def _setting(name: str) -> int:
+    """A setting's default: an index made without a sidecar's settings (tests, benchmarks)."""
+    default = Settings.model_fields[name].default
+    assert isinstance(default, int)
+    return default
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,33 +136,73 @@ def matches(
 
 
 class LocalIndex:
-    """capability name → live targets, kept current by a watch on the registry bucket."""
+    """capability name → live targets, kept current by a watch on the registry bucket.
 
-    def __init__(self, trust: StateTrust | None = None) -> None:
+    Holds only records it has verified (``trust``). Once its watch runs, the signed records of a
+    snapshot first wait unverified (``registry/unverified.py``) and are verified before anything
+    uses them: the ones a call resolves or a policy decision looks up, at that moment, a
+    ``verify_batch`` at a time; the rest by a background task, a batch per event-loop turn. A
+    record verified earlier stays in force until the value replacing it verifies.
+    """
+
+    def __init__(
+        self,
+        trust: StateTrust | None = None,
+        *,
+        verify_batch: int = _setting("registry_verify_batch"),
+        unverified_bytes: int = _setting("registry_unverified_bytes"),
+    ) -> None:
         #: Decides which records are taken (signed by the agent they name); None with mTLS
         #: off, where records are taken as read (see docs/security.md).
         self.trust = trust
         self._records: dict[str, AgentRecord] = {}
         self._raw: dict[str, bytes] = {}
-        #: Values refused (and logged) once, so a renewal of the same bytes is not logged again.
+        #: Digests of values refused (and logged) once, so a renewal of the same bytes is not
+        #: logged again; digests, not values, so the memory stays small whatever the values.
         self._refused: dict[str, bytes] = {}
         self._by_capability: dict[str, tuple[Target, ...]] = {}
+        self._unverified = Unverified(unverified_bytes)
+        self._verify_batch = verify_batch
+        #: True while verifying or telling listeners: a resolution then (a listener's) answers
+        #: from what is verified, and starts no verification inside another.
+        self._settling = False
         self.synced = asyncio.Event()
+        #: Set while no record waits unverified (after the first view: everything in it checked).
+        self.verified = asyncio.Event()
+        self._work = asyncio.Event()
         self.revision = 0
         self._listeners: list[Callable[[], None]] = []
         self._follower: BucketFollower | None = None
+        self._verifier: asyncio.Task[None] | None = None
 
     # ---- queries (no I/O) -------------------------------------------------------------------
 
     def targets(self, capability: str) -> tuple[Target, ...]:
         """Every live instance offering ``capability``, draining ones included.
 
+        Verifies up to ``verify_batch`` of the records still waiting with ``capability`` first
+        (a new sidecar's first calls), so a call never waits on the whole registry.
         The same tuple until ``capability`` changes, a new one after (callers cache by it).
         """
+        if capability in self._unverified.by_capability and not self._settling:
+            self._settle(self._unverified.offering(capability, self._verify_batch))
         return self._by_capability.get(capability, ())
 
     def records(self) -> list[AgentRecord]:
+        """Every verified instance (``verified`` says whether some still wait)."""
         return sorted(self._records.values(), key=lambda r: (r.name, r.instance_id))
+
+    def records_named(self, name: str) -> list[AgentRecord]:
+        """Every instance of agent ``name``, its waiting records verified first.
+
+        For decisions that depend on all of them (a caller's labels in a policy): a record not
+        yet verified would otherwise be a label silently missing, and a deny rule missed. So it
+        verifies even when asked from a listener.
+        """
+        waiting = self._unverified.named(name)
+        if waiting:
+            self._settle(waiting)
+        return [r for r in self._records.values() if r.name == name]
 
     def instance_ids(self) -> KeysView[str]:
         """The live instance ids, unsorted: a cheap membership view for per-change syncing."""
@@ -178,11 +238,21 @@ class LocalIndex:
         """One watch event under a registry key: a value (put) or None (delete, purge, expiry).
 
         Kept by instance id (the key is ``<name>.<instance>``, see ``registry/store.py``).
+        Verified as it comes (one record): only a snapshot's records wait.
         """
         instance = instance_of(key)
         if instance is None:
             _log.warning("ignoring registry key %r (not <agent name>.<instance id>)", key)
             return
+        waiting = self._unverified.entries.get(instance)
+        if waiting is not None:
+            if waiting.key == key and waiting.value == value:
+                return  # a renewal of the bytes already waiting
+            if waiting.key == key and value is None:
+                self._unverified.pop(instance)  # never shown: nothing to undo
+                self._check_verified()
+            else:
+                self._settle([instance])  # decide what holds the instance before this event
         current = self._records.get(instance)
         if current is not None and record_key(current) != key:
             # Another agent's key claiming a live instance id: never lets it take that over.
@@ -195,56 +265,102 @@ class LocalIndex:
             gone = self._records.pop(instance, None)
             if gone is not None:
                 self._raw.pop(instance, None)
-                self._update(instance, gone, None)
+                self._update([(instance, gone, None)])
             return
-        if self._raw.get(instance) == value or self._refused.get(key) == value:
+        if self._raw.get(instance) == value or self._was_refused(key, value):
             return
         record = self._decode(key, value)
         if record is None:
-            if len(self._refused) >= _REFUSED_MEMORY:
-                self._refused.clear()
-            self._refused[key] = value  # logged once, not at every lease renewal
+            self._remember_refused(key, value)
             return
         self._refused.pop(key, None)
         self._raw[instance] = value
         self._records[instance] = record
-        self._update(instance, current, record)
+        self._update([(instance, current, record)])
 
     def replace(self, snapshot: dict[str, bytes]) -> None:
-        """Swap the whole index for a fresh snapshot (after a (re)connection)."""
+        """Swap the whole index for a fresh snapshot (after a (re)connection).
+
+        With a verifier running, signed values not already verified wait for it; a record
+        verified before keeps its key's place until the value that replaces it verifies.
+        """
         records: dict[str, AgentRecord] = {}
         raw: dict[str, bytes] = {}
         refused: dict[str, bytes] = {}
+        before = self._unverified.entries
+        self._unverified = waiting = Unverified(self._unverified.limit_bytes)
         for key, value in snapshot.items():
             instance = instance_of(key)
             if instance is None or instance in records:
                 continue
-            if self._refused.get(key) == value:
-                refused[key] = value
+            rival = waiting.pop(instance)
+            if rival is not None:
+                # Two keys claim one instance (a forger's doing): the first that verifies holds
+                # it, as when every value was verified on arrival.
+                record = self._decode(rival.key, rival.value)
+                if record is not None:
+                    records[instance], raw[instance] = record, rival.value
+                    continue
+                refused[rival.key] = _digest(rival.value)
+            old = self._records.get(instance)
+            if old is not None and record_key(old) == key:
+                records[instance], raw[instance] = old, self._raw[instance]
+                if self._raw[instance] == value:
+                    continue
+            if self._was_refused(key, value):
+                refused[key] = self._refused[key]
                 continue
-            record = self._records.get(instance) if self._raw.get(instance) == value else None
-            record = record or self._decode(key, value)
+            held = before.get(instance)
+            if held is None or held.key != key or held.value != value:
+                held = None
+                if self._may_wait(value):
+                    claim = self._claim(key, value)
+                    if claim is None:
+                        refused[key] = _digest(value)
+                        continue
+                    held = Waiting(key, value, claim)
+            if held is not None and waiting.add(instance, held):
+                continue
+            record = self._decode(key, value)
             if record is not None:
                 records[instance], raw[instance] = record, value
             else:
-                refused[key] = value
+                refused[key] = _digest(value)
         self._records, self._raw, self._refused = records, raw, refused
         self._rebuild()
+        self._check_verified()
 
-    def _decode(self, key: str, value: bytes) -> AgentRecord | None:
-        """The record under ``key``, or None (logged) if it is malformed or not to be trusted."""
-        if self.trust is not None:
-            try:
-                record = self.trust.record(key, value)
-            except ValueError as exc:
-                _log.warning("ignoring registry record %r: %s", key, exc)
-                return None
-        else:
-            try:
-                record = AgentRecord.model_validate_json(record_part(value))
-            except ValidationError as exc:
-                _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
-                return None
+    def _may_wait(self, value: bytes) -> bool:
+        """Whether ``value`` may wait for the verifier: signed (else it is checked at once,
+        cheaply) and a verifier is running to finish it."""
+        return self._verifier is not None and len(record_part(value)) != len(value)
+
+    def _claim(self, key: str, value: bytes) -> AgentRecord | None:
+        """The record ``value`` claims to be, unverified: enough to know what it is about."""
+        try:
+            record = AgentRecord.model_validate_json(record_part(value))
+        except ValidationError as exc:
+            _log.warning("ignoring malformed registry record %r: %s", key, exc.errors()[:3])
+            return None
+        return self._under_own_key(key, record)
+
+    def _decode(
+        self, key: str, value: bytes, claim: AgentRecord | None = None
+    ) -> AgentRecord | None:
+        """The record under ``key``, or None (logged) if it is malformed or not to be trusted.
+
+        ``claim``: the record already parsed from ``value`` (a waiting one), not parsed again.
+        """
+        if self.trust is None:
+            return self._claim(key, value)
+        try:
+            record = self.trust.record(key, value, claim)
+        except ValueError as exc:
+            _log.warning("ignoring registry record %r: %s", key, exc)
+            return None
+        return self._under_own_key(key, record)
+
+    def _under_own_key(self, key: str, record: AgentRecord) -> AgentRecord | None:
         if record_key(record) != key:
             _log.warning(
                 "ignoring record under %r claiming %s instance %r",
@@ -255,18 +371,71 @@ class LocalIndex:
             return None
         return record
 
-    def _update(self, key: str, old: AgentRecord | None, new: AgentRecord | None) -> None:
-        """Rebuild only the capabilities that one instance's record offered or offers.
+    def _was_refused(self, key: str, value: bytes) -> bool:
+        return key in self._refused and self._refused[key] == _digest(value)
+
+    def _remember_refused(self, key: str, value: bytes) -> None:
+        if len(self._refused) >= _REFUSED_MEMORY:
+            self._refused.clear()
+        self._refused[key] = _digest(value)  # logged once, not at every lease renewal
+
+    def _settle(self, instances: Iterable[str]) -> None:
+        """Verify these waiting records now; the good ones enter the index in one update.
+
+        One that fails is logged and remembered as refused; a record verified before under
+        its key stays (a bad value never evicts a good record).
+        """
+        settling, self._settling = self._settling, True
+        try:
+            changes: list[_Change] = []
+            for instance in instances:
+                waiting = self._unverified.pop(instance)
+                if waiting is None:
+                    continue
+                try:
+                    record = self._decode(waiting.key, waiting.value, waiting.claim)
+                except Exception:  # a bug, not a refusal: refuse it all the same, loudly
+                    _log.exception("could not verify registry record %r", waiting.key)
+                    record = None
+                if record is None:
+                    self._remember_refused(waiting.key, waiting.value)
+                    continue
+                self._refused.pop(waiting.key, None)
+                changes.append((instance, self._records.get(instance), record))
+                self._records[instance], self._raw[instance] = record, waiting.value
+            if changes:
+                self._update(changes)
+        finally:
+            self._settling = settling
+        self._check_verified()
+
+    def _check_verified(self) -> None:
+        if self._unverified.entries:
+            self.verified.clear()
+            self._work.set()
+        else:
+            self.verified.set()
+
+    def _update(self, changes: list[_Change]) -> None:
+        """Rebuild only the capabilities that these instances' records offered or offer.
 
         A watch event changes one record; rebuilding every capability from every record cost
-        tens of milliseconds per event with 10,000 records.
+        tens of milliseconds per event with 10,000 records. A batch of newly verified records
+        (no old ones) only adds targets.
         """
-        names = {s.name for r in (old, new) if r is not None for s in r.capabilities}
         by_capability = dict(self._by_capability)
-        for name in names:
-            targets = [t for t in by_capability.get(name, ()) if t.instance_id != key]
+        added: dict[str, list[Target]] = {}
+        for _, _, new in changes:
             if new is not None:
-                targets += [_target(new, s) for s in new.capabilities if s.name == name]
+                for spec in new.capabilities:
+                    added.setdefault(spec.name, []).append(_target(new, spec))
+        stale = {s.name for _, old, _ in changes if old is not None for s in old.capabilities}
+        changed = {instance for instance, old, _ in changes if old is not None}
+        for name in stale | added.keys():
+            targets = list(by_capability.get(name, ()))
+            if name in stale:
+                targets = [t for t in targets if t.instance_id not in changed]
+            targets += added.get(name, ())
             if targets:
                 by_capability[name] = tuple(sorted(targets, key=_by_instance))
             else:
@@ -287,12 +456,18 @@ class LocalIndex:
     def _changed(self) -> None:
         self.revision += 1
         REGISTRY_INSTANCES.set(len(self._records))
-        for listener in self._listeners:
-            listener()
+        settling, self._settling = self._settling, True
+        try:
+            for listener in self._listeners:
+                listener()
+        finally:
+            self._settling = settling
 
-    # ---- the watch task ------------------------------------------------------------------------
+    # ---- the watch task and the verifier -------------------------------------------------------
 
     def start(self, store: RegistryStore, conn: NatsConnection) -> None:
+        if self.trust is not None:
+            self._verifier = asyncio.create_task(self._verify(), name="registry-verifier")
         self._follower = BucketFollower(
             f"registry bucket {store.bucket!r}",
             store.watch,
@@ -303,14 +478,45 @@ class LocalIndex:
         )
         self._follower.start(conn)
 
+    async def _verify(self) -> None:
+        """Works through the waiting records, one batch per event-loop turn."""
+        while True:
+            await self._work.wait()
+            while self._unverified.entries:
+                self._settle(self._unverified.oldest(self._verify_batch))
+                await asyncio.sleep(0)
+            self._work.clear()
+
     async def stop(self) -> None:
         if self._follower is not None:
             await self._follower.stop()
+        if self._verifier is not None:
+            self._verifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._verifier
+            self._verifier = None
 
     async def wait_synced(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.synced.wait(), timeout)
-        except TimeoutError as exc:
-            raise RegistryUnavailable(
-                f"registry did not deliver its initial view within {timeout:g}s"
-            ) from exc
+        await _within(
+            self.synced,
+            timeout,
+            lambda: f"registry did not deliver its initial view within {timeout:g}s",
+        )
+
+    async def wait_verified(self, timeout: float) -> None:
+        """Until the first view is in and every record in it verified (listings wait for it)."""
+        await self.wait_synced(timeout)
+        await _within(
+            self.verified,
+            timeout,
+            lambda: (
+                f"registry: {len(self._unverified)} records still unverified after {timeout:g}s"
+            ),
+        )
+
+
+async def _within(event: asyncio.Event, timeout: float, failure: Callable[[], str]) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError as exc:
+        raise RegistryUnavailable(failure()) from exc

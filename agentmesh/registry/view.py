@@ -1,7 +1,8 @@
 """The read side of the registry that users see as ``mesh.registry``.
 
 Queries answer from the local index (no network); they only wait, once, for the index's
-initial view, so that a query right after ``connect()`` does not see an empty mesh.
+initial view and for every record in it to be verified, so that a query right after
+``connect()`` neither sees an empty mesh nor a part of it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ class RegistryView:
         ``version`` is a PEP 440 specifier on the capability's version (``">=1.0,<2"``; a bare
         ``"1.2.0"`` means exactly that); ``tags`` must all be present; ``labels`` must all match.
         """
-        await self._index.wait_synced(self._sync_timeout)
+        await self._index.wait_verified(self._sync_timeout)
         return self._index.find(capability, version=version, tags=tags, labels=labels)
 
     async def agents(self) -> list[AgentRecord]:
         """Every live agent instance, sorted by name then instance id."""
-        await self._index.wait_synced(self._sync_timeout)
+        await self._index.wait_verified(self._sync_timeout)
         return self._index.records()

@@ -173,8 +173,11 @@ class StateTrust:
 
     # ---- registry records ---------------------------------------------------------------------
 
-    def record(self, key: str, value: bytes) -> AgentRecord:
+    def record(self, key: str, value: bytes, claim: AgentRecord | None = None) -> AgentRecord:
         """The record under ``key`` if the workload it names signed it.
+
+        ``claim`` is the record's JSON in ``value`` already parsed (the registry index parses a
+        snapshot's records before verifying them), so it is not parsed twice.
 
         An agent with mTLS off has no key: its record goes unsigned, and is taken only as what
         it is, a plaintext agent that claims no identity (``mtls: off``, no ``identity``). Only
@@ -183,7 +186,7 @@ class StateTrust:
         """
         body = record_part(value)
         try:
-            record = AgentRecord.model_validate_json(body)
+            record = claim if claim is not None else AgentRecord.model_validate_json(body)
         except ValidationError as exc:
             raise Refused(f"malformed registry record: {exc.errors()[:3]}") from None
         if len(body) == len(value):
@@ -267,8 +270,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 
 def _issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if leaf.issuer != issuer.subject:
-        return False
+    """``issuer`` signed ``leaf``; cryptography compares the names first (in Rust, cheaply)."""
     try:
         leaf.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):

@@ -67,7 +67,11 @@ class Sidecar:
         self._publisher = caller
         #: What this sidecar takes from NATS (signed records and policies); None with mTLS off.
         trust = self.identity.state_trust()
-        self.index = LocalIndex(trust)
+        self.index = LocalIndex(
+            trust,
+            verify_batch=settings.registry_verify_batch,
+            unverified_bytes=settings.registry_unverified_bytes,
+        )
         self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name
         self.stats = StatsCollector(

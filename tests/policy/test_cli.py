@@ -92,7 +92,7 @@ async def test_apply_get_delete_and_history_with_the_cli(control: ControlProcess
     )
     assert code == 0, err
     history = json.loads(out)
-    assert [h["operation"] for h in history] == ["put", "put", "delete"]
+    assert [h["operation"] for h in history] == ["put", "put", "delete"], history
     assert history[0]["revision"] == canary_rev
     assert [h["policy"]["spec"]["subsets"][1]["weight"] for h in history[:2]] == [10, 20]
     assert history[0]["revision"] < history[1]["revision"] < history[2]["revision"]
