@@ -146,6 +146,26 @@ def test_foreign_and_malformed_reports_are_ignored():
     assert book.rows("edges", 60) == []
 
 
+def test_made_up_keys_stop_at_the_cap_and_room_returns_as_slots_age(
+    caplog: pytest.LogCaptureFixture,
+):
+    clock = Clock()
+    book = StatsBook(clock=clock, horizon=10, max_keys=5)
+    book.apply(report(*(out("a", f"cap-{i}", "b", "ok", 1, 0.01) for i in range(8))))
+    assert [r.name for r in book.rows("capabilities", 10)] == [f"cap-{i}" for i in range(5)]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "agentmesh.control.stats"]
+    assert warnings == [  # three dropped, one line a minute
+        "stats: 1 entries dropped (last from s-1): the book holds its limit of 5 keys"
+    ]
+    # Known keys still count once full.
+    book.apply(report(out("a", "cap-0", "b", "ok", 2, 0.01)))
+    assert book.rows("capabilities", 10)[0].requests == 3
+    # Once the full slot ages out of the horizon, new keys fit again.
+    clock.now += 20
+    book.apply(report(out("a", "fresh", "b", "ok", 1, 0.01)))
+    assert [r.name for r in book.rows("capabilities", 10)] == ["fresh"]
+
+
 def test_a_collector_report_round_trips_into_the_book():
     collector = StatsCollector("client-1")
     for _ in range(4):
