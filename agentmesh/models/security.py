@@ -139,6 +139,9 @@ class IdentityRecord(Wire):
     issued_at: datetime
     via: Literal["token", "renewal", "local"]
     revoked: bool = False
+    nats_key: str | None = Field(
+        default=None, description="The public NKEY its NATS user JWT was issued for, if any"
+    )
 
 
 class Revocation(Wire):
@@ -151,6 +154,9 @@ class Revocation(Wire):
     not_after: datetime = Field(description="Kept in the list until then (plus clock slack)")
     revoked_at: datetime
     reason: str = ""
+    nats_key: str | None = Field(
+        default=None, description="The NATS user key of its JWT: NATS refuses it too"
+    )
 
 
 class IdentityBlock(Wire):
