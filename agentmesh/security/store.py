@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from agentmesh.errors import AuthenticationFailed, RegistryUnavailable
 from agentmesh.models import IdentityRecord, SignedState, StoredToken, TrustBundle
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.registry.entries import read_entries
 
 if TYPE_CHECKING:
     from agentmesh.security.signed import StateTrust
@@ -191,23 +192,10 @@ class SecurityStore:
         return entry.value, int(entry.revision or 0)
 
     async def _entries(self, kv: KeyValue, bucket: str, prefix: str) -> list[tuple[str, bytes]]:
-        try:
-            watcher = await kv.watch(f"{prefix}>", ignore_deletes=True)
-        except (nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"listing {prefix}* in {bucket!r}: {exc}") from exc
-        out: list[tuple[str, bytes]] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    out.append((entry.key, entry.value))
-                if entry.delta == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        return out
+        entries = await read_entries(self._conn, kv, bucket, f"{prefix}>")
+        return [
+            (e.key, e.value) for e in entries if e.operation not in ("DEL", "PURGE") and e.value
+        ]
 
     # ---- trust bundle ---------------------------------------------------------------------
 
