@@ -4,8 +4,8 @@
 transport (``ws://``/``wss://`` URLs). agentmesh itself no longer depends on aiohttp (httpx is the
 one HTTP client of its cold paths), but aiohttp is often installed anyway: by the ``bench`` and
 ``dev`` extras (the B0 baseline), and by many applications an agent lives in. Then importing
-nats-py costs an agent's start-up the import of aiohttp, ~90 ms of CPU (S7, measured with and
-without this module), although the mesh speaks NATS over TCP only.
+nats-py costs an agent's start-up the import of aiohttp (a large part of goal S7's budget;
+docs/benchmarks.md), although the mesh speaks NATS over TCP only.
 
 So the package's ``__init__`` imports this module before anything else, and nats-py is imported
 here while ``sys.modules["aiohttp"]`` holds a stand-in. nats-py's transport module keeps that

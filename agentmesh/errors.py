@@ -16,6 +16,7 @@ into the same class on the calling side.
     ├── AuthenticationFailed          unauthenticated   401   no or bad credentials (mTLS, tokens)
     ├── PolicyDenied                  policy_denied     403   never retried
     ├── InvalidInput                  invalid_input     422   the function never ran
+    ├── Conflict                      conflict          409   valid, but not in this state
     ├── PayloadTooLarge               payload_too_large 413
     ├── DeadlineExceeded              deadline_exceeded 504   the call's budget is spent
     ├── LoopDetected                  loop_detected     508   the call chain is too deep
@@ -43,6 +44,7 @@ __all__ = [
     "AuthenticationFailed",
     "CapabilityNotFound",
     "ConfigurationError",
+    "Conflict",
     "ConnectionFailed",
     "ConnectionLost",
     "DeadlineExceeded",
@@ -144,6 +146,14 @@ class InvalidInput(MeshError):
     code = "invalid_input"
     status = 422
     title = "Invalid input"
+
+
+class Conflict(MeshError):
+    """The request is valid, but not in the state things are in; the message says what to do."""
+
+    code = "conflict"
+    status = 409
+    title = "Conflict"
 
 
 class PayloadTooLarge(MeshError):

@@ -170,8 +170,12 @@ def write_node_tls(
     return [directory / n for n in ("nats.pem", "nats.key", "mesh-ca.pem")]
 
 
-def write_server_config(directory: Path, authority: NatsAuthority) -> Path:
-    """``nats.conf`` naming the TLS files and the mesh's accounts; its path."""
+def write_server_config(
+    directory: Path, authority: NatsAuthority, account_jwt: str | None = None
+) -> Path:
+    """``nats.conf`` naming the TLS files and the mesh's accounts; its path. ``account_jwt``:
+    the mesh account's with the revocations in force, so that a reload or restart keeps them
+    (``agentmesh.control.nats_revocations``)."""
     path = directory / CONFIG_NAME
     text = (
         "# Written by agentmesh control at every start; do not edit.\n"
@@ -179,7 +183,7 @@ def write_server_config(directory: Path, authority: NatsAuthority) -> Path:
         f'  cert_file: "{directory / "server.pem"}"\n'
         f'  key_file: "{directory / "server.key"}"\n'
         f"  timeout: {_TLS_TIMEOUT}\n"
-        "}\n" + authority.resolver_config()
+        "}\n" + authority.resolver_config(account_jwt)
     )
     write_private(path, text.encode())
     return path

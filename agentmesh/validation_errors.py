@@ -2,9 +2,9 @@
 
 A body of 8 MiB may hold 700,000 unknown keys, so 700,000 errors: turning all of them into
 Python dicts (``ValidationError.errors()``) and JSON held an agent's event loop for seconds and
-answered 65 MB. Here only the first ``limit`` are decoded — from pydantic's own JSON rendering,
-made in Rust without the input — and the rest are counted. The input is never included: a request
-body is never echoed back.
+answered tens of megabytes. Here only the first ``limit`` are decoded — from pydantic's own JSON
+rendering, made in Rust without the input — and the rest are counted. The input is never
+included: a request body is never echoed back.
 """
 
 from __future__ import annotations

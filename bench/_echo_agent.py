@@ -1,7 +1,7 @@
 """The agent behind the mesh targets: ``python -m agentmesh run bench/_echo_agent.py --port 0``.
 
 One capability, ``echo``, doing the same work as the FastAPI baseline (B1): its parameters are
-the fields of ``bench.harness.make_payload``'s JSON object, so the agent validates the request
+the fields of ``bench.workloads.make_payload``'s JSON object, so the agent validates the request
 body into a pydantic model (the capability's generated input model), and it returns an
 ``EchoBody`` pydantic model that the agent serialises (its type is the declared return type, so
 it is dumped without a second validation). B1 validates into the same model and FastAPI

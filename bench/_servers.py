@@ -78,7 +78,7 @@ async def raw_echo_app(scope: Scope, receive: Receive, send: Send) -> None:
 def build_fastapi_app() -> Any:
     """A FastAPI app with ``POST /echo`` taking and returning a pydantic model.
 
-    The model mirrors ``bench.harness.make_payload``: FastAPI validates the request into
+    The model mirrors ``bench.workloads.make_payload``: FastAPI validates the request into
     it, and validates and serialises the response from it, as a user's endpoint would.
     Imports stay inside so the other kinds do not pay for (or get charged the memory of)
     FastAPI and pydantic; this module has no ``from __future__ import annotations`` so
@@ -110,7 +110,7 @@ def serve_uvicorn(app: Any, *, lifespan: str) -> None:
     # proto=IPPROTO_TCP is not cosmetic: asyncio sets TCP_NODELAY on accepted connections
     # only when sock.proto == IPPROTO_TCP, and a plain socket(AF_INET, SOCK_STREAM) has
     # proto 0. Without it, uvicorn's separate header and body writes meet Nagle + delayed
-    # ACK and every response takes ~40 ms (measured here: 44 ms p50 instead of 0.4 ms).
+    # ACK and every response waits for the delayed-ACK timer (tens of milliseconds).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

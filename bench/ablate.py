@@ -33,8 +33,10 @@ from typing import Any, cast
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import closed_loop, make_payload, proc_cpu_seconds
+from bench.loops import closed_loop
 from bench.mesh_targets import AGENT_FILE, AGENT_NAME, CAPABILITY, MeshCall
+from bench.procfs import proc_cpu_seconds
+from bench.workloads import make_payload
 
 __all__ = ["AGENT_VARIANTS", "main"]
 

@@ -23,7 +23,9 @@ from typing import Any
 import aiohttp
 import httpx
 
-from .harness import ProcessTarget, find_nats_server, make_payload, wait_until_ready
+from .processes import find_nats_server, wait_until_ready
+from .targets import ProcessTarget
+from .workloads import make_payload
 
 __all__ = ["AiohttpRawAsgi", "HttpxFastAPI", "NatsRequestReply"]
 

@@ -47,9 +47,12 @@ from rich.console import Console
 from rich.table import Table
 
 import agentmesh
-from bench.harness import machine_info, make_payload, open_loop, percentile
+from bench.loops import open_loop
+from bench.machine import machine_info
 from bench.mesh_targets import CAPABILITY, MeshCall
+from bench.results import percentile
 from bench.run import _stoppable
+from bench.workloads import make_payload
 
 __all__ = ["FailoverConfig", "main", "run_failover"]
 

@@ -32,8 +32,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import closed_loop, make_payload, percentile, proc_cpu_seconds
+from bench.loops import closed_loop
 from bench.mesh_targets import MeshCall, TracedMeshCall
+from bench.procfs import proc_cpu_seconds
+from bench.results import percentile
+from bench.workloads import make_payload
 
 __all__ = ["main", "summarize"]
 

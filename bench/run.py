@@ -2,7 +2,7 @@
 
 Also ``python bench/run.py ...`` in a checkout (same options). The registries below are the one
 place to extend: a mesh target is one ``TARGETS`` entry (a zero-argument factory returning a
-:class:`bench.harness.Target`), and every scenario whose ``targets`` name it then measures it
+:class:`bench.targets.Target`), and every scenario whose ``targets`` name it then measures it
 next to the baselines in the same interleaved run. ``SCENARIOS`` holds every scenario of the
 issue with its goals: s1–s3 and s8 compare targets (ratios or differences of medians measured in
 the same run), s4–s7 measure the registry and agent start-up (``registry.py``'s functions).
@@ -38,22 +38,12 @@ from rich.console import Console
 
 from . import registry
 from .baselines import AiohttpRawAsgi, HttpxFastAPI, NatsRequestReply
-from .harness import (
-    FULL,
-    QUICK,
-    ClosedLoop,
-    Goal,
-    Measurement,
-    OpenLoop,
-    Scenario,
-    TargetFactory,
-    Timing,
-    make_payload,
-    planned_seconds,
-    run_suite,
-)
+from .harness import planned_seconds, run_suite
 from .mesh_targets import MeshCall, TracedMeshCall, tracing_unavailable
+from .scenarios import Goal, Measurement, Scenario
 from .sidecar_targets import HttpxMeshCall, SidecarMeshCall
+from .targets import TargetFactory
+from .workloads import FULL, QUICK, ClosedLoop, OpenLoop, Timing, make_payload
 
 __all__ = ["OPEN_LOOP_RATE", "SCENARIOS", "TARGETS", "main", "run_benchmarks", "scenario_help"]
 
@@ -68,7 +58,7 @@ TARGETS: dict[str, TargetFactory] = {
     "M5": HttpxMeshCall,
 }
 """Every target, in table order. Add a mesh target with one line, e.g.
-``TARGETS["M1"] = MeshCall`` (a :class:`bench.harness.Target` subclass)."""
+``TARGETS["M1"] = MeshCall`` (a :class:`bench.targets.Target` subclass)."""
 
 TARGET_SUMMARY = (
     "B0 aiohttp → raw ASGI echo on uvicorn (floor for HTTP); B1 httpx → FastAPI + pydantic (no "

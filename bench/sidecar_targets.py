@@ -28,7 +28,7 @@ __all__ = ["HttpxMeshCall", "SidecarMeshCall"]
 _PORT_LINE = re.compile(r"PORT (\d+) ")
 _START_TIMEOUT_S = 30.0
 
-#: The echo capability's fields (``bench.harness.make_payload``) as the JSON Schema the app's
+#: The echo capability's fields (``bench.workloads.make_payload``) as the JSON Schema the app's
 #: manifest declares: the same checks M1's pydantic model makes.
 _ECHO_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -11,15 +11,17 @@ from rich.markup import escape
 from agentmesh._version import __version__
 from agentmesh.cli import (
     bench,
+    check,
     control,
     demo,
     nats,
-    observe,
     policies,
     query,
     run,
     security,
     sidecar,
+    stat,
+    tap,
 )
 from agentmesh.cli._common import err_console
 from agentmesh.errors import MeshError
@@ -61,7 +63,9 @@ control.register(app)
 run.register(app)
 query.register(app)
 demo.register(app)
-observe.register(app)
+stat.register(app)
+tap.register(app)
+check.register(app)
 policies.register(app)
 security.register(app)
 nats.register(app)

@@ -8,8 +8,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
@@ -25,6 +26,14 @@ err_console = Console(stderr=True)
 class Output(enum.StrEnum):
     table = "table"
     json = "json"
+
+
+#: The ``--control-url`` option of every command that asks the control plane.
+ControlUrl = Annotated[
+    str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
+]
+#: The ``--output`` option of commands that print a table or JSON.
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 
 
 def settings_from(**flags: Any) -> Settings:
@@ -83,3 +92,16 @@ def certificate_count(items: list[Any]) -> str:
     revoked = sum(1 for i in items if isinstance(i, dict) and i.get("revoked"))
     text = f"{len(items)} certificate(s) of {len(names)} identit{'y' if len(names) == 1 else 'ies'}"
     return text + (f", {revoked} revoked" if revoked else "")
+
+
+def millis(value: float | None) -> str:
+    """A duration in milliseconds as a person reads it (``-`` for none; seconds from 1000)."""
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value / 1000:.2f}s"
+    if value >= 100:
+        return f"{value:.0f}ms"
+    if value >= 10:
+        return f"{value:.1f}ms"
+    return f"{value:.2f}ms"

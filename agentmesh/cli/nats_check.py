@@ -1,5 +1,5 @@
 """What ``agentmesh check`` says about the NATS side: the embedded server's supervisor state, the
-cluster's nodes and leaders, and each bucket's replicas (kept apart from ``observe.py``)."""
+cluster's nodes and leaders, and each bucket's replicas (kept apart from ``check.py``)."""
 
 from __future__ import annotations
 

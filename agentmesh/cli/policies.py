@@ -19,7 +19,7 @@ from pydantic import BaseModel, TypeAdapter
 from rich.markup import escape
 from rich.table import Table
 
-from agentmesh.cli._common import console, settings_from
+from agentmesh.cli._common import ControlUrl, console, settings_from
 from agentmesh.errors import InvalidInput, MeshError, RegistryUnavailable, error_from_problem
 from agentmesh.models import AccessPolicy, PolicyChange, PolicyRevision, Problem, TrafficPolicy
 from agentmesh.policy.manifest import POLICY_ADAPTER, load_manifests, validate_manifest
@@ -39,9 +39,6 @@ class Format(enum.StrEnum):
     yaml = "yaml"
 
 
-ControlUrl = Annotated[
-    str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
-]
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml.")]
 
 

@@ -15,16 +15,19 @@ from pydantic import TypeAdapter
 from rich.table import Table
 
 import agentmesh.mesh
-from agentmesh.cli._common import Output, console, parse_labels, print_json, settings_from
+from agentmesh.cli._common import (
+    ControlUrl,
+    Output,
+    OutputOpt,
+    console,
+    parse_labels,
+    print_json,
+    settings_from,
+)
 from agentmesh.errors import InvalidInput, RegistryUnavailable, error_from_problem
 from agentmesh.models import AgentRecord, CapabilityOffer, EndpointHealth, Problem
 from agentmesh.proxy import SIDECAR_LABEL
 from agentmesh.settings import Settings
-
-ControlUrl = Annotated[
-    str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
-]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 
 
 class ResultFormat(enum.StrEnum):

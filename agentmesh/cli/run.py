@@ -107,7 +107,7 @@ def run(
 
     def ready(a: Agent) -> None:
         caps = ", ".join(a.capabilities)
-        # emoji=False: rich would import its emoji table (~4 ms) just as the first calls arrive.
+        # emoji=False: rich would import its emoji table just as the first calls arrive.
         console.print(
             f"[bold]{a.instance_id}[/] serving {caps} at {a.endpoint}", highlight=False, emoji=False
         )

@@ -13,7 +13,15 @@ import typer
 from pydantic import TypeAdapter
 from rich.table import Table
 
-from agentmesh.cli._common import Output, certificate_count, console, print_json, settings_from
+from agentmesh.cli._common import (
+    ControlUrl,
+    Output,
+    OutputOpt,
+    certificate_count,
+    console,
+    print_json,
+    settings_from,
+)
 from agentmesh.errors import InvalidInput, RegistryUnavailable, error_from_problem
 from agentmesh.models import (
     IdentityRecord,
@@ -25,11 +33,6 @@ from agentmesh.models import (
     TrustBundle,
 )
 from agentmesh.settings import Settings
-
-ControlUrl = Annotated[
-    str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
-]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 
 token_app = typer.Typer(help="Join tokens: how a new agent or client enrols.", no_args_is_help=True)
 identity_app = typer.Typer(help="Issued identities: list and revoke.", no_args_is_help=True)

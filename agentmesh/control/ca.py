@@ -31,10 +31,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ValidationError
 
-from agentmesh.errors import ConfigurationError
+from agentmesh.errors import ConfigurationError, Conflict
 from agentmesh.models import SignedState, TrustBundle
 from agentmesh.security.files import check_private, write_private
 from agentmesh.security.identity import SpiffeId
@@ -52,54 +53,77 @@ from agentmesh.security.pki import (
 from agentmesh.security.signed import Kind, sign_state
 from agentmesh.settings import Settings
 
-__all__ = ["CertificateAuthority", "write_root_ca"]
+__all__ = ["CertificateAuthority", "ca_certificate", "write_root_ca"]
 
 #: Leaves are valid from a little before they were issued: clocks differ between machines.
 NOT_BEFORE_SKEW = timedelta(seconds=30)
 ROOT_LIFETIME = timedelta(days=3650)
 
 
-def _new_root(key: ec.EllipticCurvePrivateKey, trust_domain: str) -> x509.Certificate:
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Signatures, and for a CA signing certificates (and CRLs) too."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def ca_certificate(
+    subject: str,
+    key: PrivateKey,
+    *,
+    issuer: tuple[x509.Certificate, PrivateKey] | None,
+    path_length: int,
+    lifetime: timedelta,
+) -> x509.Certificate:
+    """A CA certificate (``O=agentmesh, CN=subject``) for ``key``: self-signed when ``issuer``
+    is None (a root), else signed by ``issuer`` (its certificate and key: an intermediate).
+    ``path_length``: how many CAs may follow below it (0: it signs leaves only)."""
     now = datetime.now(UTC)
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "agentmesh"),
-            x509.NameAttribute(
-                NameOID.COMMON_NAME,
-                f"agentmesh root {trust_domain[:30]} {now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}",
-            ),
+            x509.NameAttribute(NameOID.COMMON_NAME, subject),
         ]
     )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    aki = (
+        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        if issuer is None
+        else _authority_key_id(issuer[0])
+    )
     return (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(name if issuer is None else issuer[0].subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - NOT_BEFORE_SKEW)
-        .not_valid_after(now + ROOT_LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(key, hashes.SHA256())
+        .add_extension(aki, critical=False)
+        .sign(key if issuer is None else issuer[1], hashes.SHA256())
     )
+
+
+def _new_root(key: PrivateKey, trust_domain: str) -> x509.Certificate:
+    now = datetime.now(UTC)
+    subject = f"agentmesh root {trust_domain[:30]} {now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+    return ca_certificate(subject, key, issuer=None, path_length=0, lifetime=ROOT_LIFETIME)
 
 
 def write_root_ca(directory: Path, trust_domain: str) -> tuple[Path, Path]:
@@ -339,9 +363,6 @@ class CertificateAuthority:
             raise ValueError("the CSR's key must be an EC key (P-256 or P-384)")
         if not isinstance(public_key.curve, ec.SECP256R1 | ec.SECP384R1):
             raise ValueError(f"the CSR's curve {public_key.curve.name} is not P-256 or P-384")
-        now = datetime.now(UTC)
-        lifetime = timedelta(seconds=min(ttl or self.ttl, self.ttl))
-        not_after = min(now + lifetime, self.signer.not_valid_after_utc)
         subject = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "agentmesh"),
@@ -349,48 +370,13 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, identity.name or identity.kind),
             ]
         )
-        issuer_ski = self.signer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self.signer.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - NOT_BEFORE_SKEW)
-            .not_valid_after(not_after)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(identity.uri), *map(_host_name, hosts)]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
+        return self._leaf(
+            public_key,
+            subject,
+            [x509.UniformResourceIdentifier(identity.uri), *map(_host_name, hosts)],
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+            min(ttl or self.ttl, self.ttl),
+            key_usage=True,
         )
 
     def issue_server(
@@ -408,38 +394,45 @@ class CertificateAuthority:
         can stand in for the server. ``route``: a NATS cluster node's, which also presents it
         as a client to its peers (client-auth usage). ``ttl``: instead of the CA's lifetime.
         """
-        import ipaddress
-
-        names: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        now = datetime.now(UTC)
-        lifetime = timedelta(seconds=self.ttl if ttl is None else ttl)
-        not_after = min(now + lifetime, self.signer.not_valid_after_utc)
-        issuer_ski = self.signer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        public = public_key.public_key()
-        usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+        names = [_host_name(host) for host in hosts]
+        eku = [ExtendedKeyUsageOID.SERVER_AUTH]
         if route:
-            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-        return (
+            eku.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        lifetime = self.ttl if ttl is None else ttl
+        return self._leaf(public_key.public_key(), subject, names, eku, lifetime, key_usage=False)
+
+    def _leaf(
+        self,
+        public_key: CertificatePublicKeyTypes,
+        subject: x509.Name,
+        names: list[x509.GeneralName],
+        usages: list[x509.ObjectIdentifier],
+        lifetime: float,
+        *,
+        key_usage: bool,
+    ) -> x509.Certificate:
+        """A CA:false certificate signed by this CA, valid for ``lifetime`` seconds at most
+        (never past the signer's own expiry)."""
+        now = datetime.now(UTC)
+        not_after = min(now + timedelta(seconds=lifetime), self.signer.not_valid_after_utc)
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .subject_name(subject)
             .issuer_name(self.signer.subject)
-            .public_key(public)
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - NOT_BEFORE_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
-                critical=False,
-            )
+        )
+        if key_usage:
+            builder = builder.add_extension(_key_usage(ca=False), critical=True)
+        return (
+            builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(_authority_key_id(self.signer), critical=False)
             .sign(self._key, hashes.SHA256())
         )
 
@@ -456,9 +449,13 @@ class CertificateAuthority:
         it) and by the new one; then the old key is deleted.
         """
         if not self.self_managed:
-            raise ConfigurationError(
-                "this CA is operator-supplied (AGENTMESH_CA_CERT_FILE): rotate by giving the "
-                "control plane a new CA certificate and key, then restarting it"
+            raise Conflict(
+                "this control plane signs with an operator-supplied CA (AGENTMESH_CA_CERT_FILE): "
+                "it holds no key of your root, so it cannot make a new root or intermediate. "
+                "Rotating it is the operator's job: sign a new intermediate under your root, "
+                "point AGENTMESH_CA_CERT_FILE/AGENTMESH_CA_KEY_FILE at it and restart this "
+                "control plane (docs/deploy.md, 'Control planes'); the root stays in every "
+                "sidecar's trust bundle, so nothing else changes"
             )
         old_key, old_root = self._key, self.signer
         key = new_key()

@@ -19,23 +19,54 @@ __all__ = ["HealthBook"]
 #: Reports older than this are dropped: longer than the longest ejection (30 s), so a breaker
 #: that stays open is refreshed by its probes' transitions before it is forgotten.
 _FORGET_AFTER = 60.0
+#: (instance, observer) states kept at most: an agent may send breaker events about any
+#: instance id, so past this the stale ones are forgotten first, then new ones are dropped
+#: (a mesh's real ejections are a few per instance).
+_MAX_STATES = 10_000
 
 
 class HealthBook:
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_states: int = _MAX_STATES
+    ) -> None:
         self._clock = clock
+        self._max_states = max_states
         self._states: dict[str, dict[str, tuple[str, float]]] = {}
 
     def apply(self, data: bytes) -> None:
+        """Add one event as JSON; malformed data is ignored."""
         try:
             event = BreakerEvent.model_validate_json(data)
         except ValidationError:
             return
-        observers = self._states.setdefault(event.instance_id, {})
+        self.add(event)
+
+    def add(self, event: BreakerEvent) -> None:
+        """Add one event, already parsed (and checked: ``agentmesh.control.feed``)."""
+        now = self._clock()
+        observers = self._states.get(event.instance_id)
         if event.state == "closed":
-            observers.pop(event.observer, None)
-        else:
-            observers[event.observer] = (event.state, self._clock())
+            if observers is not None:
+                observers.pop(event.observer, None)
+                if not observers:
+                    del self._states[event.instance_id]
+            return
+        if (observers is None or event.observer not in observers) and self._full(now):
+            return
+        self._states.setdefault(event.instance_id, {})[event.observer] = (event.state, now)
+
+    def _full(self, now: float) -> bool:
+        """Whether a new state would pass the bound, once the stale ones are forgotten."""
+        if sum(map(len, self._states.values())) < self._max_states:
+            return False
+        oldest = now - _FORGET_AFTER
+        for instance_id, observers in list(self._states.items()):
+            fresh = {o: v for o, v in observers.items() if v[1] >= oldest}
+            if fresh:
+                self._states[instance_id] = fresh
+            else:
+                del self._states[instance_id]
+        return sum(map(len, self._states.values())) >= self._max_states
 
     def health(self, instance_ids: Iterable[str]) -> list[EndpointHealth]:
         oldest = self._clock() - _FORGET_AFTER

@@ -12,7 +12,7 @@ import base64
 import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -55,7 +55,7 @@ from agentmesh.security.enrol import (
     token_digest,
 )
 from agentmesh.security.files import JOIN_TOKEN_FILE, read_secret, write_private
-from agentmesh.security.identity import LeafRefused, SpiffeId, check_leaf
+from agentmesh.security.identity import ROLES, LeafRefused, SpiffeId, check_leaf
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.pki import fingerprint, load_certs, pem
 from agentmesh.security.signed import StateTrust, next_version
@@ -101,10 +101,21 @@ class Issuer:
         #: Signs a NATS user JWT into each certificate answer that asks (``nats_key``).
         self.nats: NatsAuthority | None = None
         self._registry_bucket = ""
+        #: Told the revocation list in force after each change and each guard tick (NATS's own
+        #: revocations: ``agentmesh.control.nats_revocations``).
+        self._on_revocations: Callable[[RevocationList], Awaitable[None]] | None = None
 
     def use_nats(self, authority: NatsAuthority, registry_bucket: str) -> None:
         """Hand out NATS credentials with certificates (the control plane's NATS trusts them)."""
         self.nats, self._registry_bucket = authority, registry_bucket
+
+    def on_revocations(self, listener: Callable[[RevocationList], Awaitable[None]]) -> None:
+        """Call ``listener`` with the list in force whenever it changes, and at each guard."""
+        self._on_revocations = listener
+
+    async def _revocations_changed(self) -> None:
+        if self._on_revocations is not None:
+            await self._on_revocations(self._revocations[0])
 
     def keep_in(self, directory: Path) -> None:
         """Keep the revocation list in ``directory`` too, and start from the copy kept there."""
@@ -190,6 +201,7 @@ class Issuer:
             )
         if identity.kind == "control":
             raise PolicyDenied("the control plane's identity is never issued to others")
+        _not_reserved(identity)
         return csr, identity
 
     async def certificate(self, request: CertificateRequest) -> IssuedCertificate:
@@ -227,6 +239,17 @@ class Issuer:
                 cert = self.ca.issue(public_key, identity)
             except ValueError as exc:
                 raise InvalidInput(str(exc)) from None
+            nats_jwt = None
+            if self.nats is not None and nats_key is not None:
+                try:
+                    nats_jwt = self.nats.user_jwt(
+                        identity,
+                        nats_key,
+                        bucket=self._registry_bucket,
+                        expires=cert.not_valid_after_utc.timestamp(),
+                    )
+                except ValueError as exc:
+                    raise InvalidInput(str(exc)) from None
             record = IdentityRecord(
                 spiffe_id=identity.uri,
                 serial=_serial(cert),
@@ -234,16 +257,9 @@ class Issuer:
                 not_after=cert.not_valid_after_utc,
                 issued_at=datetime.now(UTC),
                 via=via,
+                nats_key=nats_key if nats_jwt is not None else None,
             )
             await self.store.record_issued(record)
-            nats_jwt = None
-            if self.nats is not None and nats_key is not None:
-                nats_jwt = self.nats.user_jwt(
-                    identity,
-                    nats_key,
-                    bucket=self._registry_bucket,
-                    expires=record.not_after.timestamp(),
-                )
             return IssuedCertificate(
                 spiffe_id=identity.uri,
                 serial=record.serial,
@@ -316,6 +332,7 @@ class Issuer:
     async def create_token(self, request: JoinTokenRequest) -> JoinToken:
         if request.agent is not None:
             identity = SpiffeId.agent(self.trust_domain, request.agent)
+            _not_reserved(identity)
         else:
             try:
                 identity = SpiffeId.client(self.trust_domain, request.client or "")
@@ -450,14 +467,20 @@ class Issuer:
                 continue
             self._revocations = (document, state)
             keep(self._kept, state)
+            await self._revocations_changed()
             return
         raise RegistryUnavailable("the revocation list kept changing while it was written")
 
     async def guard(self) -> None:
         """Write the last good revocation list back if NATS lost, forged or rolled it back.
 
-        Sidecars that saw it keep enforcing it anyway; this is for those that start later.
+        Sidecars that saw it keep enforcing it anyway; this is for those that start later. The
+        list in force is also handed to NATS again (a restarted or reloaded server forgot it).
         """
+        await self._guard_revocations()
+        await self._revocations_changed()
+
+    async def _guard_revocations(self) -> None:
         _current, state = self._revocations
         if state is None:
             await self._read_revocations()
@@ -487,26 +510,18 @@ class Issuer:
             if kind == "serial":
                 known = [r for r in issued if r.serial == value]
                 longest = now + timedelta(seconds=self.ca.ttl) + NOT_BEFORE_SKEW
-                pairs: list[tuple[str, str | None, datetime]] = [
-                    (r.serial, r.spiffe_id, r.not_after) for r in known
-                ] or [(value, None, longest)]
+                revocations = [self._revocation(r, now, request.reason) for r in known] or [
+                    Revocation(
+                        serial=value, not_after=longest, revoked_at=now, reason=request.reason
+                    )
+                ]
             else:
                 block = IdentityBlock(spiffe_id=value, at=now)
-                pairs = [
-                    (r.serial, r.spiffe_id, r.not_after) for r in issued if r.spiffe_id == value
+                revocations = [
+                    self._revocation(r, now, request.reason) for r in issued if r.spiffe_id == value
                 ]
-                if not pairs:
+                if not revocations:
                     _log.info("revoked %s: no live certificate; re-enrolment blocked", value)
-            revocations = [
-                Revocation(
-                    serial=serial,
-                    spiffe_id=spiffe_id,
-                    not_after=not_after,
-                    revoked_at=now,
-                    reason=request.reason,
-                )
-                for serial, spiffe_id, not_after in pairs
-            ]
 
             def change(current: RevocationList) -> RevocationList:
                 listed = {r.serial for r in current.revoked}
@@ -522,6 +537,18 @@ class Issuer:
                 "revoked certificate %s of %s", revocation.serial, revocation.spiffe_id or "?"
             )
         return RevocationResult(revoked=revocations)
+
+    @staticmethod
+    def _revocation(record: IdentityRecord, now: datetime, reason: str) -> Revocation:
+        """The revocation of an issued certificate, and of the NATS user key of its JWT."""
+        return Revocation(
+            serial=record.serial,
+            spiffe_id=record.spiffe_id,
+            not_after=record.not_after,
+            revoked_at=now,
+            reason=reason,
+            nats_key=record.nats_key,
+        )
 
     def _target(self, request: RevocationRequest) -> tuple[Literal["serial", "identity"], str]:
         """What to revoke: ("serial", hex) or ("identity", SPIFFE ID); never a guess."""
@@ -556,6 +583,16 @@ class Issuer:
         if identity.trust_domain != self.trust_domain:
             raise InvalidInput(f"{identity} is outside trust domain {self.trust_domain!r}")
         return "identity", identity.uri
+
+
+def _not_reserved(identity: SpiffeId) -> None:
+    """An agent may not be named as a role: its NATS subjects (stats, breaker events) would be
+    the clients' or the control plane's (``agentmesh.security.nats_auth``)."""
+    if identity.kind == "agent" and identity.name in ROLES:
+        raise PolicyDenied(
+            f"agent name {identity.name!r} is reserved (it names the mesh's clients or its "
+            "control plane): choose another"
+        )
 
 
 def _pin(root: x509.Certificate) -> str:

@@ -14,77 +14,17 @@ production root usually comes from the organisation's own PKI, with the same sha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
+from agentmesh.control.ca import ROOT_LIFETIME, ca_certificate
 from agentmesh.security.files import write_private
 from agentmesh.security.pki import key_pem, new_key, pem
 
 __all__ = ["write_operator_ca"]
 
-ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=365)
 """An intermediate is replaced more often than the root; a year keeps that a yearly chore."""
-_SKEW = timedelta(seconds=30)
-
-
-def _ca_cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    *,
-    issuer: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    path_length: int,
-    lifetime: timedelta,
-) -> x509.Certificate:
-    now = datetime.now(UTC)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "agentmesh"),
-            x509.NameAttribute(NameOID.COMMON_NAME, subject),
-        ]
-    )
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    issuer_ski = (
-        ski
-        if issuer is None
-        else issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    )
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name if issuer is None else issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW)
-        .not_valid_after(now + lifetime)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
-            critical=False,
-        )
-        .sign(issuer_key, hashes.SHA256())
-    )
 
 
 def write_operator_ca(
@@ -97,11 +37,10 @@ def write_operator_ca(
     """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     root_key = new_key()
-    root = _ca_cert(
+    root = ca_certificate(
         f"agentmesh operator root {trust_domain[:40]}",
         root_key,
         issuer=None,
-        issuer_key=root_key,
         path_length=1,  # one level of intermediates: the control planes' CAs
         lifetime=ROOT_LIFETIME,
     )
@@ -110,11 +49,10 @@ def write_operator_ca(
     files: dict[str, tuple[Path, Path]] = {}
     for name in planes:
         key = new_key()
-        cert = _ca_cert(
+        cert = ca_certificate(
             f"agentmesh control plane {name[:40]}",
             key,
-            issuer=root,
-            issuer_key=root_key,
+            issuer=(root, root_key),
             path_length=0,  # signs leaves only
             lifetime=INTERMEDIATE_LIFETIME,
         )

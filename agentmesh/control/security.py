@@ -167,10 +167,11 @@ def security_router(issuer: Issuer) -> APIRouter:
         ambiguous target (``cafe``: a serial or a name?) is refused."""
         return await issuer.revoke(request)
 
-    @router.post("/v1/ca/rotate")
+    @router.post("/v1/ca/rotate", responses={409: _PROBLEM})
     async def rotate() -> TrustBundle:
         """New root CA; the bundle keeps the old root until its last leaf has expired, so no
-        call fails during the rotation."""
+        call fails during the rotation. 409 with an operator-supplied CA: rotating it is the
+        operator's job."""
         return await issuer.rotate()
 
     return router

@@ -14,13 +14,13 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from nats.aio.msg import Msg
-
 from agentmesh.control.app import create_app
 from agentmesh.control.ca import CertificateAuthority
+from agentmesh.control.feed import TelemetryFeed
 from agentmesh.control.health import HealthBook
 from agentmesh.control.https import PLAINTEXT_REFUSAL, ControlTLS, control_hosts
 from agentmesh.control.issuer import Issuer
+from agentmesh.control.nats_revocations import NatsRevocations
 from agentmesh.control.nats_status import keep_replicas, mesh_buckets
 from agentmesh.control.nats_supervisor import EmbeddedNats
 from agentmesh.control.policyset import PolicySigner
@@ -29,14 +29,18 @@ from agentmesh.control.stats import StatsBook
 from agentmesh.errors import MeshError
 from agentmesh.inbound.server import HttpServer, bind, signals
 from agentmesh.inbound.tls import InboundLimits
-from agentmesh.nats_config import keep_server_tls, secure_embedded, warn_if_open
+from agentmesh.nats_config import (
+    keep_server_tls,
+    secure_embedded,
+    warn_if_open,
+    write_server_config,
+)
 from agentmesh.security.files import ADMIN_TOKEN_FILE, ensure_admin_token, ensure_private_dir
 from agentmesh.security.nats_auth import NatsAuthority
-from agentmesh.security.store import SecurityStore, security_bucket
+from agentmesh.security.store import SecurityStore, ca_bucket, security_bucket
 from agentmesh.settings import Settings
 from agentmesh.sidecar.bootstrap import local_bootstrap
-from agentmesh.sidecar.sidecar import Sidecar, breaker_subject
-from agentmesh.telemetry.stats import stats_subject
+from agentmesh.sidecar.sidecar import Sidecar
 
 __all__ = ["ControlInfo", "run_control"]
 
@@ -110,8 +114,13 @@ async def _serve(
     tls: ControlTLS,
 ) -> None:
     boot = local_bootstrap(settings, nats_url=info.nats_url, control_url=info.control_url)
+    # Named as an instance of "control": its own stats and breaker events pass the feed's check.
     sidecar = Sidecar(
-        boot, settings, name="agentmesh-control", caller="control", follow_control=False
+        boot,
+        settings,
+        name=f"control-{socket.gethostname()}",
+        caller="control",
+        follow_control=False,
     )
     supervising = asyncio.create_task(nats.supervise()) if nats else None
     issuer = Issuer(ca, SecurityStore(sidecar.conn, security_bucket(boot.registry_bucket)))
@@ -123,27 +132,20 @@ async def _serve(
     issuer.keep_in(settings.data_dir / "state")
     security, retiring = await _security(settings, issuer, signer, info)
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
+    nats_revocations = await _nats_revocations(settings, sidecar, issuer, nats)
     background = [retiring]
     if nats is not None and nats.server.extra_config is not None:
         renewing = keep_server_tls(nats.server, ca, settings)
         background.append(asyncio.create_task(renewing, name="nats-tls"))
     if tls.mode != "off":
         info.security["roots_file"] = str(tls.roots_file)
-    replicas = keep_replicas(sidecar.conn, mesh_buckets(boot.registry_bucket))
+    # The members' buckets, and the control plane's own (which only it may read).
+    buckets = [*mesh_buckets(boot.registry_bucket), ca_bucket(boot.registry_bucket)]
+    replicas = keep_replicas(sidecar.conn, buckets)
     await replicas()
     sidecar.conn.on_reconnect(replicas)
-    health = HealthBook()
-
-    async def on_breaker_event(msg: Msg) -> None:
-        health.apply(msg.data)
-
-    await sidecar.conn.client.subscribe(breaker_subject(boot.registry_bucket), cb=on_breaker_event)
-    stats = StatsBook()
-
-    async def on_stats_report(msg: Msg) -> None:
-        stats.apply(msg.data)
-
-    await sidecar.conn.client.subscribe(stats_subject(boot.registry_bucket), cb=on_stats_report)
+    health, stats = HealthBook(), StatsBook()
+    await TelemetryFeed(health, stats).subscribe(sidecar.conn, boot.registry_bucket)
     app = create_app(sidecar, boot, health, stats, security, signer, settings)
     app.state.nats_server = nats.status if nats else None
     server = HttpServer(
@@ -169,7 +171,34 @@ async def _serve(
             task.cancel()
         if supervising is not None:
             supervising.cancel()
+        if nats_revocations is not None:
+            await nats_revocations.close()
         await sidecar.close()
+
+
+async def _nats_revocations(
+    settings: Settings, sidecar: Sidecar, issuer: Issuer, nats: EmbeddedNats | None
+) -> NatsRevocations | None:
+    """Revocations reach NATS too, where it trusts the mesh's accounts (nats_revocations.py)."""
+    authority = issuer.nats
+    if authority is None or not NatsRevocations.usable(settings, sidecar.conn):
+        return None
+    pusher = NatsRevocations.connect_to(settings, sidecar.conn.url, authority, sidecar.identity)
+    if nats is not None:
+        store = nats.server.store_dir
+        pusher.keep_in_config(lambda jwt: write_server_config(store, authority, jwt))
+    try:
+        await pusher.start(await issuer.revocation_list())
+    except MeshError as exc:
+        _log.warning(
+            "revocations cannot reach NATS (%s): a revoked workload keeps NATS until its JWT "
+            "expires; sidecars refuse it meanwhile",
+            exc,
+        )
+        await pusher.close()
+        return None
+    issuer.on_revocations(pusher.push)
+    return pusher
 
 
 def _https(
@@ -190,7 +219,7 @@ async def _security(
 ) -> tuple[ControlSecurity, asyncio.Task[None]]:
     """Publish the trust bundle, write the local join token and the admin token (0600); keep
     the signed state (revocation list, policy set) in NATS."""
-    await issuer.store.open()
+    await issuer.store.open_private()
     await issuer.publish_bundle()
     await issuer.guard()
     await signer.adopt()

@@ -4,7 +4,9 @@ Every sidecar publishes a :class:`~agentmesh.models.StatsReport` every couple of
 ``agentmesh.stats.<bucket>`` (see ``agentmesh.telemetry.stats``). The control plane feeds them to
 one :class:`StatsBook`, which adds them into one-second slots by arrival time (the control
 plane's clock, so skewed sidecar clocks do not matter) and keeps five minutes of slots. Memory is
-bounded by the number of distinct keys, not by the number of sidecars or calls.
+bounded by the number of distinct keys, not by the number of sidecars or calls, and the keys are
+capped: a reporter names its own capabilities and peers, so a flood of made-up names stops at
+the cap instead of growing the book (what is already counted stays, logged once a minute).
 
 Python API (used by ``/v1/stats``, ``agentmesh stat``/``top`` and the dashboard)::
 
@@ -34,6 +36,7 @@ for thousands of keys) and never touch NATS, so a dashboard may poll every secon
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -48,10 +51,19 @@ from agentmesh.telemetry.stats import BUCKETS, LATENCY_SCHEME, percentile
 
 __all__ = ["HORIZON", "StatsBook", "stats_router"]
 
+_log = logging.getLogger(__name__)
+
 #: The longest window, in seconds: how much history a book keeps by default.
 HORIZON = 300.0
 
 _Key = tuple[str, str, str, str, str]  # direction, agent, capability, peer, status
+
+#: Distinct keys kept across all slots: a real fleet's live (direction, agent, capability,
+#: peer, status) combinations stay in the thousands; each key costs well under 1 KiB, so the
+#: cap keeps the book under ~50 MB whatever reporters send.
+_MAX_KEYS = 50_000
+#: Seconds between two log lines about dropped keys.
+_DROP_LOG_EVERY = 60.0
 
 
 class _Sum:
@@ -83,13 +95,18 @@ class StatsBook:
         horizon: float = HORIZON,
         slot: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        max_keys: int = _MAX_KEYS,
     ) -> None:
         self.horizon = horizon
+        self.max_keys = max_keys
         self.slot = slot
         self._clock = clock
         self._since = clock()
         self._slots: deque[tuple[int, dict[_Key, _Sum]]] = deque()
         self._reporters: dict[str, float] = {}
+        self._keys = 0
+        self._dropped = 0
+        self._drop_logged = -math.inf
 
     def apply(self, data: bytes) -> None:
         """Add one report, as published on NATS; malformed or foreign reports are ignored."""
@@ -113,7 +130,11 @@ class StatsBook:
             key = (e.direction, e.agent, e.capability, e.peer, e.status)
             acc = table.get(key)
             if acc is None:
+                if self._keys >= self.max_keys:
+                    self._drop(report.reporter, now)
+                    continue
                 acc = table[key] = _Sum()
+                self._keys += 1
             acc.count += e.count
             acc.total += e.total
             for i, n in e.buckets:
@@ -123,10 +144,21 @@ class StatsBook:
     def _prune(self, now: float) -> None:
         oldest = math.floor((now - self.horizon) / self.slot)
         while self._slots and self._slots[0][0] < oldest:
-            self._slots.popleft()
+            self._keys -= len(self._slots.popleft()[1])
         for name, at in list(self._reporters.items()):
             if at < now - self.horizon:
                 del self._reporters[name]
+
+    def _drop(self, reporter: str, now: float) -> None:
+        self._dropped += 1
+        if now - self._drop_logged >= _DROP_LOG_EVERY:
+            _log.warning(
+                "stats: %d entries dropped (last from %s): the book holds its limit of %d keys",
+                self._dropped,
+                reporter,
+                self.max_keys,
+            )
+            self._drop_logged, self._dropped = now, 0
 
     def reporters(self, window: float = 60.0) -> list[str]:
         """The sidecars whose reports arrived within the last ``window`` seconds."""

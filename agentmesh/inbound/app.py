@@ -33,11 +33,11 @@ from agentmesh.errors import (
     InvalidInput,
     LoopDetected,
     MeshError,
-    PayloadTooLarge,
     RateLimited,
     RemoteAgentError,
     RouteNotFound,
 )
+from agentmesh.inbound.body import Disconnected, read_body
 from agentmesh.inbound.tls import caller_identity
 from agentmesh.models import AGENT_NAME_PATTERN
 from agentmesh.policy.access import Subject, VerifiedIdentity
@@ -92,10 +92,6 @@ _PASS_THROUGH = (
     AgentUnavailable,
     RateLimited,
 )
-
-
-class _Disconnected(Exception):
-    """The caller went away before sending its whole request."""
 
 
 class InboundApp:
@@ -212,7 +208,9 @@ class InboundApp:
             callers = from_header(meta.timeout_ms, now) if meta.timeout_ms is not None else None
             deadline = bound(now, cap.spec.timeout, callers)
             own = cap.spec.timeout if deadline is not None and deadline != callers else None
-            body = await _read_body(scope, receive, self.max_body, self.agent)
+            body = await read_body(
+                scope, receive, self.max_body, who=f"agent {self.agent}", owner="the agent"
+            )
             arguments = cap.parse_input(body, max_errors=self.max_errors)
             injected = _inject(cap, self._injectables)
             serving_sidecar.set(self._sidecar)
@@ -229,7 +227,7 @@ class InboundApp:
                 out = cap.dump_output(result)
                 await _respond(send, 200, out)
                 status = 200
-        except _Disconnected:
+        except Disconnected:
             status = 499
         except MeshError as exc:
             status = exc.status
@@ -441,41 +439,6 @@ class _MeshHeaders:
                 self.traceparent = value.decode("latin-1")
             elif key == _CHAIN:
                 self.chain = parse_chain(value.decode("latin-1"))
-
-
-def _too_large(agent: str, size: str, limit: int) -> PayloadTooLarge:
-    """A 413 that names the setting to raise, on the agent: the caller cannot guess it."""
-    return PayloadTooLarge(
-        f"agent {agent}: request body {size + ' ' if size else ''}is larger than its limit of "
-        f"{limit} bytes (AGENTMESH_MAX_PAYLOAD_BYTES of the agent)"
-    )
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int, agent: str) -> bytes:
-    for key, value in scope["headers"]:
-        if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _too_large(agent, f"of {int(value)} bytes", limit)
-    first = await receive()
-    if first["type"] == "http.disconnect":
-        raise _Disconnected
-    if not first.get("more_body"):
-        body: bytes = first.get("body", b"")
-        if len(body) > limit:
-            raise _too_large(agent, "", limit)
-        return body
-    chunks = [first.get("body", b"")]
-    size = len(chunks[0])
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(agent, "", limit)
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
 
 
 def _event(name: bytes, data: bytes, *, more: bool) -> Message:

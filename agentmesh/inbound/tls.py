@@ -1,6 +1,6 @@
 """The inbound TLS layer: uvicorn that knows who is calling.
 
-uvicorn does not put the TLS peer certificate into the ASGI scope (DESIGN §7), so agents run
+uvicorn does not put the TLS peer certificate into the ASGI scope, so agents run
 uvicorn with :class:`MeshHttpProtocol`, a subclass of its ``HttpToolsProtocol`` that does TLS
 itself, per connection:
 
@@ -434,11 +434,11 @@ class _Transport(asyncio.Transport):
     as one.
 
     uvicorn writes a response's head and body separately, two system calls (and, with TLS, two
-    records) where one does: at 32 calls in flight the agent spent ~20 % of its CPU in socket
-    writes. Deferring to the end of the turn (``call_soon``) costs no latency: both writes
-    happen in the same turn. Flow control stays the raw transport's (it pauses the protocol):
-    so that it sees an app that writes a lot without yielding, a turn's writes leave as soon as
-    they reach :data:`_COALESCE_LIMIT`.
+    records) where one does, and under load those writes were a large share of the agent's CPU
+    (docs/benchmarks.md). Deferring to the end of the turn (``call_soon``) costs no latency: both
+    writes happen in the same turn. Flow control stays the raw transport's (it pauses the protocol):
+    so that it sees an app that writes a lot without yielding, a turn's writes leave as soon as they
+    reach :data:`_COALESCE_LIMIT`.
     """
 
     def __init__(self, raw: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:

@@ -14,7 +14,6 @@ which see every write acknowledged before them (no stale follower reads on a sin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,7 @@ from nats.js.kv import KeyValue
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import MAX_RECORD_BYTES
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.registry.entries import read_entries
 
 __all__ = [
     "HISTORY",
@@ -115,41 +115,11 @@ class PolicyStore:
             raise RegistryUnavailable(f"watching policy bucket {self.bucket!r}: {exc}") from exc
 
     async def _read(self, keys: str, *, history: bool) -> list[PolicyEntry]:
-        """Entries of ``keys`` (a key or ``>``): the latest per key, or every kept revision.
-
-        nats-py marks the end of the initial values with ``None`` when the consumer has nothing
-        left to deliver *and* its callback has seen nothing yet, which is also true while the
-        messages sit in the client's buffers (seen under load in CI: a policy read as missing).
-        So an early ``None`` with nothing read is checked against the stream, and the last
-        entry is recognised by its ``delta`` (messages still pending after it) of 0.
-        """
-        try:
-            watcher: Any = await self.kv.watch(keys, include_history=history)
-            entries: list[PolicyEntry] = []
-            try:
-                while True:
-                    entry = await watcher.updates(timeout=5.0)
-                    if entry is None:
-                        if entries or not await self._stored(keys):
-                            break
-                        continue
-                    entries.append(_entry(entry))
-                    if entry.delta == 0:
-                        break
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"reading policy bucket {self.bucket!r}: {exc}") from exc
-        return entries
-
-    async def _stored(self, keys: str) -> bool:
-        """Whether the stream holds any message for ``keys`` (a key or ``>``)."""
-        js = self._conn.client.jetstream()
-        info = await js.stream_info(
-            f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.{keys}"
-        )
-        return bool(info.state.subjects)
+        """Entries of ``keys`` (a key or ``>``): the latest per key, or every kept revision."""
+        return [
+            _entry(e)
+            for e in await read_entries(self._conn, self.kv, self.bucket, keys, history=history)
+        ]
 
     async def latest(self, name: str) -> PolicyEntry | None:
         """The newest revision of ``name``, deletions included; None if it never existed."""

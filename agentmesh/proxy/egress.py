@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentmesh.errors import MeshError, PayloadTooLarge, RouteNotFound
+from agentmesh.errors import MeshError, RouteNotFound
+from agentmesh.inbound.body import Disconnected, read_body
 from agentmesh.proxy.calls import (
     INVOKE_PREFIX,
     problem_body,
@@ -29,10 +30,6 @@ Scope = dict[str, Any]
 
 _JSON = b"application/json"
 _PROBLEM = b"application/problem+json"
-
-
-class _Disconnected(Exception):
-    """The app went away before sending its whole request."""
 
 
 class EgressApp:
@@ -61,9 +58,11 @@ class EgressApp:
     async def _invoke(self, capability: str, scope: Scope, receive: Any, send: Any) -> None:
         headers = wanted_headers(scope["headers"])
         try:
-            body = await _read_body(receive, scope["headers"], self._max_body)
+            body = await read_body(
+                scope, receive, self._max_body, who="egress", owner="the sidecar"
+            )
             call, reply = await send_call(self._handler, capability, body, headers)
-        except _Disconnected:
+        except Disconnected:
             return
         except MeshError as exc:
             await _respond(send, exc.status, problem_body(exc), _PROBLEM)
@@ -100,22 +99,3 @@ async def _respond(send: Any, status: int, body: bytes, content_type: bytes = _J
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-async def _read_body(receive: Any, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
-    for key, value in headers:
-        if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"egress: request body of {int(value)} bytes > {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"egress: request body larger than {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)

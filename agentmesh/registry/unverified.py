@@ -1,11 +1,12 @@
 """Registry records read from a snapshot but not verified yet: the index's waiting room.
 
-Checking a signed record (its signature and its certificate's, ``security/signed.py``) costs
-about 0.25 ms, so a new sidecar verifying a 10,000-record snapshot before anything else would
-hold its event loop for seconds. Instead, the snapshot's signed values are parsed (~10 µs) and
-wait here, each under the capabilities and agent name it claims, so the index can verify exactly
-what a call or a decision is about to use, and a background verifier the rest (``LocalIndex``).
-A waiting record is never resolved, listed or counted: this room only says which ones to verify.
+Checking a signed record (its signature and its certificate's, ``security/signed.py``) costs far
+more than parsing it (docs/benchmarks.md has both), so a new sidecar verifying a 10,000-record
+snapshot before anything else would hold its event loop for seconds. Instead, the snapshot's signed
+values are parsed and wait here, each under the capabilities and agent name it claims, so the index
+can verify exactly what a call or a decision is about to use, and a background verifier the rest
+(``LocalIndex``). A waiting record is never resolved, listed or counted: this room only says which
+ones to verify.
 
 Bounded by the bytes of its values: past the limit the index verifies as values arrive.
 """

@@ -16,10 +16,10 @@ __all__ = ["close_notify", "read_plaintext"]
 def read_plaintext(tls: ssl.SSLObject, incoming: ssl.MemoryBIO) -> tuple[bytes, bool]:
     """Everything ``incoming`` holds, decrypted: ``(plaintext, the peer sent close_notify)``.
 
-    Stops when the BIO is empty rather than at ``SSLWantReadError`` (raising it costs ~5 µs per
-    call); a partial record stays in the BIO for the next read. ``read`` returns ``b""`` for a
-    close_notify (``SSLZeroReturnError`` only in some states). A broken stream raises
-    ``ssl.SSLError``.
+    Stops when the BIO is empty rather than at ``SSLWantReadError`` (raising an exception on every
+    call costs more than the check); a partial record stays in the BIO for the next read. ``read``
+    returns ``b""`` for a close_notify (``SSLZeroReturnError`` only in some states). A broken stream
+    raises ``ssl.SSLError``.
     """
     chunks = []
     closed = False

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -174,8 +175,22 @@ def _bundle_url(settings: Settings) -> str:
     return settings.control_url.rstrip("/") + "/v1/trust-bundle"
 
 
-async def control_verify(settings: Settings) -> ssl.SSLContext | bool:
-    """What to verify the control plane by (httpx ``verify=``); may fetch the bundle once."""
+@dataclass(frozen=True, slots=True)
+class _Pin:
+    """A join token's pin: what a trust bundle fetched without verification must satisfy."""
+
+    key: tuple[str, str]
+    token: str
+    url: str
+
+    def trust(self, body: bytes) -> ssl.SSLContext:
+        """The bundle's roots as the context to verify by, if the pin holds (kept for reuse)."""
+        _contexts[self.key] = roots_context(_pinned_roots(body, self.token, self.url))
+        return _contexts[self.key]
+
+
+def _known(settings: Settings) -> ssl.SSLContext | bool | _Pin:
+    """What verifies the control plane without fetching anything, else the pin to fetch for."""
     if not _is_https(settings.control_url):
         guard_cleartext(settings.control_url, sends_token=False)
         return False
@@ -186,39 +201,36 @@ async def control_verify(settings: Settings) -> ssl.SSLContext | bool:
     if token is None:
         raise _no_roots(settings)
     key = _pin_key(settings, token)
-    if key not in _contexts:
-        import httpx
+    return _contexts.get(key) or _Pin(key, token, settings.control_url)
 
-        try:
-            async with httpx.AsyncClient(verify=False, timeout=_PIN_FETCH_TIMEOUT) as http:
-                resp = await http.get(_bundle_url(settings))
-        except httpx.HTTPError as exc:
-            raise control_error(exc, settings.control_url) from exc
-        _contexts[key] = roots_context(_pinned_roots(resp.content, token, settings.control_url))
-    return _contexts[key]
+
+async def control_verify(settings: Settings) -> ssl.SSLContext | bool:
+    """What to verify the control plane by (httpx ``verify=``); may fetch the bundle once."""
+    known = _known(settings)
+    if not isinstance(known, _Pin):
+        return known
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(verify=False, timeout=_PIN_FETCH_TIMEOUT) as http:
+            resp = await http.get(_bundle_url(settings))
+    except httpx.HTTPError as exc:
+        raise control_error(exc, settings.control_url) from exc
+    return known.trust(resp.content)
 
 
 def control_verify_sync(settings: Settings) -> ssl.SSLContext | bool:
     """:func:`control_verify` for synchronous callers (the CLI)."""
-    if not _is_https(settings.control_url):
-        guard_cleartext(settings.control_url, sends_token=False)
-        return False
-    ctx = _from_cache_or_local(settings)
-    if ctx is not None:
-        return ctx
-    token = _token(settings)
-    if token is None:
-        raise _no_roots(settings)
-    key = _pin_key(settings, token)
-    if key not in _contexts:
-        import httpx
+    known = _known(settings)
+    if not isinstance(known, _Pin):
+        return known
+    import httpx
 
-        try:
-            resp = httpx.get(_bundle_url(settings), verify=False, timeout=_PIN_FETCH_TIMEOUT)
-        except httpx.HTTPError as exc:
-            raise control_error(exc, settings.control_url) from exc
-        _contexts[key] = roots_context(_pinned_roots(resp.content, token, settings.control_url))
-    return _contexts[key]
+    try:
+        resp = httpx.get(_bundle_url(settings), verify=False, timeout=_PIN_FETCH_TIMEOUT)
+    except httpx.HTTPError as exc:
+        raise control_error(exc, settings.control_url) from exc
+    return known.trust(resp.content)
 
 
 def admin_request(settings: Settings) -> dict[str, Any]:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 __all__ = [
+    "ROLES",
     "TRUST_DOMAIN_PATTERN",
     "Caller",
     "LeafRefused",
@@ -37,6 +38,9 @@ _TRUST_DOMAIN_RE = re.compile(TRUST_DOMAIN_PATTERN)
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 Kind = Literal["agent", "client", "control"]
+#: The kinds that are not agents. Sidecars name themselves by them on the telemetry subjects
+#: (``agentmesh.stats.<bucket>.client``) where agents use their names, so no agent is named so.
+ROLES = frozenset({"client", "control"})
 
 
 class LeafRefused(ValueError):

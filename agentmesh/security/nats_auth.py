@@ -25,11 +25,14 @@ and ``B_security``):
 ===============================  ==========================================================
 
 Only the control plane's user has no restriction: it alone writes policies, the security bucket
-(trust bundle, revocations, join-token state) and other agents' records.
+(trust bundle, revocations) and other agents' records, and it alone reads or writes the
+``B_ca`` bucket (issued certificates, join-token state: ``agentmesh.security.store`` says why
+that is a bucket of its own rather than a key prefix).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,10 @@ _ACCOUNT_LIMITS = {
     "conn": _NO_LIMIT,
     "leaf": _NO_LIMIT,
 }
+#: The operator JWT's ``iat``, fixed: it then stays the same JWT when the configuration is
+#: written again (with new revocations), and nats-server refuses a reload that changes its
+#: trusted operators.
+_OPERATOR_ISSUED_AT = 0
 #: Non-zero storage turns JetStream on for the mesh's account.
 _JETSTREAM = {
     "mem_storage": _NO_LIMIT,
@@ -174,24 +181,22 @@ class NatsAuthority:
             return None
         return cls.open(data_dir)
 
-    def resolver_config(self) -> str:
+    def resolver_config(self, account_jwt: str | None = None) -> str:
         """The nats-server configuration that trusts this mesh's operator and accounts.
 
         For an operator-run NATS, ``include`` it (``agentmesh nats-config``); JetStream is
         enabled for the mesh account without limits (the buckets set their own).
+        ``account_jwt``: the mesh account's JWT to preload (one with revocations,
+        :meth:`account_jwt`), else one without.
         """
         operator = encode_jwt(
             self.operator,
             self.operator.public,
             {"type": "operator", "system_account": self.system.public},
             name="agentmesh",
+            issued_at=_OPERATOR_ISSUED_AT,
         )
-        mesh = encode_jwt(
-            self.operator,
-            self.account.public,
-            {"type": "account", "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM}},
-            name="agentmesh",
-        )
+        mesh = account_jwt or self.account_jwt()
         system = encode_jwt(
             self.operator,
             self.system.public,
@@ -209,6 +214,14 @@ class NatsAuthority:
             f'  {self.system.public}: "{system}"\n'
             "}\n"
         )
+
+    def account_jwt(self, revoked: Mapping[str, int] | None = None) -> str:
+        """The mesh account's JWT; ``revoked``: user public NKEY → a time (Unix seconds): the
+        server refuses that key's JWTs issued at or before it, and closes their connections."""
+        claims: dict[str, Any] = {"type": "account", "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM}}
+        if revoked:
+            claims["revocations"] = dict(sorted(revoked.items()))
+        return encode_jwt(self.operator, self.account.public, claims, name="agentmesh")
 
     def user_jwt(
         self, identity: SpiffeId, user_key: str, *, bucket: str, expires: float | None
@@ -230,7 +243,8 @@ class NatsAuthority:
 
     def system_user(self) -> tuple[str, NKey]:
         """A JWT and key in the system account, for this very process: the servers answer
-        ``$SYS.REQ.SERVER.PING.*`` (the JetStream meta leader, for example) only there."""
+        ``$SYS.REQ.SERVER.PING.*`` (the JetStream meta leader, for example) and take account
+        claims updates (``agentmesh.control.nats_revocations``) only there."""
         user = NKey.generate(USER)
         claims = {"type": "user", **_USER_LIMITS}
         return encode_jwt(self.system, user.public, claims, name="agentmesh-system"), user

@@ -130,14 +130,16 @@ def encode_jwt(
     *,
     name: str = "",
     expires: float | None = None,
+    issued_at: int | None = None,
 ) -> str:
     """A v2 NATS JWT about ``subject`` (a public NKEY) signed by ``issuer``.
 
     ``nats`` is the role's claims (``version`` is added). ``jti`` is a hash of the other
-    claims that names the token (servers do not check how it was computed).
+    claims that names the token (servers do not check how it was computed). ``issued_at``
+    (default: now) fixed makes the same claims the same JWT (Ed25519 signs deterministically).
     """
     claims: dict[str, Any] = {
-        "iat": int(time.time()),
+        "iat": int(time.time()) if issued_at is None else issued_at,
         "iss": issuer.public,
         "sub": subject,
     }

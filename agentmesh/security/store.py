@@ -1,16 +1,26 @@
-"""The security bucket in JetStream KV: trust bundle, revocation list, issued certificates, tokens.
+"""The security buckets in JetStream KV: trust bundle and revocation list for every workload;
+issued certificates and join tokens for the control plane only.
 
-One bucket per mesh, named after the registry bucket (``<registry>_security``), so test meshes
-on one NATS never see each other's state. Keys:
+Two buckets per mesh, named after the registry bucket, so test meshes on one NATS never see each
+other's state: ``<registry>_security`` (every workload reads it) and ``<registry>_ca`` (only the
+control plane's NATS user may touch it, ``agentmesh.security.nats_auth``). Keys:
 
-==========================  =================================================  ===============
-key                         value                                              lifetime
-==========================  =================================================  ===============
-``pub.bundle``              :class:`TrustBundle` (signed by a trusted CA)      until replaced
-``pub.revocations``         :class:`SignedState` of a :class:`RevocationList`  until replaced
-``ca.issued.<serial>``      :class:`IdentityRecord`                            the cert's expiry
-``ca.token.<sha256>``       :class:`SignedState` of a :class:`StoredToken`     the token's TTL
-==========================  =================================================  ===============
+=============  =======================  ==========================================  ==============
+bucket         key                      value                                       lifetime
+=============  =======================  ==========================================  ==============
+``_security``  ``pub.bundle``           :class:`TrustBundle` (signed by a CA)       until replaced
+``_security``  ``pub.revocations``      signed :class:`RevocationList`              until replaced
+``_ca``        ``ca.issued.<serial>``   :class:`IdentityRecord`                     cert's expiry
+``_ca``        ``ca.token.<sha256>``    signed :class:`StoredToken`                 token's TTL
+=============  =======================  ==========================================  ==============
+
+Why two buckets rather than one with subject permissions per key prefix: a workload reads KV
+through the JetStream API, and nats-py names the keys it reads in the request *body* (its
+watches create consumers with ``$JS.API.CONSUMER.CREATE.<stream>`` and the filter in the body;
+a get without direct access is ``$JS.API.STREAM.MSG.GET.<stream>`` with the key in the body), so
+a subject permission can allow or refuse a whole stream, not a key prefix. A separate stream is a
+boundary NATS enforces. (A control plane from before the split moves ``ca.*`` keys over once:
+:meth:`SecurityStore.open_private`.)
 
 Every sidecar watches ``pub.>`` only. What a sidecar or the control plane acts on is signed
 (``security/signed.py``): a bundle by a CA already trusted, the revocation list (which also holds
@@ -38,11 +48,19 @@ from agentmesh._tasks import STOP_WAIT, stop_task
 from agentmesh.errors import AuthenticationFailed, RegistryUnavailable
 from agentmesh.models import IdentityRecord, SignedState, StoredToken, TrustBundle
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.registry.entries import read_entries
 
 if TYPE_CHECKING:
     from agentmesh.security.signed import StateTrust
 
-__all__ = ["REVOCATIONS_KEY", "SecurityStore", "SecurityView", "StateConflict", "security_bucket"]
+__all__ = [
+    "REVOCATIONS_KEY",
+    "SecurityStore",
+    "SecurityView",
+    "StateConflict",
+    "ca_bucket",
+    "security_bucket",
+]
 
 _log = logging.getLogger("agentmesh.security")
 
@@ -50,6 +68,8 @@ BUNDLE_KEY = "pub.bundle"
 REVOCATIONS_KEY = "pub.revocations"
 _ISSUED = "ca.issued."
 _TOKEN = "ca.token."
+_PRIVATE = "ca."
+_PUBLIC_SUFFIX = "_security"
 #: Entries tied to a certificate outlive it a little: clocks differ between machines.
 _SLACK = 300.0
 #: Compare-and-set attempts on a token before giving up (each re-reads it).
@@ -57,7 +77,12 @@ _TOKEN_ATTEMPTS = 10
 
 
 def security_bucket(registry_bucket: str) -> str:
-    return f"{registry_bucket}_security"
+    return f"{registry_bucket}{_PUBLIC_SUFFIX}"
+
+
+def ca_bucket(registry_bucket: str) -> str:
+    """The control plane's own bucket: issued certificates and join tokens."""
+    return f"{registry_bucket}_ca"
 
 
 def _ttl_until(when: datetime) -> float:
@@ -74,7 +99,15 @@ class SecurityStore:
     def __init__(self, conn: NatsConnection, bucket: str) -> None:
         self._conn = conn
         self.bucket = bucket
+        self.ca_bucket = ca_bucket(bucket.removesuffix(_PUBLIC_SUFFIX))
         self._kv: KeyValue | None = None
+        self._ca_kv: KeyValue | None = None
+
+    @property
+    def ca_kv(self) -> KeyValue:
+        """The control plane's bucket (:meth:`open_private` first)."""
+        assert self._ca_kv is not None, "open_private() first"
+        return self._ca_kv
 
     @property
     def kv(self) -> KeyValue:
@@ -84,79 +117,91 @@ class SecurityStore:
 
     async def open(self) -> None:
         """Create the bucket if needed (idempotent; a second call keeps the first handle)."""
-        if self._kv is not None:
-            return
+        if self._kv is None:
+            self._kv = await self._open(self.bucket, "trust bundle, revocations")
+
+    async def open_private(self) -> None:
+        """Open the control plane's bucket (issued certificates, join tokens), and move there
+        the ``ca.*`` keys a control plane from before the split left in the public one (the
+        control plane's start; other holders of the CA files only open it, on first use)."""
+        await self.open()
+        await self._private()
+        moved = 0
+        for key, value in await self._entries(self.kv, self.bucket, _PRIVATE):
+            ttl = _private_ttl(key, value)
+            if ttl is not None:
+                await self._put(self.ca_kv, self.ca_bucket, key, value, ttl)
+            await self.kv.purge(key)
+            moved += 1
+        if moved:
+            _log.warning(
+                "moved %d issued-certificate and token records to %s", moved, self.ca_bucket
+            )
+
+    async def _open(self, bucket: str, holds: str) -> KeyValue:
         js = self._conn.client.jetstream()
+        what = f"opening security bucket {bucket!r}"
         try:
-            self._kv = await self._conn.through_election(
+            return await self._conn.through_election(
                 lambda: js.create_key_value(
-                    bucket=self.bucket,
+                    bucket=bucket,
                     replicas=self._conn.replicas(),
                     history=1,
                     limit_marker_ttl=1.0,
-                    description="agentmesh security: trust bundle, revocations, issued "
-                    "certificates",
+                    description=f"agentmesh security: {holds}",
                 ),
-                f"opening security bucket {self.bucket!r}",
+                what,
             )
         except nats.js.errors.BadRequestError:
-            self._kv = await self._conn.through_election(
-                lambda: js.key_value(self.bucket), f"opening security bucket {self.bucket!r}"
-            )
+            return await self._conn.through_election(lambda: js.key_value(bucket), what)
         except Exception as exc:
             raise RegistryUnavailable(
-                f"security bucket {self.bucket!r} on NATS at {self._conn.url}: {exc}"
+                f"security bucket {bucket!r} on NATS at {self._conn.url}: {exc}"
             ) from exc
 
-    async def _put(self, key: str, data: bytes, ttl: float | None = None) -> int:
+    async def _private(self) -> KeyValue:
+        if self._ca_kv is None:
+            self._ca_kv = await self._open(self.ca_bucket, "issued certificates, join tokens")
+        return self._ca_kv
+
+    async def _put(
+        self, kv: KeyValue, bucket: str, key: str, data: bytes, ttl: float | None = None
+    ) -> int:
         async def put() -> int:  # a plain put: repeating it after a timeout is harmless
             if ttl is None:
-                return int(await self.kv.put(key, data))
+                return int(await kv.put(key, data))
             # A per-message TTL needs a plain publish (KV put has no TTL parameter).
             ack = await self._conn.client.jetstream().publish(
-                f"$KV.{self.bucket}.{key}", data, msg_ttl=max(int(ttl + 0.999), 1)
+                f"$KV.{bucket}.{key}", data, msg_ttl=max(int(ttl + 0.999), 1)
             )
             return int(ack.seq)
 
         try:
             return await self._conn.through_election(put, f"writing {key}")
         except (nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"writing {key} to {self.bucket!r}: {exc}") from exc
+            raise RegistryUnavailable(f"writing {key} to {bucket!r}: {exc}") from exc
 
-    async def _get(self, key: str) -> tuple[bytes, int] | None:
+    async def _get(self, kv: KeyValue, bucket: str, key: str) -> tuple[bytes, int] | None:
         try:
-            entry = await self.kv.get(key)
+            entry = await kv.get(key)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         except (nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"reading {key} from {self.bucket!r}: {exc}") from exc
+            raise RegistryUnavailable(f"reading {key} from {bucket!r}: {exc}") from exc
         if not entry.value:
             return None  # a marker the server left (an expired entry)
         return entry.value, int(entry.revision or 0)
 
-    async def _values(self, prefix: str) -> list[bytes]:
-        try:
-            watcher = await self.kv.watch(f"{prefix}>", ignore_deletes=True)
-        except (nats.errors.Error, OSError) as exc:
-            raise RegistryUnavailable(f"listing {prefix}* in {self.bucket!r}: {exc}") from exc
-        out: list[bytes] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    out.append(entry.value)
-                if entry.delta == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        return out
+    async def _entries(self, kv: KeyValue, bucket: str, prefix: str) -> list[tuple[str, bytes]]:
+        entries = await read_entries(self._conn, kv, bucket, f"{prefix}>")
+        return [
+            (e.key, e.value) for e in entries if e.operation not in ("DEL", "PURGE") and e.value
+        ]
 
     # ---- trust bundle ---------------------------------------------------------------------
 
     async def bundle(self) -> TrustBundle | None:
-        found = await self._get(BUNDLE_KEY)
+        found = await self._get(self.kv, self.bucket, BUNDLE_KEY)
         if found is None:
             return None
         try:
@@ -166,13 +211,13 @@ class SecurityStore:
             return None
 
     async def put_bundle(self, bundle: TrustBundle) -> None:
-        await self._put(BUNDLE_KEY, bundle.model_dump_json().encode())
+        await self._put(self.kv, self.bucket, BUNDLE_KEY, bundle.model_dump_json().encode())
 
     # ---- signed documents -------------------------------------------------------------------
 
     async def signed(self, key: str) -> tuple[bytes, int] | None:
         """The bytes and revision under ``key`` (to verify, then compare-and-set), or None."""
-        return await self._get(key)
+        return await self._get(self.kv, self.bucket, key)
 
     async def put_signed(
         self, key: str, state: SignedState, *, last: int | None, ttl: float | None = None
@@ -202,13 +247,13 @@ class SecurityStore:
     # ---- issued certificates ----------------------------------------------------------------
 
     async def record_issued(self, record: IdentityRecord) -> None:
-        await self._put(
-            _ISSUED + record.serial, record.model_dump_json().encode(), _ttl_until(record.not_after)
-        )
+        data = record.model_dump_json().encode()
+        ttl = _ttl_until(record.not_after)
+        await self._put(await self._private(), self.ca_bucket, _ISSUED + record.serial, data, ttl)
 
     async def issued(self) -> list[IdentityRecord]:
         out = []
-        for value in await self._values(_ISSUED):
+        for _key, value in await self._entries(await self._private(), self.ca_bucket, _ISSUED):
             with contextlib.suppress(ValidationError):
                 out.append(IdentityRecord.model_validate_json(value))
         return out
@@ -217,7 +262,8 @@ class SecurityStore:
 
     async def add_token(self, digest: str, token: SignedState, expires_at: datetime | None) -> None:
         ttl = None if expires_at is None else _ttl_until(expires_at) - _SLACK
-        await self._put(_TOKEN + digest, token.model_dump_json().encode(), ttl)
+        data = token.model_dump_json().encode()
+        await self._put(await self._private(), self.ca_bucket, _TOKEN + digest, data, ttl)
 
     async def use_token(
         self,
@@ -230,8 +276,9 @@ class SecurityStore:
         ``verify(digest, value)`` opens the signed record (raising ValueError when it is not the
         control plane's); ``spent(digest, token)`` signs the record with one use fewer.
         """
+        kv = await self._private()
         for _ in range(_TOKEN_ATTEMPTS):
-            found = await self._get(_TOKEN + digest)
+            found = await self._get(kv, self.ca_bucket, _TOKEN + digest)
             if found is None:
                 raise AuthenticationFailed("join token is unknown, expired or used up")
             value, revision = found
@@ -246,11 +293,11 @@ class SecurityStore:
                 return token
             try:
                 if token.uses <= 1:
-                    await self.kv.delete(_TOKEN + digest, last=revision)
+                    await kv.delete(_TOKEN + digest, last=revision)
                 else:
                     left = token.model_copy(update={"uses": token.uses - 1})
                     data = spent(digest, left).model_dump_json().encode()
-                    await self.kv.update(_TOKEN + digest, data, revision)
+                    await kv.update(_TOKEN + digest, data, revision)
                 return token
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
@@ -261,6 +308,17 @@ class SecurityStore:
             except (nats.errors.Error, OSError) as exc:
                 raise RegistryUnavailable(f"using a join token: {exc}") from exc
         raise AuthenticationFailed("join token is being used concurrently; try again")
+
+
+def _private_ttl(key: str, value: bytes) -> float | None:
+    """How long a ``ca.*`` record being moved still has to live (None: drop it)."""
+    try:
+        if key.startswith(_ISSUED):
+            return _ttl_until(IdentityRecord.model_validate_json(value).not_after)
+        token = StoredToken.model_validate_json(SignedState.model_validate_json(value).payload)
+    except ValidationError:
+        return None
+    return None if token.expires_at is None else _ttl_until(token.expires_at) - _SLACK
 
 
 class SecurityView:

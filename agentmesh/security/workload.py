@@ -23,7 +23,8 @@ revoked peers at once. :meth:`WorkloadIdentity.state_trust` is what the registry
 policy cache check what they read from NATS with.
 
 cryptography and the enrolment client are imported by the methods that get certificates, not
-here: with ``AGENTMESH_MTLS=off`` nothing needs them, and they are ~30 ms of an agent's start-up.
+here: with ``AGENTMESH_MTLS=off`` nothing needs them, and importing them is a noticeable share of an
+agent's start-up.
 """
 
 from __future__ import annotations

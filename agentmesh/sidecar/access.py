@@ -1,11 +1,10 @@
 """Access: the outbound layer that applies the cached AccessPolicies (no I/O).
 
-``AccessLayer`` (the "policy" step of the outbound order) decides, from the sidecar's cached
-AccessPolicies, which of the resolved targets this caller may call: those it may not are dropped
-(a rule may allow only some versions), and if none is left the call fails fast with
-``PolicyDenied`` naming the rule. It decides in partial mode (see ``policy/access.py``): the
-receiving sidecar's decision is the authoritative one. A denial is final; the retry layer below
-never sees it.
+``AccessLayer`` decides, from the sidecar's cached AccessPolicies, which of the resolved targets
+this caller may call: those it may not are dropped (a rule may allow only some versions), and if
+none is left the call fails fast with ``PolicyDenied`` naming the rule. It decides in partial mode
+(see ``policy/access.py``): the receiving sidecar's decision is the authoritative one. A denial is
+final; the retry layer below never sees it.
 
 Access runs before the route layer's weighted split (``route.py``), so a caller allowed only
 some versions is routed among those, and a canary coin flip never turns into a denial.

@@ -1,6 +1,6 @@
 """Breaker: the per-endpoint circuit breaker state machine (outlier ejection).
 
-One ``Breaker`` per endpoint, so one bad replica is ejected alone (DESIGN §3). It is a pure,
+One ``Breaker`` per endpoint, so one bad replica is ejected alone. It is a pure,
 synchronous state machine driven from one event loop: no threads, no I/O, and every
 time-based decision reads the injected clock, evaluated lazily when the state is next looked
 at. The usual Python libraries (pybreaker, circuitbreaker, aiobreaker) guard one function for
@@ -84,8 +84,8 @@ BreakerState = Literal["closed", "open", "half_open"]
 #: The failure-rate window is kept as this many buckets of ``window / _BUCKETS`` seconds.
 _BUCKETS = 10
 
-#: The jitter source of breakers not given one. Shared: seeding a generator per endpoint cost
-#: about 11 µs and 2.5 KB each, and every endpoint of the index gets a breaker up front.
+#: The jitter source of breakers not given one. Shared: seeding a generator per endpoint costs
+#: time and memory for each, and every endpoint of the index gets a breaker up front.
 _RNG = random.Random()
 _DEFAULT = BreakerConfig()
 

@@ -1,15 +1,15 @@
 """HTTP/1.1 keep-alive connections for the transport: one request shape, on asyncio directly.
 
-Why not aiohttp or httpx here: a mesh call is always one small POST to a peer we resolved
-ourselves, and general clients spend most of a caller's CPU on generality. Profiling the caller
-at 32 calls in flight (``python bench/profile_mesh.py record --side client --concurrency 32``)
-put 42 % of its CPU in aiohttp (request and response objects, header multidicts, URL parsing,
-cookie and tracing hooks); httpx's pool is slower still (DESIGN §7). Here a request is one byte
-string, prebuilt up to its per-call headers and written once, and the response is parsed in C by
-httptools (uvicorn's parser, already a dependency). A connection carries one request at a time;
-idle ones are pooled per (host, port, TLS context, server name), so a connection checked for
-one identity is never reused for another and a renewed certificate (a new context) is used by
-new connections while open ones finish their work.
+Why not aiohttp or httpx here: a mesh call is always one small POST to a peer we resolved ourselves,
+and general clients spend most of a caller's CPU on generality: profiling the caller under load
+(``python bench/profile_mesh.py record --side client``; the numbers are in docs/benchmarks.md) put
+much of its CPU in aiohttp's request and response objects, header multidicts, URL parsing, cookie
+and tracing hooks, and httpx's pool is slower still. Here a request is one byte string, prebuilt up
+to its per-call headers and written once, and the response is parsed in C by httptools (uvicorn's
+parser, already a dependency). A connection carries one request at a time; idle ones are pooled per
+(host, port, TLS context, server name), so a connection checked for one identity is never reused for
+another and a renewed certificate (a new context) is used by new connections while open ones finish
+their work.
 
 Only what the transport needs: no redirects, cookies, proxies or compression. As strict as h11
 where it matters, because the peer is another process we do not control: a byte after a
@@ -254,7 +254,7 @@ class _Connection(asyncio.Protocol, Generic[_Peer]):
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """TLS on this connection, through memory BIOs: asyncio's TLS transport would put a
-        layer of Python buffering and flow control under every read and write (~16 % of the
+        layer of Python buffering and flow control under every read and write (a large share of the
         caller's CPU per mTLS call in its profile); one request at a time needs none of it."""
         self.tls = context.wrap_bio(
             self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname

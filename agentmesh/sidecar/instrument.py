@@ -1,14 +1,14 @@
 """Instrumenting outbound calls: spans, metrics and access logs.
 
-Two layers. ``ObserveLayer`` is outermost: one CLIENT span per logical call (retries included,
-DESIGN §3) whose context travels downstream as ``traceparent`` with every attempt, so the SERVER
-span of each agent an attempt reached is its child; the caller-side golden metrics and one
-access-log line. ``AttemptLayer`` sits just above the transport and records each failed attempt
-as an event on that span (which instance, why), so a retried call shows every attempt. Not a
-span per attempt: every traced call would pay for a second span (its creation, then its export;
-docs/benchmarks.md) to say what an event on the call's span says when an attempt fails and the
-span's own attributes say when none does. Attribute names follow the
-OpenTelemetry GenAI conventions where they fit (``gen_ai.operation.name``, ``gen_ai.tool.name``).
+Two layers. ``ObserveLayer`` is outermost: one CLIENT span per logical call (retries included) whose
+context travels downstream as ``traceparent`` with every attempt, so the SERVER span of each agent
+an attempt reached is its child; the caller-side golden metrics and one access-log line.
+``AttemptLayer`` sits just above the transport and records each failed attempt as an event on that
+span (which instance, why), so a retried call shows every attempt. Not a span per attempt: every
+traced call would pay for a second span (its creation, then its export; docs/benchmarks.md) to say
+what an event on the call's span says when an attempt fails and the span's own attributes say when
+none does. Attribute names follow the OpenTelemetry GenAI conventions where they fit
+(``gen_ai.operation.name``, ``gen_ai.tool.name``).
 """
 
 from __future__ import annotations

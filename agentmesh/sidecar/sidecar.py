@@ -97,7 +97,7 @@ class Sidecar:
         )
 
     def _own_spiffe(self) -> str | None:
-        """This sidecar's verified SPIFFE ID (once it holds a certificate): the policy layer
+        """This sidecar's verified SPIFFE ID (once it holds a certificate): the access layer
         decides as the receivers will, who see that identity."""
         return self.identity.id.uri if self.identity.id is not None else None
 

@@ -2,8 +2,8 @@
 
 Read ``build_outbound`` bottom-up: each line wraps everything built before it, so the last line
 is the outermost layer, the one a call enters first (as Starlette builds its middleware stack and
-linkerd2-proxy pushes its layers). DESIGN §3 is the target order; policy slots in at the
-marked place without reshaping the others.
+linkerd2-proxy pushes its layers). docs/architecture.md lists the same order with what each
+layer does.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def build_outbound(
         # route: the capability's TrafficPolicy as call.traffic (timeout, retry, balance and
         # breaker overrides that the layers below read) and its weighted version split.
         handler = RouteLayer(handler, policies)
-        # policy: a local decision on the resolved targets (fail fast; the receiving sidecar
+        # access: a local decision on the resolved targets (fail fast; the receiving sidecar
         # decides for good), never retried. Before the split: a coin flip never denies.
         handler = AccessLayer(handler, policies, caller=caller, own_spiffe=own_spiffe)
     # resolve: capability + constraints → live targets from the local index, no I/O.

@@ -1,11 +1,11 @@
 """Access logs: one JSON line per inbound and per outbound call.
 
-In our runtime (``agentmesh run``/``control``), lines go straight to stderr through a buffered
-sink: serialised by pydantic-core and written in batches (every 200 ms, at 64 KiB, and at exit)
-by a daemon thread, so a call pays about a microsecond instead of the ~40 µs of a logging record
-and a write per line. ``AGENTMESH_ACCESS_LOG=false`` turns them off. Embedding applications that
-do not use our runtime get the lines on the ``agentmesh.access`` logger instead, to route like
-any other log (off unless that logger is enabled for info).
+In our runtime (``agentmesh run``/``control``), lines go straight to stderr through a buffered sink:
+serialised by pydantic-core and written in batches (every 200 ms, at 64 KiB, and at exit) by a
+daemon thread, so a call pays a small fraction of what a logging record and a write per line cost
+(docs/benchmarks.md). ``AGENTMESH_ACCESS_LOG=false`` turns them off. Embedding applications that do
+not use our runtime get the lines on the ``agentmesh.access`` logger instead, to route like any
+other log (off unless that logger is enabled for info).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every finished call is recorded twice at most: by the caller's ``ObserveLayer`` (outbound, keyed
 by caller, capability, callee agent, ok/error) and by the serving agent's ``InboundApp``
 (inbound, keyed by agent, capability, HTTP status). Recording is a dict lookup, two additions and
-one histogram increment (well under 2 µs; ``bench``-style numbers are in docs/observability.md).
+one histogram increment (what that costs is in docs/benchmarks.md).
 Every ``interval`` seconds (``AGENTMESH_STATS_INTERVAL``, default 2) the collector swaps its
 tables for empty ones and publishes what it had as one :class:`~agentmesh.models.StatsReport` on
 ``agentmesh.stats.<bucket>``; the control plane merges reports into sliding windows

@@ -51,7 +51,7 @@ _MAX_TRACESTATE = 8192
 _DEFAULT_RATIO = 0.1
 
 
-#: Created once: ``get_tracer`` costs ~18 µs (it touches the global warnings filters). The API's
+#: Created once: ``get_tracer`` is slow (it touches the global warnings filters). The API's
 #: proxy tracer follows a provider installed later, so creating it at import is safe.
 _TRACER = trace.get_tracer("agentmesh")
 

@@ -25,11 +25,8 @@ from agentmesh.control.layout import NodeBox, layered_layout
 from agentmesh.control.security import COOKIE, AdminAuth
 from agentmesh.control.sessions import same_origin
 from agentmesh.control.stats import StatsBook
-from agentmesh.control.ui import (
-    dashboard_app,
-    example_for,
-    schema_fields,
-)
+from agentmesh.control.ui import dashboard_app
+from agentmesh.control.ui.schema import example_for, schema_fields
 from agentmesh.models import BreakerEvent, StatsEntry, StatsReport
 from agentmesh.telemetry.stats import LATENCY_SCHEME, bucket_of
 from tests.conftest import StartAgent, WaitUntil

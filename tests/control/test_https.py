@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from agentmesh import AuthenticationFailed, Settings
+from agentmesh.control.operator_ca import write_operator_ca
 from agentmesh.errors import ConfigurationError
 from agentmesh.security.control_trust import control_verify, guard_cleartext
 from agentmesh.security.enrol import format_token
@@ -36,7 +37,7 @@ from tests.control.control_process import (
     run_cli,
 )
 from tests.e2e.support import processes_mentioning
-from tests.mesh_ca import mesh_ca
+from tests.mesh_ca import TRUST_DOMAIN, mesh_ca
 
 MiB = 1024 * 1024
 
@@ -396,3 +397,29 @@ async def test_the_https_certificate_outlives_a_root_rotation(
         async with httpx.AsyncClient(base_url=url, verify=before, timeout=10) as http:
             assert (await http.get("/healthz")).status_code == 200
         assert (tmp_path / "roots.pem").read_text().count("BEGIN CERTIFICATE") == 2
+
+
+async def test_rotating_an_operator_supplied_intermediate_is_a_409_saying_whose_job_it_is(
+    nats_url: str, bucket: str, tmp_path: Path
+):
+    """The control plane holds no key of the operator's root, so it cannot rotate: a clear
+    problem (was a 500), the bundle untouched, and the CLI says what to do."""
+    cert, key = write_operator_ca(tmp_path / "operator-ca", TRUST_DOMAIN, ["one"])["one"]
+    env = {"AGENTMESH_CA_CERT_FILE": str(cert), "AGENTMESH_CA_KEY_FILE": str(key)}
+    with control_process(nats_url, bucket, tmp_path, env) as url:
+        async with httpx.AsyncClient(
+            base_url=url, verify=control_tls(tmp_path), timeout=30
+        ) as http:
+            before = (await http.get("/v1/trust-bundle")).json()
+            refused = await http.post("/v1/ca/rotate", headers=_admin(tmp_path))
+            assert refused.status_code == 409, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            problem = refused.json()
+            assert problem["code"] == "conflict"
+            assert "operator-supplied CA (AGENTMESH_CA_CERT_FILE)" in problem["detail"]
+            assert "docs/deploy.md" in problem["detail"]
+            assert (await http.get("/v1/trust-bundle")).json() == before
+        local = cli_env({"AGENTMESH_CONTROL_URL": url, "AGENTMESH_DATA_DIR": str(tmp_path)})
+        done = await arun_cli("ca", "rotate", "--yes", env=local)
+        assert done.returncode == 1, done.stdout
+        assert "Rotating it is the operator's job" in done.stderr, done.stderr

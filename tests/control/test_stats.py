@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from agentmesh import Mesh, RemoteAgentError, Settings, capability
+from agentmesh.control.feed import speaks_for
 from agentmesh.control.stats import StatsBook
 from agentmesh.models import StatRow, StatsEntry, StatsReport
 from agentmesh.security.files import admin_token
@@ -145,6 +146,26 @@ def test_foreign_and_malformed_reports_are_ignored():
     assert book.rows("edges", 60) == []
 
 
+def test_made_up_keys_stop_at_the_cap_and_room_returns_as_slots_age(
+    caplog: pytest.LogCaptureFixture,
+):
+    clock = Clock()
+    book = StatsBook(clock=clock, horizon=10, max_keys=5)
+    book.apply(report(*(out("a", f"cap-{i}", "b", "ok", 1, 0.01) for i in range(8))))
+    assert [r.name for r in book.rows("capabilities", 10)] == [f"cap-{i}" for i in range(5)]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "agentmesh.control.stats"]
+    assert warnings == [  # three dropped, one line a minute
+        "stats: 1 entries dropped (last from s-1): the book holds its limit of 5 keys"
+    ]
+    # Known keys still count once full.
+    book.apply(report(out("a", "cap-0", "b", "ok", 2, 0.01)))
+    assert book.rows("capabilities", 10)[0].requests == 3
+    # Once the full slot ages out of the horizon, new keys fit again.
+    clock.now += 20
+    book.apply(report(out("a", "fresh", "b", "ok", 1, 0.01)))
+    assert [r.name for r in book.rows("capabilities", 10)] == ["fresh"]
+
+
 def test_a_collector_report_round_trips_into_the_book():
     collector = StatsCollector("client-1")
     for _ in range(4):
@@ -258,3 +279,15 @@ async def test_stat_numbers_match_a_known_workload(
         assert busiest.split()[1:3] == ["work", "│"]  # 15 calls: more than fail (3), fanout (2)
         assert " 18 " in worker
         assert "83.33%" in worker
+
+
+def test_a_publisher_speaks_only_for_its_own_instances():
+    """The rule the control plane's feed applies to every report and breaker event."""
+    assert speaks_for("summarizer", "summarizer-0123abcd")
+    assert not speaks_for("summarizer", "writer-0123abcd")
+    assert not speaks_for("summarizer", "summarizer-0123abcde")
+    assert not speaks_for("a", "a-b-0123abcd")  # an instance of agent "a-b"
+    assert not speaks_for("summarizer", "summarizer")
+    assert speaks_for("client", "client-laptop-4242")
+    assert speaks_for("control", "control-host.example")
+    assert not speaks_for("client", "summarizer-0123abcd")

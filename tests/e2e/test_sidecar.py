@@ -305,6 +305,15 @@ async def test_invalid_and_oversized_requests_never_reach_the_app(
         await mesh.call("shout", {"text": "x" * 5000})
     with pytest.raises(InvalidInput):
         await mesh.call("shout", b"not json")
+    # The app's own calls have the same bound at its egress, and the 413 names the setting.
+    async with httpx.AsyncClient(base_url=sidecar.egress_url) as app:
+        too_big = await app.post("/v1/invoke/shout", json={"text": "x" * 5000})
+    assert too_big.status_code == 413
+    assert too_big.json()["code"] == "payload_too_large"
+    assert (
+        "limit of 4096 bytes (AGENTMESH_MAX_PAYLOAD_BYTES of the sidecar)"
+        in (too_big.json()["detail"])
+    )
 
     assert served(sidecar.app_url) == {}
     assert await mesh.call("shout", {"text": "fine"}) == {

@@ -107,13 +107,23 @@ class Connection:
     def __init__(self) -> None:
         self.nc = Client()
         self.errors: list[str] = []
+        #: Set when the connection is closed (by the server: it never reconnects).
+        self.closed = asyncio.Event()
 
     async def connect(self, url: str, **options: Any) -> Connection:
         async def on_error(exc: Exception) -> None:
             self.errors.append(str(exc))
 
+        async def on_closed() -> None:
+            self.closed.set()
+
         await self.nc.connect(
-            url, allow_reconnect=False, connect_timeout=VERDICT, error_cb=on_error, **options
+            url,
+            allow_reconnect=False,
+            connect_timeout=VERDICT,
+            error_cb=on_error,
+            closed_cb=on_closed,
+            **options,
         )
         return self
 
@@ -141,6 +151,13 @@ class Connection:
 
 async def connect(url: str, user: NatsUser) -> Connection:
     return await Connection().connect(url, **user.options())
+
+
+async def closed_by_server(conn: Connection) -> bool:
+    """Whether the server closes ``conn`` (it does not reconnect) within a verdict's time."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(conn.closed.wait(), VERDICT)
+    return conn.closed.is_set()
 
 
 async def dashboard_says_open(control_url: str, data_dir: Path) -> bool:

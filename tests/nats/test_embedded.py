@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import ssl
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
 
+import httpx
 import nats.errors
 import pytest
 
+from agentmesh.models import AgentRecord, BreakerEvent, StatsEntry, StatsReport
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.natsjwt import USER, NKey
-from tests.control.control_process import arun_cli, cli_env
+from agentmesh.telemetry.stats import LATENCY_SCHEME
+from tests.conftest import WaitUntil
+from tests.control.control_process import arun_cli, cli_env, control_tls
 from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
 from tests.mesh_ca import mesh_ca
 from tests.nats.support import (
@@ -29,6 +37,7 @@ from tests.nats.support import (
     Connection,
     ControlPlane,
     NatsUser,
+    closed_by_server,
     connect,
     control_user,
     dashboard_says_open,
@@ -104,6 +113,120 @@ async def test_a_jwt_is_useless_without_its_key(control: ControlPlane):
         await connect(control.nats_url, stolen)
 
 
+def _cli_env(control: ControlPlane) -> dict[str, str]:
+    return cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
+
+
+async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane, wait_until: WaitUntil):
+    """``identity revoke`` reaches NATS itself: the mesh account's JWT lists the revoked
+    certificate's NATS key, the server closes its open connection and refuses its JWT from then
+    on, across a reload of its configuration too; other workloads keep their connections."""
+    victim = await enrol(control, SpiffeId.agent(TD, "revoked-on-nats"))
+    bystander = await enrol(control, SpiffeId.agent(TD, "kept-on-nats"))
+    revoked = await connect(control.nats_url, victim)
+    kept = await connect(control.nats_url, bystander)
+    try:
+        done = await arun_cli(
+            "identity", "revoke", "--name", "revoked-on-nats", env=_cli_env(control)
+        )
+        assert done.returncode == 0, done.stderr
+        assert await closed_by_server(revoked), revoked.errors
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await connect(control.nats_url, victim)
+        # A reload (the embedded server's TLS renewal does one) starts from the configuration
+        # file, which carries the revocations too.
+        log = control.data_dir / "nats" / "nats-server.log"
+        pid = int(re.findall(r"^\[(\d+)\] ", log.read_text(), re.MULTILINE)[-1])  # the running one
+        reloads = log.read_text().count("Reloaded server configuration")
+        os.kill(pid, signal.SIGHUP)
+        await wait_until(
+            lambda: log.read_text().count("Reloaded server configuration") > reloads,
+            timeout=VERDICT,
+        )
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await connect(control.nats_url, victim)
+        await kept.nc.flush(timeout=VERDICT)
+        assert kept.nc.is_connected
+    finally:
+        await revoked.close()
+        await kept.close()
+
+
+def _report(reporter: str, agent: str, capability: str = "echo") -> bytes:
+    at = datetime.now(UTC)
+    entry = StatsEntry(
+        direction="inbound", agent=agent, capability=capability, status="200", count=7, total=0.7
+    )
+    report = StatsReport(
+        reporter=reporter, scheme=LATENCY_SCHEME, start=at, end=at, entries=[entry]
+    )
+    return report.model_dump_json().encode()
+
+
+async def test_stats_and_breaker_events_are_taken_only_as_their_publishers_own(
+    control: ControlPlane,
+):
+    """NATS lets an agent publish only on its own telemetry subjects; what it says there must be
+    its own too. Reports and breaker events naming another agent (or an instance of another
+    agent whose name starts with its own) are dropped, with one log line however many come."""
+    bucket, own = control.bucket, "mallory-0123abcd"
+    mallory = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "mallory")))
+    kv = await mallory.nc.jetstream().key_value(bucket)
+    # Its own instance in the registry (unsigned, plaintext: taken as such), for /v1/endpoints.
+    record = AgentRecord(
+        instance_id=own, name="mallory", endpoint="http://127.0.0.1:9", capabilities=()
+    )
+    await kv.put(f"mallory.{own}", record.model_dump_json().encode())
+    forged_reports = [
+        _report("victim-0123abcd", "victim"),  # another agent's instance and numbers
+        _report(own, "victim"),  # its own instance, another agent's numbers
+        _report("mallory-b-0123abcd", "mallory"),  # an instance of agent "mallory-b"
+    ]
+    forged_event = BreakerEvent(observer="victim-0123abcd", instance_id=own, state="open")
+    honest_event = BreakerEvent(observer=own, instance_id=own, state="half_open")
+    try:
+        for _ in range(5):
+            for forged in forged_reports:
+                await mallory.nc.publish(f"agentmesh.stats.{bucket}.mallory", forged)
+            await mallory.nc.publish(
+                f"agentmesh.breaker.{bucket}.mallory", forged_event.model_dump_json().encode()
+            )
+        # Then its own: once they are counted, everything before them was read.
+        await mallory.nc.publish(f"agentmesh.stats.{bucket}.mallory", _report(own, "mallory"))
+        await mallory.nc.publish(
+            f"agentmesh.breaker.{bucket}.mallory", honest_event.model_dump_json().encode()
+        )
+        await mallory.nc.flush(timeout=VERDICT)
+        token = (control.data_dir / "admin-token").read_text().strip()
+        async with httpx.AsyncClient(
+            base_url=control.url,
+            verify=control_tls(control.data_dir),
+            headers={"authorization": f"Bearer {token}"},
+            timeout=VERDICT,
+        ) as http:
+            for _ in range(100):
+                rows = (await http.get("/v1/stats", params={"window": 300})).json()
+                endpoints = (await http.get("/v1/endpoints")).json()
+                health = next((e for e in endpoints if e["instance_id"] == own), None)
+                if any(r["name"] == "mallory" for r in rows) and health and health["probing_by"]:
+                    break
+                await asyncio.sleep(0.1)
+        assert [(r["name"], r["requests"]) for r in rows] == [("mallory", 7)], rows
+        assert health == {"instance_id": own, "ejected_by": [], "probing_by": [own]}, endpoints
+        dropped = [line for line in control.log.read_text().splitlines() if "dropped a " in line]
+        assert len(dropped) == 1, dropped  # 20 forgeries, one line
+        assert "only 'mallory''s own may be published there" in dropped[0]
+    finally:
+        await kv.delete(f"mallory.{own}")
+        await mallory.close()
+
+
 async def test_an_agent_writes_its_own_records_and_nothing_else(control: ControlPlane):
     registry, policies, security = _buckets(control)
     alpha = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "alpha")))
@@ -163,6 +286,38 @@ async def test_members_read_what_they_need_and_not_others_replies(control: Contr
         await carol.close()
 
 
+async def test_issued_certificates_and_token_state_are_the_control_planes_alone(
+    control: ControlPlane,
+):
+    """Members read the trust bundle and revocations (``_security``) and nothing of the CA's
+    own records: those live in ``_ca``, a stream their credentials cannot touch in any way."""
+    _, _, security = _buckets(control)
+    private = f"{control.bucket}_ca"
+    admin = await connect(control.nats_url, control_user(control))
+    mallory = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "nosy")))
+    try:
+        # The control plane keeps its records there: the local join token, the issued certificates.
+        records = await (await admin.nc.jetstream().key_value(private)).keys()
+        assert any(k.startswith("ca.token.") for k in records), records
+        assert any(k.startswith("ca.issued.") for k in records), records
+        # The bucket every member reads holds none of them any more.
+        kv = await mallory.nc.jetstream().key_value(security)
+        public = await kv.keys()
+        assert "pub.bundle" in public
+        assert [k for k in public if not k.startswith("pub.")] == []
+        # And no way into the control plane's own: info, gets, consumers.
+        stream = f"KV_{private}"
+        await mallory.violation(f"$JS.API.STREAM.INFO.{stream}", b"")
+        await mallory.violation(f"$JS.API.STREAM.MSG.GET.{stream}", b'{"last_by_subj": "x"}')
+        await mallory.violation(f"$JS.API.DIRECT.GET.{stream}", b'{"last_by_subj": "x"}')
+        await mallory.violation(f"$JS.API.DIRECT.GET.{stream}.$KV.{private}.{records[0]}", b"")
+        await mallory.violation(f"$JS.API.CONSUMER.CREATE.{stream}", b"{}")
+        await mallory.violation(f"$JS.API.CONSUMER.CREATE.{stream}.c1.$KV.{private}.>", b"{}")
+    finally:
+        await mallory.close()
+        await admin.close()
+
+
 async def test_clients_read_only(control: ControlPlane):
     registry, policies, security = _buckets(control)
     carol = await connect(control.nats_url, await enrol(control, SpiffeId.client(TD, "carol")))
@@ -209,14 +364,7 @@ async def test_a_consumer_cannot_deliver_into_another_bucket(control: ControlPla
 
 
 async def test_check_says_the_embedded_nats_requires_credentials(control: ControlPlane):
-    env = cli_env(
-        {
-            "AGENTMESH_CONTROL_URL": control.url,
-            "AGENTMESH_DATA_DIR": str(control.data_dir),
-            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
-        }
-    )
-    done = await arun_cli("check", env=env)
+    done = await arun_cli("check", env=_cli_env(control))
     assert "✔ NATS auth" in done.stdout, done.stdout
     assert "TLS, credentials required" in done.stdout, done.stdout
     assert "OPEN" not in done.stdout

@@ -17,7 +17,14 @@ from agentmesh.nats_server import NatsServer
 from agentmesh.security.identity import SpiffeId
 from tests.control.control_process import arun_cli, cli_env, control_process, run_cli
 from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
-from tests.nats.support import Connection, ControlPlane, connect, dashboard_says_open, enrol
+from tests.nats.support import (
+    Connection,
+    ControlPlane,
+    closed_by_server,
+    connect,
+    dashboard_says_open,
+    enrol,
+)
 
 TD = "agentmesh.local"
 
@@ -80,6 +87,18 @@ async def test_the_example_deploy_config_runs_a_mesh_with_least_privilege(tmp_pa
                 await conn.violation(f"$KV.{bucket}.writer.writer-1")
             finally:
                 await conn.close()
+            # Revocation reaches this NATS too (a claims update from the system account).
+            doomed = await enrol(control, SpiffeId.agent(TD, "doomed"))
+            doomed.roots = summarizer.roots
+            doomed_conn = await connect(server.url, doomed)
+            try:
+                revoked = await arun_cli("identity", "revoke", "--name", "doomed", env=env)
+                assert revoked.returncode == 0, revoked.stderr
+                assert await closed_by_server(doomed_conn), doomed_conn.errors
+                with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                    await connect(server.url, doomed)
+            finally:
+                await doomed_conn.close()
     finally:
         if agent is not None:
             terminate_all([agent.proc])

@@ -12,12 +12,19 @@ from cryptography.hazmat.primitives import serialization
 from agentmesh.control.ca import CertificateAuthority
 from agentmesh.control.issuer import Issuer
 from agentmesh.errors import AuthenticationFailed, InvalidInput, PolicyDenied
-from agentmesh.models import CertificateRequest, JoinTokenRequest, RevocationRequest
+from agentmesh.models import (
+    CertificateRequest,
+    IdentityRecord,
+    JoinTokenRequest,
+    RevocationRequest,
+    StoredToken,
+)
 from agentmesh.registry import NatsConnection
 from agentmesh.security.enrol import renewal_proof
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.pki import load_certs, new_csr, new_key
 from agentmesh.security.store import SecurityStore
+from tests.mesh_ca import mesh_ca
 
 from .forge import TD, forge
 
@@ -113,3 +120,48 @@ async def test_identities_list_what_was_issued_and_revoked(issuer: Issuer) -> No
     assert listed == {(f"spiffe://{TD}/agent/a", True), (f"spiffe://{TD}/client/alice", False)}
     with pytest.raises(InvalidInput, match="is not an agent name"):
         await issuer.revoke(RevocationRequest(target="Not A Name!"))
+
+
+async def test_records_left_in_the_public_bucket_move_to_the_control_planes_own(
+    nats_url: str, bucket: str
+) -> None:
+    """A control plane from before the split kept issued certificates and token records in the
+    bucket every member reads: opening the private one moves them there, once."""
+    conn = NatsConnection(nats_url, name="split-test")
+    await conn.connect()
+    try:
+        store = SecurityStore(conn, f"{bucket}_security")
+        await store.open()
+        now = datetime.now(UTC)
+        record = IdentityRecord(
+            spiffe_id=f"spiffe://{TD}/agent/worker",
+            serial="1f",
+            not_before=now,
+            not_after=now + timedelta(hours=1),
+            issued_at=now,
+            via="token",
+        )
+        token = StoredToken(
+            digest="ab" * 32, identity="*", created_at=now, expires_at=now + timedelta(hours=1)
+        )
+        signed = mesh_ca().ca.sign_state("token", 1, token)
+        await store.kv.put("ca.issued.1f", record.model_dump_json().encode())
+        await store.kv.put(f"ca.token.{'ab' * 32}", signed.model_dump_json().encode())
+        await store.kv.put("pub.bundle", b"{}")
+        await store.open_private()
+        assert sorted(await store.ca_kv.keys()) == ["ca.issued.1f", f"ca.token.{'ab' * 32}"]
+        assert await store.kv.keys() == ["pub.bundle"]
+        assert await store.issued() == [record]
+    finally:
+        await conn.close()
+
+
+async def test_agent_names_of_the_mesh_roles_are_reserved(issuer: Issuer) -> None:
+    """An agent named "client" or "control" would publish on the clients' or the control
+    plane's telemetry subjects: neither a token nor a certificate is made for one."""
+    with pytest.raises(PolicyDenied, match="agent name 'control' is reserved"):
+        await issuer.create_token(JoinTokenRequest(agent="control"))
+    token = await issuer.create_token(JoinTokenRequest(agent="worker", uses=None))
+    _, csr = csr_for(f"spiffe://{TD}/agent/client")
+    with pytest.raises(PolicyDenied, match="agent name 'client' is reserved"):
+        await issuer.certificate(CertificateRequest(csr=csr, token=token.token))

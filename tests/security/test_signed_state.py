@@ -196,7 +196,8 @@ async def test_revoking_a_serial_needs_no_issuance_record_and_never_guesses(
     serial = f"{victim.sidecar.identity.serial:x}"
     store = victim.sidecar.identity.store
     assert store is not None
-    await store.kv.delete(f"ca.issued.{serial}")  # the issuance record is gone
+    await store.open_private()  # the control plane's bucket (an open NATS: anyone may)
+    await store.ca_kv.delete(f"ca.issued.{serial}")  # the issuance record is gone
 
     # Something that could be a serial or a name is refused, saying why.
     code, out, err = await control.cli("identity", "revoke", "cafe")
@@ -277,7 +278,8 @@ async def test_forged_copied_and_rolled_back_token_records_enrol_nobody(mesh: Me
     forged = "amt1." + "0" * 32 + "." + base64.urlsafe_b64encode(b"x" * 32).decode().rstrip("=")
     digest = token_digest(parse_token(forged)[1])
     stored = StoredToken(digest=digest, identity="*", created_at=datetime.now(UTC))
-    await store.kv.put(f"ca.token.{digest}", stored.model_dump_json().encode())
+    await store.open_private()  # the control plane's bucket (an open NATS: anyone may)
+    await store.ca_kv.put(f"ca.token.{digest}", stored.model_dump_json().encode())
     with pytest.raises(AuthenticationFailed, match="unknown, expired or used up"):
         await issuer.certificate(request(forged))
     assert logged(caplog, "not a signed token document")
@@ -285,8 +287,8 @@ async def test_forged_copied_and_rolled_back_token_records_enrol_nobody(mesh: Me
     # The control plane's own signed record of a real token, copied under the forged hash.
     real = await issuer.create_token(JoinTokenRequest(agent="summarizer", uses=2))
     real_digest = token_digest(parse_token(real.token)[1])
-    original = (await store.kv.get(f"ca.token.{real_digest}")).value
-    await store.kv.put(f"ca.token.{digest}", original)
+    original = (await store.ca_kv.get(f"ca.token.{real_digest}")).value
+    await store.ca_kv.put(f"ca.token.{digest}", original)
     with pytest.raises(AuthenticationFailed, match="unknown, expired or used up"):
         await issuer.certificate(request(forged))
     assert logged(caplog, "copied")
@@ -294,7 +296,7 @@ async def test_forged_copied_and_rolled_back_token_records_enrol_nobody(mesh: Me
     # A used token's earlier record written back (two uses again): a rollback.
     issued = await issuer.certificate(request(real.token))
     assert issued.spiffe_id == f"spiffe://{TD}/agent/summarizer"
-    await store.kv.put(f"ca.token.{real_digest}", original)
+    await store.ca_kv.put(f"ca.token.{real_digest}", original)
     with pytest.raises(AuthenticationFailed):
         await issuer.certificate(request(real.token))
     assert logged(caplog, "(a rollback)")

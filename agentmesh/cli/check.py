@@ -1,392 +1,48 @@
-"""``agentmesh stat``, ``top``, ``tap`` and ``check``: see every call; is the mesh sound?
-
-``stat`` and ``top`` read ``GET /v1/stats`` of the control plane (golden metrics merged from
-every sidecar's reports); ``tap`` talks to the sidecars over NATS directly (they publish a
-tapped capability's calls only while a tap is running); ``check`` walks the dependencies in the
-order they are needed and says what to do about the first thing that is wrong.
-"""
+"""``agentmesh check``: is the mesh sound? The dependencies, checked in the order they are
+needed (control plane, NATS and its cluster, clocks, identities, mTLS), with what to do about the
+first thing that is wrong."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
-import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from agentmesh.cli._common import (
+    ControlUrl,
     Output,
+    OutputOpt,
     certificate_count,
     console,
-    err_console,
     print_json,
     settings_from,
 )
-from agentmesh.cli.query import _get
 from agentmesh.errors import MeshError
 from agentmesh.models import (
     AgentRecord,
     Bootstrap,
     JetStreamMeta,
-    StatRow,
-    TapAck,
-    TapEvent,
-    TapRequest,
 )
 from agentmesh.settings import Settings
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from agentmesh.registry.connection import NatsConnection
 
-ControlUrl = Annotated[
-    str | None, typer.Option(help="Control plane URL (env AGENTMESH_CONTROL_URL).")
-]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+__all__ = ["check", "register"]
 
-#: How often ``tap`` re-announces itself, and how long sidecars keep tapping without news.
-_TAP_ANNOUNCE = 1.0
-_TAP_TTL = 3.0
 #: Clock skew with the control plane above this fails ``check``.
 _MAX_SKEW = 1.0
 
 
-class StatGroupArg(enum.StrEnum):
-    agents = "agents"
-    capabilities = "capabilities"
-    edges = "edges"
-
-
 def register(app: typer.Typer) -> None:
-    app.command("stat")(stat)
-    app.command("top")(top)
-    app.command("tap")(tap)
     app.command("check")(check)
-
-
-# --------------------------------------------------------------------------------------
-# stat / top
-# --------------------------------------------------------------------------------------
-
-#: Built on first use (defer_build), not when every other command starts.
-_ROWS = TypeAdapter(list[StatRow], config=ConfigDict(defer_build=True))
-
-
-def _stats(settings: Settings, group: str, window: float) -> list[StatRow]:
-    return _ROWS.validate_json(_get(settings, "/v1/stats", {"group": group, "window": window}))
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 1000:
-        return f"{value / 1000:.2f}s"
-    if value >= 100:
-        return f"{value:.0f}ms"
-    if value >= 10:
-        return f"{value:.1f}ms"
-    return f"{value:.2f}ms"
-
-
-def _success(rate: float | None) -> str:
-    if rate is None:
-        return "-"
-    colour = "green" if rate >= 0.99 else "yellow" if rate >= 0.9 else "red"
-    return f"[{colour}]{rate * 100:.2f}%[/]"
-
-
-def _rps(value: float) -> str:
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
-
-
-def _stat_table(rows: list[StatRow], title: str, first: str = "NAME") -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column(first)
-    for column in ("REQUESTS", "RPS", "SUCCESS", "P50", "P95", "P99"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(
-            escape(r.name),
-            str(r.requests),
-            _rps(r.rps),
-            _success(r.success_rate),
-            _ms(r.p50_ms),
-            _ms(r.p95_ms),
-            _ms(r.p99_ms),
-        )
-    return table
-
-
-def stat(
-    group: Annotated[
-        StatGroupArg,
-        typer.Argument(
-            help="agents: what each agent served; capabilities: what callers asked for; "
-            "edges: calls per caller -> callee."
-        ),
-    ] = StatGroupArg.agents,
-    window: Annotated[
-        float, typer.Option(min=1, max=300, help="Seconds to look back (1-300).")
-    ] = 60.0,
-    output: OutputOpt = Output.table,
-    control_url: ControlUrl = None,
-) -> None:
-    """Golden metrics: requests, rate, success rate and latency percentiles (like linkerd viz stat).
-
-    Numbers come from every sidecar's reports (sent every 2 s) merged by the control plane.
-    """
-    settings = settings_from(control_url=control_url)
-    rows = _stats(settings, group.value, window)
-    if output is Output.json:
-        print_json(rows)
-        return
-    if not rows:
-        console.print(
-            f"no calls in the last {window:g}s (sidecars report every few seconds; "
-            f"try `agentmesh stat {group.value} --window 300`)"
-        )
-        return
-    covered = rows[0].window
-    console.print(_stat_table(rows, f"{len(rows)} {group.value} · last {covered:.0f}s"))
-
-
-def top(
-    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 1.0,
-    window: Annotated[
-        float, typer.Option(min=1, max=300, help="Seconds each refresh looks back.")
-    ] = 10.0,
-    limit: Annotated[int, typer.Option(min=1, help="Rows to show.")] = 20,
-    once: Annotated[bool, typer.Option(help="Print one snapshot and exit (for scripts).")] = False,
-    control_url: ControlUrl = None,
-) -> None:
-    """A live view of the busiest capabilities, refreshed until Ctrl-C."""
-    settings = settings_from(control_url=control_url)
-    if once:
-        console.print(_top_view(settings, window, limit, fail=True))
-        return
-    from rich.live import Live
-
-    with Live(_top_view(settings, window, limit), console=console, auto_refresh=False) as live:
-        while True:
-            time.sleep(interval)
-            live.update(_top_view(settings, window, limit), refresh=True)
-
-
-def _top_view(settings: Settings, window: float, limit: int, *, fail: bool = False) -> Any:
-    now = datetime.now().strftime("%H:%M:%S")
-    try:
-        rows = _stats(settings, "capabilities", window)
-    except MeshError as exc:
-        if fail:
-            raise
-        return Text(f"{now}  {exc} (retrying)", style="red")
-    rows.sort(key=lambda r: (-r.rps, r.name))
-    title = f"busiest capabilities · last {window:g}s · {now}"
-    if not rows:
-        title += " · no calls yet"
-    return _stat_table(rows[:limit], title, first="CAPABILITY")
-
-
-# --------------------------------------------------------------------------------------
-# tap
-# --------------------------------------------------------------------------------------
-
-
-def tap(
-    capability: Annotated[str, typer.Argument(help="Capability whose calls to show.")],
-    payloads: Annotated[
-        bool,
-        typer.Option(
-            help="Show request and response bodies, where the serving agent allows it "
-            "(AGENTMESH_TAP_PAYLOADS=true on that agent)."
-        ),
-    ] = False,
-    max_events: Annotated[
-        int | None, typer.Option("--max", min=1, help="Stop after this many calls.")
-    ] = None,
-    duration: Annotated[
-        float | None, typer.Option(min=0.1, help="Stop after this many seconds.")
-    ] = None,
-    output: Annotated[
-        Output, typer.Option("--output", "-o", help="table (one line per call) or json lines.")
-    ] = Output.table,
-    control_url: ControlUrl = None,
-    nats_url: Annotated[
-        str | None, typer.Option(help="NATS URL; skips the control plane (AGENTMESH_NATS_URL).")
-    ] = None,
-) -> None:
-    """Watch calls of a capability live: time, caller, serving instance, status, duration, trace.
-
-    The sidecars serving CAPABILITY publish its calls only while a tap runs (and stop a few
-    seconds after it ends), so tapping costs nothing the rest of the time.
-    """
-    settings = settings_from(control_url=control_url, nats_url=nats_url)
-    asyncio.run(_tap(settings, capability, payloads, max_events, duration, output))
-
-
-async def _tap(
-    settings: Settings,
-    capability: str,
-    payloads: bool,
-    max_events: int | None,
-    duration: float | None,
-    output: Output,
-) -> None:
-    from agentmesh.security.nats_client import client_connection
-    from agentmesh.sidecar.bootstrap import bootstrap
-    from agentmesh.telemetry.stats import tap_control_subject, tap_subject
-
-    boot = await bootstrap(settings)
-    tapper = f"tap-{socket.gethostname()}-{os.getpid()}"
-    conn = await client_connection(
-        settings, boot.nats_url, boot.registry_bucket, name=f"agentmesh-{tapper}"
-    )
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[bytes] = asyncio.Queue()
-    acks: dict[str, TapAck] = {}
-    first_ack = asyncio.Event()
-    announced = False
-
-    async def on_event(msg: Msg) -> None:
-        events.put_nowait(msg.data)
-
-    async def on_ack(msg: Msg) -> None:
-        try:
-            ack = TapAck.model_validate_json(msg.data)
-        except ValidationError:
-            return
-        new = ack.instance_id not in acks
-        acks[ack.instance_id] = ack
-        first_ack.set()
-        if new and announced:
-            err_console.print(
-                f"tapping {escape(ack.instance_id)} too", highlight=False, soft_wrap=True
-            )
-            _payload_note(payloads, [ack])
-
-    try:
-        nc = conn.client
-        await nc.subscribe(tap_subject(boot.registry_bucket, capability), cb=on_event)
-        inbox = nc.new_inbox()
-        await nc.subscribe(inbox, cb=on_ack)
-        request = TapRequest(
-            capability=capability, payloads=payloads, ttl=_TAP_TTL, tapper=tapper
-        ).model_dump_json()
-
-        async def announce() -> None:
-            while True:
-                try:
-                    await nc.publish(
-                        tap_control_subject(boot.registry_bucket), request.encode(), reply=inbox
-                    )
-                except Exception as exc:  # NATS blips: the next announcement retries
-                    err_console.print(
-                        f"tap announcement failed: {exc}", highlight=False, soft_wrap=True
-                    )
-                await asyncio.sleep(_TAP_ANNOUNCE)
-
-        announcer = loop.create_task(announce())
-        try:
-            try:
-                await asyncio.wait_for(first_ack.wait(), 1.0)
-                await asyncio.sleep(0.2)  # let the other instances answer too
-            except TimeoutError:
-                pass
-            _announce_tap(capability, acks, payloads)
-            announced = True
-            await _print_events(events, max_events, duration, payloads, output)
-        finally:
-            announcer.cancel()
-    finally:
-        await conn.close()
-
-
-def _announce_tap(capability: str, acks: dict[str, TapAck], payloads: bool) -> None:
-    if acks:
-        names = ", ".join(sorted(acks))
-        err_console.print(
-            f"tapping {escape(capability)!r} on {len(acks)} instance(s): {escape(names)} "
-            "(Ctrl-C to stop)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        _payload_note(payloads, list(acks.values()))
-    else:
-        err_console.print(
-            f"tapping {escape(capability)!r}: no instance serves it yet; waiting (Ctrl-C to stop)",
-            highlight=False,
-            soft_wrap=True,
-        )
-
-
-def _payload_note(payloads: bool, acks: list[TapAck]) -> None:
-    withheld = sorted(a.instance_id for a in acks if not a.payloads)
-    if payloads and withheld:
-        err_console.print(
-            f"payloads withheld by {escape(', '.join(withheld))}: start that agent with "
-            "AGENTMESH_TAP_PAYLOADS=true to allow them",
-            highlight=False,
-            soft_wrap=True,
-        )
-
-
-async def _print_events(
-    events: asyncio.Queue[bytes],
-    max_events: int | None,
-    duration: float | None,
-    payloads: bool,
-    output: Output,
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = None if duration is None else loop.time() + duration
-    shown = 0
-    while max_events is None or shown < max_events:
-        timeout = None if deadline is None else deadline - loop.time()
-        if timeout is not None and timeout <= 0:
-            return
-        try:
-            data = await asyncio.wait_for(events.get(), timeout)
-        except TimeoutError:
-            return
-        try:
-            event = TapEvent.model_validate_json(data)
-        except ValidationError:
-            continue
-        shown += 1
-        if output is Output.json:
-            if not payloads:
-                event = event.model_copy(update={"request": None, "response": None})
-            print(event.model_dump_json(exclude_none=True), flush=True)
-            continue
-        print(_tap_line(event), flush=True)
-        if payloads and event.request is not None:
-            print(f"    > {event.request}", flush=True)
-        if payloads and event.response is not None:
-            print(f"    < {event.response}", flush=True)
-
-
-def _tap_line(event: TapEvent) -> str:
-    at = event.at.astimezone().strftime("%H:%M:%S.%f")[:-3]
-    duration = _ms(event.duration_ms)
-    trace = event.trace_id or "-"
-    return (
-        f"{at}  {event.caller} -> {event.instance_id}  {event.status}  {duration:>9}  trace={trace}"
-    )
-
-
-# --------------------------------------------------------------------------------------
-# check
-# --------------------------------------------------------------------------------------
 
 
 @dataclass

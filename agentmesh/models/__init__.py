@@ -1,0 +1,126 @@
+"""Every wire model of the mesh, in one package.
+
+The registry, the control plane, the CLI and the sidecar all speak these shapes, so a change
+here is a protocol change. Models are frozen (they are shared between tasks and cached in the
+local index) and refuse unknown fields (a typo in a record is an error, not silently lost data).
+
+One module per concern: ``registry``, ``nats``, ``telemetry``, ``policy``, ``security``,
+``problem`` (``_base``: what they share). Import from ``agentmesh.models``: the names stay here
+whatever module holds them.
+"""
+
+from agentmesh.models._base import AGENT_NAME_PATTERN, CAPABILITY_NAME_PATTERN
+from agentmesh.models.nats import JetStreamMeta, MetaPeer
+from agentmesh.models.policy import (
+    POLICY_API_VERSION,
+    AccessPolicy,
+    AccessPolicySpec,
+    AccessRule,
+    BreakerSettings,
+    Policy,
+    PolicyChange,
+    PolicyKind,
+    PolicyMetadata,
+    PolicyRevision,
+    PolicySet,
+    RetrySettings,
+    SourceSelector,
+    TargetSelector,
+    TrafficPolicy,
+    TrafficPolicySpec,
+    TrafficSubset,
+)
+from agentmesh.models.problem import Problem
+from agentmesh.models.registry import (
+    MAX_RECORD_BYTES,
+    AgentRecord,
+    AgentStatus,
+    Bootstrap,
+    CapabilityOffer,
+    CapabilitySpec,
+    RecordProof,
+)
+from agentmesh.models.security import (
+    BundleSignature,
+    CertificateRequest,
+    IdentityBlock,
+    IdentityRecord,
+    IssuedCertificate,
+    JoinToken,
+    JoinTokenRequest,
+    RenewalProof,
+    Revocation,
+    RevocationList,
+    RevocationRequest,
+    RevocationResult,
+    SignedState,
+    StoredToken,
+    TrustBundle,
+)
+from agentmesh.models.telemetry import (
+    BreakerEvent,
+    EndpointHealth,
+    StatGroup,
+    StatRow,
+    StatsEntry,
+    StatsReport,
+    TapAck,
+    TapEvent,
+    TapRequest,
+)
+
+__all__ = [
+    "AGENT_NAME_PATTERN",
+    "CAPABILITY_NAME_PATTERN",
+    "MAX_RECORD_BYTES",
+    "POLICY_API_VERSION",
+    "AccessPolicy",
+    "AccessPolicySpec",
+    "AccessRule",
+    "AgentRecord",
+    "AgentStatus",
+    "Bootstrap",
+    "BreakerEvent",
+    "BreakerSettings",
+    "BundleSignature",
+    "CapabilityOffer",
+    "CapabilitySpec",
+    "CertificateRequest",
+    "EndpointHealth",
+    "IdentityBlock",
+    "IdentityRecord",
+    "IssuedCertificate",
+    "JetStreamMeta",
+    "JoinToken",
+    "JoinTokenRequest",
+    "MetaPeer",
+    "Policy",
+    "PolicyChange",
+    "PolicyKind",
+    "PolicyMetadata",
+    "PolicyRevision",
+    "PolicySet",
+    "Problem",
+    "RecordProof",
+    "RenewalProof",
+    "RetrySettings",
+    "Revocation",
+    "RevocationList",
+    "RevocationRequest",
+    "RevocationResult",
+    "SignedState",
+    "SourceSelector",
+    "StatGroup",
+    "StatRow",
+    "StatsEntry",
+    "StatsReport",
+    "StoredToken",
+    "TapAck",
+    "TapEvent",
+    "TapRequest",
+    "TargetSelector",
+    "TrafficPolicy",
+    "TrafficPolicySpec",
+    "TrafficSubset",
+    "TrustBundle",
+]
