@@ -20,7 +20,7 @@ from nats.js.kv import KeyValue
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.registry.connection import NatsConnection
 
-__all__ = ["read_entries"]
+__all__ = ["read_entries", "stream_holds"]
 
 #: Seconds to wait for the next value of a listing: values in the stream reach a subscriber in
 #: a round trip, so a longer silence means NATS is unreachable, said as RegistryUnavailable.
@@ -40,7 +40,7 @@ async def read_entries(
             while True:
                 entry = await watcher.updates(timeout=_NEXT_VALUE_WAIT)
                 if entry is None:
-                    if entries or not await _stored(conn, bucket, keys):
+                    if entries or not await stream_holds(conn, bucket, keys):
                         break
                     continue
                 entries.append(entry)
@@ -54,8 +54,9 @@ async def read_entries(
     return entries
 
 
-async def _stored(conn: NatsConnection, bucket: str, keys: str) -> bool:
-    """Whether the bucket's stream holds any message for ``keys``."""
+async def stream_holds(conn: NatsConnection, bucket: str, keys: str) -> bool:
+    """Whether the bucket's stream holds any message for ``keys`` (what an early marker may
+    have hidden)."""
     info = await conn.client.jetstream().stream_info(
         f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{keys}"
     )

@@ -1,8 +1,8 @@
 """Following a KV bucket: a full snapshot first, then every change, resynchronised on reconnect.
 
-The registry index and the policy cache both keep an in-memory view of a bucket that must never
-keep ghosts: after every (re)connection the watch is restarted and the view replaced by a fresh
-snapshot; while NATS is away the last view stays. One implementation, shared.
+The registry index, the policy cache and the security view keep an in-memory view of a bucket
+that must never keep ghosts: after every (re)connection the watch is restarted and the view
+replaced by a fresh snapshot; while NATS is away the last view stays. One implementation, shared.
 
 nats-py marks the end of the initial values with ``None`` when the consumer has nothing left to
 deliver *and* its callback has seen nothing yet, which is also true while the values still sit in

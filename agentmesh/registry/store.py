@@ -22,6 +22,7 @@ from agentmesh.errors import RegistrationError, RegistryUnavailable
 from agentmesh.models import MAX_RECORD_BYTES, AgentRecord
 from agentmesh.registry.cluster import kv_stream
 from agentmesh.registry.connection import NatsConnection
+from agentmesh.registry.entries import stream_holds
 
 __all__ = ["RecordConflict", "RegistryStore", "instance_of", "record_key", "record_part"]
 
@@ -207,10 +208,7 @@ class RegistryStore:
 
     async def stored(self) -> bool:
         """Whether the bucket's stream holds any value (deleted keys aside): see follow.py."""
-        info = await self._conn.client.jetstream().stream_info(
-            f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.>"
-        )
-        return bool(info.state.subjects)
+        return await stream_holds(self._conn, self.bucket, ">")
 
 
 def _wrong_sequence(exc: nats.js.errors.APIError) -> bool:

@@ -37,18 +37,18 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from agentmesh._tasks import STOP_WAIT, stop_task
 from agentmesh.errors import AuthenticationFailed, RegistryUnavailable
 from agentmesh.models import IdentityRecord, SignedState, StoredToken, TrustBundle
 from agentmesh.registry.connection import NatsConnection
-from agentmesh.registry.entries import read_entries
+from agentmesh.registry.entries import read_entries, stream_holds
+from agentmesh.registry.follow import BucketFollower
 
 if TYPE_CHECKING:
     from agentmesh.security.signed import StateTrust
@@ -69,6 +69,8 @@ REVOCATIONS_KEY = "pub.revocations"
 _ISSUED = "ca.issued."
 _TOKEN = "ca.token."
 _PRIVATE = "ca."
+#: What every sidecar watches: the trust bundle and the revocation list.
+_PUBLIC_KEYS = "pub.>"
 _PUBLIC_SUFFIX = "_security"
 #: Entries tied to a certificate outlive it a little: clocks differ between machines.
 _SLACK = 300.0
@@ -343,28 +345,33 @@ class SecurityView:
         self.synced = asyncio.Event()
         self._trust: StateTrust | None = None
         self._listeners: list[Callable[[], None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: Any = None
+        self._follower: BucketFollower | None = None
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
     def start(self, store: SecurityStore, conn: NatsConnection, trust: StateTrust) -> None:
         self._trust = trust
-        conn.on_reconnect(self._stop_watcher)
-        self._task = asyncio.create_task(self._run(store), name="security-watch")
+        self._follower = BucketFollower(
+            "security",
+            lambda: store.kv.watch(_PUBLIC_KEYS),
+            replace=self._replace,
+            apply=self._apply,
+            synced=self.synced,
+            stored=lambda: stream_holds(conn, store.bucket, _PUBLIC_KEYS),
+        )
+        self._follower.start(conn)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await stop_task(task, "security watch")
-        await self._stop_watcher()
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            await follower.stop()
 
-    async def _stop_watcher(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            # Bounded: the unsubscribe waits its turn in nats-py's write queue.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(watcher.stop(), STOP_WAIT)
+    def _replace(self, snapshot: dict[str, bytes]) -> None:
+        """A full view (first, or after a reconnection): what it lacks was deleted."""
+        for key in (BUNDLE_KEY, REVOCATIONS_KEY):
+            self._apply(key, snapshot.get(key), notify=False)
+        self._notify()
 
     def _apply(self, key: str, value: bytes | None, *, notify: bool = True) -> None:
         if key == BUNDLE_KEY:
@@ -421,36 +428,3 @@ class SecurityView:
                 listener()
             except Exception:
                 _log.exception("security view listener failed")
-
-    async def _run(self, store: SecurityStore) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                self._watcher = watcher = await store.kv.watch("pub.>")
-                await self._consume(watcher)
-                backoff = 0.1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.warning("security watch interrupted (%s); retrying", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _consume(self, watcher: Any) -> None:
-        snapshot: dict[str, bytes] | None = {}
-        async for entry in watcher:
-            if entry is not None:
-                value = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
-                if snapshot is None:
-                    self._apply(entry.key, value)
-                    continue
-                if value is None:
-                    snapshot.pop(entry.key, None)
-                else:
-                    snapshot[entry.key] = value
-            if snapshot is not None and (entry is None or entry.delta == 0):
-                for key in (BUNDLE_KEY, REVOCATIONS_KEY):
-                    self._apply(key, snapshot.get(key), notify=False)
-                snapshot = None
-                self.synced.set()
-                self._notify()
