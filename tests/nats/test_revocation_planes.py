@@ -1,0 +1,167 @@
+"""Two control planes push the mesh account's revocations to one NATS: an older push never undoes
+a newer one (docs/security.md, "Revocation in NATS").
+
+Control plane one runs the embedded NATS and revokes; control plane two shares it (the same NATS
+keys and CA, as docs/deploy.md says every control plane holds) and has not read the revocation
+list since it started (its own guard tick is an hour away). Its system connection is cut, so it
+pushes again when it comes back, while one is stopped (SIGSTOP: nothing repairs what two does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import pytest
+
+from agentmesh.security.identity import SpiffeId
+from agentmesh.security.nats_auth import AUTH_DIR, NatsAuthority
+from tests.control.control_process import ControlProcess, arun_cli, cli_env
+from tests.mesh_ca import mesh_ca
+from tests.nats.support import VERDICT, Connection, ControlPlane, NatsUser, connect, enrol
+
+TD = "agentmesh.local"
+#: How long the revoked workload keeps knocking while one is stopped, and after (its guard
+#: ticks every GUARD seconds then): several ticks of each kind of push.
+KNOCKING = 4.0
+GUARD = 0.5
+#: The name of a control plane's system-account connection (control/nats_revocations.py).
+PUSHER = "agentmesh-control-revocations"
+
+
+@pytest.fixture
+def planes(bucket: str, tmp_path: Path) -> Iterator[tuple[ControlProcess, ControlProcess]]:
+    ca = mesh_ca().env()
+    one = ControlProcess(
+        tmp_path / "one",
+        {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_STATE_GUARD_INTERVAL": str(GUARD), **ca},
+        name="control plane one",
+    )
+    two: ControlProcess | None = None
+    try:
+        one.start(timeout=60)
+        shutil.copytree(tmp_path / "one" / AUTH_DIR, tmp_path / "two" / AUTH_DIR)
+        two = ControlProcess(
+            tmp_path / "two",
+            {"AGENTMESH_REGISTRY_BUCKET": bucket, "AGENTMESH_STATE_GUARD_INTERVAL": "3600", **ca},
+            nats_url=one.info["nats_url"],
+            name="control plane two",
+        )
+        two.start(timeout=60)
+        yield one, two
+    finally:
+        if one.proc is not None and one.proc.poll() is None:
+            os.kill(one.proc.pid, signal.SIGCONT)
+        if two is not None:
+            two.close()
+        one.close()
+
+
+class _System:
+    """The system account, as an operator's monitoring would use it: connections, kicks and
+    the account JWT the server holds."""
+
+    def __init__(self, data_dir: Path, roots: str) -> None:
+        self._authority = NatsAuthority.open(data_dir)
+        jwt, key = self._authority.system_user()
+        self.user = NatsUser(jwt, key, "_INBOX", roots)
+        self.conn = Connection()
+
+    async def request(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload = json.dumps(body).encode() if body is not None else b""
+        reply = await self.conn.nc.request(subject, payload, timeout=VERDICT)
+        answer: dict[str, Any] = json.loads(reply.data)
+        return answer
+
+    async def pushers(self) -> tuple[str, list[int]]:
+        """The server's id and the cids of the control planes' system connections, oldest first."""
+        system = self._authority.system.public
+        answer = await self.request(f"$SYS.REQ.ACCOUNT.{system}.CONNZ", {"limit": 1024})
+        cids = [c["cid"] for c in answer["data"]["connections"] if c.get("name") == PUSHER]
+        return answer["server"]["id"], sorted(cids)
+
+    async def revoked(self) -> set[str]:
+        """The user keys the mesh account's JWT on the server revokes."""
+        account = self._authority.account.public
+        answer = await self.request(f"$SYS.REQ.ACCOUNT.{account}.INFO")
+        return set((answer["data"].get("decoded_jwt") or {}).get("nats", {}).get("revocations", {}))
+
+
+async def _admitted(url: str, user: NatsUser) -> bool:
+    """Whether NATS lets ``user`` in (the connection is closed again at once)."""
+    try:
+        conn = await connect(url, user)
+    except nats.errors.Error as exc:
+        assert "Authorization Violation" in str(exc), exc
+        return False
+    await conn.close()
+    return True
+
+
+async def test_a_control_plane_that_missed_a_revocation_never_readmits_the_workload(
+    planes: tuple[ControlProcess, ControlProcess], bucket: str, tmp_path: Path
+):
+    one, two = planes
+    assert one.proc is not None
+    url = one.info["nats_url"]
+    plane = ControlPlane(one.url, url, one.workdir, bucket, one.log)
+    victim = await enrol(plane, SpiffeId.agent(TD, "missed-by-two"))
+    bystander = await enrol(plane, SpiffeId.agent(TD, "kept-by-both"))
+    kept = await connect(url, bystander)
+    system = _System(one.workdir, victim.roots)
+    await system.conn.connect(url, **system.user.options())
+    stopped = False
+    try:
+        env = cli_env(
+            {
+                "AGENTMESH_CONTROL_URL": one.url,
+                "AGENTMESH_DATA_DIR": str(one.workdir),
+                "AGENTMESH_REGISTRY_BUCKET": bucket,
+            }
+        )
+        done = await arun_cli("identity", "revoke", "--name", "missed-by-two", env=env)
+        assert done.returncode == 0, done.stderr
+        assert not await _admitted(url, victim)
+        server, (_, pusher_two) = await system.pushers()
+
+        os.kill(one.proc.pid, signal.SIGSTOP)  # one is away: nothing but two pushes now
+        stopped = True
+        kicked = await system.request(f"$SYS.REQ.SERVER.{server}.KICK", {"cid": pusher_two})
+        assert "error" not in kicked, kicked
+        readmitted: list[str] = []
+
+        async def knock(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if await _admitted(url, victim):
+                    readmitted.append(f"stopped={stopped}, revoked: {await system.revoked()}")
+                await asyncio.sleep(0.05)
+
+        # Two comes back (a new system connection) and pushes at once: knock meanwhile.
+        give_up = time.monotonic() + 30
+        while len((await system.pushers())[1]) < 2:
+            assert time.monotonic() < give_up, f"two never came back:\n{two.log.read_text()}"
+            await knock(0.1)
+        await knock(KNOCKING / 2)
+        os.kill(one.proc.pid, signal.SIGCONT)  # one's guard ticks again from here on
+        stopped = False
+        await knock(KNOCKING / 2)
+        assert not readmitted, f"NATS readmitted the revoked workload: {readmitted[:3]}"
+        assert await _admitted(url, bystander)
+        await kept.nc.flush(timeout=VERDICT)
+        assert kept.nc.is_connected
+    finally:
+        if stopped:
+            os.kill(one.proc.pid, signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            await system.conn.close()
+        await kept.close()
