@@ -23,11 +23,24 @@ from typing import Any
 import nats.errors
 import pytest
 
+from agentmesh.control.nats_revocations import NatsRevocations
+from agentmesh.models import RevocationList
+from agentmesh.registry import NatsConnection
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import AUTH_DIR, NatsAuthority
+from agentmesh.security.nats_client import signed_by
 from tests.control.control_process import ControlProcess, arun_cli, cli_env
 from tests.mesh_ca import mesh_ca
-from tests.nats.support import VERDICT, Connection, ControlPlane, NatsUser, connect, enrol
+from tests.nats.support import (
+    VERDICT,
+    Connection,
+    ControlPlane,
+    NatsUser,
+    connect,
+    embedded_control,
+    enrol,
+    mesh_tls,
+)
 
 TD = "agentmesh.local"
 #: How long the revoked workload keeps knocking while one is stopped, and after (its guard
@@ -108,9 +121,24 @@ async def _admitted(url: str, user: NatsUser) -> bool:
     return True
 
 
+def _cli_env(control: ControlPlane) -> dict[str, str]:
+    return cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
+
+
 async def test_a_control_plane_that_missed_a_revocation_never_readmits_the_workload(
-    planes: tuple[ControlProcess, ControlProcess], bucket: str, tmp_path: Path
+    planes: tuple[ControlProcess, ControlProcess], bucket: str
 ):
+    """One revokes; two, which has not read the list since, pushes when its system connection
+    comes back (one stopped meanwhile), and one's guard ticks go on after: the revoked workload
+    is refused at every attempt throughout, a bystander keeps its connection. (Before the push
+    read the newest list and the server's version, two pushed the JWT it remembered: the
+    workload was back in until a guard tick.)"""
     one, two = planes
     assert one.proc is not None
     url = one.info["nats_url"]
@@ -122,14 +150,7 @@ async def test_a_control_plane_that_missed_a_revocation_never_readmits_the_workl
     await system.conn.connect(url, **system.user.options())
     stopped = False
     try:
-        env = cli_env(
-            {
-                "AGENTMESH_CONTROL_URL": one.url,
-                "AGENTMESH_DATA_DIR": str(one.workdir),
-                "AGENTMESH_REGISTRY_BUCKET": bucket,
-            }
-        )
-        done = await arun_cli("identity", "revoke", "--name", "missed-by-two", env=env)
+        done = await arun_cli("identity", "revoke", "--name", "missed-by-two", env=_cli_env(plane))
         assert done.returncode == 0, done.stderr
         assert not await _admitted(url, victim)
         server, (_, pusher_two) = await system.pushers()
@@ -149,7 +170,7 @@ async def test_a_control_plane_that_missed_a_revocation_never_readmits_the_workl
 
         # Two comes back (a new system connection) and pushes at once: knock meanwhile.
         give_up = time.monotonic() + 30
-        while len((await system.pushers())[1]) < 2:
+        while max((await system.pushers())[1]) <= pusher_two:
             assert time.monotonic() < give_up, f"two never came back:\n{two.log.read_text()}"
             await knock(0.1)
         await knock(KNOCKING / 2)
@@ -166,3 +187,33 @@ async def test_a_control_plane_that_missed_a_revocation_never_readmits_the_workl
         with contextlib.suppress(Exception):
             await system.conn.close()
         await kept.close()
+
+
+async def test_a_pusher_never_replaces_a_newer_list_the_server_holds(bucket: str, tmp_path: Path):
+    """The rule itself: a pusher whose newest verified list is older than the one the server's
+    account JWT names leaves the server's alone (here: one that knows no revocation at all)."""
+    with embedded_control(tmp_path, bucket, {"AGENTMESH_STATE_GUARD_INTERVAL": "3600"}) as plane:
+        victim = await enrol(plane, SpiffeId.agent(TD, "revoked-first"))
+        done = await arun_cli("identity", "revoke", "--name", "revoked-first", env=_cli_env(plane))
+        assert done.returncode == 0, done.stderr
+        system = _System(plane.data_dir, victim.roots)
+        await system.conn.connect(plane.nats_url, **system.user.options())
+        jwt, key = NatsAuthority.open(plane.data_dir).system_user()
+        conn = NatsConnection(
+            plane.nats_url,
+            name=PUSHER,
+            credentials=lambda: {"tls": mesh_tls(victim.roots), **signed_by(jwt, key)},
+        )
+        stale = NatsRevocations(NatsAuthority.open(plane.data_dir), conn)
+
+        async def before_the_revocation() -> tuple[int, RevocationList]:
+            return 1, RevocationList()
+
+        try:
+            await stale.start(before_the_revocation)
+            await stale.push()
+            assert victim.key.public in await system.revoked()
+            assert not await _admitted(plane.nats_url, victim)
+        finally:
+            await stale.close()
+            await system.conn.close()
