@@ -26,7 +26,7 @@ from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
 from agentmesh.security.natsjwt import USER, NKey
 from agentmesh.security.pki import new_csr, new_key
-from tests.control.control_process import ControlProcess, control_tls
+from tests.control.control_process import ControlProcess, cli_env, control_tls
 
 #: How long a test waits for the server's verdict on one publish (generous: shared machine).
 VERDICT = 5.0
@@ -54,6 +54,17 @@ def embedded_control(
         yield ControlPlane(info["control_url"], info["nats_url"], tmp_path, bucket, control.log)
     finally:
         control.close()
+
+
+def control_cli_env(control: ControlPlane) -> dict[str, str]:
+    """The CLI of ``control``'s machine (its data dir: the admin token and roots)."""
+    return cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
 
 
 @dataclass

@@ -39,6 +39,7 @@ from tests.nats.support import (
     NatsUser,
     closed_by_server,
     connect,
+    control_cli_env,
     control_user,
     dashboard_says_open,
     embedded_control,
@@ -113,16 +114,6 @@ async def test_a_jwt_is_useless_without_its_key(control: ControlPlane):
         await connect(control.nats_url, stolen)
 
 
-def _cli_env(control: ControlPlane) -> dict[str, str]:
-    return cli_env(
-        {
-            "AGENTMESH_CONTROL_URL": control.url,
-            "AGENTMESH_DATA_DIR": str(control.data_dir),
-            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
-        }
-    )
-
-
 async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane, wait_until: WaitUntil):
     """``identity revoke`` reaches NATS itself: the mesh account's JWT lists the revoked
     certificate's NATS key, the server closes its open connection and refuses its JWT from then
@@ -133,7 +124,7 @@ async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane, wait
     kept = await connect(control.nats_url, bystander)
     try:
         done = await arun_cli(
-            "identity", "revoke", "--name", "revoked-on-nats", env=_cli_env(control)
+            "identity", "revoke", "--name", "revoked-on-nats", env=control_cli_env(control)
         )
         assert done.returncode == 0, done.stderr
         assert await closed_by_server(revoked), revoked.errors
@@ -364,7 +355,7 @@ async def test_a_consumer_cannot_deliver_into_another_bucket(control: ControlPla
 
 
 async def test_check_says_the_embedded_nats_requires_credentials(control: ControlPlane):
-    done = await arun_cli("check", env=_cli_env(control))
+    done = await arun_cli("check", env=control_cli_env(control))
     assert "✔ NATS auth" in done.stdout, done.stdout
     assert "TLS, credentials required" in done.stdout, done.stdout
     assert "OPEN" not in done.stdout

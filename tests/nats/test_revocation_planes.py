@@ -29,7 +29,7 @@ from agentmesh.registry import NatsConnection
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import AUTH_DIR, NatsAuthority
 from agentmesh.security.nats_client import signed_by
-from tests.control.control_process import ControlProcess, arun_cli, cli_env
+from tests.control.control_process import ControlProcess, arun_cli
 from tests.mesh_ca import mesh_ca
 from tests.nats.support import (
     VERDICT,
@@ -37,6 +37,7 @@ from tests.nats.support import (
     ControlPlane,
     NatsUser,
     connect,
+    control_cli_env,
     embedded_control,
     enrol,
     mesh_tls,
@@ -121,16 +122,6 @@ async def _admitted(url: str, user: NatsUser) -> bool:
     return True
 
 
-def _cli_env(control: ControlPlane) -> dict[str, str]:
-    return cli_env(
-        {
-            "AGENTMESH_CONTROL_URL": control.url,
-            "AGENTMESH_DATA_DIR": str(control.data_dir),
-            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
-        }
-    )
-
-
 async def test_a_control_plane_that_missed_a_revocation_never_readmits_the_workload(
     planes: tuple[ControlProcess, ControlProcess], bucket: str
 ):
@@ -150,7 +141,9 @@ async def test_a_control_plane_that_missed_a_revocation_never_readmits_the_workl
     await system.conn.connect(url, **system.user.options())
     stopped = False
     try:
-        done = await arun_cli("identity", "revoke", "--name", "missed-by-two", env=_cli_env(plane))
+        done = await arun_cli(
+            "identity", "revoke", "--name", "missed-by-two", env=control_cli_env(plane)
+        )
         assert done.returncode == 0, done.stderr
         assert not await _admitted(url, victim)
         server, (_, pusher_two) = await system.pushers()
@@ -194,7 +187,9 @@ async def test_a_pusher_never_replaces_a_newer_list_the_server_holds(bucket: str
     account JWT names leaves the server's alone (here: one that knows no revocation at all)."""
     with embedded_control(tmp_path, bucket, {"AGENTMESH_STATE_GUARD_INTERVAL": "3600"}) as plane:
         victim = await enrol(plane, SpiffeId.agent(TD, "revoked-first"))
-        done = await arun_cli("identity", "revoke", "--name", "revoked-first", env=_cli_env(plane))
+        done = await arun_cli(
+            "identity", "revoke", "--name", "revoked-first", env=control_cli_env(plane)
+        )
         assert done.returncode == 0, done.stderr
         system = _System(plane.data_dir, victim.roots)
         await system.conn.connect(plane.nats_url, **system.user.options())
