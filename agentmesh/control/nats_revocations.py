@@ -52,7 +52,8 @@ from agentmesh.settings import Settings
 __all__ = ["NatsRevocations", "revoked_keys"]
 
 _log = logging.getLogger("agentmesh.control")
-#: Seconds a server has to answer a claims update (it only re-reads its clients' JWTs).
+#: Seconds a server has to answer a claims update (it only re-reads its clients' JWTs) or an
+#: account info request.
 _UPDATE_TIMEOUT = 5.0
 #: Pushes in a row when the list keeps changing while it is pushed (each is a revocation).
 _PUSH_ROUNDS = 8
