@@ -27,7 +27,7 @@ from agentmesh.control.nats_revocations import NatsRevocations
 from agentmesh.models import RevocationList
 from agentmesh.registry import NatsConnection
 from agentmesh.security.identity import SpiffeId
-from agentmesh.security.nats_auth import AUTH_DIR, NatsAuthority
+from agentmesh.security.nats_auth import AUTH_DIR, NatsAuthority, revocations_version
 from agentmesh.security.nats_client import signed_by
 from tests.control.control_process import ControlProcess, arun_cli
 from tests.mesh_ca import mesh_ca
@@ -212,3 +212,18 @@ async def test_a_pusher_never_replaces_a_newer_list_the_server_holds(bucket: str
         finally:
             await stale.close()
             await system.conn.close()
+
+
+def test_every_control_plane_makes_the_same_account_jwt_of_the_same_list(tmp_path: Path):
+    """The JWT names its list's version, and is the same bytes from any holder of the keys (a
+    server that has it takes another push of it as no change)."""
+    one = NatsAuthority.open(tmp_path / "one")
+    shutil.copytree(tmp_path / "one" / AUTH_DIR, tmp_path / "two" / AUTH_DIR)
+    two = NatsAuthority.open(tmp_path / "two")
+    version = 1_796_659_309_123_456
+    revoked = {"U" + "A" * 55: 1_796_659_309}
+    made = one.account_jwt(revoked, version)
+    assert made == two.account_jwt(dict(revoked), version)
+    assert revocations_version(made) == version
+    assert revocations_version(one.account_jwt(revoked, version + 1)) == version + 1
+    assert revocations_version(one.account_jwt()) == 0
