@@ -16,6 +16,7 @@ from agentmesh.models import MAX_RECORD_BYTES
 from agentmesh.nats_server import NatsServer
 from agentmesh.registry import Lease, LocalIndex, NatsConnection, RecordConflict, RegistryStore
 from agentmesh.registry.store import record_key
+from tests.freeze import freeze
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}}
 
@@ -274,7 +275,7 @@ async def test_release_with_a_hung_nats_returns_within_its_bound_and_says_why(
             async with Registry(server.url, bucket) as registry:
                 lease = Lease(registry.store, record("sum-a"), interval=0.25, ttl=5)
                 await lease.acquire()
-                os.kill(pid, signal.SIGSTOP)  # a hung server: connected, nothing ever answers
+                freeze(pid)  # a hung server: connected, nothing ever answers
                 assert not await lease.release(timeout=1)
     finally:
         os.kill(pid, signal.SIGCONT)
