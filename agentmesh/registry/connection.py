@@ -271,7 +271,8 @@ class NatsConnection:
             # waits for a flush that a hung server never answers (10 s), past any bound set here.
             # Bounded all the same: a TLS close waits for the server's close_notify.
             try:
-                await asyncio.wait_for(self._nc.close(), STOP_WAIT)
+                async with asyncio.timeout(STOP_WAIT):
+                    await self._nc.close()
             except Exception as exc:
                 _log.warning("NATS at %s: not closed cleanly (%r); dropped", self.url, exc)
         self._nc = None
@@ -287,7 +288,8 @@ async def _reachable(servers: list[str], timeout: float) -> None:
         parsed = urlsplit(url)
         host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             error = exc
             continue
@@ -309,11 +311,11 @@ async def _server_info(url: str, timeout: float) -> dict[str, Any]:
     """The server's INFO (sent in plain text before any TLS or authentication)."""
     parsed = urlsplit(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, limit=_MAX_INFO), timeout
-    )
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, limit=_MAX_INFO)
     try:
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
     except (ValueError, OSError, TimeoutError):  # a TLS-first server says nothing: no INFO
         line = b""
     finally:

@@ -262,6 +262,34 @@ async def test_release_returns_when_a_renewal_loses_its_cancellation(registry, w
     assert lease.renewals == 1
 
 
+class CancelsItsWaiter(asyncio.Event):
+    """An event that cancels the task waiting on it in the loop turn it is set: a stop that lands
+    just as NATS delivers. Python 3.11's ``asyncio.wait_for`` then returned instead of raising
+    (python/cpython#86296): the cancelled start-up went on, as if nobody had asked."""
+
+    waiter: asyncio.Task[None] | None = None
+
+    def set(self) -> None:
+        super().set()
+        assert self.waiter is not None
+        self.waiter.cancel()
+
+
+async def test_waiting_for_the_first_view_honours_a_cancellation_that_lands_with_it(registry):
+    index = LocalIndex()
+    index.synced = synced = CancelsItsWaiter()
+    synced.waiter = waiting = asyncio.create_task(index.wait_synced(30))
+    await asyncio.sleep(0)
+    index.start(registry.store, registry.conn)  # the first view comes from the real NATS
+    try:
+        async with asyncio.timeout(30):
+            with pytest.raises(asyncio.CancelledError):
+                await waiting  # before: returned, the cancellation lost
+        assert index.synced.is_set()
+    finally:
+        await index.stop()
+
+
 async def test_release_with_a_hung_nats_returns_within_its_bound_and_says_why(
     tmp_path, bucket, caplog
 ):
