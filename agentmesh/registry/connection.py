@@ -271,9 +271,11 @@ class NatsConnection:
 
     async def _back_off(self, exc: Exception) -> None:
         """NATS refused our credentials at a reconnect (revoked or expired while we were away):
-        say so once, then pause before the next attempt (nats-py awaits its error callback
-        between attempts), doubling from the reconnect wait up to ``refused_wait_max``, so a
-        refused workload does not knock 4 times a second for ever. New credentials end a pause."""
+        say so once, then pause before the next attempt, doubling from the reconnect wait up to
+        ``refused_wait_max``, so a refused workload does not knock 4 times a second for ever.
+        New credentials end a pause. nats-py awaits its error callback between attempts; the
+        attempts counted in tests/nats/test_embedded.py (``..._backs_off_says_why_...``) hold
+        it to that."""
         if not self.refusals:
             _log.error(
                 "NATS at %s refused %s (%s): its credentials are revoked or expired; retrying "

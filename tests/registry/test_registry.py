@@ -299,6 +299,21 @@ async def test_waiting_for_the_first_view_honours_a_cancellation_that_lands_with
         await index.stop()
 
 
+async def test_a_lease_without_nats_warns_once_per_outage_not_at_every_heartbeat(
+    nats_url, bucket, caplog, wait_until
+):
+    """A connection NATS closed for good (as for revoked credentials) fails every renewal at
+    once: one warning, not one per heartbeat for ever."""
+    async with Registry(nats_url, bucket) as registry:
+        lease = Lease(registry.store, record("sum-a"), interval=0.02, ttl=5)
+        await lease.acquire()
+        await registry.conn.client.close()
+        await wait_until(lambda: lease.failures >= 10, timeout=10)
+        warnings = [r for r in caplog.records if r.getMessage().startswith("lease renewal failed")]
+        assert [r.levelno for r in warnings] == [logging.WARNING]
+        await lease.release(timeout=1)
+
+
 async def test_release_with_a_hung_nats_returns_within_its_bound_and_says_why(
     tmp_path, bucket, caplog
 ):
