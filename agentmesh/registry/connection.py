@@ -288,10 +288,13 @@ class NatsConnection:
             )
         pause = min(self._reconnect_wait * 2 ** min(self.refusals, 32), self._refused_wait_max)
         self.refusals += 1
+        # Set already: credentials came since the last pause, maybe while the refused attempt
+        # was under way with the old ones; the next attempt has them.
+        if not self._retry_now.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._retry_now.wait()
         self._retry_now.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(pause):
-                await self._retry_now.wait()
 
     def _who(self) -> str:
         """This connection's name, and the mesh identity its credentials are for."""
