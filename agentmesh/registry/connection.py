@@ -324,6 +324,8 @@ class NatsConnection:
                 "(AGENTMESH_MTLS must not be off), or set AGENTMESH_NATS_CREDS_FILE / "
                 "AGENTMESH_NATS_TLS_CA_FILE for an operator-run NATS"
             )
+            if _credentials_refused(exc):
+                hint += f"; credentials revoked or expired: {_REENROL}"
         return RegistryUnavailable(f"NATS at {self.url}: cannot connect ({reason}); {hint}")
 
     async def close(self) -> None:

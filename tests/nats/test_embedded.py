@@ -25,6 +25,7 @@ import httpx
 import nats.errors
 import pytest
 
+from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord, BreakerEvent, StatsEntry, StatsReport
 from agentmesh.registry import NatsConnection
 from agentmesh.security.identity import SpiffeId
@@ -161,6 +162,10 @@ async def test_a_revoked_workload_loses_nats_at_once(
         assert f"revoked-1 ({victim_id.uri})" in closes[0]
         assert "revoked or expired, and no reconnect follows" in closes[0]
         assert "agentmesh token create" in closes[0]
+        # Started again with the same credentials: refused at once, saying what to do.
+        again = NatsConnection(control.nats_url, name="revoked-2", credentials=victim.options)
+        with pytest.raises(RegistryUnavailable, match="revoked or expired: re-enrol it"):
+            await again.connect()
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await connect(control.nats_url, victim)
         # A reload (the embedded server's TLS renewal does one) starts from the configuration
