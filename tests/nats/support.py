@@ -20,13 +20,17 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from nats.aio.client import Client
 
+from agentmesh.control.ca import CertificateAuthority, write_root_ca
 from agentmesh.models import CertificateRequest
+from agentmesh.nats_config import write_server_tls
+from agentmesh.nats_server import NatsServer
 from agentmesh.security.enrol import RemoteIssuer
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
 from agentmesh.security.natsjwt import USER, NKey
 from agentmesh.security.pki import new_csr, new_key
-from tests.control.control_process import ControlProcess, cli_env, control_tls
+from tests.control.control_process import ControlProcess, cli_env, control_tls, run_cli
+from tests.e2e.support import EXAMPLES
 
 #: How long a test waits for the server's verdict on one publish (generous: shared machine).
 VERDICT = 5.0
@@ -65,6 +69,35 @@ def control_cli_env(control: ControlPlane) -> dict[str, str]:
             "AGENTMESH_REGISTRY_BUCKET": control.bucket,
         }
     )
+
+
+def operator_nats(tmp_path: Path, data_dir: Path) -> tuple[NatsServer, Path]:
+    """An operator-run nats-server as docs/deploy.md sets one up (not started): the example
+    configuration (examples/deploy/nats-auth.conf) including the accounts file `agentmesh
+    nats-config -o` writes from the control plane's data dir ``data_dir``, with TLS from the
+    operator's own CA (not the mesh's); the server and that CA's certificate (clients trust it
+    with AGENTMESH_NATS_TLS_CA_FILE). Its JetStream store survives a restart."""
+    deploy = tmp_path / "etc-nats"
+    deploy.mkdir()
+    example = (EXAMPLES / "deploy" / "nats-auth.conf").read_text()
+    (deploy / "nats-auth.conf").write_text(
+        example.replace("/etc/nats", str(deploy)).replace("/var/lib/nats", str(tmp_path / "var"))
+    )
+    nats_config(data_dir, deploy)
+    ca_cert, ca_key = write_root_ca(tmp_path / "operator-ca", "nats.example")
+    operator_ca = CertificateAuthority.from_files(ca_cert, ca_key, "nats.example", 3600.0)
+    write_server_tls(deploy, operator_ca, ["127.0.0.1", "localhost"])
+    server = NatsServer(
+        tmp_path / "log", extra_config=deploy / "nats-auth.conf", tls=True, jetstream=False
+    )
+    return server, ca_cert
+
+
+def nats_config(data_dir: Path, deploy: Path) -> None:
+    """``agentmesh nats-config -o`` the accounts file the example configuration includes."""
+    output = deploy / "agentmesh-accounts.conf"
+    made = run_cli("nats-config", "--data-dir", str(data_dir), "-o", str(output), env=cli_env())
+    assert made.returncode == 0, made.stderr
 
 
 @dataclass

@@ -11,12 +11,9 @@ from uuid import uuid4
 import nats.errors
 import pytest
 
-from agentmesh.control.ca import CertificateAuthority, write_root_ca
-from agentmesh.nats_config import write_server_tls
-from agentmesh.nats_server import NatsServer
 from agentmesh.security.identity import SpiffeId
-from tests.control.control_process import arun_cli, cli_env, control_process, run_cli
-from tests.e2e.support import EXAMPLE_AGENTS, EXAMPLES, AgentProcess, terminate_all
+from tests.control.control_process import arun_cli, cli_env, control_process
+from tests.e2e.support import EXAMPLE_AGENTS, AgentProcess, terminate_all
 from tests.nats.support import (
     Connection,
     ControlPlane,
@@ -24,6 +21,7 @@ from tests.nats.support import (
     connect,
     dashboard_says_open,
     enrol,
+    operator_nats,
 )
 
 TD = "agentmesh.local"
@@ -31,26 +29,7 @@ TD = "agentmesh.local"
 
 async def test_the_example_deploy_config_runs_a_mesh_with_least_privilege(tmp_path: Path):
     data = tmp_path / "control"
-    deploy = tmp_path / "etc-nats"
-    deploy.mkdir()
-    example = (EXAMPLES / "deploy" / "nats-auth.conf").read_text()
-    (deploy / "nats-auth.conf").write_text(
-        example.replace("/etc/nats", str(deploy)).replace("/var/lib/nats", str(tmp_path / "var"))
-    )
-    # The accounts file, as the example says: `agentmesh nats-config -o ...` on the control
-    # plane's data dir.
-    made = run_cli(
-        "nats-config", "--data-dir", str(data), "-o", str(deploy / "agentmesh-accounts.conf"),
-        env=cli_env(),
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    # The operator's own CA for NATS's TLS (not the mesh's).
-    ca_cert, ca_key = write_root_ca(tmp_path / "operator-ca", "nats.example")
-    operator_ca = CertificateAuthority.from_files(ca_cert, ca_key, "nats.example", 3600.0)
-    write_server_tls(deploy, operator_ca, ["127.0.0.1", "localhost"])
-    server = NatsServer(
-        tmp_path / "log", extra_config=deploy / "nats-auth.conf", tls=True, jetstream=False
-    )
+    server, ca_cert = operator_nats(tmp_path, data)
     server.start()  # on 127.0.0.1 and a free port: the flags win over the file's `listen`
     bucket = f"t_{uuid4().hex[:12]}"
     tls_ca = {"AGENTMESH_NATS_TLS_CA_FILE": str(ca_cert)}

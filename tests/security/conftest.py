@@ -27,14 +27,18 @@ async def echo(text: str = "") -> str:
 
 
 class Control(ControlProcess):
-    """``python -m agentmesh control`` on the test's NATS and bucket, with a fresh data dir."""
+    """``python -m agentmesh control`` on the test's NATS and bucket, with a fresh data dir.
+
+    Its own registry record gets a 10 s lease (not 1 s): no test here is about that record
+    expiring, and on a loaded 2-core machine a 1 s lease ran out between two renewals of a live
+    control plane, which then dropped out of the registry and re-registered mid-test.
+    """
 
     def __init__(self, nats_url: str, bucket: str, workdir: Path, env: Mapping[str, str]) -> None:
         self.data_dir = workdir / "data"
         settings = {
             "AGENTMESH_REGISTRY_BUCKET": bucket,
-            "AGENTMESH_HEARTBEAT_INTERVAL": "0.25",
-            "AGENTMESH_LEASE_TTL": "1",
+            "AGENTMESH_LEASE_TTL": "10",
             **env,
         }
         super().__init__(self.data_dir, settings, nats_url=nats_url)
