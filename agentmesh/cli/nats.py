@@ -47,16 +47,28 @@ def nats_config(
     cluster's nats-a.conf ...): the server then admits only workloads with a user JWT the control
     plane signed at enrolment, each with its own permissions. The keys are the control plane's,
     in <data dir>/nats-auth/ (created here if missing); run every control plane with the same.
+    The account carries the revocations in force (the list the control plane keeps in its data
+    dir): written again after a revocation, a restarted server refuses the revoked workloads
+    before the control plane has reconnected to it.
     With --tls-dir, run it where the mesh CA is (the control plane's data dir or
     AGENTMESH_CA_CERT_FILE/KEY_FILE): see docs/deploy.md.
     """
-    from agentmesh.security.files import write_private
+    from agentmesh.control.kept import STATE_DIR
+    from agentmesh.control.nats_revocations import kept_account_jwt
+    from agentmesh.security.files import ROOTS_FILE, write_private
     from agentmesh.security.nats_auth import AUTH_DIR, NatsAuthority
 
     settings = settings_from(data_dir=data_dir)
     if tls_dir is not None:
         _node_tls(settings, tls_dir, host or [])
-    text = NatsAuthority.open(settings.data_dir).resolver_config()
+    authority = NatsAuthority.open(settings.data_dir)
+    revoked = kept_account_jwt(
+        authority,
+        settings.data_dir / STATE_DIR,
+        settings.data_dir / ROOTS_FILE,
+        settings.trust_domain,
+    )
+    text = authority.resolver_config(revoked)
     if output is None:
         if tls_dir is None:
             console.print(text, end="", highlight=False, markup=False, soft_wrap=True)

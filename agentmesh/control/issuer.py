@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from agentmesh.control.ca import NOT_BEFORE_SKEW, CertificateAuthority
-from agentmesh.control.kept import keep, kept
+from agentmesh.control.kept import KEPT_REVOCATIONS, keep, kept
 from agentmesh.errors import (
     AuthenticationFailed,
     InvalidInput,
@@ -120,7 +120,7 @@ class Issuer:
 
     def keep_in(self, directory: Path) -> None:
         """Keep the revocation list in ``directory`` too, and start from the copy kept there."""
-        self._kept = directory / "revocations.json"
+        self._kept = directory / KEPT_REVOCATIONS
         value = kept(self._kept)
         if value is None:
             return

@@ -17,9 +17,14 @@ from pydantic import ValidationError
 from agentmesh.models import SignedState
 from agentmesh.security.files import write_private
 
-__all__ = ["keep", "kept"]
+__all__ = ["KEPT_REVOCATIONS", "STATE_DIR", "keep", "kept"]
 
 _log = logging.getLogger("agentmesh.control")
+
+#: The directory, in the control plane's data dir, of the state it keeps.
+STATE_DIR = "state"
+#: The revocation list's file there (``agentmesh nats-config`` preloads it into NATS too).
+KEPT_REVOCATIONS = "revocations.json"
 
 
 def kept(path: Path | None) -> bytes | None:

@@ -26,6 +26,9 @@ push can undo a newer one only for the time of that second read.
 
 The embedded server's configuration is rewritten with each new account JWT as well
 (:meth:`NatsRevocations.keep_in_config`), so its reloads (TLS renewal) and restarts keep them.
+An operator-run server's accounts file carries the list in force when ``agentmesh nats-config``
+wrote it (:func:`kept_account_jwt`): written again after a revocation, a server started from it
+refuses the revoked keys before any push.
 
 With an operator's own NATS users (``AGENTMESH_NATS_CREDS_FILE`` ...) the server does not trust
 the mesh's operator, and this is off: revocation reaches NATS when the JWT expires.
@@ -37,11 +40,12 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import nats.errors
 
-from agentmesh.errors import MeshError, RegistryUnavailable
+from agentmesh.errors import ConfigurationError, MeshError, RegistryUnavailable
 from agentmesh.models import RevocationList
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.security.nats_auth import NatsAuthority, revocations_version
@@ -49,7 +53,7 @@ from agentmesh.security.nats_client import nats_credentials, signed_by
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
 
-__all__ = ["NatsRevocations", "revoked_keys"]
+__all__ = ["NatsRevocations", "kept_account_jwt", "revoked_keys"]
 
 _log = logging.getLogger("agentmesh.control")
 #: Seconds a server has to answer a claims update (it only re-reads its clients' JWTs) or an
@@ -70,6 +74,34 @@ def revoked_keys(revocations: RevocationList) -> dict[str, int]:
         if r.nats_key is not None:
             keys[r.nats_key] = max(keys.get(r.nats_key, 0), int(r.revoked_at.timestamp()))
     return keys
+
+
+def kept_account_jwt(
+    authority: NatsAuthority, state_dir: Path, roots_file: Path, trust_domain: str
+) -> str | None:
+    """The mesh account's JWT with the revocations of the list the control plane kept in
+    ``state_dir`` (verified against the roots it wrote to ``roots_file``); None if it kept none.
+
+    A kept list that does not verify is an error, not a file without revocations: the operator
+    would otherwise write a configuration that readmits revoked workloads at every restart.
+    """
+    from agentmesh.control.kept import KEPT_REVOCATIONS, kept
+    from agentmesh.security.pki import load_certs
+    from agentmesh.security.signed import StateTrust
+
+    path = state_dir / KEPT_REVOCATIONS
+    value = kept(path)
+    if value is None:
+        return None
+    try:
+        roots = load_certs(roots_file.read_bytes())
+        version, revocations = StateTrust(lambda: roots, lambda: trust_domain).revocations(value)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"the revocation list kept in {path} cannot be verified with the roots in "
+            f"{roots_file}: {exc}"
+        ) from exc
+    return authority.account_jwt(revoked_keys(revocations), version)
 
 
 class NatsRevocations:

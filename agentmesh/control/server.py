@@ -20,6 +20,7 @@ from agentmesh.control.feed import TelemetryFeed
 from agentmesh.control.health import HealthBook
 from agentmesh.control.https import PLAINTEXT_REFUSAL, ControlTLS, control_hosts
 from agentmesh.control.issuer import Issuer
+from agentmesh.control.kept import STATE_DIR
 from agentmesh.control.nats_revocations import NatsRevocations
 from agentmesh.control.nats_status import keep_replicas, mesh_buckets
 from agentmesh.control.nats_supervisor import EmbeddedNats
@@ -128,8 +129,8 @@ async def _serve(
     sidecar.identity.use_issuer(issuer)
     await sidecar.start()
     await warn_if_open(sidecar.conn)
-    signer = PolicySigner(sidecar.policies.store, ca, kept_in=settings.data_dir / "state")
-    issuer.keep_in(settings.data_dir / "state")
+    signer = PolicySigner(sidecar.policies.store, ca, kept_in=settings.data_dir / STATE_DIR)
+    issuer.keep_in(settings.data_dir / STATE_DIR)
     security, retiring = await _security(settings, issuer, signer, info)
     info.security["nats_auth"] = "open" if sidecar.conn.unauthenticated else "required"
     nats_revocations = await _nats_revocations(settings, sidecar, issuer, nats)

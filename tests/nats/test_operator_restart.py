@@ -13,20 +13,32 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nats.errors
 import pytest
 
+from agentmesh.control.ca import write_root_ca
+from agentmesh.control.kept import KEPT_REVOCATIONS, STATE_DIR
+from agentmesh.control.nats_revocations import revoked_keys
+from agentmesh.models import Revocation, RevocationList
 from agentmesh.registry import NatsConnection
+from agentmesh.security.files import ROOTS_FILE
 from agentmesh.security.identity import SpiffeId
-from tests.control.control_process import arun_cli, cli_env, control_process
+from agentmesh.security.nats_auth import NatsAuthority
+from agentmesh.security.natsjwt import USER, NKey
+from agentmesh.security.pki import pem
+from tests.control.control_process import arun_cli, cli_env, control_process, run_cli
+from tests.mesh_ca import mesh_ca
 from tests.nats.support import (
     VERDICT,
     Connection,
     ControlPlane,
     NatsUser,
     enrol,
+    nats_config,
     operator_nats,
 )
 
@@ -44,7 +56,17 @@ Outcome = tuple[float, str]
 
 
 async def _knock(url: str, user: NatsUser) -> str:
-    """One connection attempt: "admitted", "refused" (the credentials) or "unreachable"."""
+    """One connection attempt: "admitted", "refused" (the credentials) or "unreachable".
+
+    A closed port is found with a plain TCP connect first: nats-py takes seconds to give up on
+    one, and the victim must knock as soon as the restarted server listens.
+    """
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return "unreachable"
+    writer.close()
     try:
         conn = await Connection().connect(url, **user.options())
     except nats.errors.Error as exc:
@@ -80,22 +102,32 @@ async def _answers(conn: NatsConnection, subject: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("event", "guard"),
+    ("event", "guard", "reconfigured"),
     [
         # The guard tick is an hour away: what refuses the victim again is the push made when
         # the control plane's system connection comes back.
-        ("restart", 3600.0),
+        ("restart", 3600.0, False),
         # The connection stays: what refuses the victim again is the next guard tick.
-        ("reload", 1.0),
+        ("reload", 1.0, False),
+        # `agentmesh nats-config` written again after the revocation: the restarted server
+        # refuses the victim from its first connection on, before any push.
+        ("restart", 3600.0, True),
     ],
+    ids=["restart", "reload", "restart-after-nats-config"],
 )
 async def test_a_restarted_or_reloaded_operator_run_nats_refuses_a_revoked_workload_again(
-    tmp_path: Path, bucket: str, event: str, guard: float, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    bucket: str,
+    event: str,
+    guard: float,
+    reconfigured: bool,
+    caplog: pytest.LogCaptureFixture,
 ):
     """After a restart (stop, start on the same port and configuration) or a reload (SIGHUP) of
     the operator's server, the revoked workload is refused within BOUND and at every attempt
-    from its first refusal on; before that it may be admitted (the server's configuration was
-    written before the revocation). A bystander's reconnecting connection comes back and works.
+    from its first refusal on; before that it may be admitted when the server's accounts file
+    was written before the revocation, never when it was written after. A bystander's
+    reconnecting connection comes back and works.
     """
     caplog.set_level(logging.DEBUG, logger="agentmesh.registry")
     data = tmp_path / "control"
@@ -126,6 +158,8 @@ async def test_a_restarted_or_reloaded_operator_run_nats_refuses_a_revoked_workl
             revoked = await arun_cli("identity", "revoke", "--name", VICTIM, env=cli)
             assert revoked.returncode == 0, revoked.stderr
             assert await _knock(server.url, victim) == "refused"
+            if reconfigured:
+                nats_config(data, tmp_path / "etc-nats")
 
             outcomes: list[Outcome] = []
             stop = asyncio.Event()
@@ -149,6 +183,9 @@ async def test_a_restarted_or_reloaded_operator_run_nats_refuses_a_revoked_workl
             readmitted = [t for t, o in after if o == "admitted" and t > first]
             assert not readmitted, f"admitted again after its first refusal: {after}"
             assert after[-1][0] - first >= KNOCKING, f"refused first at {first}: {after}"
+            if reconfigured:
+                admitted = [round(t - since, 2) for t, o in outcomes if o == "admitted"]
+                assert not admitted, f"admitted at {admitted} (s after the restart)"
 
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(bystander_conn.connected.wait(), BOUND)
@@ -171,3 +208,38 @@ async def _refused_for(outcomes: list[Outcome], since: float) -> None:
         if refused and outcomes[-1][0] - refused[0] >= KNOCKING:
             return
         await asyncio.sleep(0.1)
+
+
+def test_nats_config_preloads_the_kept_revocations_and_refuses_a_list_it_cannot_verify(
+    tmp_path: Path,
+):
+    """`agentmesh nats-config` writes the mesh account with the revocations of the list the
+    control plane keeps in its data dir (the same JWT a push carries); a kept list that does not
+    verify against the roots there is an error naming it, never a file without revocations."""
+    ca = mesh_ca().ca
+    data = tmp_path / "data"
+    (data / STATE_DIR).mkdir(parents=True)
+    (data / ROOTS_FILE).write_text("".join(pem(c) for c in ca.roots))
+    key = NKey.generate(USER).public
+    now = datetime.now(UTC)
+    listed = RevocationList(
+        revoked=[
+            Revocation(
+                serial="1f", not_after=now + timedelta(hours=1), revoked_at=now, nats_key=key
+            )
+        ]
+    )
+    version = 1_796_659_309_123_456
+    signed = ca.sign_state("revocations", version, listed)
+    (data / STATE_DIR / KEPT_REVOCATIONS).write_text(signed.model_dump_json())
+    made = run_cli("nats-config", "--data-dir", str(data), env=cli_env())
+    assert made.returncode == 0, made.stderr
+    expected = NatsAuthority.open(data).account_jwt(revoked_keys(listed), version)
+    assert f'"{expected}"' in made.stdout
+
+    other, _ = write_root_ca(tmp_path / "other", TD)
+    (data / ROOTS_FILE).write_text(other.read_text())
+    refused = run_cli("nats-config", "--data-dir", str(data), env=cli_env())
+    assert refused.returncode != 0
+    assert str(data / STATE_DIR / KEPT_REVOCATIONS) in refused.stderr, refused.stderr
+    assert "cannot be verified" in refused.stderr
