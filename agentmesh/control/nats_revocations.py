@@ -45,11 +45,14 @@ from typing import Any
 
 import nats.errors
 
+from agentmesh.control.kept import KEPT_REVOCATIONS, kept
 from agentmesh.errors import ConfigurationError, MeshError, RegistryUnavailable
 from agentmesh.models import RevocationList
 from agentmesh.registry.connection import NatsConnection
 from agentmesh.security.nats_auth import NatsAuthority, revocations_version
 from agentmesh.security.nats_client import nats_credentials, signed_by
+from agentmesh.security.pki import load_certs
+from agentmesh.security.signed import StateTrust
 from agentmesh.security.workload import WorkloadIdentity
 from agentmesh.settings import Settings
 
@@ -85,10 +88,6 @@ def kept_account_jwt(
     A kept list that does not verify is an error, not a file without revocations: the operator
     would otherwise write a configuration that readmits revoked workloads at every restart.
     """
-    from agentmesh.control.kept import KEPT_REVOCATIONS, kept
-    from agentmesh.security.pki import load_certs
-    from agentmesh.security.signed import StateTrust
-
     path = state_dir / KEPT_REVOCATIONS
     value = kept(path)
     if value is None:
