@@ -242,7 +242,11 @@ class _IdsOnlyTracer(trace.NoOpTracer):
     ) -> Span:
         parent = trace.get_current_span(context).get_span_context()
         if parent.is_valid:
-            trace_id, sampled, state = parent.trace_id, parent.trace_flags.sampled, parent.trace_state
+            trace_id, sampled, state = (
+                parent.trace_id,
+                parent.trace_flags.sampled,
+                parent.trace_state,
+            )
         else:
             trace_id = random.getrandbits(128) or 1
             sampled, state = _root_sampled(trace_id), None
