@@ -41,6 +41,7 @@ NEVER = (
     "yaml",
     "aiohttp",
     "opentelemetry.sdk",
+    "websockets",
 )
 
 NO_TRACING_CONFIGURED = dict.fromkeys(
@@ -58,7 +59,11 @@ async def test_an_agent_answers_its_first_call_without_the_other_commands_import
 ) -> None:
     file = tmp_path / "start_probe.py"
     file.write_text(AGENT)
-    await spawn_agent(file, env=NO_TRACING_CONFIGURED)
+    # As if websockets were installed (uvicorn[standard] installs it): an importable package.
+    installed = tmp_path / "site-packages"
+    (installed / "websockets").mkdir(parents=True)
+    (installed / "websockets" / "__init__.py").write_text('"""Not the real one."""\n')
+    await spawn_agent(file, env={"PYTHONPATH": str(installed), **NO_TRACING_CONFIGURED})
     loaded = await mesh.call("loaded_modules", {}, retries=0)
     assert {"agentmesh.agent", "agentmesh.cli.run", "uvicorn"} <= set(loaded)
     assert [m for m in loaded if any(m == n or m.startswith(f"{n}.") for n in NEVER)] == []
