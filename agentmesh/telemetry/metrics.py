@@ -22,6 +22,7 @@ __all__ = [
     "OUTBOUND_REQUESTS",
     "OUTBOUND_RETRIES",
     "REGISTRY_INSTANCES",
+    "REGISTRY_OVER_CAP",
     "RETRY_BUDGET_EXHAUSTED",
     "labelled",
 ]
@@ -62,6 +63,11 @@ OUTBOUND_IN_FLIGHT = Gauge(
 REGISTRY_INSTANCES = Gauge(
     "agentmesh_registry_instances",
     "Live agent instances in this sidecar's registry index.",
+)
+REGISTRY_OVER_CAP = Counter(
+    "agentmesh_registry_over_cap",
+    "Registry records ignored because their agent has AGENTMESH_REGISTRY_MAX_INSTANCES_PER_AGENT "
+    "instances in the index already (no agent label: the names come from the registry).",
 )
 LEASE_RENEWALS = Counter(
     "agentmesh_lease_renewals",
