@@ -12,7 +12,6 @@ import asyncio
 import functools
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from packaging.version import Version
 from pydantic import ValidationError
 
 from agentmesh._tasks import stop_task
+from agentmesh._throttle import DropLog
 from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
@@ -39,8 +39,6 @@ __all__ = ["LocalIndex", "Target", "parse_specifier"]
 _log = logging.getLogger("agentmesh.registry")
 #: Refused values remembered per key (cleared when full): bounds what a flood of them costs.
 _REFUSED_MEMORY = 10_000
-#: Seconds between two warnings about records over an agent's instance cap (a flood logs once).
-_OVER_CAP_LOG_EVERY = 60.0
 
 
 def _digest(value: bytes) -> bytes:
@@ -168,8 +166,7 @@ class LocalIndex:
         #: Verified instances per agent name, against ``max_instances_per_agent``.
         self._per_agent: dict[str, int] = {}
         self.max_instances_per_agent = max_instances_per_agent
-        self._over_cap = 0
-        self._over_cap_logged = -_OVER_CAP_LOG_EVERY
+        self._over_cap = DropLog(_log)
         self._unverified = Unverified(unverified_bytes)
         self._verify_batch = verify_batch
         #: True while verifying or telling listeners: a resolution then (a listener's) answers
@@ -397,18 +394,13 @@ class LocalIndex:
         if held < self.max_instances_per_agent:
             return False
         REGISTRY_OVER_CAP.inc()
-        self._over_cap += 1
-        now = time.monotonic()
-        if now - self._over_cap_logged >= _OVER_CAP_LOG_EVERY:
-            _log.warning(
-                "ignoring %d registry record(s) (last %r): agent %r has %d instances, the cap "
-                "(AGENTMESH_REGISTRY_MAX_INSTANCES_PER_AGENT)",
-                self._over_cap,
-                key,
-                _agent_of(key),
-                self.max_instances_per_agent,
-            )
-            self._over_cap_logged, self._over_cap = now, 0
+        self._over_cap.drop(
+            "ignored %d registry record(s) (last %r): agent %r has %d instances, the cap "
+            "(AGENTMESH_REGISTRY_MAX_INSTANCES_PER_AGENT)",
+            key,
+            _agent_of(key),
+            self.max_instances_per_agent,
+        )
         return True
 
     def _was_refused(self, key: str, value: bytes) -> bool:

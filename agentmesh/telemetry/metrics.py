@@ -17,6 +17,7 @@ __all__ = [
     "INBOUND_LATENCY",
     "INBOUND_REQUESTS",
     "LEASE_RENEWALS",
+    "NATS_DROPPED",
     "OUTBOUND_IN_FLIGHT",
     "OUTBOUND_LATENCY",
     "OUTBOUND_REQUESTS",
@@ -68,6 +69,12 @@ REGISTRY_OVER_CAP = Counter(
     "agentmesh_registry_over_cap",
     "Registry records ignored because their agent has AGENTMESH_REGISTRY_MAX_INSTANCES_PER_AGENT "
     "instances in the index already (no agent label: the names come from the registry).",
+)
+NATS_DROPPED = Counter(
+    "agentmesh_nats_dropped",
+    "NATS messages dropped because the subscription's pending buffer was full (a slow "
+    "consumer), by subscription subject.",
+    ["subscription"],
 )
 LEASE_RENEWALS = Counter(
     "agentmesh_lease_renewals",
