@@ -25,8 +25,13 @@ __all__ = [
     "REGISTRY_INSTANCES",
     "REGISTRY_OVER_CAP",
     "RETRY_BUDGET_EXHAUSTED",
+    "UNKNOWN_CAPABILITY",
     "labelled",
 ]
+
+#: The capability label of calls to a name nobody serves: names come from callers and apps (an
+#: LLM's tool call, a typo), and each label value is a child kept for the process's life.
+UNKNOWN_CAPABILITY = "_unknown"
 
 INBOUND_REQUESTS = Counter(
     "agentmesh_inbound_requests",
