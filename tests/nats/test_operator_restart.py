@@ -24,6 +24,7 @@ from agentmesh.control.ca import write_root_ca
 from agentmesh.control.kept import KEPT_REVOCATIONS, STATE_DIR
 from agentmesh.control.nats_revocations import revoked_keys
 from agentmesh.models import Revocation, RevocationList
+from agentmesh.nats_server import NatsServer
 from agentmesh.registry import NatsConnection
 from agentmesh.security.files import ROOTS_FILE
 from agentmesh.security.identity import SpiffeId
@@ -49,9 +50,11 @@ VICTIM = "revoked-before-restart"
 BOUND = 20.0
 #: How long the victim keeps knocking after its first refusal.
 KNOCKING = 3.0
+_RELOADED = "Reloaded server configuration"
 #: Pause between two knocks.
 _PAUSE = 0.05
 
+#: (monotonic time the knock started, its outcome).
 Outcome = tuple[float, str]
 
 
@@ -80,11 +83,23 @@ async def _knock(url: str, user: NatsUser) -> str:
 
 
 async def _knocking(url: str, user: NatsUser, outcomes: list[Outcome], stop: asyncio.Event) -> None:
-    """Knock until ``stop``, recording (monotonic time, outcome). Not cancelled: nats-py's
+    """Knock until ``stop``, recording when each knock started and its outcome. Not cancelled: nats-py's
     connect may swallow a cancellation."""
     while not stop.is_set():
-        outcomes.append((time.monotonic(), await _knock(url, user)))
+        started = time.monotonic()
+        outcomes.append((started, await _knock(url, user)))
         await asyncio.sleep(_PAUSE)
+
+
+async def _reloaded(server: NatsServer) -> None:
+    """SIGHUP, and return once the server's log says it reloaded (it does so asynchronously: a
+    knock started before then may still meet the configuration it had)."""
+    reloads = server.log_path.read_text().count(_RELOADED)
+    server.reload()
+    deadline = time.monotonic() + BOUND
+    while server.log_path.read_text().count(_RELOADED) == reloads:
+        assert time.monotonic() < deadline, f"no reload in {BOUND}s: {server.log_path}"
+        await asyncio.sleep(0.02)
 
 
 async def _answers(conn: NatsConnection, subject: str) -> bytes:
@@ -169,7 +184,7 @@ async def test_a_restarted_or_reloaded_operator_run_nats_refuses_a_revoked_workl
                     server.stop()
                     await server.start_async()
                 else:
-                    server.reload()
+                    await _reloaded(server)
                 since = time.monotonic()
                 await _refused_for(outcomes, since)
             finally:
