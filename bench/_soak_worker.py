@@ -53,11 +53,22 @@ def say(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def snapshot() -> tracemalloc.Snapshot:
+    """The live allocations, less tracemalloc's own (the first snapshot is one of them)."""
+    return tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)]
+    )
+
+
 def write_growth(first: tracemalloc.Snapshot, out: Path) -> None:
-    """The 15 source lines whose live allocations grew most since ``first``, then the full
-    tracebacks of the top 3."""
-    last = tracemalloc.take_snapshot()
-    lines = [f"growth after {TRACE_FROM:g}s warm-up until SIGTERM, top 15 by line:"]
+    """The total, the 15 source lines whose live allocations grew most since ``first``, then
+    the full tracebacks of the top 3."""
+    last = snapshot()
+    before, after = (sum(t.size for t in snap.traces) / 1024 for snap in (first, last))
+    lines = [
+        f"traced Python memory {before:.0f} KiB -> {after:.0f} KiB ({after - before:+.0f} KiB)",
+        f"growth after {TRACE_FROM:g}s warm-up until SIGTERM, top 15 by line:",
+    ]
     lines += [str(stat) for stat in last.compare_to(first, "lineno")[:15]]
     for stat in last.compare_to(first, "traceback")[:3]:
         lines += ["", str(stat), *stat.traceback.format()]
@@ -97,7 +108,7 @@ async def main(instances: int, report: float) -> None:
         except TimeoutError:
             say(event="rss", rss_kib=rss_kib(), renewals=sum(lease.renewals for lease in leases))
             if trace_dir and first is None and time.monotonic() >= trace_at:
-                first = tracemalloc.take_snapshot()
+                first = snapshot()
     if first is not None:
         write_growth(first, Path(trace_dir or ".") / f"worker-{os.getpid()}.txt")
     say(event="stopping", leases=len(leases))
