@@ -236,6 +236,7 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
             stop.set()
             await asyncio.gather(*tasks)
             series.sample()
+            series.mark("stop")
             print(
                 f"  (before stopping the workers: {run.calls} calls, {len(run.failures)} failed, "
                 f"longest registry write gap {run.longest_write_stall:.1f}s)",
@@ -284,7 +285,7 @@ async def _sampling(series: RssSeries, every: float, stop: asyncio.Event) -> Non
 
 def _windows(series: RssSeries) -> list[tuple[str, float, float]]:
     """First half after warm-up up to the kill; second half once the restarted node settled."""
-    end = series.now()
+    end = series.marks.get("stop", series.now())
     kill = series.marks.get("kill", end / 2)
     whole = series.marks.get("whole", kill)
     return [("1st half", min(WARMUP, kill / 2), kill), ("2nd half", whole + SETTLE, end)]
