@@ -283,13 +283,13 @@ class Agent:
         assert self.endpoint is not None
         if self._lease.reachable:
             try:
-                await asyncio.wait_for(
-                    self._lease.update(self.record(self.endpoint, "draining")), timeout=2.0
-                )
+                async with asyncio.timeout(2.0):
+                    await self._lease.update(self.record(self.endpoint, "draining"))
             except Exception as exc:
                 _log.warning("could not mark %s draining: %s", self.instance_id, exc or "timeout")
         try:
-            await asyncio.wait_for(app.idle.wait(), timeout=grace)
+            async with asyncio.timeout(grace):
+                await app.idle.wait()
         except TimeoutError:
             _log.warning(
                 "%s: %d call(s) still running after %gs grace", self.name, app.in_flight, grace

@@ -61,9 +61,8 @@ async def live_control(value: str) -> str:
     refused: list[str] = []
     for url in urls:
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(*_address(url)), _CONNECT_TIMEOUT
-            )
+            async with asyncio.timeout(_CONNECT_TIMEOUT):
+                _, writer = await asyncio.open_connection(*_address(url))
         except (OSError, TimeoutError) as exc:
             refused.append(f"{url} ({exc or type(exc).__name__})")
             continue

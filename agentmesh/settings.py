@@ -80,6 +80,15 @@ class Settings(BaseSettings):
         "about a second and agents should be too; a fleet of a few thousand reconnecting at "
         "4/s each is still little work for nats-server.",
     )
+    nats_refused_wait_max: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest pause, in seconds, between a client's attempts to reconnect with "
+        "credentials NATS refuses (revoked or expired): the pauses double from "
+        "AGENTMESH_NATS_RECONNECT_WAIT up to this. Only an operator's re-enrolment or a renewal "
+        "changes a refusal (a renewal retries at once), so retrying faster only loads the "
+        "server; as long as the certificate renewal's own longest retry pause.",
+    )
     nats_connect_timeout: float = Field(
         default=2.0,
         gt=0,

@@ -26,6 +26,7 @@ from agentmesh.nats_server import NatsServer
 from agentmesh.registry import NatsConnection
 from agentmesh.security.nats_auth import AUTH_DIR
 from tests.control.control_process import cli_env, run_cli
+from tests.freeze import freeze
 
 __all__ = ["DEPLOY", "NODES", "NatsCluster"]
 
@@ -202,7 +203,7 @@ class NatsCluster:
         """SIGSTOP: the node hangs (a stalled VM, a GC pause); :meth:`resume` ends it."""
         pid = self.servers[node].pid
         assert pid is not None, f"nats-{node} is not running"
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         return pid
 
     def resume(self, pid: int) -> None:

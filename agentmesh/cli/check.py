@@ -221,7 +221,8 @@ async def _nats_checks(
         results.append(_nats_auth_check(conn))
         js = nc.jetstream()
         try:
-            info = await asyncio.wait_for(js.account_info(), 3.0)
+            async with asyncio.timeout(3.0):
+                info = await js.account_info()
         except Exception as exc:
             results.append(
                 _Check(
@@ -235,7 +236,8 @@ async def _nats_checks(
             return results
         results.append(_Check("JetStream", True, f"enabled ({info.streams} stream(s))"))
         try:
-            kv = await asyncio.wait_for(js.key_value(bucket), 3.0)
+            async with asyncio.timeout(3.0):
+                kv = await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             results.append(
                 _Check(
@@ -248,7 +250,8 @@ async def _nats_checks(
             )
             return results
         try:
-            keys = await asyncio.wait_for(kv.keys(), 3.0)
+            async with asyncio.timeout(3.0):
+                keys = await kv.keys()
         except nats.js.errors.NoKeysError:
             keys = []
         hint = None if keys else "start one with `agentmesh run my_agent.py`"

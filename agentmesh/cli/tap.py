@@ -139,7 +139,8 @@ async def _tap(
         announcer = loop.create_task(announce())
         try:
             try:
-                await asyncio.wait_for(first_ack.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await first_ack.wait()
                 await asyncio.sleep(0.2)  # let the other instances answer too
             except TimeoutError:
                 pass
@@ -196,7 +197,8 @@ async def _print_events(
         if timeout is not None and timeout <= 0:
             return
         try:
-            data = await asyncio.wait_for(events.get(), timeout)
+            async with asyncio.timeout(timeout):
+                data = await events.get()
         except TimeoutError:
             return
         try:

@@ -101,21 +101,22 @@ class Issuer:
         #: Signs a NATS user JWT into each certificate answer that asks (``nats_key``).
         self.nats: NatsAuthority | None = None
         self._registry_bucket = ""
-        #: Told the revocation list in force after each change and each guard tick (NATS's own
+        #: Called after each change of the revocation list and each guard tick (NATS's own
         #: revocations: ``agentmesh.control.nats_revocations``).
-        self._on_revocations: Callable[[RevocationList], Awaitable[None]] | None = None
+        self._on_revocations: Callable[[], Awaitable[None]] | None = None
 
     def use_nats(self, authority: NatsAuthority, registry_bucket: str) -> None:
         """Hand out NATS credentials with certificates (the control plane's NATS trusts them)."""
         self.nats, self._registry_bucket = authority, registry_bucket
 
-    def on_revocations(self, listener: Callable[[RevocationList], Awaitable[None]]) -> None:
-        """Call ``listener`` with the list in force whenever it changes, and at each guard."""
+    def on_revocations(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Call ``listener`` whenever the list changes, and at each guard (it reads the list
+        itself: :meth:`signed_revocations`)."""
         self._on_revocations = listener
 
     async def _revocations_changed(self) -> None:
         if self._on_revocations is not None:
-            await self._on_revocations(self._revocations[0])
+            await self._on_revocations()
 
     def keep_in(self, directory: Path) -> None:
         """Keep the revocation list in ``directory`` too, and start from the copy kept there."""
@@ -413,6 +414,13 @@ class Issuer:
     async def revocation_list(self) -> RevocationList:
         """The revocation list in force: KV's if the CA signed it and it is not older than ours."""
         return (await self._read_revocations())[0]
+
+    async def signed_revocations(self) -> tuple[int, RevocationList]:
+        """(version, list) of the list in force, read from KV now: the newest this control
+        plane has verified (0 before any was signed)."""
+        await self._read_revocations()
+        document, state = self._revocations
+        return (state.version if state is not None else 0), document
 
     async def blocked_since(self, spiffe_id: str) -> datetime | None:
         """When ``spiffe_id`` was last revoked by name (tokens older than that cannot enrol it)."""

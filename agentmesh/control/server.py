@@ -188,7 +188,7 @@ async def _nats_revocations(
         store = nats.server.store_dir
         pusher.keep_in_config(lambda jwt: write_server_config(store, authority, jwt))
     try:
-        await pusher.start(await issuer.revocation_list())
+        await pusher.start(issuer.signed_revocations)
     except MeshError as exc:
         _log.warning(
             "revocations cannot reach NATS (%s): a revoked workload keeps NATS until its JWT "

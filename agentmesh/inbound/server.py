@@ -117,7 +117,8 @@ class HttpServer:
         self._server.should_exit = True
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), self._graceful + 1.0)
+                async with asyncio.timeout(self._graceful + 1.0):
+                    await asyncio.shield(self._task)
             except TimeoutError:
                 self._server.force_exit = True
                 for connection in list(self._server.server_state.connections):
@@ -125,7 +126,8 @@ class HttpServer:
                     if transport is not None:
                         transport.close()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._task, 2.0)
+                    async with asyncio.timeout(2.0):
+                        await self._task  # the timeout cancels it
             except Exception:
                 pass
             await stop_task(self._task, f"HTTP server on port {self.port}")

@@ -399,7 +399,8 @@ class PolicyCache:
 
     async def wait_synced(self, timeout: float) -> None:
         try:
-            await asyncio.wait_for(self.synced.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.synced.wait()
         except TimeoutError as exc:
             raise RegistryUnavailable(
                 f"policy bucket {self.store.bucket!r} did not deliver its initial view "

@@ -126,7 +126,8 @@ class AppProcess:
         if proc.returncode is None:
             self.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), self._grace)
+                async with asyncio.timeout(self._grace):
+                    await proc.wait()
             except TimeoutError:
                 _log.warning(
                     "the app (pid %d) ignored SIGTERM for %gs: killed", proc.pid, self._grace

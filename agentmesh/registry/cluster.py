@@ -103,7 +103,8 @@ class ServerFollower:
     async def _follow(self) -> None:
         while not self._conn.connected.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._conn.connected.wait(), self._after)
+                async with asyncio.timeout(self._after):
+                    await self._conn.connected.wait()
                 return
             try:
                 servers = split_urls(await self._source())

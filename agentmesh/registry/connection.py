@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
+from nats.errors import AuthorizationError
 
 from agentmesh._tasks import STOP_WAIT
 from agentmesh.errors import RegistryUnavailable
@@ -55,6 +56,10 @@ _MAX_PINGS_OUT = 2
 the operator's setting (AGENTMESH_NATS_PING_INTERVAL), this only how many of them."""
 _MAX_INFO = 64 * 1024
 """The server's first line (INFO) is a few hundred bytes; more is not a NATS server."""
+_REENROL = (
+    "re-enrol it with a new join token (`agentmesh token create` on the control plane, "
+    "given to it as AGENTMESH_JOIN_TOKEN)"
+)
 
 
 class NatsConnection:
@@ -72,13 +77,21 @@ class NatsConnection:
         ping_interval: float = 2.0,
         reconnect_wait: float = 0.25,
         server_timeout: float = 2.0,
+        refused_wait_max: float = 30.0,
         credentials: Credentials | None = None,
+        identity: Callable[[], str | None] | None = None,
     ) -> None:
-        """The timings are settings (``AGENTMESH_NATS_*``; sidecar.py passes them)."""
+        """The timings are settings (``AGENTMESH_NATS_*``; sidecar.py passes them).
+        ``identity``: the mesh identity the credentials are for (SPIFFE ID), for the log."""
         self.servers = split_urls(url)
         self.url = ",".join(self.servers)
         self.name = name
         self._credentials = credentials
+        self._identity = identity
+        #: Reconnect attempts NATS refused our credentials at since it last admitted us.
+        self.refusals = 0
+        self._refused_wait_max = refused_wait_max
+        self._retry_now = asyncio.Event()
         #: The server's INFO at the last :meth:`probe`: ``auth_required``/``tls_required`` say
         #: whether the substrate is open (the control plane and ``agentmesh check`` warn if so).
         self.server_info: dict[str, Any] = {}
@@ -143,6 +156,9 @@ class NatsConnection:
         async def reconnected() -> None:
             self.connected.set()
             self._renewing = None
+            if self.refusals:
+                _log.info("NATS at %s admits %s again", self.url, self._who())
+                self.refusals = 0
             _log.info("reconnected to NATS at %s", self.url)
             for listener in list(self._on_reconnect):
                 try:
@@ -154,16 +170,31 @@ class NatsConnection:
 
         async def error(exc: Exception) -> None:
             _log.debug("NATS %s: %s", self.url, exc)
-            if not refused.done() and _is_refusal(exc):
-                refused.set_result(exc)  # the first connect: a refusal ends it at once
+            if not refused.done():
+                if _is_refusal(exc):
+                    refused.set_result(exc)  # the first connect: a refusal ends it at once
+            elif _credentials_refused(exc) and not self._closing:
+                await self._back_off(exc)
 
         async def closed() -> None:
             self.connected.clear()
-            if self._nc is not None and not self._closing:  # not a first connect that failed
+            if self._nc is None or self._closing:  # a first connect that failed, or ours
+                return
+            reason = self._nc.last_error
+            if reason is not None and _credentials_refused(reason):
+                _log.error(
+                    "NATS at %s closed the connection of %s (%s): its credentials are revoked "
+                    "or expired, and no reconnect follows; %s, and restart it",
+                    self.url,
+                    self._who(),
+                    reason,
+                    _REENROL,
+                )
+            else:
                 _log.error(
                     "NATS at %s closed this connection for good (%s); restart this process",
                     self.url,
-                    self._nc.last_error or "no reason given",
+                    reason or "no reason given",
                 )
 
         # nats-py annotates some of these as int, but takes seconds as floats.
@@ -229,12 +260,46 @@ class NatsConnection:
 
         The server closes a connection whose user JWT expires, and nats-py then gives up for
         good; reconnecting at renewal (half the certificate's life) means that never happens.
+        A reconnect that waits out a refusal of the old credentials tries the new ones at once.
         """
+        self._retry_now.set()
         nc = self._nc
         if nc is None or not nc.is_connected or not self._jwt_presented:
             return  # an open NATS never saw the JWT: nothing expires there
         task = asyncio.get_running_loop().create_task(nc.force_reconnect())
         self._renewing = task  # held: the loop keeps only weak references to tasks
+
+    async def _back_off(self, exc: Exception) -> None:
+        """NATS refused our credentials at a reconnect (revoked or expired while we were away):
+        say so once, then pause before the next attempt, doubling from the reconnect wait up to
+        ``refused_wait_max``, so a refused workload does not knock 4 times a second for ever.
+        New credentials end a pause. nats-py awaits its error callback between attempts; the
+        attempts counted in tests/nats/test_embedded.py (``..._backs_off_says_why_...``) hold
+        it to that."""
+        if not self.refusals:
+            _log.error(
+                "NATS at %s refused %s (%s): its credentials are revoked or expired; retrying "
+                "at most every %gs. To readmit it, %s",
+                self.url,
+                self._who(),
+                exc,
+                self._refused_wait_max,
+                _REENROL,
+            )
+        pause = min(self._reconnect_wait * 2 ** min(self.refusals, 32), self._refused_wait_max)
+        self.refusals += 1
+        # Set already: credentials came since the last pause, maybe while the refused attempt
+        # was under way with the old ones; the next attempt has them.
+        if not self._retry_now.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._retry_now.wait()
+        self._retry_now.clear()
+
+    def _who(self) -> str:
+        """This connection's name, and the mesh identity its credentials are for."""
+        identity = self._identity() if self._identity is not None else None
+        return f"{self.name} ({identity})" if identity else self.name
 
     async def probe(self, timeout: float = 5.0) -> dict[str, Any]:
         """Read the first server's INFO (into :attr:`server_info`) without connecting as a
@@ -259,6 +324,8 @@ class NatsConnection:
                 "(AGENTMESH_MTLS must not be off), or set AGENTMESH_NATS_CREDS_FILE / "
                 "AGENTMESH_NATS_TLS_CA_FILE for an operator-run NATS"
             )
+            if _credentials_refused(exc):
+                hint += f"; credentials revoked or expired: {_REENROL}"
         return RegistryUnavailable(f"NATS at {self.url}: cannot connect ({reason}); {hint}")
 
     async def close(self) -> None:
@@ -271,7 +338,8 @@ class NatsConnection:
             # waits for a flush that a hung server never answers (10 s), past any bound set here.
             # Bounded all the same: a TLS close waits for the server's close_notify.
             try:
-                await asyncio.wait_for(self._nc.close(), STOP_WAIT)
+                async with asyncio.timeout(STOP_WAIT):
+                    await self._nc.close()
             except Exception as exc:
                 _log.warning("NATS at %s: not closed cleanly (%r); dropped", self.url, exc)
         self._nc = None
@@ -287,7 +355,8 @@ async def _reachable(servers: list[str], timeout: float) -> None:
         parsed = urlsplit(url)
         host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             error = exc
             continue
@@ -296,6 +365,20 @@ async def _reachable(servers: list[str], timeout: float) -> None:
             await writer.wait_closed()
         return
     raise error
+
+
+def _credentials_refused(exc: BaseException) -> bool:
+    """The server refused our credentials (at a reconnect: "Authorization Violation"), or
+    ended them ("User Authentication Revoked" / "... Expired"): the same ones cannot succeed."""
+    text = str(exc).lower()
+    return isinstance(exc, AuthorizationError) or any(
+        marker in text
+        for marker in (
+            "authorization violation",
+            "authentication revoked",
+            "authentication expired",
+        )
+    )
 
 
 def _is_refusal(exc: BaseException) -> bool:
@@ -309,11 +392,11 @@ async def _server_info(url: str, timeout: float) -> dict[str, Any]:
     """The server's INFO (sent in plain text before any TLS or authentication)."""
     parsed = urlsplit(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, limit=_MAX_INFO), timeout
-    )
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, limit=_MAX_INFO)
     try:
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
     except (ValueError, OSError, TimeoutError):  # a TLS-first server says nothing: no INFO
         line = b""
     finally:

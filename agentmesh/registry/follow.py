@@ -70,7 +70,8 @@ class BucketFollower:
         if watcher is not None:
             # Bounded: the unsubscribe waits its turn in nats-py's write queue.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(watcher.stop(), STOP_WAIT)
+                async with asyncio.timeout(STOP_WAIT):
+                    await watcher.stop()
 
     async def _run(self) -> None:
         backoff = 0.1

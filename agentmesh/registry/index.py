@@ -514,6 +514,7 @@ class LocalIndex:
 
 async def _within(event: asyncio.Event, timeout: float, failure: Callable[[], str]) -> None:
     try:
-        await asyncio.wait_for(event.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await event.wait()
     except TimeoutError as exc:
         raise RegistryUnavailable(failure()) from exc

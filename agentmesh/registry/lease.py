@@ -36,6 +36,8 @@ class Lease:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.renewals = 0
+        #: Heartbeats in a row whose renewal failed for want of NATS.
+        self.failures = 0
 
     async def acquire(self) -> None:
         """Register the record and start renewing it."""
@@ -111,9 +113,22 @@ class Lease:
             try:
                 await self._write()
             except RegistryUnavailable as exc:
-                _log.warning("lease renewal failed (will retry): %s", exc)
+                # Once per outage: NATS away (or closed, credentials revoked) fails every
+                # heartbeat alike, and the connection says why.
+                level = logging.DEBUG if self.failures else logging.WARNING
+                self.failures += 1
+                _log.log(level, "lease renewal failed (will retry): %s", exc)
+                continue
             except Exception:
                 _log.exception("lease renewal failed")
+                continue
+            if self.failures:
+                _log.info(
+                    "lease of %s renewed after %d failed renewal(s)",
+                    self.record.instance_id,
+                    self.failures,
+                )
+                self.failures = 0
 
     async def _write(self) -> None:
         async with self._lock:

@@ -40,12 +40,13 @@ from typing import Any
 from agentmesh.errors import ConfigurationError
 from agentmesh.security.files import read_secret, write_private
 from agentmesh.security.identity import SpiffeId
-from agentmesh.security.natsjwt import ACCOUNT, OPERATOR, USER, NKey, encode_jwt
+from agentmesh.security.natsjwt import ACCOUNT, OPERATOR, USER, NKey, decode_jwt_claims, encode_jwt
 
 __all__ = [
     "AUTH_DIR",
     "NatsAuthority",
     "inbox_prefix",
+    "revocations_version",
     "user_permissions",
 ]
 
@@ -67,6 +68,12 @@ _ACCOUNT_LIMITS = {
 #: written again (with new revocations), and nats-server refuses a reload that changes its
 #: trusted operators.
 _OPERATOR_ISSUED_AT = 0
+#: The mesh account's JWT names the version of the signed revocation list it was made from (a
+#: tag: NATS keeps it and answers it back), so that a control plane sees whether a server holds
+#: a newer list than the one it is about to push (``agentmesh.control.nats_revocations``).
+_REVOCATIONS_TAG = "agentmesh-revocations-v"
+#: Versions of signed state are microseconds since the epoch (``security/signed.py``).
+_VERSION_PER_SECOND = 1_000_000
 #: Non-zero storage turns JetStream on for the mesh's account.
 _JETSTREAM = {
     "mem_storage": _NO_LIMIT,
@@ -215,13 +222,27 @@ class NatsAuthority:
             "}\n"
         )
 
-    def account_jwt(self, revoked: Mapping[str, int] | None = None) -> str:
+    def account_jwt(self, revoked: Mapping[str, int] | None = None, version: int = 0) -> str:
         """The mesh account's JWT; ``revoked``: user public NKEY → a time (Unix seconds): the
-        server refuses that key's JWTs issued at or before it, and closes their connections."""
-        claims: dict[str, Any] = {"type": "account", "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM}}
+        server refuses that key's JWTs issued at or before it, and closes their connections.
+
+        ``version``: the signed revocation list's, named in a tag and as ``iat``: every control
+        plane makes the same JWT of the same list (a server that has it takes it as no change).
+        """
+        claims: dict[str, Any] = {
+            "type": "account",
+            "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM},
+            "tags": [f"{_REVOCATIONS_TAG}{version}"],
+        }
         if revoked:
             claims["revocations"] = dict(sorted(revoked.items()))
-        return encode_jwt(self.operator, self.account.public, claims, name="agentmesh")
+        return encode_jwt(
+            self.operator,
+            self.account.public,
+            claims,
+            name="agentmesh",
+            issued_at=version // _VERSION_PER_SECOND,
+        )
 
     def user_jwt(
         self, identity: SpiffeId, user_key: str, *, bucket: str, expires: float | None
@@ -253,3 +274,15 @@ class NatsAuthority:
         """A JWT and key for this very process (it holds the account key: no enrolment)."""
         user = NKey.generate(USER)
         return self.user_jwt(identity, user.public, bucket=bucket, expires=None), user
+
+
+def revocations_version(account_jwt: str) -> int:
+    """The revocation list version an account JWT of :meth:`NatsAuthority.account_jwt` was made
+    from; 0 for one without (an older agentmesh's, or a configuration written by hand)."""
+    tags = decode_jwt_claims(account_jwt).get("nats", {}).get("tags") or []
+    versions = [
+        t.removeprefix(_REVOCATIONS_TAG)
+        for t in tags
+        if isinstance(t, str) and t.startswith(_REVOCATIONS_TAG)
+    ]
+    return max((int(v) for v in versions if v.isdigit()), default=0)

@@ -158,6 +158,7 @@ async def client_connection(
         "ping_interval": settings.nats_ping_interval,
         "reconnect_wait": settings.nats_reconnect_wait,
         "server_timeout": settings.nats_connect_timeout,
+        "refused_wait_max": settings.nats_refused_wait_max,
     }
     conn = NatsConnection(url, name=name, credentials=credentials, **{**timings, **connection})
     if (await conn.probe(timeout)).get("auth_required"):

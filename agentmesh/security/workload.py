@@ -262,7 +262,8 @@ class WorkloadIdentity:
         self.view.on_change(self._view_changed)
         self.view.start(self.store, conn, trust)
         try:
-            await asyncio.wait_for(self.view.synced.wait(), conn.jetstream_wait)
+            async with asyncio.timeout(conn.jetstream_wait):
+                await self.view.synced.wait()
         except TimeoutError as exc:
             raise RegistryUnavailable(
                 f"the revocation list did not arrive within {conn.jetstream_wait:g}s from NATS "

@@ -57,7 +57,9 @@ class Sidecar:
             ping_interval=settings.nats_ping_interval,
             reconnect_wait=settings.nats_reconnect_wait,
             server_timeout=settings.nats_connect_timeout,
+            refused_wait_max=settings.nats_refused_wait_max,
             credentials=nats_credentials(settings, self.identity),
+            identity=self._own_spiffe,
         )
         self.identity.on_nats_renewed(self.conn.credentials_renewed)
         self.store = RegistryStore(self.conn, boot.registry_bucket)

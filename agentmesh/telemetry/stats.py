@@ -305,10 +305,12 @@ class StatsCollector:
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), STOP_WAIT)
+                async with asyncio.timeout(STOP_WAIT):
+                    await sub.unsubscribe()
         if self._conn is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.publish(), STOP_WAIT)
+                async with asyncio.timeout(STOP_WAIT):
+                    await self.publish()
         self._taps.clear()
         self._conn = None
 

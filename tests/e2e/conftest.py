@@ -39,7 +39,7 @@ async def spawn_agent(
 ) -> AsyncIterator[SpawnAgent]:
     """``await spawn_agent(file, *run_args, env={...})`` → a registered AgentProcess.
 
-    The process joins the test's NATS and bucket with 0.25 s heartbeats and a 1 s lease;
+    The process joins the test's NATS and bucket with 0.25 s heartbeats and a 3 s lease;
     ``env`` overrides single variables (None removes one); ``isolated=True`` starts from an
     environment without any ``AGENTMESH_*`` variable instead. ``visible=False`` skips the
     wait for the test's ``mesh`` to see the instance. Gather several spawns to start them in

@@ -191,8 +191,8 @@ async def test_a_700k_key_body_gets_a_bounded_422_while_other_callers_are_served
     mesh: Mesh,
     wait_until: WaitUntil,
 ):
-    # The default lease (3 s, renewed every second), not the suite's 1 s: the agent
-    # lost its lease during a 2.8 s stall; parsing 8 MB of JSON still holds the loop briefly.
+    # The default lease timing (3 s, renewed every second), as the agent had: it lost
+    # its lease during a 2.8 s stall; parsing 8 MB of JSON still holds the loop briefly.
     agent = await spawn_agent(
         agent_file("validated", ECHO),
         env={"AGENTMESH_LEASE_TTL": "3", "AGENTMESH_HEARTBEAT_INTERVAL": "1"},

@@ -11,6 +11,7 @@ import textwrap
 
 from agentmesh import Mesh
 from agentmesh.sidecar.call import OutboundCall
+from tests.freeze import freeze
 
 ECHO = textwrap.dedent(
     """
@@ -54,7 +55,7 @@ async def test_calls_stuck_on_a_sigstopped_replica_are_retried_on_the_other(
         *(mesh.invoke("echo", {"n": n}, affinity_key=key) for n in range(5))
     )
     assert {r.instance_id for r in warm} == {frozen.instance_id}
-    os.kill(frozen.pid, signal.SIGSTOP)
+    freeze(frozen.pid)
     try:
         # The default settings: a 30 s budget, of which one attempt may spend half. Five
         # calls, each first sent to the frozen replica: the breaker's default threshold.

@@ -19,7 +19,7 @@ from tests.control.control_process import ControlProcess, arun_cli
 from .support import (
     EXAMPLE_AGENTS,
     HEARTBEAT,
-    LEASE,
+    SHORT_LEASE,
     AgentProcess,
     clean_env,
     terminate_all,
@@ -36,7 +36,9 @@ class Control(ControlProcess):
         env = {
             "AGENTMESH_REGISTRY_BUCKET": bucket,
             "AGENTMESH_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-            "AGENTMESH_LEASE_TTL": str(LEASE),
+            # Short: the records the agents left expire during a restart, so being listed again
+            # means they re-registered (a stall that lapses one is recovered the same way).
+            "AGENTMESH_LEASE_TTL": str(SHORT_LEASE),
         }
         # A port the kernel never gives an outgoing connection, so the restart can bind it again.
         super().__init__(workdir, env, port=stable_port())

@@ -1,7 +1,7 @@
 """The standalone sidecar with a real Node.js app: inbound, egress, health, isolation.
 
 Every sidecar here is ``python -m agentmesh sidecar`` on the test's NATS and bucket with mTLS
-strict (0.25 s heartbeats, 1 s lease); the app is ``examples/polyglot/app.js``. These tests need
+strict (0.25 s heartbeats, 3 s lease); the app is ``examples/polyglot/app.js``. These tests need
 ``node``; they are skipped only where it is not installed (CI installs it).
 """
 
@@ -48,7 +48,7 @@ pytestmark = needs_node
 
 WaitUntil = Callable[..., Awaitable[float]]
 StartSidecar = Callable[..., Awaitable[SidecarProcess]]
-#: An upper bound for what a heartbeat or a lease (1 s here) settles, generous for two shared
+#: An upper bound for what a heartbeat or a lease (3 s here) settles, generous for two shared
 #: cores under other test suites' load: these tests check the outcome, not how fast it came.
 SETTLE = 15.0
 TEXT = "The mesh carries every call. Agents in any language join it. Node is one of them."

@@ -26,7 +26,7 @@ from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority, inbox_prefix
 from agentmesh.security.natsjwt import USER, NKey
 from agentmesh.security.pki import new_csr, new_key
-from tests.control.control_process import ControlProcess, control_tls
+from tests.control.control_process import ControlProcess, cli_env, control_tls
 
 #: How long a test waits for the server's verdict on one publish (generous: shared machine).
 VERDICT = 5.0
@@ -56,6 +56,17 @@ def embedded_control(
         control.close()
 
 
+def control_cli_env(control: ControlPlane) -> dict[str, str]:
+    """The CLI of ``control``'s machine (its data dir: the admin token and roots)."""
+    return cli_env(
+        {
+            "AGENTMESH_CONTROL_URL": control.url,
+            "AGENTMESH_DATA_DIR": str(control.data_dir),
+            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
+        }
+    )
+
+
 @dataclass
 class NatsUser:
     """What a workload connects to NATS with."""
@@ -80,9 +91,10 @@ def mesh_tls(roots: str) -> ssl.SSLContext:
     return ssl.create_default_context(cadata=roots)
 
 
-async def enrol(control: ControlPlane, identity: SpiffeId) -> NatsUser:
-    """Enrol ``identity`` with the data dir's join token, asking for NATS credentials too."""
-    token = (control.data_dir / "join-token").read_text().strip()
+async def enrol(control: ControlPlane, identity: SpiffeId, token: str | None = None) -> NatsUser:
+    """Enrol ``identity`` with ``token`` (else the data dir's join token), asking for NATS
+    credentials too."""
+    token = token or (control.data_dir / "join-token").read_text().strip()
     issuer = RemoteIssuer(control.url, token, verify=control_tls(control.data_dir))
     bundle = await issuer.trust_bundle()
     user = NKey.generate(USER)
@@ -147,6 +159,60 @@ class Connection:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.nc.close()
+
+
+class Partition:
+    """A TCP path to NATS that a test cuts and restores (one workload away from NATS while
+    the others stay), counting the connections made through it while it is whole."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self.whole = True
+        #: Connections made through it (each a connect attempt of the client behind it).
+        self.connections = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._join, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def cut(self) -> None:
+        """Close every connection through it; new ones are closed at once until restored."""
+        self.whole = False
+        for writer in list(self._open):
+            writer.close()
+
+    def restore(self) -> None:
+        self.whole = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _join(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.whole:
+            writer.close()
+            return
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._open |= {writer, up_writer}
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self._open -= {writer, up_writer}
+            writer.close()
+            up_writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
 
 
 async def connect(url: str, user: NatsUser) -> Connection:

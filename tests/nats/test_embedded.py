@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -17,13 +18,16 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 from uuid import uuid4
 
 import httpx
 import nats.errors
 import pytest
 
+from agentmesh.errors import RegistryUnavailable
 from agentmesh.models import AgentRecord, BreakerEvent, StatsEntry, StatsReport
+from agentmesh.registry import NatsConnection
 from agentmesh.security.identity import SpiffeId
 from agentmesh.security.nats_auth import NatsAuthority
 from agentmesh.security.natsjwt import USER, NKey
@@ -37,8 +41,10 @@ from tests.nats.support import (
     Connection,
     ControlPlane,
     NatsUser,
+    Partition,
     closed_by_server,
     connect,
+    control_cli_env,
     control_user,
     dashboard_says_open,
     embedded_control,
@@ -113,30 +119,44 @@ async def test_a_jwt_is_useless_without_its_key(control: ControlPlane):
         await connect(control.nats_url, stolen)
 
 
-def _cli_env(control: ControlPlane) -> dict[str, str]:
-    return cli_env(
-        {
-            "AGENTMESH_CONTROL_URL": control.url,
-            "AGENTMESH_DATA_DIR": str(control.data_dir),
-            "AGENTMESH_REGISTRY_BUCKET": control.bucket,
-        }
-    )
-
-
-async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane, wait_until: WaitUntil):
+async def test_a_revoked_workload_loses_nats_at_once(
+    control: ControlPlane, wait_until: WaitUntil, caplog: pytest.LogCaptureFixture
+):
     """``identity revoke`` reaches NATS itself: the mesh account's JWT lists the revoked
     certificate's NATS key, the server closes its open connection and refuses its JWT from then
-    on, across a reload of its configuration too; other workloads keep their connections."""
-    victim = await enrol(control, SpiffeId.agent(TD, "revoked-on-nats"))
+    on, across a reload of its configuration too; other workloads keep their connections.
+    A sidecar's connection says so once, naming the workload and what to do (nats-py does not
+    reconnect after that close, so it makes no attempt at all)."""
+    victim_id = SpiffeId.agent(TD, "revoked-on-nats")
+    victim = await enrol(control, victim_id)
     bystander = await enrol(control, SpiffeId.agent(TD, "kept-on-nats"))
     revoked = await connect(control.nats_url, victim)
     kept = await connect(control.nats_url, bystander)
+    sidecar = NatsConnection(
+        control.nats_url,
+        name="revoked-1",
+        credentials=victim.options,
+        identity=lambda: victim_id.uri,
+    )
+    await sidecar.connect()
     try:
         done = await arun_cli(
-            "identity", "revoke", "--name", "revoked-on-nats", env=_cli_env(control)
+            "identity", "revoke", "--name", "revoked-on-nats", env=control_cli_env(control)
         )
         assert done.returncode == 0, done.stderr
         assert await closed_by_server(revoked), revoked.errors
+        # Logged as nats-py's close ends (its closed callback), after the client says closed.
+        await wait_until(lambda: "closed the connection of" in caplog.text, timeout=VERDICT)
+        assert sidecar.client.is_closed
+        closes = [m for r in caplog.records if "closed the connection" in (m := r.getMessage())]
+        assert len(closes) == 1, caplog.text
+        assert f"revoked-1 ({victim_id.uri})" in closes[0]
+        assert "revoked or expired, and no reconnect follows" in closes[0]
+        assert "agentmesh token create" in closes[0]
+        # Started again with the same credentials: refused at once, saying what to do.
+        again = NatsConnection(control.nats_url, name="revoked-2", credentials=victim.options)
+        with pytest.raises(RegistryUnavailable, match="revoked or expired: re-enrol it"):
+            await again.connect()
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await connect(control.nats_url, victim)
         # A reload (the embedded server's TLS renewal does one) starts from the configuration
@@ -154,8 +174,86 @@ async def test_a_revoked_workload_loses_nats_at_once(control: ControlPlane, wait
         await kept.nc.flush(timeout=VERDICT)
         assert kept.nc.is_connected
     finally:
+        await sidecar.close()
         await revoked.close()
         await kept.close()
+
+
+async def test_a_workload_revoked_while_away_backs_off_says_why_and_recovers_when_re_enrolled(
+    control: ControlPlane, wait_until: WaitUntil, caplog: pytest.LogCaptureFixture
+):
+    """Revoked while cut off from NATS, a workload's reconnects are refused ("Authorization
+    Violation"): one ERROR naming it and what to do, then attempts at doubling pauses instead
+    of 4 a second for ever; a bystander keeps its connection; re-enrolled with a token made
+    after the revocation, it is admitted again at once."""
+    caplog.set_level(logging.INFO, logger="agentmesh.registry")
+    victim_id = SpiffeId.agent(TD, "away-when-revoked")
+    users = [await enrol(control, victim_id)]
+    kept = await connect(control.nats_url, await enrol(control, SpiffeId.agent(TD, "stays")))
+    port = urlsplit(control.nats_url).port
+    assert port is not None
+    partition = Partition(port)
+    url = f"tls://127.0.0.1:{await partition.start()}"
+    victim = NatsConnection(
+        url,
+        name="away-1",
+        reconnect_wait=0.25,
+        refused_wait_max=30,
+        credentials=lambda: {
+            **users[0].options(),
+            # Read at each connect, as a sidecar's enrolled credentials are.
+            "user_jwt_cb": lambda: users[-1].options()["user_jwt_cb"](),
+            "signature_cb": lambda nonce: users[-1].options()["signature_cb"](nonce),
+        },
+        identity=lambda: victim_id.uri,
+    )
+    await victim.connect()
+    try:
+        partition.cut()
+        await wait_until(lambda: not victim.connected.is_set(), timeout=VERDICT)
+        done = await arun_cli(
+            "identity", "revoke", "--name", "away-when-revoked", env=control_cli_env(control)
+        )
+        assert done.returncode == 0, done.stderr
+        partition.connections = 0
+        partition.restore()
+        # Pauses of 0.25, 0.5, 1, 2, 4 s (each plus nats-py's own 0.25 s): at most 5 attempts
+        # fit in 8 s however fast the machine; a reconnect loop without them makes over 20.
+        await asyncio.sleep(8)
+        attempts = partition.connections
+        assert 2 <= attempts <= 5, f"{attempts} connect attempts in 8 s"
+        assert not victim.connected.is_set()
+        refusals = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.ERROR and "refused" in r.getMessage()
+        ]
+        assert len(refusals) == 1, refusals
+        assert victim_id.uri in refusals[0]
+        assert "revoked or expired" in refusals[0]
+        assert "agentmesh token create" in refusals[0]
+        await kept.nc.flush(timeout=VERDICT)
+        assert kept.nc.is_connected
+        created = await arun_cli(
+            "token",
+            "create",
+            "--agent",
+            "away-when-revoked",
+            "-o",
+            "json",
+            env=control_cli_env(control),
+        )
+        assert created.returncode == 0, created.stderr
+        token = json.loads(created.stdout)["token"]
+        users.append(await enrol(control, victim_id, token))
+        victim.credentials_renewed()  # as the identity's renewal loop does after enrolling
+        await wait_until(victim.connected.is_set, timeout=VERDICT)
+        assert victim.refusals == 0
+        assert f"admits away-1 ({victim_id.uri}) again" in caplog.text
+    finally:
+        await victim.close()
+        await kept.close()
+        await partition.close()
 
 
 def _report(reporter: str, agent: str, capability: str = "echo") -> bytes:
@@ -364,7 +462,7 @@ async def test_a_consumer_cannot_deliver_into_another_bucket(control: ControlPla
 
 
 async def test_check_says_the_embedded_nats_requires_credentials(control: ControlPlane):
-    done = await arun_cli("check", env=_cli_env(control))
+    done = await arun_cli("check", env=control_cli_env(control))
     assert "✔ NATS auth" in done.stdout, done.stdout
     assert "TLS, credentials required" in done.stdout, done.stdout
     assert "OPEN" not in done.stdout
