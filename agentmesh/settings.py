@@ -212,6 +212,15 @@ class Settings(BaseSettings):
         "records of benchmark S6; past it, values are verified as they arrive (a slower start). "
         "0 verifies every snapshot before using it.",
     )
+    registry_max_instances_per_agent: int = Field(
+        default=10_000,
+        ge=1,
+        description="Instances of one agent name a sidecar's index holds; records of further "
+        "instance ids under that name are ignored (logged, counted in "
+        "agentmesh_registry_over_cap). An agent may write any number of keys under its own "
+        "name: this bounds what one agent's credentials make every sidecar hold. 10,000 is "
+        "the largest fleet benchmarked (S6, one agent name).",
+    )
     heartbeat_interval: float = Field(
         default=1.0, gt=0, description="Seconds between lease renewals of an agent's record."
     )

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentmesh.cli import app
+from agentmesh import cli
+from agentmesh.cli import _COMMANDS, _module_group, app
 
 COMMANDS = ("control", "run", "sidecar", "demo", "agents", "find", "call")
 TIMEOUT = 30
@@ -57,8 +58,13 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    for name in COMMANDS:
-        assert f" {name} " in done.stdout, done.stdout
+    # Every command, in the table's order, each with the first words of its own help (which
+    # only its module knows).
+    rows = [done.stdout.find(f"\n│ {name} ") for name in _COMMANDS]
+    assert -1 not in rows, done.stdout
+    assert rows == sorted(rows), done.stdout
+    assert "Run an agent: serve its capabilities" in done.stdout
+    assert "Join tokens: how a new agent or client enrols." in done.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -67,6 +73,24 @@ def test_each_command_has_help(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
     assert command in result.output
+
+
+def test_the_command_table_names_what_each_module_registers() -> None:
+    """The CLI imports a command's module when the command is used: the table it looks the
+    module up in must name every command each module registers, and nothing else."""
+    modules = sorted(
+        p.stem for p in Path(cli.__file__).parent.glob("*.py") if "def register(" in p.read_text()
+    )
+    assert sorted(set(_COMMANDS.values())) == modules
+    for module in modules:
+        registered = set(_module_group(module).commands)
+        assert registered == {n for n, m in _COMMANDS.items() if m == module}, module
+
+
+def test_a_mistyped_command_gets_a_suggestion() -> None:
+    result = CliRunner().invoke(app, ["idnetity"])
+    assert result.exit_code == 2
+    assert "Did you mean 'identity'?" in result.output
 
 
 # --------------------------------------------------------------------------------------

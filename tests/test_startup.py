@@ -23,7 +23,7 @@ def _fresh(code: str) -> object:
 #: Each only for what an agent with mTLS off never does on its way to serving: aiohttp (NATS over
 #: WebSocket; not a dependency, but the bench and dev extras install it), httpx (asking the
 #: control plane), cryptography (mTLS), the control plane's web stack, YAML manifests, the
-#: tracing SDK (set up by ``run`` itself).
+#: tracing SDK (only with an exporter or a sampler configured), rich (the other commands' tables).
 _NOT_ON_THE_START_PATH = [
     "aiohttp",
     "cryptography",
@@ -33,6 +33,7 @@ _NOT_ON_THE_START_PATH = [
     "starlette",
     "yaml",
     "opentelemetry.sdk",
+    "rich",
 ]
 
 
@@ -43,6 +44,27 @@ def test_agent_start_path_leaves_heavy_imports_out():
         f"print(json.dumps([m for m in {_NOT_ON_THE_START_PATH!r} if m in sys.modules]))"
     )
     assert loaded == []
+
+
+def test_running_a_command_builds_that_command_only():
+    """``agentmesh run`` looks its command up in the CLI's group: that imports ``run``'s module
+    and no other command's (nor rich, which only they and help pages use)."""
+    loaded = _fresh(
+        "import json, sys\n"
+        "import typer.main\n"
+        "from agentmesh.cli import app\n"
+        "group = typer.main.get_command(app)\n"
+        "ctx = group.make_context('agentmesh', ['run', 'agent.py'])\n"
+        "name, command, args = group.resolve_command(ctx, ['run', 'agent.py'])\n"
+        "print(json.dumps([name, command.name, args, sorted(\n"
+        "    m for m in sys.modules if m.startswith(('agentmesh.cli', 'rich')))]))"
+    )
+    assert loaded == [
+        "run",
+        "run",
+        ["agent.py"],
+        ["agentmesh.cli", "agentmesh.cli._common", "agentmesh.cli.run"],
+    ]
 
 
 def test_import_agentmesh_is_lazy_but_complete():

@@ -8,19 +8,36 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import BaseModel, ValidationError
-from rich.console import Console
 
 from agentmesh.control_planes import live_control_sync
 from agentmesh.errors import ConfigurationError, RegistryUnavailable
 from agentmesh.settings import Settings
 
-#: Wide when piped, so tables in logs and CI output are not truncated to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    #: Wide when piped, so tables in logs and CI output are not truncated to 80 columns.
+    console: Console
+    err_console: Console
+
+
+def __getattr__(name: str) -> Console:
+    """``console`` and ``err_console``, made on first use: ``agentmesh run`` prints without rich,
+    and importing it would cost every agent's start-up (goal S7, docs/benchmarks.md)."""
+    if name not in ("console", "err_console"):  # also what the import system asks for
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from rich.console import Console
+
+    if name == "console":
+        made = Console(width=None if sys.stdout.isatty() else 200)
+    else:
+        made = Console(stderr=True)
+    globals()[name] = made
+    return made
 
 
 class Output(enum.StrEnum):

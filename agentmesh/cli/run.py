@@ -14,7 +14,7 @@ import typer
 
 from agentmesh.agent import Agent
 from agentmesh.capability import is_capability
-from agentmesh.cli._common import console, parse_labels, settings_from, setup_logging
+from agentmesh.cli._common import parse_labels, settings_from, setup_logging
 from agentmesh.errors import ConfigurationError, MeshError
 from agentmesh.telemetry.access import setup_access_log
 from agentmesh.telemetry.tracing import setup_tracing
@@ -106,10 +106,8 @@ def run(
     setup_access_log(settings.access_log)
 
     def ready(a: Agent) -> None:
+        # typer's own styling, not rich: importing rich would delay the agent's first call.
         caps = ", ".join(a.capabilities)
-        # emoji=False: rich would import its emoji table just as the first calls arrive.
-        console.print(
-            f"[bold]{a.instance_id}[/] serving {caps} at {a.endpoint}", highlight=False, emoji=False
-        )
+        typer.echo(f"{typer.style(a.instance_id, bold=True)} serving {caps} at {a.endpoint}")
 
     asyncio.run(agent.serve(host=host, port=port, settings=settings, on_ready=ready))

@@ -37,6 +37,12 @@ __all__ = ["register", "tap"]
 #: How often ``tap`` re-announces itself, and how long sidecars keep tapping without news.
 _TAP_ANNOUNCE = 1.0
 _TAP_TTL = 3.0
+#: Events received but not printed yet; past it new ones are dropped (and the count shown):
+#: a terminal slower than the tapped sidecars must not grow this process without end.
+_TAP_BACKLOG = 1000
+#: Instances whose acknowledgements are remembered; more are not named (any NATS client that
+#: reads the announcement can answer it, under any instance id).
+_TAP_ACKS = 1000
 
 
 def register(app: typer.Typer) -> None:
@@ -93,13 +99,13 @@ async def _tap(
         settings, boot.nats_url, boot.registry_bucket, name=f"agentmesh-{tapper}"
     )
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[bytes] = asyncio.Queue()
+    events = _Backlog(_TAP_BACKLOG)
     acks: dict[str, TapAck] = {}
     first_ack = asyncio.Event()
     announced = False
 
     async def on_event(msg: Msg) -> None:
-        events.put_nowait(msg.data)
+        events.put(msg.data)
 
     async def on_ack(msg: Msg) -> None:
         try:
@@ -107,6 +113,8 @@ async def _tap(
         except ValidationError:
             return
         new = ack.instance_id not in acks
+        if new and len(acks) >= _TAP_ACKS:
+            return
         acks[ack.instance_id] = ack
         first_ack.set()
         if new and announced:
@@ -117,9 +125,9 @@ async def _tap(
 
     try:
         nc = conn.client
-        await nc.subscribe(tap_subject(boot.registry_bucket, capability), cb=on_event)
+        await conn.subscribe(tap_subject(boot.registry_bucket, capability), cb=on_event)
         inbox = nc.new_inbox()
-        await nc.subscribe(inbox, cb=on_ack)
+        await conn.subscribe(inbox, cb=on_ack)
         request = TapRequest(
             capability=capability, payloads=payloads, ttl=_TAP_TTL, tapper=tapper
         ).model_dump_json()
@@ -182,8 +190,34 @@ def _payload_note(payloads: bool, acks: list[TapAck]) -> None:
         )
 
 
+class _Backlog:
+    """Tap events waiting to be printed: at most ``limit``, new ones dropped and counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(limit)
+        self.dropped = 0
+
+    def put(self, data: bytes) -> None:
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def get(self) -> bytes:
+        """The next event; first says how many were dropped since the last one, if any."""
+        data = await self.queue.get()
+        if self.dropped:
+            err_console.print(
+                f"({self.dropped} calls not shown: this terminal fell behind the sidecars)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            self.dropped = 0
+        return data
+
+
 async def _print_events(
-    events: asyncio.Queue[bytes],
+    events: _Backlog,
     max_events: int | None,
     duration: float | None,
     payloads: bool,

@@ -81,8 +81,8 @@ class TelemetryFeed:
         self._dropped: dict[str, tuple[float, int]] = {}
 
     async def subscribe(self, conn: NatsConnection, bucket: str) -> None:
-        await conn.client.subscribe(breaker_subject(bucket), cb=self._on_breaker_event)
-        await conn.client.subscribe(stats_subject(bucket), cb=self._on_stats_report)
+        await conn.subscribe(breaker_subject(bucket), cb=self._on_breaker_event)
+        await conn.subscribe(stats_subject(bucket), cb=self._on_stats_report)
 
     async def _on_breaker_event(self, msg: Msg) -> None:
         event = self._taken(msg, BreakerEvent)

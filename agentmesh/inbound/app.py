@@ -50,6 +50,7 @@ from agentmesh.telemetry.metrics import (
     INBOUND_IN_FLIGHT,
     INBOUND_LATENCY,
     INBOUND_REQUESTS,
+    UNKNOWN_CAPABILITY,
     labelled,
 )
 from agentmesh.telemetry.stats import StatsCollector
@@ -170,7 +171,7 @@ class InboundApp:
     async def _invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         cap = self.capabilities.get(name)
-        label = name if cap is not None else "_unknown"
+        label = name if cap is not None else UNKNOWN_CAPABILITY
         status = 500
         meta = _MeshHeaders(scope, name)
         parent = extract(meta.traceparent) if meta.traceparent else None

@@ -82,6 +82,10 @@ class HttpServer:
                 app,
                 http=http,
                 lifespan="off",
+                # No WebSocket is served (upgrades are refused): without this, uvicorn imports a
+                # WebSocket library at start whenever one is installed (uvicorn[standard] has
+                # websockets), on an agent's way to its first call (goal S7).
+                ws="none",
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=max(1, round(graceful)),

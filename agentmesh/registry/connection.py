@@ -21,9 +21,12 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
-from nats.errors import AuthorizationError
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import AuthorizationError, SlowConsumerError
 
 from agentmesh._tasks import STOP_WAIT
+from agentmesh._throttle import DropLog
 from agentmesh.errors import RegistryUnavailable
 from agentmesh.registry.cluster import (
     Rebootstrap,
@@ -32,6 +35,7 @@ from agentmesh.registry.cluster import (
     split_urls,
     through_election,
 )
+from agentmesh.telemetry.metrics import NATS_DROPPED
 
 __all__ = ["NatsConnection"]
 
@@ -56,6 +60,14 @@ _MAX_PINGS_OUT = 2
 the operator's setting (AGENTMESH_NATS_PING_INTERVAL), this only how many of them."""
 _MAX_INFO = 64 * 1024
 """The server's first line (INFO) is a few hundred bytes; more is not a NATS server."""
+SUBSCRIPTION_PENDING_BYTES = 8 * 1024 * 1024
+"""Bytes of messages one of our subscriptions holds while its callback catches up (nats-py's
+default is 128 MiB per subscription, and any mesh client may publish on the telemetry
+subjects). 8 MiB is eight of the largest messages NATS accepts (1 MiB): a burst, not a backlog.
+Past it NATS drops messages (a slow consumer): logged, counted in agentmesh_nats_dropped."""
+SUBSCRIPTION_PENDING_MSGS = 65_536
+"""Messages one subscription holds at most (nats-py's default is 512 Ki): small ones are
+bounded by count, as large ones are by bytes."""
 _REENROL = (
     "re-enrol it with a new join token (`agentmesh token create` on the control plane, "
     "given to it as AGENTMESH_JOIN_TOKEN)"
@@ -110,6 +122,7 @@ class NatsConnection:
         self._follower = (
             ServerFollower(self, rebootstrap, rebootstrap_after) if rebootstrap else None
         )
+        self._drops = DropLog(_log)
 
     @property
     def credentials(self) -> Credentials | None:
@@ -128,6 +141,29 @@ class NatsConnection:
         if self._nc is None:
             raise RegistryUnavailable(f"NATS at {self.url}: not connected")
         return self._nc
+
+    async def subscribe(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]] | None = None
+    ) -> Subscription:
+        """A core NATS subscription whose pending messages are bounded
+        (``SUBSCRIPTION_PENDING_BYTES``): every subscription of ours is made here."""
+        return await self.client.subscribe(
+            subject,
+            cb=cb,
+            pending_msgs_limit=SUBSCRIPTION_PENDING_MSGS,
+            pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES,
+        )
+
+    def _slow_consumer(self, exc: SlowConsumerError) -> None:
+        """A subscription was full and NATS dropped a message for it: count, warn now and then."""
+        NATS_DROPPED.labels(exc.sub.subject).inc()
+        self._drops.drop(
+            "dropped %d NATS message(s) (last on %s for %s): the subscription held %d bytes "
+            "unprocessed",
+            exc.subject,
+            self.name,
+            SUBSCRIPTION_PENDING_BYTES,
+        )
 
     def replicas(self) -> int:
         """Replicas of the buckets this process creates: the setting, else min(3, the number
@@ -169,6 +205,9 @@ class NatsConnection:
         refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
         async def error(exc: Exception) -> None:
+            if isinstance(exc, SlowConsumerError):
+                self._slow_consumer(exc)
+                return
             _log.debug("NATS %s: %s", self.url, exc)
             if not refused.done():
                 if _is_refusal(exc):

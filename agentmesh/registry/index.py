@@ -21,6 +21,7 @@ from packaging.version import Version
 from pydantic import ValidationError
 
 from agentmesh._tasks import stop_task
+from agentmesh._throttle import DropLog
 from agentmesh.errors import InvalidInput, RegistryUnavailable
 from agentmesh.models import AgentRecord, CapabilityOffer, CapabilitySpec
 from agentmesh.registry.connection import NatsConnection
@@ -28,7 +29,7 @@ from agentmesh.registry.follow import BucketFollower
 from agentmesh.registry.store import RegistryStore, instance_of, record_key, record_part
 from agentmesh.registry.unverified import Unverified, Waiting
 from agentmesh.settings import Settings
-from agentmesh.telemetry.metrics import REGISTRY_INSTANCES
+from agentmesh.telemetry.metrics import REGISTRY_INSTANCES, REGISTRY_OVER_CAP
 
 if TYPE_CHECKING:
     from agentmesh.security.signed import StateTrust
@@ -151,6 +152,7 @@ class LocalIndex:
         *,
         verify_batch: int = _setting("registry_verify_batch"),
         unverified_bytes: int = _setting("registry_unverified_bytes"),
+        max_instances_per_agent: int = _setting("registry_max_instances_per_agent"),
     ) -> None:
         #: Decides which records are taken (signed by the agent they name); None with mTLS
         #: off, where records are taken as read (see docs/security.md).
@@ -161,6 +163,10 @@ class LocalIndex:
         #: logged again; digests, not values, so the memory stays small whatever the values.
         self._refused: dict[str, bytes] = {}
         self._by_capability: dict[str, tuple[Target, ...]] = {}
+        #: Verified instances per agent name, against ``max_instances_per_agent``.
+        self._per_agent: dict[str, int] = {}
+        self.max_instances_per_agent = max_instances_per_agent
+        self._over_cap = DropLog(_log)
         self._unverified = Unverified(unverified_bytes)
         self._verify_batch = verify_batch
         #: True while verifying or telling listeners: a resolution then (a listener's) answers
@@ -269,6 +275,8 @@ class LocalIndex:
             return
         if self._raw.get(instance) == value or self._was_refused(key, value):
             return
+        if current is None and self._full(key, self._held(_agent_of(key))):
+            return
         record = self._decode(key, value)
         if record is None:
             self._remember_refused(key, value)
@@ -289,10 +297,16 @@ class LocalIndex:
         refused: dict[str, bytes] = {}
         before = self._unverified.entries
         self._unverified = waiting = Unverified(self._unverified.limit_bytes)
+        admitted: dict[str, int] = {}  # instances per agent name taken or waiting, for the cap
         for key, value in snapshot.items():
             instance = instance_of(key)
             if instance is None or instance in records:
                 continue
+            if instance not in waiting.entries:
+                name = _agent_of(key)
+                if self._full(key, admitted.get(name, 0)):
+                    continue
+                admitted[name] = admitted.get(name, 0) + 1
             rival = waiting.pop(instance)
             if rival is not None:
                 # Two keys claim one instance (a forger's doing): the first that verifies holds
@@ -371,6 +385,24 @@ class LocalIndex:
             return None
         return record
 
+    def _held(self, name: str) -> int:
+        """Instances of agent ``name`` in the index, verified or waiting."""
+        return self._per_agent.get(name, 0) + self._unverified.count_named(name)
+
+    def _full(self, key: str, held: int) -> bool:
+        """Whether a new instance under ``key`` is past its agent's cap (then counted, logged)."""
+        if held < self.max_instances_per_agent:
+            return False
+        REGISTRY_OVER_CAP.inc()
+        self._over_cap.drop(
+            "ignored %d registry record(s) (last %r): agent %r has %d instances, the cap "
+            "(AGENTMESH_REGISTRY_MAX_INSTANCES_PER_AGENT)",
+            key,
+            _agent_of(key),
+            self.max_instances_per_agent,
+        )
+        return True
+
     def _was_refused(self, key: str, value: bytes) -> bool:
         return key in self._refused and self._refused[key] == _digest(value)
 
@@ -425,8 +457,15 @@ class LocalIndex:
         """
         by_capability = dict(self._by_capability)
         added: dict[str, list[Target]] = {}
-        for _, _, new in changes:
+        for _, old, new in changes:
+            if old is not None:
+                left = self._per_agent[old.name] - 1
+                if left:
+                    self._per_agent[old.name] = left
+                else:
+                    del self._per_agent[old.name]
             if new is not None:
+                self._per_agent[new.name] = self._per_agent.get(new.name, 0) + 1
                 for spec in new.capabilities:
                     added.setdefault(spec.name, []).append(_target(new, spec))
         stale = {s.name for _, old, _ in changes if old is not None for s in old.capabilities}
@@ -445,7 +484,9 @@ class LocalIndex:
 
     def _rebuild(self) -> None:
         by_capability: dict[str, list[Target]] = {}
+        self._per_agent = {}
         for record in self._records.values():
+            self._per_agent[record.name] = self._per_agent.get(record.name, 0) + 1
             for spec in record.capabilities:
                 by_capability.setdefault(spec.name, []).append(_target(record, spec))
         self._by_capability = {
@@ -510,6 +551,11 @@ class LocalIndex:
                 f"registry: {len(self._unverified)} records still unverified after {timeout:g}s"
             ),
         )
+
+
+def _agent_of(key: str) -> str:
+    """The agent name in a registry key (a record lives under its own name, ``record_key``)."""
+    return key.partition(".")[0]
 
 
 async def _within(event: asyncio.Event, timeout: float, failure: Callable[[], str]) -> None:

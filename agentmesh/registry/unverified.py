@@ -74,6 +74,10 @@ class Unverified:
         """Every instance waiting with agent name ``name``."""
         return list(self._by_name.get(name, {}))
 
+    def count_named(self, name: str) -> int:
+        """How many instances wait with agent name ``name``."""
+        return len(self._by_name.get(name, ()))
+
     def oldest(self, limit: int) -> list[str]:
         return list(islice(self.entries, limit))
 

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
@@ -100,18 +99,12 @@ class NKey:
 
     @property
     def public(self) -> str:
-        raw = self.key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        raw = self.key.public_key().public_bytes_raw()
         return _with_crc(bytes([self.prefix]) + raw)
 
     @property
     def seed(self) -> str:
-        raw = self.key.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
+        raw = self.key.private_bytes_raw()
         head = bytes([_SEED | (self.prefix >> 5), (self.prefix & 31) << 3])
         return _with_crc(head + raw)
 

@@ -189,8 +189,7 @@ class Endpoints:
         live = self._index.instance_ids()
         for instance_id in [i for i in self.states if i not in live]:
             del self.states[instance_id]
-            with contextlib.suppress(KeyError):
-                BREAKER_STATE.remove(instance_id)
+            _forget_labels(instance_id)
         ready = self._ready
         for instance_id in [i for i in ready if i not in live]:
             del ready[instance_id]
@@ -202,6 +201,16 @@ class Endpoints:
                 continue
             for target in targets:
                 self._peek(target.instance_id)
+
+
+def _forget_labels(instance_id: str) -> None:
+    """Drop a gone instance's breaker metrics: instance ids churn with every restart, and a
+    label value kept for ever would grow the exposition (and memory) without end."""
+    with contextlib.suppress(KeyError):
+        BREAKER_STATE.remove(instance_id)
+    for state in _GAUGE:
+        with contextlib.suppress(KeyError):
+            BREAKER_TRANSITIONS.remove(instance_id, state)
 
 
 class _Transitions:

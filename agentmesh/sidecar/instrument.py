@@ -21,13 +21,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from agentmesh.errors import MeshError
+from agentmesh.errors import CapabilityNotFound, MeshError
 from agentmesh.sidecar.call import Handler, OutboundCall, Reply
 from agentmesh.telemetry.access import log_call
 from agentmesh.telemetry.metrics import (
     OUTBOUND_IN_FLIGHT,
     OUTBOUND_LATENCY,
     OUTBOUND_REQUESTS,
+    UNKNOWN_CAPABILITY,
     labelled,
 )
 from agentmesh.telemetry.stats import StatsCollector
@@ -117,9 +118,10 @@ class ObserveLayer:
                 attributes["agentmesh.capability.version"] = target.spec.version
             span.set_attributes(attributes)
         span.end()
-        labelled(OUTBOUND_REQUESTS, self.caller, call.capability, callee, status).inc()
-        labelled(OUTBOUND_LATENCY, call.capability, callee).observe(elapsed)
-        self._stats(self.caller, call.capability, callee, error is None, elapsed)
+        label = UNKNOWN_CAPABILITY if isinstance(error, CapabilityNotFound) else call.capability
+        labelled(OUTBOUND_REQUESTS, self.caller, label, callee, status).inc()
+        labelled(OUTBOUND_LATENCY, label, callee).observe(elapsed)
+        self._stats(self.caller, label, callee, error is None, elapsed)
         log_call(
             "outbound",
             caller=self.caller,

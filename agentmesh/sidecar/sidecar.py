@@ -73,6 +73,7 @@ class Sidecar:
             trust,
             verify_batch=settings.registry_verify_batch,
             unverified_bytes=settings.registry_unverified_bytes,
+            max_instances_per_agent=settings.registry_max_instances_per_agent,
         )
         self.transport = HttpTransport(self.identity, limits=Limits.from_settings(settings))
         self.name = name

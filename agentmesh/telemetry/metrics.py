@@ -17,14 +17,21 @@ __all__ = [
     "INBOUND_LATENCY",
     "INBOUND_REQUESTS",
     "LEASE_RENEWALS",
+    "NATS_DROPPED",
     "OUTBOUND_IN_FLIGHT",
     "OUTBOUND_LATENCY",
     "OUTBOUND_REQUESTS",
     "OUTBOUND_RETRIES",
     "REGISTRY_INSTANCES",
+    "REGISTRY_OVER_CAP",
     "RETRY_BUDGET_EXHAUSTED",
+    "UNKNOWN_CAPABILITY",
     "labelled",
 ]
+
+#: The capability label of calls to a name nobody serves: names come from callers and apps (an
+#: LLM's tool call, a typo), and each label value is a child kept for the process's life.
+UNKNOWN_CAPABILITY = "_unknown"
 
 INBOUND_REQUESTS = Counter(
     "agentmesh_inbound_requests",
@@ -62,6 +69,17 @@ OUTBOUND_IN_FLIGHT = Gauge(
 REGISTRY_INSTANCES = Gauge(
     "agentmesh_registry_instances",
     "Live agent instances in this sidecar's registry index.",
+)
+REGISTRY_OVER_CAP = Counter(
+    "agentmesh_registry_over_cap",
+    "Registry records ignored because their agent has AGENTMESH_REGISTRY_MAX_INSTANCES_PER_AGENT "
+    "instances in the index already (no agent label: the names come from the registry).",
+)
+NATS_DROPPED = Counter(
+    "agentmesh_nats_dropped",
+    "NATS messages dropped because the subscription's pending buffer was full (a slow "
+    "consumer), by subscription subject.",
+    ["subscription"],
 )
 LEASE_RENEWALS = Counter(
     "agentmesh_lease_renewals",

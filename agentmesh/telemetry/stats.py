@@ -291,9 +291,7 @@ class StatsCollector:
         self._conn = conn
         self._bucket = bucket
         self._who = who
-        self._sub = await conn.client.subscribe(
-            tap_control_subject(bucket), cb=self._on_tap_request
-        )
+        self._sub = await conn.subscribe(tap_control_subject(bucket), cb=self._on_tap_request)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._report_loop()), loop.create_task(self._tap_loop())]
 

@@ -4,7 +4,8 @@ Spans are created through the API tracer, so embedding applications that configu
 OpenTelemetry SDK get our spans in their traces, and applications that do not pay almost
 nothing. ``agentmesh run``/``control``/``demo`` call :func:`setup_tracing`, which installs the SDK
 with a ``BatchSpanProcessor`` (never the simple one: export must stay off the request path),
-honouring the standard variables:
+honouring the standard variables (with neither an exporter nor a sampler set, a provider that
+only makes ids, see :func:`setup_tracing`):
 
 - ``OTEL_TRACES_EXPORTER``: ``otlp`` (OTLP over HTTP; ``pip install agentmesh[otlp]``),
   ``console``, or ``none``. Unset: ``otlp`` if ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces
@@ -26,7 +27,16 @@ import re
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, Tracer, TraceState
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    Tracer,
+    TraceState,
+)
+from opentelemetry.util.types import Attributes
 
 __all__ = [
     "TRACEPARENT",
@@ -136,7 +146,23 @@ def trace_id_of(span: Span) -> str | None:
 
 
 def setup_tracing(service_name: str) -> None:
-    """Install the SDK tracer provider for this process (idempotent; first call wins)."""
+    """Install the tracer provider for this process (idempotent; first call wins).
+
+    With no exporter and no sampler configured (the default), nothing would ever be recorded:
+    the SDK would build 10 % of the spans only to drop them. :class:`_IdsOnlyProvider` stands in
+    then, and the SDK is not even imported (~10 ms of CPU off an agent's start, goal S7;
+    docs/benchmarks.md).
+    """
+    global _parent_decides
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return  # installed already: by an earlier call, or by the application embedding us
+    configured = os.environ.get("OTEL_TRACES_SAMPLER")
+    exporters = _exporters()
+    if configured is None and not exporters:
+        trace.set_tracer_provider(_IdsOnlyProvider())
+        _parent_decides = True  # its rules are the default sampler's
+        return
+
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -146,23 +172,12 @@ def setup_tracing(service_name: str) -> None:
         TraceIdRatioBased,
     )
 
-    global _parent_decides
-    current = trace.get_tracer_provider()
-    if isinstance(current, TracerProvider):
-        return
     sampler: Sampler | None = None
-    configured = os.environ.get("OTEL_TRACES_SAMPLER")
     if configured is None:
         sampler = ParentBased(TraceIdRatioBased(_DEFAULT_RATIO))
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource, sampler=sampler)
-    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER")
-    if exporter_name is None:
-        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT"
-        )
-        exporter_name = "otlp" if endpoint else "none"
-    for name in (n.strip() for n in exporter_name.split(",")):
+    for name in exporters:
         if name == "console":
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
         elif name == "otlp":
@@ -177,10 +192,77 @@ def setup_tracing(service_name: str) -> None:
                 )
                 continue
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        elif name not in ("none", ""):
+        else:
             _log.warning("unknown OTEL_TRACES_EXPORTER %r; traces are not exported", name)
     trace.set_tracer_provider(provider)
     # The SDK builds every ``parentbased_*`` sampler with its default rules for unsampled parents.
     _parent_decides = isinstance(provider.sampler, ParentBased) and (
         configured is None or configured.startswith("parentbased_")
     )
+
+
+def _exporters() -> list[str]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` names (``none`` left out); unset: ``otlp`` if an
+    OTLP endpoint is set, else none."""
+    names = os.environ.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        names = "otlp" if endpoint else "none"
+    return [n for n in (n.strip() for n in names.split(",")) if n not in ("none", "")]
+
+
+_SAMPLED_BELOW = round(_DEFAULT_RATIO * 2**64)
+"""A new trace is sampled when the low 64 bits of its id are below this (the SDK's
+``TraceIdRatioBased`` rule at the default ratio)."""
+
+
+def _root_sampled(trace_id: int) -> bool:
+    """Whether the default sampler samples a new trace with this id."""
+    return trace_id & (2**64 - 1) < _SAMPLED_BELOW
+
+
+class _IdsOnlyTracer(trace.NoOpTracer):
+    """Spans that record nothing but carry the ids and sampled flag the SDK's default sampler
+    (``parentbased_traceidratio`` at 10 %) would give them: a parent's trace id, state and
+    decision, or a new trace sampled by its id. So access logs, error bodies and ``tap`` name a
+    trace, and agents downstream that do export keep the decision."""
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: object = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> Span:
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid:
+            trace_id, sampled, state = (
+                parent.trace_id,
+                parent.trace_flags.sampled,
+                parent.trace_state,
+            )
+        else:
+            trace_id = random.getrandbits(128) or 1
+            sampled, state = _root_sampled(trace_id), None
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        span_id = random.getrandbits(64) or 1
+        return NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, state))
+
+
+class _IdsOnlyProvider(trace.NoOpTracerProvider):
+    """The provider of :class:`_IdsOnlyTracer`."""
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Attributes = None,
+    ) -> Tracer:
+        return _IdsOnlyTracer()

@@ -263,3 +263,85 @@ def test_the_shortcut_is_on_only_under_a_parent_based_sampler(
         check=True,
     )
     assert out.stdout.strip() == str(shortcut)
+
+
+# ---- nothing configured: ids without the SDK ---------------------------------------------------
+
+
+def _setup_tracing_in_fresh_process(code: str, **otel: str) -> str:
+    """Run ``setup_tracing`` and then ``code`` in a new interpreter with only ``otel`` of the
+    ``OTEL_*`` variables; its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | otel
+    setup = "from agentmesh.telemetry import tracing; tracing.setup_tracing('t')\n"
+    out = subprocess.run(
+        [sys.executable, "-c", setup + code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_without_an_exporter_or_sampler_spans_carry_ids_and_the_sdk_stays_unloaded() -> None:
+    code = (
+        "import sys\n"
+        "from opentelemetry import trace\n"
+        "t = tracing.tracer()\n"
+        "root = t.start_span('root')\n"
+        f"child = t.start_span('child', context=tracing.extract({SAMPLED!r}))\n"
+        "with t.start_as_current_span('current') as current:\n"
+        "    inner = t.start_span('inner').get_span_context()\n"
+        "r, c = root.get_span_context(), child.get_span_context()\n"
+        "print('opentelemetry.sdk' in sys.modules, tracing._parent_decides,\n"
+        "      r.is_valid, root.is_recording(), r.trace_flags.sampled == tracing._root_sampled(r.trace_id),\n"
+        "      format(c.trace_id, '032x'), c.span_id != 0xB7AD6B7169203331, c.trace_flags.sampled,\n"
+        "      inner.trace_id == current.get_span_context().trace_id, not inner.is_remote)"
+    )
+    out = _setup_tracing_in_fresh_process(code)
+    assert out.split() == [
+        "False",  # no SDK
+        "True",  # unsampled children skip the tracer, as under the default sampler
+        "True",  # a root span has ids (logs and error bodies name its trace)
+        "False",  # and records nothing: there is nowhere to export it
+        "True",  # sampled or not as the SDK's default sampler would decide
+        "0af7651916cd43dd8448eb211c80319c",  # a caller's trace continues
+        "True",  # under a span id of its own
+        "True",  # with the caller's decision
+        "True",  # the current span is the parent of spans started inside it
+        "True",
+    ]
+
+
+def test_new_traces_are_sampled_as_the_sdks_default_sampler_samples_them() -> None:
+    import random
+
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    from agentmesh.telemetry import tracing
+
+    sampler = TraceIdRatioBased(0.1)
+    ids = [random.getrandbits(128) for _ in range(2000)]
+    ids += [sampler.bound - 1, sampler.bound, sampler.bound + 1, (2**64) * 7 + sampler.bound - 1]
+    for trace_id in ids:
+        sdk = sampler.should_sample(None, trace_id, "call").decision.is_sampled()
+        assert tracing._root_sampled(trace_id) == sdk, hex(trace_id)
+    assert 100 < sum(map(tracing._root_sampled, ids[:2000])) < 300  # about 10 %, not none or all
+
+
+@pytest.mark.parametrize(
+    "otel",
+    [
+        {"OTEL_TRACES_EXPORTER": "console"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+        {"OTEL_TRACES_SAMPLER": "always_on"},
+    ],
+)
+def test_an_exporter_or_a_sampler_installs_the_sdk(otel: dict[str, str]) -> None:
+    code = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "print(isinstance(trace.get_tracer_provider(), TracerProvider))"
+    )
+    assert _setup_tracing_in_fresh_process(code, **otel) == "True"
