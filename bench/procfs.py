@@ -14,6 +14,7 @@ __all__ = [
     "proc_cpu_seconds",
     "proc_name",
     "proc_peak_rss_kb",
+    "proc_rss_kb",
     "reset_peak_rss",
 ]
 
@@ -42,13 +43,26 @@ def proc_name(pid: int) -> str:
         return f"pid {pid}"
 
 
-def proc_peak_rss_kb(pid: int) -> int:
-    """Peak resident set size (VmHWM, kB) of ``pid``: the high-water mark since the last reset."""
+def _status_kb(pid: int, field: bytes) -> int:
+    """A ``kB`` field of /proc/<pid>/status; 0 when absent (a zombie has no memory lines)."""
     with open(f"/proc/{pid}/status", "rb") as f:
         for line in f:
-            if line.startswith(b"VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
+
+
+def proc_peak_rss_kb(pid: int) -> int:
+    """Peak resident set size (VmHWM, kB) of ``pid``: the high-water mark since the last reset."""
+    return _status_kb(pid, b"VmHWM:")
+
+
+def proc_rss_kb(pid: int) -> int | None:
+    """Resident set size now (VmRSS, kB) of ``pid``; None when it is gone (a killed node)."""
+    try:
+        return _status_kb(pid, b"VmRSS:") or None
+    except OSError:
+        return None
 
 
 def reset_peak_rss(pid: int) -> bool:

@@ -11,15 +11,20 @@ seconds later. At the end the workers stop gracefully (each deregisters its inst
 
 Printed: calls sent and failed (goal: 0), the longest time the registry did not take a write
 after the kill (what a node loss costs registrations), how long the caller's view missed any
-instance, ghost records left after the workers stopped (goal: 0), and each worker's RSS from its
-first report after registration to its last (flat memory: growth per process). Exit status 0
-when every goal holds, 1 otherwise. Not a unit test: it runs for minutes.
+instance, ghost records left after the workers stopped (goal: 0), and the RSS over time of every
+process (workers, caller, the three nodes; a sample every ``--sample`` seconds,
+``bench/rss_series.py``) with its slope over the first half after warm-up and over the second
+half after the restarted node settled: a leak keeps its slope, settling flattens (``--series
+FILE`` writes the samples as JSON; ``--tracemalloc DIR`` has each worker write where its Python
+allocations grew). Exit status 0 when every goal holds, 1 otherwise. Not a unit test: it runs
+for minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -40,12 +46,19 @@ from agentmesh.control.ca import write_root_ca
 from agentmesh.registry import RecordConflict
 from agentmesh.registry.cluster import bucket_replicas
 from agentmesh.registry.store import record_key
+from bench.rss_series import RssSeries
 from tests.mesh_ca import MeshCA
 from tests.nats_cluster import NatsCluster
 
 WORKER = Path(__file__).resolve().parent / "_soak_worker.py"
 STOP_TIMEOUT = 120.0
 """Seconds a worker gets to deregister its instances and drain (generous: loaded machines)."""
+WARMUP = 120.0
+"""Seconds after the calls begin left out of the first-half slope (imports, first TLS
+handshakes, pools and caches filling)."""
+SETTLE = 60.0
+"""Seconds after the restarted node rejoins left out of the second-half slope (catch-up,
+reconnects, the new node's own warm-up)."""
 
 
 @dataclass
@@ -66,15 +79,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat", type=float, default=2.0)
     parser.add_argument("--lease", type=int, default=15)
     parser.add_argument("--down", type=float, default=20.0, help="seconds the node stays dead")
+    parser.add_argument("--sample", type=float, default=30.0, help="seconds between RSS samples")
+    parser.add_argument("--series", type=Path, help="write the RSS samples here (JSON)")
+    parser.add_argument(
+        "--tracemalloc",
+        type=Path,
+        help="each worker traces its allocations and writes their growth here (slows it)",
+    )
     return parser.parse_args(argv)
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def _lines(log: Path) -> list[dict[str, Any]]:
@@ -171,6 +183,9 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
         "AGENTMESH_ACCESS_LOG": "false",
         "PYTHONUNBUFFERED": "1",
     }
+    if args.tracemalloc is not None:
+        args.tracemalloc.mkdir(parents=True, exist_ok=True)
+        env["SOAK_TRACEMALLOC"] = str(args.tracemalloc.resolve())
     per = max(1, args.instances // args.processes)
     logs = [root / f"worker-{i}.log" for i in range(args.processes)]
     workers = [_spawn(per, env, log) for log in logs]
@@ -192,6 +207,7 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
             access_log=False,
         )
         probe_ca = MeshCA(ca_cert, ca_key)
+        series = RssSeries(partial(_pids, cluster, workers))
         async with connect(settings) as mesh:
             stop = asyncio.Event()
             registered = asyncio.Event()
@@ -199,31 +215,33 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
                 asyncio.create_task(_calls(mesh, args.rate, stop, run)),
                 asyncio.create_task(_probe(mesh, probe_ca, args.lease, stop, run, registered)),
                 asyncio.create_task(_view(mesh, expected + 1, stop, run, registered)),
+                asyncio.create_task(_sampling(series, args.sample, stop)),
             ]
             total = args.minutes * 60
-            await asyncio.sleep(min(10.0, total / 4))
-            rss_start = _rss_kib()  # after the caller's warm-up
-            await asyncio.sleep(total / 2 - min(10.0, total / 4))
+            await asyncio.sleep(total / 2)
             info = await bucket_replicas(mesh.sidecar.conn.client, bucket)
             node = info.leader.removeprefix("nats-")
             run.events.append(f"killed nats-{node} (registry leader, R{info.replicas})")
+            series.mark("kill")
             cluster.kill(node)
             await asyncio.sleep(args.down)
             started = time.monotonic()
             await asyncio.to_thread(cluster.start)
+            series.mark("whole")
             run.events.append(
                 f"restarted nats-{node} after {args.down:g}s; cluster whole again in "
                 f"{time.monotonic() - started:.1f}s"
             )
-            await asyncio.sleep(max(0.0, total / 2 - args.down))
+            await asyncio.sleep(max(0.0, total - series.now()))
             stop.set()
             await asyncio.gather(*tasks)
+            series.sample()
+            series.mark("stop")
             print(
                 f"  (before stopping the workers: {run.calls} calls, {len(run.failures)} failed, "
                 f"longest registry write gap {run.longest_write_stall:.1f}s)",
                 flush=True,
             )
-            rss_caller = (rss_start, _rss_kib())
             for worker in workers:
                 worker.terminate()
             for worker, log in zip(workers, logs, strict=True):
@@ -245,7 +263,32 @@ async def _soak(args: argparse.Namespace, cluster: NatsCluster, root: Path) -> i
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
-    return _report(args, run, logs, expected, rss_caller, live_now, live_later)
+    return _report(args, run, logs, expected, series, live_now, live_later)
+
+
+def _pids(cluster: NatsCluster, workers: list[subprocess.Popen[bytes]]) -> dict[str, int | None]:
+    """The processes whose RSS is sampled, by a name that survives a node's restart."""
+    return {
+        **{f"worker {n}": w.pid if w.poll() is None else None for n, w in enumerate(workers)},
+        "caller": os.getpid(),
+        **{f"nats-{node}": server.pid for node, server in cluster.servers.items()},
+    }
+
+
+async def _sampling(series: RssSeries, every: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        series.sample()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
+
+
+def _windows(series: RssSeries) -> list[tuple[str, float, float]]:
+    """First half after warm-up up to the kill; second half once the restarted node settled."""
+    end = series.marks.get("stop", series.now())
+    kill = series.marks.get("kill", end / 2)
+    whole = series.marks.get("whole", kill)
+    return [("1st half", min(WARMUP, kill / 2), kill), ("2nd half", whole + SETTLE, end)]
 
 
 async def _live_keys(mesh: Any, bucket: str) -> int:
@@ -264,7 +307,7 @@ def _report(
     run: Run,
     logs: list[Path],
     expected: int,
-    rss_caller: tuple[int, int],
+    series: RssSeries,
     live_now: int,
     live_later: int,
 ) -> int:
@@ -289,22 +332,17 @@ def _report(
     print(
         f"  ghost records after the workers stopped: {live_now} (after a lease more: {live_later})"
     )
-    for n, log in enumerate(logs):
-        rss = [e["rss_kib"] for e in _lines(log) if e["event"] == "rss"]
+    released = []
+    for log in logs:
         stopped = [e for e in _lines(log) if e["event"] == "stopped"]
-        released = f"{stopped[0]['released']}/{stopped[0]['of']}" if stopped else "?"
-        if len(rss) >= 2:
-            growth = rss[-1] - rss[0]
-            print(
-                f"  worker {n}: RSS {rss[0] / 1024:.1f} → {rss[-1] / 1024:.1f} MiB "
-                f"({growth / 1024:+.1f} MiB, {growth / rss[0]:+.1%}) over {len(rss)} reports; "
-                f"deregistered {released} simulated instances"
-            )
-    growth = rss_caller[1] - rss_caller[0]
-    print(
-        f"  caller: RSS {rss_caller[0] / 1024:.1f} → {rss_caller[1] / 1024:.1f} MiB "
-        f"({growth / 1024:+.1f} MiB)"
-    )
+        released.append(f"{stopped[0]['released']}/{stopped[0]['of']}" if stopped else "?")
+    print(f"  simulated instances deregistered per worker: {', '.join(released)}")
+    windows = _windows(series)
+    for line in series.table(windows, every=300.0):
+        print(line)
+    if args.series is not None:
+        series.write_json(args.series, windows)
+        print(f"  RSS samples: {args.series}")
     ok = not run.failures and live_now == 0 and live_later == 0
     print("  goals:", "met" if ok else "MISSED")
     return 0 if ok else 1

@@ -9,6 +9,7 @@ always comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from agentmesh._tasks import stop_task
@@ -69,6 +70,9 @@ class Lease:
         deadline = loop.time() + timeout
         task, self._task = self._task, None
         await stop_task(task, f"lease renewal of {self.record.instance_id}", timeout)
+        # Instance ids change with every start: a released one's label would stay for ever.
+        with contextlib.suppress(KeyError):
+            LEASE_RENEWALS.remove(self.record.instance_id)
         try:
             async with asyncio.timeout_at(deadline):
                 await self._deregister()

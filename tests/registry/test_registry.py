@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from agentmesh import AgentRecord, CapabilitySpec, RegistrationError
 from agentmesh._tasks import stop_task
@@ -97,7 +98,13 @@ async def test_heartbeats_keep_a_record_alive_past_its_ttl(registry, caplog):
     assert ids(registry.index) == {"sum-a"}
     assert lease.renewals >= 5
     assert "had expired" not in caplog.text
+    assert _renewals_counted("sum-a") == lease.renewals
     await lease.release()
+    assert _renewals_counted("sum-a") is None  # a released instance leaves no label behind
+
+
+def _renewals_counted(instance_id: str) -> float | None:
+    return REGISTRY.get_sample_value("agentmesh_lease_renewals_total", {"instance": instance_id})
 
 
 async def test_a_lease_that_stops_renewing_expires_within_its_ttl(registry, wait_until):
