@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -226,17 +225,10 @@ class MeshCall(ProcessTarget):
             mesh, self.mesh = self.mesh, None
             await mesh.close()
 
-    async def stop(self) -> None:
-        """Client first, then the agents (they deregister through NATS), then NATS."""
-        try:
-            await self.close_client()
-        finally:
-            for proc in reversed(self.processes):
-                proc.stop()
-            if self.nats is not None:
-                self.nats.stop()
-            if self._workdir is not None:
-                shutil.rmtree(self._workdir, ignore_errors=True)
+    def stop_shared(self) -> None:
+        """NATS last: the agents deregister through it as they stop."""
+        if self.nats is not None:
+            self.nats.stop()
 
 
 _TRACED: ContextVar[bool] = ContextVar("agentmesh_bench_traced", default=False)

@@ -100,6 +100,10 @@ class ProcessTarget(Target):
     async def close_client(self) -> None:
         """Close this process's client side (session, connection); default: nothing."""
 
+    def stop_shared(self) -> None:
+        """Stop what the children used and this process started (a NATS server), after them
+        and before the work directory goes; default: nothing."""
+
     async def stop(self) -> None:
         """Close the client first (so servers see a clean goodbye), then stop the children."""
         try:
@@ -107,6 +111,7 @@ class ProcessTarget(Target):
         finally:
             for proc in reversed(self.processes):
                 proc.stop()
+            self.stop_shared()
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
 
